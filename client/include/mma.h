@@ -1,0 +1,155 @@
+/*
+ * mma.h — the public API of libmma, the client library of mmad
+ * (Multipath Memory Access).
+ *
+ * A serving process connects to the per-node daemon, registers the memory it
+ * copies between (pinned host memory that libmma allocates and shares with the
+ * daemon, and GPU memory), then submits copies. The daemon splits each copy
+ * across every PCIe link of the box: straight over the target GPU's own link,
+ * and through staging buffers on peer GPUs that forward over NVLink.
+ *
+ * This header needs neither libuv nor protobuf-c nor the CUDA headers.
+ * Every call returns MMA_OK (0) or a negative mma status; mma_strerror()
+ * turns any status into a sentence. Outputs are written only on success.
+ */
+#ifndef MMA_H
+#define MMA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Bumped on any incompatible change of the client<->daemon contract. */
+#define MMA_API_VERSION 1
+
+/* Status codes: name, value, sentence. Negative values are errors. */
+#define MMA_STATUS_MAP(X)                                                        \
+    X(OK, 0, "success")                                                          \
+    X(PENDING, 1, "copy still in flight")                                        \
+    X(ERR_INVAL, -1, "invalid argument")                                         \
+    X(ERR_NOMEM, -2, "out of memory")                                            \
+    X(ERR_CONNECT, -3, "cannot connect to mmad (is it running? see MMA_SOCKET)") \
+    X(ERR_VERSION, -4, "client and daemon API versions are incompatible")        \
+    X(ERR_PROTO, -5, "malformed or unexpected protocol message")                 \
+    X(ERR_IO, -6, "socket I/O error")                                            \
+    X(ERR_DISCONNECTED, -7, "connection to mmad lost")                           \
+    X(ERR_NOT_REGISTERED, -8, "memory is not registered with mma")               \
+    X(ERR_RANGE, -9, "offset or length lies outside the registered region")      \
+    X(ERR_BUSY, -10, "all completion slots are in use")                          \
+    X(ERR_CUDA, -11, "a CUDA call failed")                                       \
+    X(ERR_BACKEND, -12, "the daemon's copy engine failed")                       \
+    X(ERR_UNSUPPORTED, -13, "not supported by this daemon or backend")           \
+    X(ERR_TIMEOUT, -14, "timed out")                                             \
+    X(ERR_LIMIT, -15, "a daemon limit was reached")                              \
+    X(ERR_CANCELLED, -16, "copy cancelled")                                      \
+    X(ERR_DIRECTION, -17, "a copy must go between host and device memory")       \
+    X(ERR_NO_GPU, -18, "no such GPU")                                            \
+    X(ERR_SYSTEM, -19, "a system call failed")
+
+typedef enum mma_status {
+#define MMA_STATUS_ENUM(name, value, text) MMA_##name = value,
+    MMA_STATUS_MAP(MMA_STATUS_ENUM)
+#undef MMA_STATUS_ENUM
+} mma_status_t;
+
+/* The sentence for a status; never NULL ("unknown mma status" otherwise). */
+const char *mma_strerror(int status);
+/* The symbolic name of a status ("MMA_ERR_RANGE"); never NULL. */
+const char *mma_status_name(int status);
+
+/* Opaque connection to mmad. Safe to use from several threads at once. */
+typedef struct mma_client mma_client_t;
+
+/* A copy in flight: returned by the *_async calls, passed to mma_wait/query. */
+typedef uint64_t mma_copy_t;
+
+/* A CUDA stream, spelled without the CUDA headers: a cudaStream_t converts to
+ * it. NULL means "host-ordered": the copy starts at once and completes when
+ * mma_wait() says so. Use MMA_STREAM_LEGACY for CUDA's legacy default stream. */
+typedef struct CUstream_st *mma_stream_t;
+#define MMA_STREAM_LEGACY ((mma_stream_t)0x1)
+
+typedef struct mma_info {
+    uint32_t daemon_version;   /* MMA_VERSION of the daemon, as major*10000+minor*100+patch */
+    uint32_t api_version;      /* the daemon's MMA_API_VERSION */
+    uint64_t features;         /* MMA_FEATURE_* bits */
+    char backend[16];          /* "cuda" or "sim" */
+    int gpu_count;
+    int simulated;             /* 1 on the simulated box */
+    size_t bypass_threshold;   /* copies below this many bytes go native */
+} mma_info_t;
+
+#define MMA_FEATURE_SCATTER_GATHER (1u << 0)
+#define MMA_FEATURE_STREAM_ORDER   (1u << 1)
+#define MMA_FEATURE_PRIORITY       (1u << 2)
+
+/* Connect to mmad. socket_path NULL means $MMA_SOCKET, else
+ * /run/mma/mmad.sock. Checks the API version (MMA_ERR_VERSION on mismatch). */
+int mma_connect(const char *socket_path, mma_client_t **out);
+
+/* Close the connection. The daemon releases everything the client
+ * registered. Copies still in flight are waited for first. NULL is a no-op. */
+void mma_disconnect(mma_client_t *client);
+
+int mma_get_info(mma_client_t *client, mma_info_t *out);
+
+/* Host memory the daemon can reach: memfd-backed, shared with mmad, page
+ * aligned, pinned by the daemon. Free with mma_free(). */
+int mma_host_alloc(mma_client_t *client, size_t size, void **out);
+
+/* Device memory on `gpu`. On real GPUs this is cudaMalloc + registration; on
+ * the simulated box it is shared memory this process can read and write
+ * directly (that is what lets tests verify bytes without a GPU). */
+int mma_device_alloc(mma_client_t *client, int gpu, size_t size, void **out);
+
+/* Register GPU memory the caller allocated itself (cudaMalloc). Real GPUs
+ * only; the whole [ptr, ptr+size) must lie in one allocation. */
+int mma_device_register(mma_client_t *client, int gpu, void *ptr, size_t size);
+
+/* Unregister `ptr` (the start of a registered range) and free it if mma
+ * allocated it. Waits for this client's copies in flight first. */
+int mma_free(mma_client_t *client, void *ptr);
+
+typedef struct mma_segment {
+    void *dst;
+    const void *src;
+    size_t len;
+} mma_segment_t;
+
+#define MMA_COPY_LATENCY (1u << 0) /* latency class: overtakes queued bulk chunks */
+#define MMA_COPY_NO_BYPASS (1u << 1) /* route through mmad even below the threshold */
+
+typedef struct mma_copy_opts {
+    unsigned flags;  /* MMA_COPY_* */
+    int max_paths;   /* 0: all paths; 1: the target's own link only; n: at most n */
+} mma_copy_opts_t;
+
+/* Copy n bytes between registered host memory and registered device memory
+ * (either direction; the direction follows from the pointers). Returns once
+ * the copy is queued. With a stream, work queued on the stream before this
+ * call finishes before the copy starts and work queued after it sees the data;
+ * `out` may then be NULL. Without a stream, wait with mma_wait(). */
+int mma_memcpy_async(mma_client_t *client, void *dst, const void *src, size_t n,
+                     mma_stream_t stream, mma_copy_t *out);
+
+/* Many (dst, src, len) segments as one copy, e.g. KV-cache blocks. All
+ * segments go the same direction and touch one GPU. opts may be NULL. */
+int mma_memcpy_sg_async(mma_client_t *client, const mma_segment_t *segs, size_t nsegs,
+                        mma_stream_t stream, const mma_copy_opts_t *opts, mma_copy_t *out);
+
+/* Block until the copy completes; returns its status. */
+int mma_wait(mma_client_t *client, mma_copy_t copy);
+
+/* MMA_PENDING while in flight, else the copy's final status. */
+int mma_query(mma_client_t *client, mma_copy_t copy);
+
+/* mma_memcpy_async + mma_wait. */
+int mma_memcpy(mma_client_t *client, void *dst, const void *src, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MMA_H */

@@ -1,0 +1,687 @@
+/* libmma: connect, register, copy. One socket to mmad (SOCK_SEQPACKET),
+ * synchronous request/response for setup calls, fire-and-forget COPY
+ * requests whose completion arrives through the shared flag page. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "cuda_glue.h"
+#include "flagpage.h"
+#include "log.h"
+#include "mma.h"
+#include "util.h"
+#include "wire.h"
+
+#define SEQ_BITS 48
+#define SEQ_MASK ((1ull << SEQ_BITS) - 1)
+
+typedef struct region {
+    uintptr_t base;
+    size_t size;
+    uint32_t id;
+    int device; /* 0 host, 1 device */
+    int gpu;
+    int owned;   /* mma allocated it: free it in mma_free */
+    int mapped;  /* a memfd mapping (host, or simulated device) */
+    int pinned;  /* cudaHostRegister'ed here */
+} region_t;
+
+struct mma_client {
+    pthread_mutex_t lock;
+    int fd;
+    int dead;
+    uint64_t next_id;
+    mma_info_t info;
+    mma_flag_slot_t *flags;
+    uint32_t nslots;
+    int flags_pinned;
+    uint64_t *slot_seq; /* last seq issued on each slot */
+    uint64_t seq;
+    uint32_t cursor;
+    region_t *regions;
+    size_t nregions, cap;
+    int cuda; /* the daemon runs real GPUs and CUDA works here */
+};
+
+/* ---- request/response ---- */
+
+/* Send req (with fds) and wait for the response with the same id. Error
+ * responses to earlier fire-and-forget COPYs are logged and skipped. */
+static int rpc(mma_client_t *c, Mma__Request *req, const int *fds, int nfds, Mma__Response **out)
+{
+    if (c->dead)
+        return MMA_ERR_DISCONNECTED;
+    req->has_id = 1;
+    req->id = ++c->next_id;
+    int rc = mma_wire_send(c->fd, &req->base, fds, nfds);
+    if (rc != MMA_OK) {
+        if (rc == MMA_ERR_DISCONNECTED)
+            c->dead = 1;
+        return rc;
+    }
+    uint8_t *buf = malloc(MMA_WIRE_MAX_MSG);
+    if (!buf)
+        return MMA_ERR_NOMEM;
+    for (;;) {
+        size_t len;
+        int rfds[MMA_WIRE_MAX_FDS], rn = 0;
+        rc = mma_wire_recv(c->fd, buf, MMA_WIRE_MAX_MSG, &len, rfds, &rn);
+        for (int i = 0; i < rn; i++)
+            close(rfds[i]);
+        if (rc != MMA_OK) {
+            if (rc == MMA_ERR_DISCONNECTED)
+                c->dead = 1;
+            break;
+        }
+        Mma__Response *resp = mma__response__unpack(NULL, len, buf);
+        if (!resp) {
+            rc = MMA_ERR_PROTO;
+            break;
+        }
+        if (resp->has_id && resp->id == req->id) {
+            *out = resp;
+            rc = MMA_OK;
+            break;
+        }
+        if (resp->status != MMA_OK)
+            MMA_WARN("mmad: %s", resp->error ? resp->error : mma_strerror(resp->status));
+        mma__response__free_unpacked(resp, NULL);
+    }
+    free(buf);
+    return rc;
+}
+
+/* rpc + the response's own status; logs the daemon's sentence on failure. */
+static int rpc_status(mma_client_t *c, Mma__Request *req, const int *fds, int nfds, Mma__Response **out)
+{
+    Mma__Response *resp = NULL;
+    int rc = rpc(c, req, fds, nfds, &resp);
+    if (rc != MMA_OK)
+        return rc;
+    rc = resp->status;
+    if (rc != MMA_OK) {
+        MMA_WARN("mmad refused: %s", resp->error ? resp->error : mma_strerror(rc));
+        mma__response__free_unpacked(resp, NULL);
+        return rc;
+    }
+    if (out)
+        *out = resp;
+    else
+        mma__response__free_unpacked(resp, NULL);
+    return MMA_OK;
+}
+
+static int connect_socket(const char *path)
+{
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof addr.sun_path)
+        return -1;
+    strcpy(addr.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    if (connect(fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+int mma_connect(const char *socket_path, mma_client_t **out)
+{
+    if (!out)
+        return MMA_ERR_INVAL;
+    mma_log_init("libmma", MMA_LOG_WARN);
+    const char *path = socket_path ? socket_path : mma_default_socket();
+    mma_client_t *c = calloc(1, sizeof *c);
+    if (!c)
+        return MMA_ERR_NOMEM;
+    pthread_mutex_init(&c->lock, NULL);
+    c->fd = -1;
+    int rc = MMA_OK;
+    int memfd = -1;
+    c->fd = connect_socket(path);
+    if (c->fd < 0) {
+        MMA_DEBUG("connect %s: %s", path, strerror(errno));
+        rc = MMA_ERR_CONNECT;
+        goto fail;
+    }
+    c->nslots = MMA_FLAG_SLOTS_DEFAULT;
+    size_t flen = (size_t)c->nslots * sizeof(mma_flag_slot_t);
+    memfd = memfd_create("mma-flags", MFD_CLOEXEC);
+    if (memfd < 0 || ftruncate(memfd, (off_t)flen) != 0) {
+        rc = MMA_ERR_SYSTEM;
+        goto fail;
+    }
+    c->flags = mmap(NULL, flen, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+    if (c->flags == MAP_FAILED) {
+        c->flags = NULL;
+        rc = MMA_ERR_SYSTEM;
+        goto fail;
+    }
+    c->slot_seq = calloc(c->nslots, sizeof *c->slot_seq);
+    if (!c->slot_seq) {
+        rc = MMA_ERR_NOMEM;
+        goto fail;
+    }
+    Mma__Hello h = MMA__HELLO__INIT;
+    h.api_version = MMA_API_VERSION;
+    h.has_flag_slots = 1;
+    h.flag_slots = c->nslots;
+    char name[64];
+    snprintf(name, sizeof name, "pid %d", (int)getpid());
+    h.name = name;
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__HELLO;
+    req.hello = &h;
+    Mma__Response *resp = NULL;
+    rc = rpc_status(c, &req, &memfd, 1, &resp);
+    close(memfd);
+    memfd = -1;
+    if (rc != MMA_OK)
+        goto fail;
+    if (!resp->hello) {
+        mma__response__free_unpacked(resp, NULL);
+        rc = MMA_ERR_PROTO;
+        goto fail;
+    }
+    Mma__HelloReply *hr = resp->hello;
+    c->info.daemon_version = hr->daemon_version;
+    c->info.api_version = hr->api_version;
+    c->info.features = hr->features;
+    snprintf(c->info.backend, sizeof c->info.backend, "%s", hr->backend ? hr->backend : "?");
+    c->info.gpu_count = (int)hr->gpu_count;
+    c->info.simulated = hr->simulated;
+    c->info.bypass_threshold = (size_t)hr->bypass_threshold;
+    mma__response__free_unpacked(resp, NULL);
+    if (!c->info.simulated) {
+        if (mma_cuda_init() != MMA_OK) {
+            MMA_ERROR("mmad runs real GPUs but CUDA is not usable in this process");
+            rc = MMA_ERR_CUDA;
+            goto fail;
+        }
+        c->cuda = 1;
+        rc = mma_cuda_host_register(c->flags, flen, 1);
+        if (rc != MMA_OK)
+            goto fail;
+        c->flags_pinned = 1;
+    }
+    *out = c;
+    return MMA_OK;
+fail:
+    if (memfd >= 0)
+        close(memfd);
+    if (c->fd >= 0)
+        close(c->fd);
+    if (c->flags)
+        munmap(c->flags, flen);
+    free(c->slot_seq);
+    pthread_mutex_destroy(&c->lock);
+    free(c);
+    return rc;
+}
+
+int mma_get_info(mma_client_t *c, mma_info_t *out)
+{
+    if (!c || !out)
+        return MMA_ERR_INVAL;
+    *out = c->info;
+    return MMA_OK;
+}
+
+/* ---- regions ---- */
+
+static int add_region(mma_client_t *c, const region_t *r)
+{
+    if (c->nregions == c->cap) {
+        size_t cap = c->cap ? c->cap * 2 : 16;
+        region_t *nr = realloc(c->regions, cap * sizeof *nr);
+        if (!nr)
+            return MMA_ERR_NOMEM;
+        c->regions = nr;
+        c->cap = cap;
+    }
+    c->regions[c->nregions++] = *r;
+    return MMA_OK;
+}
+
+/* The region holding [p, p+n): MMA_OK, MMA_ERR_RANGE when it starts inside
+ * one but runs past its end, else MMA_ERR_NOT_REGISTERED. */
+static int find_region(mma_client_t *c, const void *p, size_t n, region_t **out)
+{
+    uintptr_t a = (uintptr_t)p;
+    for (size_t i = 0; i < c->nregions; i++) {
+        region_t *r = &c->regions[i];
+        if (a >= r->base && a - r->base < r->size) {
+            if (n > r->size - (a - r->base))
+                return MMA_ERR_RANGE;
+            *out = r;
+            return MMA_OK;
+        }
+    }
+    return MMA_ERR_NOT_REGISTERED;
+}
+
+static int register_memfd(mma_client_t *c, int device, int gpu, size_t size, void **out)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    size_t len = (size + (size_t)page - 1) & ~((size_t)page - 1);
+    int fd = memfd_create(device ? "mma-simdev" : "mma-host", MFD_CLOEXEC);
+    if (fd < 0)
+        return MMA_ERR_SYSTEM;
+    int rc = MMA_OK;
+    void *p = MAP_FAILED;
+    if (ftruncate(fd, (off_t)len) != 0) {
+        rc = errno == ENOSPC || errno == ENOMEM ? MMA_ERR_NOMEM : MMA_ERR_SYSTEM;
+        goto out;
+    }
+    p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+        rc = MMA_ERR_NOMEM;
+        goto out;
+    }
+    Mma__Request req = MMA__REQUEST__INIT;
+    Mma__RegisterHost rh = MMA__REGISTER_HOST__INIT;
+    Mma__RegisterDevice rd = MMA__REGISTER_DEVICE__INIT;
+    if (device) {
+        req.type = MMA__REQ_TYPE__REGISTER_DEVICE;
+        rd.gpu = (uint32_t)gpu;
+        rd.size = size;
+        req.register_device = &rd;
+    } else {
+        req.type = MMA__REQ_TYPE__REGISTER_HOST;
+        rh.size = size;
+        req.register_host = &rh;
+    }
+    Mma__Response *resp = NULL;
+    rc = rpc_status(c, &req, &fd, 1, &resp);
+    if (rc != MMA_OK)
+        goto out;
+    region_t r = {.base = (uintptr_t)p, .size = size, .device = device, .gpu = gpu, .owned = 1, .mapped = 1};
+    r.id = resp->register_ ? resp->register_->region_id : 0;
+    mma__response__free_unpacked(resp, NULL);
+    if (!device && c->cuda) {
+        /* Pinned here too, so this process's own native copies (the bypass)
+         * run at full speed. */
+        rc = mma_cuda_host_register(p, len, 0);
+        if (rc != MMA_OK)
+            goto out;
+        r.pinned = 1;
+    }
+    rc = add_region(c, &r);
+    if (rc == MMA_OK) {
+        *out = p;
+        p = MAP_FAILED;
+    } else if (r.pinned) {
+        mma_cuda_host_unregister(p);
+    }
+out:
+    if (p != MAP_FAILED)
+        munmap(p, len);
+    close(fd);
+    return rc;
+}
+
+int mma_host_alloc(mma_client_t *c, size_t size, void **out)
+{
+    if (!c || !out || size == 0)
+        return MMA_ERR_INVAL;
+    pthread_mutex_lock(&c->lock);
+    int rc = register_memfd(c, 0, -1, size, out);
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}
+
+static int register_device_locked(mma_client_t *c, int gpu, void *ptr, size_t size, int owned)
+{
+    uint8_t handle[64];
+    uint64_t off;
+    int rc = mma_cuda_ipc_handle(ptr, handle, &off);
+    if (rc != MMA_OK)
+        return rc;
+    Mma__RegisterDevice rd = MMA__REGISTER_DEVICE__INIT;
+    rd.gpu = (uint32_t)gpu;
+    rd.size = size;
+    rd.has_ipc_handle = 1;
+    rd.ipc_handle.data = handle;
+    rd.ipc_handle.len = sizeof handle;
+    rd.has_ipc_offset = 1;
+    rd.ipc_offset = off;
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__REGISTER_DEVICE;
+    req.register_device = &rd;
+    Mma__Response *resp = NULL;
+    rc = rpc_status(c, &req, NULL, 0, &resp);
+    if (rc != MMA_OK)
+        return rc;
+    region_t r = {.base = (uintptr_t)ptr, .size = size, .device = 1, .gpu = gpu, .owned = owned};
+    r.id = resp->register_ ? resp->register_->region_id : 0;
+    mma__response__free_unpacked(resp, NULL);
+    return add_region(c, &r);
+}
+
+int mma_device_alloc(mma_client_t *c, int gpu, size_t size, void **out)
+{
+    if (!c || !out || size == 0)
+        return MMA_ERR_INVAL;
+    if (gpu < 0 || gpu >= c->info.gpu_count)
+        return MMA_ERR_NO_GPU;
+    pthread_mutex_lock(&c->lock);
+    int rc;
+    if (c->info.simulated) {
+        rc = register_memfd(c, 1, gpu, size, out);
+    } else {
+        void *p = NULL;
+        rc = mma_cuda_malloc(gpu, size, &p);
+        if (rc == MMA_OK) {
+            rc = register_device_locked(c, gpu, p, size, 1);
+            if (rc == MMA_OK)
+                *out = p;
+            else
+                mma_cuda_free(gpu, p);
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}
+
+int mma_device_register(mma_client_t *c, int gpu, void *ptr, size_t size)
+{
+    if (!c || !ptr || size == 0)
+        return MMA_ERR_INVAL;
+    if (c->info.simulated)
+        return MMA_ERR_UNSUPPORTED; /* simulated device memory comes from mma_device_alloc */
+    if (gpu < 0 || gpu >= c->info.gpu_count)
+        return MMA_ERR_NO_GPU;
+    pthread_mutex_lock(&c->lock);
+    int rc = register_device_locked(c, gpu, ptr, size, 0);
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}
+
+/* ---- completion slots ---- */
+
+static int slot_busy(mma_client_t *c, uint32_t i)
+{
+    return c->slot_seq[i] && mma_flag_read(&c->flags[i].done) < c->slot_seq[i];
+}
+
+static int take_slot(mma_client_t *c, uint32_t *slot)
+{
+    for (uint32_t k = 0; k < c->nslots; k++) {
+        uint32_t i = (c->cursor + k) % c->nslots;
+        if (!slot_busy(c, i)) {
+            c->cursor = (i + 1) % c->nslots;
+            *slot = i;
+            return MMA_OK;
+        }
+    }
+    return MMA_ERR_BUSY;
+}
+
+static int daemon_alive(mma_client_t *c)
+{
+    if (c->dead)
+        return 0;
+    struct pollfd p = {.fd = c->fd, .events = POLLIN};
+    if (poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR))) {
+        c->dead = 1;
+        return 0;
+    }
+    return 1;
+}
+
+int mma_query(mma_client_t *c, mma_copy_t t)
+{
+    if (!c)
+        return MMA_ERR_INVAL;
+    if (t == 0)
+        return MMA_OK; /* went native: already complete */
+    uint32_t slot = (uint32_t)(t >> SEQ_BITS);
+    uint64_t seq = t & SEQ_MASK;
+    if (slot >= c->nslots || seq == 0)
+        return MMA_ERR_INVAL;
+    if (mma_flag_read(&c->flags[slot].done) >= seq)
+        return (int)atomic_load_explicit(&c->flags[slot].status, memory_order_relaxed);
+    return MMA_PENDING;
+}
+
+int mma_wait(mma_client_t *c, mma_copy_t t)
+{
+    uint64_t backoff = 0, since_check = 0;
+    for (;;) {
+        int st = mma_query(c, t);
+        if (st != MMA_PENDING)
+            return st;
+        /* Spin briefly, then sleep with growing steps (cap 100 us): short
+         * copies return fast, long ones cost little CPU. */
+        backoff = backoff < 1000 ? backoff + 100 : backoff * 2;
+        if (backoff > 100000)
+            backoff = 100000;
+        mma_sleep_ns(backoff);
+        since_check += backoff;
+        if (since_check > 50000000ull) {
+            since_check = 0;
+            pthread_mutex_lock(&c->lock);
+            int alive = daemon_alive(c);
+            pthread_mutex_unlock(&c->lock);
+            if (!alive && mma_query(c, t) == MMA_PENDING)
+                return MMA_ERR_DISCONNECTED;
+        }
+    }
+}
+
+/* ---- copies ---- */
+
+int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs, mma_stream_t stream,
+                        const mma_copy_opts_t *opts, mma_copy_t *out)
+{
+    if (!c || !segs || nsegs == 0)
+        return MMA_ERR_INVAL;
+    if (stream && !c->cuda)
+        return MMA_ERR_UNSUPPORTED; /* the simulated box has no CUDA streams */
+    unsigned flags = opts ? opts->flags : 0;
+    Mma__Segment *ps = calloc(nsegs, sizeof *ps);
+    Mma__Segment **pp = calloc(nsegs, sizeof *pp);
+    if (!ps || !pp) {
+        free(ps);
+        free(pp);
+        return MMA_ERR_NOMEM;
+    }
+    int rc = MMA_OK;
+    int dir = -1, gpu = -1;
+    uint64_t total = 0;
+    pthread_mutex_lock(&c->lock);
+    for (size_t i = 0; i < nsegs; i++) {
+        region_t *d, *s;
+        if (!segs[i].dst || !segs[i].src || segs[i].len == 0) {
+            rc = MMA_ERR_INVAL;
+            goto out;
+        }
+        if ((rc = find_region(c, segs[i].dst, segs[i].len, &d)) != MMA_OK ||
+            (rc = find_region(c, segs[i].src, segs[i].len, &s)) != MMA_OK)
+            goto out;
+        if (d->device == s->device) {
+            rc = MMA_ERR_DIRECTION;
+            goto out;
+        }
+        int sd = d->device ? 0 : 1;
+        int sg = d->device ? d->gpu : s->gpu;
+        if (dir >= 0 && (sd != dir || sg != gpu)) {
+            rc = MMA_ERR_INVAL;
+            goto out;
+        }
+        dir = sd;
+        gpu = sg;
+        total += segs[i].len;
+        mma__segment__init(&ps[i]);
+        ps[i].dst_region = d->id;
+        ps[i].dst_offset = (uintptr_t)segs[i].dst - d->base;
+        ps[i].src_region = s->id;
+        ps[i].src_offset = (uintptr_t)segs[i].src - s->base;
+        ps[i].length = segs[i].len;
+        pp[i] = &ps[i];
+    }
+    if (c->cuda && !(flags & MMA_COPY_NO_BYPASS) && (total < c->info.bypass_threshold || c->dead)) {
+        /* Native: below the threshold mmad cannot beat one link, and with
+         * mmad gone this is how copies still complete. */
+        for (size_t i = 0; i < nsegs && rc == MMA_OK; i++)
+            rc = mma_cuda_memcpy(segs[i].dst, segs[i].src, segs[i].len, stream);
+        if (rc == MMA_OK && out)
+            *out = 0;
+        goto out;
+    }
+    if (c->dead) {
+        rc = MMA_ERR_DISCONNECTED;
+        goto out;
+    }
+    uint32_t slot;
+    if ((rc = take_slot(c, &slot)) != MMA_OK)
+        goto out;
+    uint64_t seq = ++c->seq & SEQ_MASK;
+    mma_flag_slot_t *fl = &c->flags[slot];
+    if (stream) {
+        rc = mma_cuda_stream_mark(stream, gpu, (uint64_t *)&fl->reached, (uint64_t *)&fl->done, seq);
+        if (rc != MMA_OK)
+            goto out;
+    } else {
+        atomic_store_explicit(&fl->reached, seq, memory_order_release);
+    }
+    c->slot_seq[slot] = seq;
+    Mma__Copy cp = MMA__COPY__INIT;
+    cp.slot = slot;
+    cp.seq = seq;
+    cp.n_segments = nsegs;
+    cp.segments = pp;
+    cp.has_priority = 1;
+    cp.priority = (flags & MMA_COPY_LATENCY) ? 1 : 0;
+    cp.has_max_paths = opts && opts->max_paths > 0;
+    cp.max_paths = opts && opts->max_paths > 0 ? (uint32_t)opts->max_paths : 0;
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__COPY;
+    req.copy = &cp;
+    req.has_id = 1;
+    req.id = ++c->next_id;
+    rc = mma_wire_send(c->fd, &req.base, NULL, 0);
+    if (rc != MMA_OK) {
+        c->dead = 1;
+        /* Nothing reached mmad: complete the slot ourselves so a stream that
+         * already waits on it moves on, and report the failure. */
+        if (c->cuda) {
+            int nrc = MMA_OK;
+            for (size_t i = 0; i < nsegs && nrc == MMA_OK; i++)
+                nrc = mma_cuda_memcpy(segs[i].dst, segs[i].src, segs[i].len, NULL);
+            atomic_store_explicit(&fl->status, nrc, memory_order_relaxed);
+            atomic_store_explicit(&fl->done, seq, memory_order_release);
+            rc = nrc;
+            if (rc == MMA_OK && out)
+                *out = 0;
+            goto out;
+        }
+        atomic_store_explicit(&fl->status, MMA_ERR_DISCONNECTED, memory_order_relaxed);
+        atomic_store_explicit(&fl->done, seq, memory_order_release);
+        rc = MMA_ERR_DISCONNECTED;
+        goto out;
+    }
+    if (out)
+        *out = ((mma_copy_t)slot << SEQ_BITS) | seq;
+out:
+    pthread_mutex_unlock(&c->lock);
+    free(ps);
+    free(pp);
+    return rc;
+}
+
+int mma_memcpy_async(mma_client_t *c, void *dst, const void *src, size_t n, mma_stream_t stream, mma_copy_t *out)
+{
+    mma_segment_t s = {.dst = dst, .src = src, .len = n};
+    return mma_memcpy_sg_async(c, &s, 1, stream, NULL, out);
+}
+
+int mma_memcpy(mma_client_t *c, void *dst, const void *src, size_t n)
+{
+    mma_copy_t t;
+    int rc = mma_memcpy_async(c, dst, src, n, NULL, &t);
+    return rc == MMA_OK ? mma_wait(c, t) : rc;
+}
+
+/* Wait (bounded) for every copy this client has in flight. */
+static void drain(mma_client_t *c)
+{
+    uint64_t deadline = mma_now_ns() + 10ull * 1000000000ull;
+    for (uint32_t i = 0; i < c->nslots; i++)
+        while (slot_busy(c, i) && !c->dead && mma_now_ns() < deadline)
+            mma_sleep_ns(20000);
+}
+
+static void release_region(mma_client_t *c, region_t *r)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    size_t len = (r->size + (size_t)page - 1) & ~((size_t)page - 1);
+    if (r->pinned)
+        mma_cuda_host_unregister((void *)r->base);
+    if (r->mapped)
+        munmap((void *)r->base, len);
+    else if (r->owned && r->device)
+        mma_cuda_free(r->gpu, (void *)r->base);
+    (void)c;
+}
+
+int mma_free(mma_client_t *c, void *ptr)
+{
+    if (!c || !ptr)
+        return MMA_ERR_INVAL;
+    pthread_mutex_lock(&c->lock);
+    size_t i;
+    for (i = 0; i < c->nregions; i++)
+        if (c->regions[i].base == (uintptr_t)ptr)
+            break;
+    if (i == c->nregions) {
+        pthread_mutex_unlock(&c->lock);
+        return MMA_ERR_NOT_REGISTERED;
+    }
+    drain(c);
+    region_t r = c->regions[i];
+    c->regions[i] = c->regions[--c->nregions];
+    int rc = MMA_OK;
+    if (!c->dead) {
+        Mma__Unregister u = MMA__UNREGISTER__INIT;
+        u.region_id = r.id;
+        Mma__Request req = MMA__REQUEST__INIT;
+        req.type = MMA__REQ_TYPE__UNREGISTER;
+        req.unregister = &u;
+        rc = rpc_status(c, &req, NULL, 0, NULL);
+        if (rc == MMA_ERR_DISCONNECTED)
+            rc = MMA_OK; /* the daemon released it when it went */
+    }
+    release_region(c, &r);
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}
+
+void mma_disconnect(mma_client_t *c)
+{
+    if (!c)
+        return;
+    pthread_mutex_lock(&c->lock);
+    drain(c);
+    close(c->fd);
+    for (size_t i = 0; i < c->nregions; i++)
+        release_region(c, &c->regions[i]);
+    free(c->regions);
+    if (c->flags_pinned)
+        mma_cuda_host_unregister(c->flags);
+    munmap(c->flags, (size_t)c->nslots * sizeof(mma_flag_slot_t));
+    free(c->slot_seq);
+    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_destroy(&c->lock);
+    free(c);
+}

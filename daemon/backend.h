@@ -1,0 +1,54 @@
+/* The one seam between the scheduler and hardware. Two implementations:
+ * backend_cuda.c (real GPUs) and backend_sim.c (the simulated box). The
+ * engine thread calls submit/poll; region_open/close may come from the loop
+ * thread, so backends make those safe against a concurrent submit. */
+#ifndef MMAD_BACKEND_H
+#define MMAD_BACKEND_H
+
+#include <stdio.h>
+
+#include "mmad.h"
+
+typedef struct mmad_backend mmad_backend_t;
+
+typedef struct mmad_backend_ops {
+    const char *name;
+    /* Make a region usable for copies: pin a host mapping, open an IPC
+     * handle. For host and simulated device regions r->base is already set. */
+    int (*region_open)(mmad_backend_t *be, mmad_region_t *r, const uint8_t *ipc, size_t ipc_len,
+                       uint64_t ipc_offset);
+    void (*region_close)(mmad_backend_t *be, mmad_region_t *r);
+    /* Start one chunk on its path (c->target, c->via, c->dir). The scheduler
+     * never has more chunks in flight than the path's depth allows. */
+    int (*submit)(mmad_backend_t *be, mmad_chunk_t *c);
+    /* Up to max finished chunks; c->status says how each went. */
+    int (*poll)(mmad_backend_t *be, mmad_chunk_t **out, int max);
+    void (*destroy)(mmad_backend_t *be);
+} mmad_backend_ops_t;
+
+struct mmad_backend {
+    const mmad_backend_ops_t *ops;
+    int gpu_count;
+    int simulated;
+    int event_driven;        /* 1: calls wake() when a chunk finishes; 0: poll */
+    double sim_scale;        /* 1.0 on real GPUs */
+    mmad_gpu_t gpus[MMAD_MAX_GPUS];
+    /* relay[target][via]: 1 when via may stage for target; else why not */
+    unsigned char relay_ok[MMAD_MAX_GPUS][MMAD_MAX_GPUS];
+    char relay_note[MMAD_MAX_GPUS][MMAD_MAX_GPUS][48];
+    char topology[160];
+    uint64_t chunk_size;
+    int staging_slots;
+    int path_depth;
+    int64_t bypass_threshold;
+    void (*wake)(void *arg);
+    void *wake_arg;
+};
+
+/* Constructors. Each logs its own failure and returns an mma status. */
+int mmad_backend_sim_create(const mmad_config_t *cfg, mmad_backend_t **out);
+int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out);
+/* How many CUDA devices there are (0 where there is no driver). */
+int mmad_cuda_device_count(void);
+
+#endif

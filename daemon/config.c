@@ -1,0 +1,195 @@
+/* Every mmad option in one declarative table: name, type, default, bounds,
+ * help. `mmad --help` prints it; the README's option list is made from it. */
+#include <errno.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mmad.h"
+#include "util.h"
+
+typedef enum { OPT_STR, OPT_INT, OPT_SIZE, OPT_DOUBLE } opt_type_t;
+
+typedef struct opt {
+    const char *name;
+    opt_type_t type;
+    size_t offset;
+    size_t len; /* for strings */
+    const char *def;
+    double min, max;
+    const char *help;
+} opt_t;
+
+#define O(f) offsetof(mmad_config_t, f)
+#define S(f) sizeof(((mmad_config_t *)0)->f)
+
+static const opt_t options[] = {
+    {"socket", OPT_STR, O(socket_path), S(socket_path), "", 0, 0,
+     "Unix socket to serve (default $MMA_SOCKET, else /run/mma/mmad.sock)"},
+    {"backend", OPT_STR, O(backend), S(backend), "auto", 0, 0,
+     "auto | cuda | sim (auto: cuda when a GPU is visible, else the simulated box)"},
+    {"sim-preset", OPT_STR, O(sim_preset), S(sim_preset), "4gpu", 0, 0,
+     "simulated box: 4gpu (like HARDWARE.md) | 8gpu-2socket (two sockets, cross-socket link)"},
+    {"sim-gpus", OPT_INT, O(sim_gpus), 0, "0", 0, MMAD_MAX_GPUS, "simulated GPU count (0: the preset's)"},
+    {"sim-scale", OPT_DOUBLE, O(sim_scale), 0, "0.01", 1e-4, 1.0,
+     "simulated link rates are the real ones times this (0.01: 55.5 GB/s -> 555 MB/s)"},
+    {"chunk-size", OPT_SIZE, O(chunk_size), 0, "8M", 4096, 1u << 30, "largest micro-transfer"},
+    {"min-chunk", OPT_SIZE, O(min_chunk), 0, "512K", 4096, 1u << 30,
+     "smallest piece a large copy is split into"},
+    {"staging-slots", OPT_INT, O(staging_slots), 0, "4", 1, 64,
+     "staging buffers per GPU (each chunk-size bytes of device memory)"},
+    {"path-depth", OPT_INT, O(path_depth), 0, "2", 1, 64,
+     "chunks in flight per path (one moving, one queued keeps a link busy)"},
+    {"bypass-threshold", OPT_SIZE, O(bypass_threshold), 0, "-1", -1, 1u << 30,
+     "copies below this go native in libmma (-1: the backend's measured default)"},
+    {"max-paths", OPT_INT, O(max_paths), 0, "0", 0, MMAD_MAX_GPUS, "paths per copy (0: all)"},
+    {"max-clients", OPT_INT, O(max_clients), 0, "256", 1, 65536, "connections served at once"},
+    {"sim-fail-via", OPT_INT, O(sim_fail_via), 0, "-1", -1, MMAD_MAX_GPUS,
+     "fault injection for tests: relay chunks through this simulated GPU fail"},
+    {"log", OPT_STR, O(log_level), S(log_level), "info", 0, 0, "error | warn | info | debug"},
+};
+
+#define NOPTS (sizeof options / sizeof options[0])
+
+/* "8M" -> 8388608; "-1" allowed for signed sizes. */
+static int parse_size(const char *s, int64_t *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || errno)
+        return -1;
+    double mult = 1;
+    switch (*end) {
+    case 'k': case 'K': mult = 1024.0; end++; break;
+    case 'm': case 'M': mult = 1024.0 * 1024; end++; break;
+    case 'g': case 'G': mult = 1024.0 * 1024 * 1024; end++; break;
+    default: break;
+    }
+    if (*end == 'i' || *end == 'B')
+        end++;
+    if (*end == 'B')
+        end++;
+    if (*end)
+        return -1;
+    *out = (int64_t)(v * mult);
+    return 0;
+}
+
+static int set_opt(mmad_config_t *cfg, const opt_t *o, const char *val)
+{
+    char *base = (char *)cfg + o->offset;
+    switch (o->type) {
+    case OPT_STR:
+        if (strlen(val) >= o->len) {
+            fprintf(stderr, "mmad: --%s: value too long (at most %zu characters)\n", o->name, o->len - 1);
+            return -1;
+        }
+        strcpy(base, val);
+        return 0;
+    case OPT_INT:
+    case OPT_SIZE: {
+        int64_t v;
+        if (parse_size(val, &v) != 0) {
+            fprintf(stderr, "mmad: --%s: '%s' is not a number\n", o->name, val);
+            return -1;
+        }
+        if ((double)v < o->min || (double)v > o->max) {
+            fprintf(stderr, "mmad: --%s: %s is outside [%.0f, %.0f]\n", o->name, val, o->min, o->max);
+            return -1;
+        }
+        if (o->type == OPT_INT)
+            *(int *)base = (int)v;
+        else if (o->offset == O(bypass_threshold))
+            *(int64_t *)base = v;
+        else
+            *(uint64_t *)base = (uint64_t)v;
+        return 0;
+    }
+    case OPT_DOUBLE: {
+        char *end;
+        double v = strtod(val, &end);
+        if (end == val || *end || v < o->min || v > o->max) {
+            fprintf(stderr, "mmad: --%s: '%s' must be a number in [%g, %g]\n", o->name, val, o->min, o->max);
+            return -1;
+        }
+        *(double *)base = v;
+        return 0;
+    }
+    }
+    return -1;
+}
+
+void mmad_config_defaults(mmad_config_t *cfg)
+{
+    memset(cfg, 0, sizeof *cfg);
+    for (size_t i = 0; i < NOPTS; i++)
+        (void)set_opt(cfg, &options[i], options[i].def);
+}
+
+void mmad_config_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: mmad [options]\n"
+            "Multipath Memory Access daemon: splits host<->GPU copies across every PCIe link.\n\n"
+            "  --sim                 shorthand for --backend=sim\n"
+            "  --help, --version\n");
+    for (size_t i = 0; i < NOPTS; i++) {
+        char left[64];
+        snprintf(left, sizeof left, "--%s=VALUE", options[i].name);
+        fprintf(out, "  %-26s %s [default %s]\n", left, options[i].help,
+                *options[i].def ? options[i].def : "none");
+    }
+}
+
+int mmad_config_parse(mmad_config_t *cfg, int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            mmad_config_usage(stdout);
+            return 1;
+        }
+        if (strcmp(a, "--version") == 0) {
+            printf("mmad %s (API %d)\n", MMA_VERSION_STR, 1);
+            return 1;
+        }
+        if (strcmp(a, "--sim") == 0) {
+            strcpy(cfg->backend, "sim");
+            continue;
+        }
+        if (strncmp(a, "--", 2) != 0) {
+            fprintf(stderr, "mmad: unexpected argument '%s' (see --help)\n", a);
+            return -1;
+        }
+        const char *name = a + 2;
+        const char *eq = strchr(name, '=');
+        size_t nlen = eq ? (size_t)(eq - name) : strlen(name);
+        const opt_t *o = NULL;
+        for (size_t k = 0; k < NOPTS; k++)
+            if (strlen(options[k].name) == nlen && strncmp(options[k].name, name, nlen) == 0)
+                o = &options[k];
+        if (!o) {
+            fprintf(stderr, "mmad: unknown option '%s' (see --help)\n", a);
+            return -1;
+        }
+        const char *val = eq ? eq + 1 : NULL;
+        if (!val) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "mmad: --%s needs a value\n", o->name);
+                return -1;
+            }
+            val = argv[++i];
+        }
+        if (set_opt(cfg, o, val) != 0)
+            return -1;
+    }
+    if (strcmp(cfg->backend, "auto") && strcmp(cfg->backend, "cuda") && strcmp(cfg->backend, "sim")) {
+        fprintf(stderr, "mmad: --backend must be auto, cuda or sim, not '%s'\n", cfg->backend);
+        return -1;
+    }
+    if (cfg->min_chunk > cfg->chunk_size)
+        cfg->min_chunk = cfg->chunk_size;
+    return 0;
+}

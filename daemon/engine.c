@@ -1,0 +1,312 @@
+#include "engine.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "mma.h"
+#include "util.h"
+
+typedef struct intake {
+    int kind; /* 0 job, 1 connection closed */
+    void *ptr;
+    struct intake *next;
+} intake_t;
+
+struct mmad_engine {
+    mmad_backend_t *be;
+    mmad_sched_t sched;
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    intake_t *in_head, *in_tail;
+    int kicked;
+    int stop;
+    int waiting_reached; /* jobs whose slot has not shown `reached` */
+};
+
+static void engine_wake(void *arg)
+{
+    mmad_engine_t *e = arg;
+    pthread_mutex_lock(&e->lock);
+    e->kicked = 1;
+    pthread_cond_signal(&e->cond);
+    pthread_mutex_unlock(&e->lock);
+}
+
+static void push(mmad_engine_t *e, int kind, void *ptr)
+{
+    intake_t *it = malloc(sizeof *it);
+    if (!it) {
+        /* Out of memory in the hand-off: finish the job as failed rather
+         * than lose it (the client's stream must never wait forever). */
+        if (kind == 0)
+            mmad_job_complete(ptr, MMA_ERR_NOMEM);
+        else
+            mmad_conn_unref(ptr);
+        return;
+    }
+    it->kind = kind;
+    it->ptr = ptr;
+    it->next = NULL;
+    pthread_mutex_lock(&e->lock);
+    if (e->in_tail)
+        e->in_tail->next = it;
+    else
+        e->in_head = it;
+    e->in_tail = it;
+    e->kicked = 1;
+    pthread_cond_signal(&e->cond);
+    pthread_mutex_unlock(&e->lock);
+}
+
+void mmad_engine_submit(mmad_engine_t *e, mmad_job_t *job)
+{
+    push(e, 0, job);
+}
+
+void mmad_engine_conn_closed(mmad_engine_t *e, mmad_conn_t *conn)
+{
+    push(e, 1, conn);
+}
+
+mmad_sched_t *mmad_engine_sched(mmad_engine_t *e)
+{
+    return &e->sched;
+}
+
+void mmad_job_complete(mmad_job_t *job, int status)
+{
+    mmad_conn_t *c = job->conn;
+    mma_flag_slot_t *slot = &c->flags[job->slot];
+    atomic_store_explicit(&slot->status, status, memory_order_relaxed);
+    /* Release: the status, and every byte the chunks landed, are visible
+     * before `done` is. */
+    atomic_store_explicit(&slot->done, job->seq, memory_order_release);
+    atomic_fetch_add_explicit(&c->copies, 1, memory_order_relaxed);
+    if (status == MMA_OK)
+        atomic_fetch_add_explicit(&c->bytes, job->total, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&c->inflight, 1, memory_order_relaxed);
+    if (status != MMA_OK && status != MMA_ERR_CANCELLED)
+        MMA_WARN("client %u copy (slot %u seq %llu) failed: %s", c->id, job->slot,
+                 (unsigned long long)job->seq, mma_strerror(status));
+    mmad_job_free(job);
+}
+
+void mmad_job_free(mmad_job_t *job)
+{
+    for (size_t i = 0; i < job->nrefs; i++)
+        mmad_region_unref(job->refs[i]);
+    free(job->refs);
+    free(job->segs);
+    if (job->conn)
+        mmad_conn_unref(job->conn);
+    free(job);
+}
+
+static int slot_reached(const mmad_job_t *j)
+{
+    return mma_flag_read(&j->conn->flags[j->slot].reached) >= j->seq;
+}
+
+/* Take the intake list and act on it. Returns how many items. */
+static int take_intake(mmad_engine_t *e)
+{
+    pthread_mutex_lock(&e->lock);
+    intake_t *it = e->in_head;
+    e->in_head = e->in_tail = NULL;
+    pthread_mutex_unlock(&e->lock);
+    int n = 0;
+    while (it) {
+        intake_t *next = it->next;
+        if (it->kind == 0) {
+            mmad_job_t *j = it->ptr;
+            if (atomic_load(&j->conn->closed) || e->stop) {
+                mmad_job_complete(j, MMA_ERR_CANCELLED);
+            } else {
+                j->runnable = slot_reached(j);
+                if (!j->runnable)
+                    e->waiting_reached++;
+                mmad_sched_add(&e->sched, j);
+            }
+        } else {
+            mmad_conn_t *c = it->ptr;
+            for (mmad_job_t *j = e->sched.jobs; j; j = j->next)
+                if (j->conn == c && !j->runnable) {
+                    j->runnable = 1; /* nothing more will be carved from it */
+                    e->waiting_reached--;
+                }
+            mmad_job_t *done = mmad_sched_cancel_conn(&e->sched, c);
+            while (done) {
+                mmad_job_t *nx = done->next;
+                mmad_job_complete(done, done->status);
+                done = nx;
+            }
+            mmad_conn_unref(c);
+        }
+        free(it);
+        it = next;
+        n++;
+    }
+    return n;
+}
+
+static int check_reached(mmad_engine_t *e)
+{
+    int n = 0;
+    for (mmad_job_t *j = e->sched.jobs; j && e->waiting_reached > 0; j = j->next)
+        if (!j->runnable && slot_reached(j)) {
+            j->runnable = 1;
+            e->waiting_reached--;
+            n++;
+        }
+    return n;
+}
+
+static int reap(mmad_engine_t *e)
+{
+    mmad_chunk_t *done[64];
+    int total = 0, n;
+    while ((n = e->be->ops->poll(e->be, done, 64)) > 0) {
+        for (int i = 0; i < n; i++) {
+            mmad_job_t *j = mmad_sched_chunk_done(&e->sched, done[i]);
+            if (j)
+                mmad_job_complete(j, j->status);
+        }
+        total += n;
+    }
+    return total;
+}
+
+static void cancel_all(mmad_engine_t *e)
+{
+    for (mmad_job_t *j = e->sched.jobs; j; j = j->next) {
+        if (j->status == MMA_OK)
+            j->status = MMA_ERR_CANCELLED;
+        if (!j->runnable) {
+            j->runnable = 1;
+            e->waiting_reached--;
+        }
+    }
+    /* Jobs with nothing in flight finish now. */
+    mmad_job_t *j = e->sched.jobs;
+    while (j) {
+        mmad_job_t *next = j->next;
+        if (j->inflight == 0) {
+            mmad_job_t *got = mmad_sched_cancel_conn(&e->sched, j->conn);
+            while (got) {
+                mmad_job_t *nx = got->next;
+                mmad_job_complete(got, got->status);
+                got = nx;
+            }
+            next = e->sched.jobs; /* the list changed: start over */
+        }
+        j = next;
+    }
+}
+
+static void wait_for_work(mmad_engine_t *e, uint64_t timeout_ns)
+{
+    pthread_mutex_lock(&e->lock);
+    if (!e->kicked && !e->in_head) {
+        if (timeout_ns == 0) {
+            pthread_cond_wait(&e->cond, &e->lock);
+        } else {
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            uint64_t ns = (uint64_t)ts.tv_nsec + timeout_ns;
+            ts.tv_sec += (time_t)(ns / 1000000000ull);
+            ts.tv_nsec = (long)(ns % 1000000000ull);
+            pthread_cond_timedwait(&e->cond, &e->lock, &ts);
+        }
+    }
+    e->kicked = 0;
+    pthread_mutex_unlock(&e->lock);
+}
+
+static void *engine_main(void *arg)
+{
+    mmad_engine_t *e = arg;
+    uint64_t backoff = 0;
+    for (;;) {
+        int progress = take_intake(e);
+        pthread_mutex_lock(&e->lock);
+        int stopping = e->stop;
+        pthread_mutex_unlock(&e->lock);
+        if (stopping)
+            cancel_all(e);
+        progress += check_reached(e);
+        progress += mmad_sched_fill(&e->sched);
+        progress += reap(e);
+        if (stopping && !e->sched.jobs && e->sched.chunks_inflight == 0)
+            break;
+        if (progress) {
+            backoff = 0;
+            continue;
+        }
+        if (!e->sched.jobs && e->sched.chunks_inflight == 0) {
+            wait_for_work(e, 0); /* idle: sleep until a job or a stop */
+            backoff = 0;
+        } else if (e->be->event_driven && e->waiting_reached == 0) {
+            wait_for_work(e, 50 * 1000000ull); /* the backend wakes us */
+        } else {
+            /* Polling the GPU or a `reached` flag: back off from 1 us to
+             * 20 us, so a long copy costs a fraction of a core. */
+            backoff = backoff ? backoff * 2 : 1000;
+            if (backoff > 20000)
+                backoff = 20000;
+            wait_for_work(e, backoff);
+        }
+    }
+    return NULL;
+}
+
+int mmad_engine_start(mmad_backend_t *be, const mmad_config_t *cfg, mmad_engine_t **out)
+{
+    mmad_engine_t *e = calloc(1, sizeof *e);
+    if (!e)
+        return MMA_ERR_NOMEM;
+    e->be = be;
+    int rc = mmad_sched_init(&e->sched, be, cfg);
+    if (rc != MMA_OK) {
+        free(e);
+        return rc;
+    }
+    pthread_mutex_init(&e->lock, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&e->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    be->wake = engine_wake;
+    be->wake_arg = e;
+    int err = pthread_create(&e->thread, NULL, engine_main, e);
+    if (err) {
+        MMA_ERROR("cannot start the engine thread: %s", strerror(err));
+        mmad_sched_destroy(&e->sched);
+        free(e);
+        return MMA_ERR_SYSTEM;
+    }
+    *out = e;
+    return MMA_OK;
+}
+
+void mmad_engine_stop(mmad_engine_t *e)
+{
+    if (!e)
+        return;
+    pthread_mutex_lock(&e->lock);
+    e->stop = 1;
+    e->kicked = 1;
+    pthread_cond_signal(&e->cond);
+    pthread_mutex_unlock(&e->lock);
+    pthread_join(e->thread, NULL);
+    take_intake(e); /* anything handed over after the thread left */
+    e->be->wake = NULL;
+    mmad_sched_destroy(&e->sched);
+    pthread_mutex_destroy(&e->lock);
+    pthread_cond_destroy(&e->cond);
+    free(e);
+}

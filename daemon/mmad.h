@@ -1,0 +1,162 @@
+/* mmad's internal types, shared by its subsystems:
+ *   server.c  (socket, clients, request validation) -> engine.c (jobs)
+ *   sched.c   (chunks, path queues)                 -> backend (copies)
+ * Nothing here is visible to clients; proto/mma.proto is their contract. */
+#ifndef MMAD_H
+#define MMAD_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/types.h>
+
+#include "flagpage.h"
+
+#define MMAD_MAX_GPUS 16
+#define MMAD_MAX_SEGMENTS 65536
+
+enum { MMA_DIR_H2D = 0, MMA_DIR_D2H = 1 };
+
+/* ---- configuration (config.c: one table of every option) ---- */
+typedef struct mmad_config {
+    char socket_path[108];
+    char backend[16];       /* auto | cuda | sim */
+    char sim_preset[32];    /* 4gpu | 8gpu-2socket */
+    int sim_gpus;           /* 0: the preset's */
+    double sim_scale;       /* simulated rates are multiplied by this */
+    uint64_t chunk_size;    /* largest micro-transfer */
+    uint64_t min_chunk;     /* smallest split of a large copy */
+    int staging_slots;      /* staging buffers per GPU, each chunk_size */
+    int path_depth;         /* chunks in flight per path */
+    int64_t bypass_threshold; /* -1: measured/derived at start */
+    int max_paths;          /* 0: all */
+    int max_clients;
+    int flag_slots_max;
+    char log_level[16];
+    int sim_fail_via;       /* fault injection: relays through this GPU fail (-1 none) */
+} mmad_config_t;
+
+void mmad_config_defaults(mmad_config_t *cfg);
+/* Parse argv; returns 0, 1 when --help/--version printed, or <0 on error
+ * (the message already printed). */
+int mmad_config_parse(mmad_config_t *cfg, int argc, char **argv);
+void mmad_config_usage(FILE *out);
+
+/* ---- regions (regions.c) ---- */
+typedef enum { MMAD_REGION_HOST = 0, MMAD_REGION_DEVICE = 1 } mmad_region_kind_t;
+
+struct mmad_backend;
+
+typedef struct mmad_region {
+    _Atomic int refs;
+    uint32_t id;
+    mmad_region_kind_t kind;
+    int gpu;             /* device regions */
+    uint64_t size;
+    char *base;          /* daemon-visible address of byte 0 (host or device) */
+    void *map;           /* memfd mapping, when there is one */
+    size_t map_len;
+    void *be_priv;       /* the backend's handle (IPC mapping, registration) */
+    struct mmad_backend *be;
+    struct mmad_region *next; /* in its client's registry */
+} mmad_region_t;
+
+/* A client connection as the engine sees it; server.c keeps the socket side. */
+typedef struct mmad_conn {
+    _Atomic int refs;
+    uint32_t id;
+    pid_t pid;
+    uid_t uid;
+    char name[64];
+    mma_flag_slot_t *flags;
+    uint32_t nslots;
+    size_t flags_len;
+    mmad_region_t *regions; /* registry; loop thread only */
+    uint32_t next_region_id;
+    _Atomic int closed;
+    _Atomic int inflight;   /* jobs not yet completed */
+    _Atomic uint64_t copies;
+    _Atomic uint64_t bytes;
+} mmad_conn_t;
+
+void mmad_region_ref(mmad_region_t *r);
+void mmad_region_unref(mmad_region_t *r);
+void mmad_conn_ref(mmad_conn_t *c);
+void mmad_conn_unref(mmad_conn_t *c);
+
+/* Map a memfd of at least `size` bytes; the fd is consumed (closed). */
+int mmad_region_new_mapped(struct mmad_backend *be, mmad_region_kind_t kind, int gpu, int fd,
+                           uint64_t size, mmad_region_t **out);
+/* A device region opened by the backend from a cudaIpc handle. */
+int mmad_region_new_ipc(struct mmad_backend *be, int gpu, const uint8_t *handle, size_t handle_len,
+                        uint64_t offset, uint64_t size, mmad_region_t **out);
+/* Registry of one client: add (takes the creator's reference), find, remove. */
+void mmad_registry_add(mmad_conn_t *c, mmad_region_t *r);
+mmad_region_t *mmad_registry_find(mmad_conn_t *c, uint32_t id);
+int mmad_registry_remove(mmad_conn_t *c, uint32_t id);
+void mmad_registry_clear(mmad_conn_t *c);
+
+/* ---- jobs and chunks (sched.c) ---- */
+typedef struct mmad_seg {
+    char *host;
+    char *dev;
+    uint64_t len;
+} mmad_seg_t;
+
+typedef struct mmad_job {
+    mmad_conn_t *conn;       /* holds a reference */
+    uint32_t slot;
+    uint64_t seq;
+    int dir;
+    int target;
+    int priority;            /* 0 bulk, 1 latency */
+    int max_paths;
+    mmad_seg_t *segs;
+    size_t nsegs;
+    mmad_region_t **refs;    /* regions the job keeps alive */
+    size_t nrefs;
+    /* carving cursor */
+    size_t cur_seg;
+    uint64_t cur_off;
+    uint64_t total;
+    uint64_t issued;
+    uint64_t landed;
+    uint64_t chunk_len;      /* this job's micro-transfer size */
+    int inflight;            /* chunks on a path now */
+    int status;
+    int runnable;            /* its slot showed `reached` */
+    uint64_t t_queued;
+    struct mmad_job *next;
+} mmad_job_t;
+
+typedef struct mmad_chunk {
+    mmad_job_t *job;
+    int target, via, dir;
+    char *host;
+    char *dev;
+    uint64_t len;
+    int status;
+    uint64_t t_issue;
+    /* backend's own bookkeeping */
+    int stage;
+    int staging;
+    void *be_priv;
+    struct mmad_chunk *next;
+} mmad_chunk_t;
+
+/* Validate a resolved job's shape; builds segs from (region, offset) pairs.
+ * Lives in server.c's caller path but is pure, so tests call it directly. */
+void mmad_job_free(mmad_job_t *job);
+
+/* ---- backend (backend.h) and topology ---- */
+typedef struct mmad_gpu {
+    int index;
+    char name[64];
+    char pci_bus_id[32];
+    int numa_node;
+    int socket;
+    uint64_t memory;
+} mmad_gpu_t;
+
+#endif

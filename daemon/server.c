@@ -1,0 +1,689 @@
+#define _GNU_SOURCE
+#include "server.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include <uv.h>
+#ifdef MMA_HAVE_SYSTEMD
+#include <systemd/sd-daemon.h>
+#endif
+
+#include "log.h"
+#include "mma.h"
+#include "request.h"
+#include "util.h"
+#include "wire.h"
+
+#define MSGS_PER_WAKE 64 /* bounded work per wake-up, so one client can't starve the rest */
+
+typedef struct srv_client {
+    uv_poll_t poll;
+    int fd;
+    int hello_done;
+    mmad_conn_t *conn;
+    struct mmad_server *srv;
+    struct srv_client *next;
+} srv_client_t;
+
+struct mmad_server {
+    const mmad_config_t *cfg;
+    mmad_backend_t *be;
+    mmad_engine_t *engine;
+    uv_loop_t loop;
+    uv_poll_t listen_poll;
+    uv_signal_t sigint, sigterm;
+    int listen_fd;
+    srv_client_t *clients;
+    int nclients;
+    uint32_t next_id;
+    uint64_t start_ns;
+    int stopping;
+    uint8_t *rxbuf;
+};
+
+static void notify(const char *state)
+{
+#ifdef MMA_HAVE_SYSTEMD
+    if (getenv("NOTIFY_SOCKET"))
+        sd_notify(0, state);
+#else
+    (void)state;
+#endif
+}
+
+static int send_resp(srv_client_t *cl, Mma__Response *resp)
+{
+    int rc = mma_wire_send(cl->fd, &resp->base, NULL, 0);
+    if (rc != MMA_OK)
+        MMA_DEBUG("client %u: reply not sent: %s", cl->conn->id, mma_strerror(rc));
+    return rc;
+}
+
+static void reply_error(srv_client_t *cl, const Mma__Request *req, int status, const char *msg)
+{
+    Mma__Response resp = MMA__RESPONSE__INIT;
+    resp.type = req ? req->type : MMA__REQ_TYPE__REQ_UNKNOWN;
+    resp.has_id = req && req->has_id;
+    resp.id = req ? req->id : 0;
+    resp.status = status;
+    resp.error = (char *)msg;
+    send_resp(cl, &resp);
+}
+
+static void on_client_closed(uv_handle_t *h)
+{
+    srv_client_t *cl = h->data;
+    mmad_server_t *s = cl->srv;
+    close(cl->fd);
+    for (srv_client_t **p = &s->clients; *p; p = &(*p)->next)
+        if (*p == cl) {
+            *p = cl->next;
+            break;
+        }
+    s->nclients--;
+    mmad_conn_t *conn = cl->conn;
+    atomic_store(&conn->closed, 1);
+    /* Unregister now; regions a copy still uses stay mapped until it lands. */
+    mmad_registry_clear(conn);
+    MMA_INFO("client %u (pid %d) disconnected", conn->id, (int)conn->pid);
+    mmad_engine_conn_closed(s->engine, conn); /* hands our reference over */
+    free(cl);
+}
+
+static void client_close(srv_client_t *cl)
+{
+    if (uv_is_closing((uv_handle_t *)&cl->poll))
+        return;
+    uv_poll_stop(&cl->poll);
+    uv_close((uv_handle_t *)&cl->poll, on_client_closed);
+}
+
+/* ---- handlers: one per request type ---- */
+
+static void handle_hello(srv_client_t *cl, const Mma__Request *req, int *fds, int nfds)
+{
+    mmad_server_t *s = cl->srv;
+    const Mma__Hello *h = req->hello;
+    char msg[160];
+    if (!h) {
+        reply_error(cl, req, MMA_ERR_PROTO, "HELLO without its body");
+        return;
+    }
+    if (cl->hello_done) {
+        reply_error(cl, req, MMA_ERR_PROTO, "HELLO sent twice");
+        return;
+    }
+    if (h->api_version != MMA_API_VERSION) {
+        snprintf(msg, sizeof msg, "client speaks API %u, this mmad speaks API %d", h->api_version,
+                 MMA_API_VERSION);
+        MMA_WARN("client %u (pid %d): %s", cl->conn->id, (int)cl->conn->pid, msg);
+        reply_error(cl, req, MMA_ERR_VERSION, msg);
+        return;
+    }
+    uint32_t slots = h->has_flag_slots ? h->flag_slots : 0;
+    if (slots > MMA_FLAG_SLOTS_MAX || (slots > 0 && nfds != 1)) {
+        reply_error(cl, req, MMA_ERR_INVAL, "flag page: need one memfd and at most 65536 slots");
+        return;
+    }
+    if (slots > 0) {
+        size_t len = (size_t)slots * sizeof(mma_flag_slot_t);
+        struct stat st;
+        if (fstat(fds[0], &st) != 0 || (size_t)st.st_size < len) {
+            reply_error(cl, req, MMA_ERR_INVAL, "flag page memfd is smaller than its slots");
+            return;
+        }
+        void *map = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
+        if (map == MAP_FAILED) {
+            reply_error(cl, req, MMA_ERR_SYSTEM, "cannot map the flag page");
+            return;
+        }
+        cl->conn->flags = map;
+        cl->conn->flags_len = len;
+        cl->conn->nslots = slots;
+    }
+    if (h->name)
+        snprintf(cl->conn->name, sizeof cl->conn->name, "%s", h->name);
+    cl->hello_done = 1;
+    Mma__HelloReply hr = MMA__HELLO_REPLY__INIT;
+    hr.daemon_version = MMA_VERSION_NUM;
+    hr.api_version = MMA_API_VERSION;
+    hr.has_features = 1;
+    hr.features = MMA_FEATURE_SCATTER_GATHER | MMA_FEATURE_PRIORITY |
+                  (s->be->simulated ? 0 : MMA_FEATURE_STREAM_ORDER);
+    hr.backend = (char *)s->be->ops->name;
+    hr.has_gpu_count = 1;
+    hr.gpu_count = (uint32_t)s->be->gpu_count;
+    hr.has_simulated = 1;
+    hr.simulated = s->be->simulated;
+    hr.has_bypass_threshold = 1;
+    hr.bypass_threshold = s->cfg->bypass_threshold >= 0 ? (uint64_t)s->cfg->bypass_threshold
+                                                        : (uint64_t)s->be->bypass_threshold;
+    Mma__Response resp = MMA__RESPONSE__INIT;
+    resp.type = req->type;
+    resp.has_id = req->has_id;
+    resp.id = req->id;
+    resp.status = MMA_OK;
+    resp.hello = &hr;
+    MMA_INFO("client %u: pid %d uid %u '%s', %u flag slots", cl->conn->id, (int)cl->conn->pid,
+             (unsigned)cl->conn->uid, cl->conn->name, slots);
+    send_resp(cl, &resp);
+}
+
+static void reply_region(srv_client_t *cl, const Mma__Request *req, mmad_region_t *r)
+{
+    mmad_registry_add(cl->conn, r);
+    Mma__RegisterReply rr = MMA__REGISTER_REPLY__INIT;
+    rr.region_id = r->id;
+    Mma__Response resp = MMA__RESPONSE__INIT;
+    resp.type = req->type;
+    resp.has_id = req->has_id;
+    resp.id = req->id;
+    resp.status = MMA_OK;
+    resp.register_ = &rr;
+    send_resp(cl, &resp);
+}
+
+static void handle_register(srv_client_t *cl, const Mma__Request *req, int *fds, int *nfds)
+{
+    mmad_server_t *s = cl->srv;
+    mmad_region_t *r = NULL;
+    int rc;
+    char msg[160];
+    if (req->type == MMA__REQ_TYPE__REGISTER_HOST) {
+        if (!req->register_host || *nfds != 1) {
+            reply_error(cl, req, MMA_ERR_INVAL, "REGISTER_HOST needs its size and one memfd");
+            return;
+        }
+        rc = mmad_region_new_mapped(s->be, MMAD_REGION_HOST, -1, fds[0], req->register_host->size, &r);
+        *nfds = 0; /* consumed */
+    } else {
+        const Mma__RegisterDevice *d = req->register_device;
+        if (!d) {
+            reply_error(cl, req, MMA_ERR_INVAL, "REGISTER_DEVICE without its body");
+            return;
+        }
+        if (d->gpu >= (uint32_t)s->be->gpu_count) {
+            snprintf(msg, sizeof msg, "gpu %u does not exist (this box has %d)", d->gpu, s->be->gpu_count);
+            reply_error(cl, req, MMA_ERR_NO_GPU, msg);
+            return;
+        }
+        if (*nfds == 1) {
+            if (!s->be->simulated) {
+                reply_error(cl, req, MMA_ERR_UNSUPPORTED, "device memory as a memfd is for the simulated box");
+                return;
+            }
+            rc = mmad_region_new_mapped(s->be, MMAD_REGION_DEVICE, (int)d->gpu, fds[0], d->size, &r);
+            *nfds = 0;
+        } else if (d->has_ipc_handle) {
+            rc = mmad_region_new_ipc(s->be, (int)d->gpu, d->ipc_handle.data, d->ipc_handle.len,
+                                     d->has_ipc_offset ? d->ipc_offset : 0, d->size, &r);
+        } else {
+            reply_error(cl, req, MMA_ERR_INVAL, "REGISTER_DEVICE needs a cudaIpc handle (or a memfd when simulated)");
+            return;
+        }
+    }
+    if (rc != MMA_OK) {
+        snprintf(msg, sizeof msg, "registration failed: %s", mma_strerror(rc));
+        reply_error(cl, req, rc, msg);
+        return;
+    }
+    reply_region(cl, req, r);
+}
+
+static void handle_unregister(srv_client_t *cl, const Mma__Request *req)
+{
+    int rc = req->unregister ? mmad_registry_remove(cl->conn, req->unregister->region_id) : MMA_ERR_INVAL;
+    reply_error(cl, req, rc, rc == MMA_OK ? NULL : mma_strerror(rc));
+}
+
+static void handle_copy(srv_client_t *cl, const Mma__Request *req)
+{
+    mmad_server_t *s = cl->srv;
+    char msg[256];
+    mmad_job_t *job;
+    if (!req->copy) {
+        reply_error(cl, req, MMA_ERR_INVAL, "COPY without its body");
+        return;
+    }
+    int rc = mmad_request_build_job(cl->conn, req->copy, s->be->gpu_count, &job, msg, sizeof msg);
+    if (rc != MMA_OK) {
+        MMA_WARN("client %u (pid %d): copy refused: %s", cl->conn->id, (int)cl->conn->pid, msg);
+        if (req->copy->slot < cl->conn->nslots) {
+            /* The client's stream may already wait on this slot: complete it
+             * with the error so nothing waits forever. */
+            mma_flag_slot_t *fl = &cl->conn->flags[req->copy->slot];
+            atomic_store_explicit(&fl->status, rc, memory_order_relaxed);
+            atomic_store_explicit(&fl->done, req->copy->seq, memory_order_release);
+        }
+        reply_error(cl, req, rc, msg);
+        return;
+    }
+    atomic_fetch_add_explicit(&cl->conn->inflight, 1, memory_order_relaxed);
+    mmad_engine_submit(s->engine, job);
+}
+
+static uint64_t uptime_ms(mmad_server_t *s)
+{
+    return (mma_now_ns() - s->start_ns) / 1000000ull;
+}
+
+static void handle_status(srv_client_t *cl, const Mma__Request *req)
+{
+    mmad_server_t *s = cl->srv;
+    mmad_sched_t *sc = mmad_engine_sched(s->engine);
+    Mma__StatusReply st = MMA__STATUS_REPLY__INIT;
+    Mma__GpuInfo gi[MMAD_MAX_GPUS], *gp[MMAD_MAX_GPUS];
+    st.daemon_version = MMA_VERSION_NUM;
+    st.backend = (char *)s->be->ops->name;
+    st.has_simulated = 1;
+    st.simulated = s->be->simulated;
+    st.topology = s->be->topology;
+    for (int g = 0; g < s->be->gpu_count; g++) {
+        mma__gpu_info__init(&gi[g]);
+        gi[g].index = (uint32_t)g;
+        gi[g].name = s->be->gpus[g].name;
+        gi[g].pci_bus_id = s->be->gpus[g].pci_bus_id;
+        gi[g].has_numa_node = 1;
+        gi[g].numa_node = s->be->gpus[g].numa_node;
+        gi[g].has_memory = 1;
+        gi[g].memory = s->be->gpus[g].memory;
+        gp[g] = &gi[g];
+    }
+    st.n_gpus = (size_t)s->be->gpu_count;
+    st.gpus = gp;
+    st.has_uptime_ms = 1;
+    st.uptime_ms = uptime_ms(s);
+    st.has_clients = 1;
+    st.clients = (uint32_t)s->nclients;
+    pthread_mutex_lock(&sc->stats_lock);
+    st.has_jobs_done = st.has_bytes_done = 1;
+    st.jobs_done = sc->jobs_done;
+    st.bytes_done = sc->bytes_done;
+    pthread_mutex_unlock(&sc->stats_lock);
+    st.has_chunk_size = st.has_staging_slots = st.has_bypass_threshold = 1;
+    st.chunk_size = sc->chunk_size;
+    st.staging_slots = (uint32_t)sc->staging_slots;
+    st.bypass_threshold = s->cfg->bypass_threshold >= 0 ? (uint64_t)s->cfg->bypass_threshold
+                                                        : (uint64_t)s->be->bypass_threshold;
+    st.has_sim_scale = s->be->simulated;
+    st.sim_scale = s->be->sim_scale;
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    st.has_cpu_user_us = st.has_cpu_sys_us = st.has_pid = 1;
+    st.cpu_user_us = (uint64_t)ru.ru_utime.tv_sec * 1000000u + (uint64_t)ru.ru_utime.tv_usec;
+    st.cpu_sys_us = (uint64_t)ru.ru_stime.tv_sec * 1000000u + (uint64_t)ru.ru_stime.tv_usec;
+    st.pid = (uint32_t)getpid();
+    Mma__Response resp = MMA__RESPONSE__INIT;
+    resp.type = req->type;
+    resp.has_id = req->has_id;
+    resp.id = req->id;
+    resp.status = MMA_OK;
+    resp.status_reply = &st;
+    send_resp(cl, &resp);
+}
+
+static void handle_paths(srv_client_t *cl, const Mma__Request *req)
+{
+    mmad_server_t *s = cl->srv;
+    mmad_sched_t *sc = mmad_engine_sched(s->engine);
+    int n = s->be->gpu_count;
+    size_t cap = (size_t)n * (size_t)n * 2;
+    Mma__PathStat *ps = calloc(cap, sizeof *ps);
+    Mma__PathStat **pp = calloc(cap, sizeof *pp);
+    char(*notes)[48] = calloc(cap, 48);
+    if (!ps || !pp || !notes) {
+        reply_error(cl, req, MMA_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    size_t k = 0;
+    uint64_t now = mma_now_ns();
+    pthread_mutex_lock(&sc->stats_lock);
+    for (int t = 0; t < n; t++)
+        for (int v = 0; v < n; v++)
+            for (int d = 0; d < 2; d++) {
+                const mmad_path_stat_t *p = &sc->paths[t][v][d];
+                Mma__PathStat *o = &ps[k];
+                mma__path_stat__init(o);
+                o->target = (uint32_t)t;
+                o->via = (uint32_t)v;
+                o->dir = (uint32_t)d;
+                o->has_bytes = o->has_chunks = o->has_active_ns = o->has_inflight = 1;
+                o->has_depth = o->has_enabled = 1;
+                o->bytes = p->bytes;
+                o->chunks = p->chunks;
+                o->active_ns = p->active_ns + (p->inflight ? now - p->active_since : 0);
+                o->inflight = (uint32_t)p->inflight;
+                o->depth = (uint32_t)sc->path_depth;
+                o->enabled = p->enabled;
+                if (p->note[0]) {
+                    memcpy(notes[k], p->note, 48);
+                    o->note = notes[k];
+                }
+                pp[k] = o;
+                k++;
+            }
+    pthread_mutex_unlock(&sc->stats_lock);
+    Mma__PathsReply pr = MMA__PATHS_REPLY__INIT;
+    pr.n_paths = k;
+    pr.paths = pp;
+    Mma__Response resp = MMA__RESPONSE__INIT;
+    resp.type = req->type;
+    resp.has_id = req->has_id;
+    resp.id = req->id;
+    resp.status = MMA_OK;
+    resp.paths = &pr;
+    send_resp(cl, &resp);
+out:
+    free(ps);
+    free(pp);
+    free(notes);
+}
+
+static void handle_clients(srv_client_t *cl, const Mma__Request *req)
+{
+    mmad_server_t *s = cl->srv;
+    size_t cap = (size_t)s->nclients;
+    Mma__ClientInfo *ci = calloc(cap ? cap : 1, sizeof *ci);
+    Mma__ClientInfo **cp = calloc(cap ? cap : 1, sizeof *cp);
+    if (!ci || !cp) {
+        reply_error(cl, req, MMA_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    size_t k = 0;
+    for (srv_client_t *c = s->clients; c && k < cap; c = c->next) {
+        mmad_conn_t *cn = c->conn;
+        Mma__ClientInfo *o = &ci[k];
+        mma__client_info__init(o);
+        o->id = cn->id;
+        o->has_pid = o->has_uid = o->has_regions = o->has_region_bytes = 1;
+        o->has_inflight = o->has_copies = o->has_bytes = 1;
+        o->pid = cn->pid;
+        o->uid = cn->uid;
+        o->name = cn->name;
+        for (mmad_region_t *r = cn->regions; r; r = r->next) {
+            o->regions++;
+            o->region_bytes += r->size;
+        }
+        o->inflight = (uint32_t)atomic_load(&cn->inflight);
+        o->copies = atomic_load(&cn->copies);
+        o->bytes = atomic_load(&cn->bytes);
+        cp[k++] = o;
+    }
+    Mma__ClientsReply cr = MMA__CLIENTS_REPLY__INIT;
+    cr.n_clients = k;
+    cr.clients = cp;
+    Mma__Response resp = MMA__RESPONSE__INIT;
+    resp.type = req->type;
+    resp.has_id = req->has_id;
+    resp.id = req->id;
+    resp.status = MMA_OK;
+    resp.clients = &cr;
+    send_resp(cl, &resp);
+out:
+    free(ci);
+    free(cp);
+}
+
+static void dispatch(srv_client_t *cl, const Mma__Request *req, int *fds, int *nfds)
+{
+    if (!cl->hello_done && req->type != MMA__REQ_TYPE__HELLO) {
+        reply_error(cl, req, MMA_ERR_PROTO, "the first message must be HELLO");
+        return;
+    }
+    switch (req->type) {
+    case MMA__REQ_TYPE__HELLO:
+        handle_hello(cl, req, fds, *nfds);
+        break;
+    case MMA__REQ_TYPE__REGISTER_HOST:
+    case MMA__REQ_TYPE__REGISTER_DEVICE:
+        handle_register(cl, req, fds, nfds);
+        break;
+    case MMA__REQ_TYPE__UNREGISTER:
+        handle_unregister(cl, req);
+        break;
+    case MMA__REQ_TYPE__COPY:
+        handle_copy(cl, req);
+        break;
+    case MMA__REQ_TYPE__STATUS:
+        handle_status(cl, req);
+        break;
+    case MMA__REQ_TYPE__PATHS:
+        handle_paths(cl, req);
+        break;
+    case MMA__REQ_TYPE__CLIENTS:
+        handle_clients(cl, req);
+        break;
+    default:
+        reply_error(cl, req, MMA_ERR_UNSUPPORTED, "unknown request type");
+        break;
+    }
+}
+
+static void on_client_io(uv_poll_t *h, int status, int events)
+{
+    srv_client_t *cl = h->data;
+    mmad_server_t *s = cl->srv;
+    if (status < 0) {
+        client_close(cl);
+        return;
+    }
+    for (int i = 0; i < MSGS_PER_WAKE; i++) {
+        size_t len = 0;
+        int fds[MMA_WIRE_MAX_FDS], nfds = 0;
+        int rc = mma_wire_recv(cl->fd, s->rxbuf, MMA_WIRE_MAX_MSG, &len, fds, &nfds);
+        if (rc == MMA_PENDING)
+            break;
+        if (rc == MMA_ERR_PROTO) {
+            reply_error(cl, NULL, MMA_ERR_PROTO, "datagram too large");
+            continue;
+        }
+        if (rc != MMA_OK) {
+            client_close(cl);
+            return;
+        }
+        Mma__Request *req = mma__request__unpack(NULL, len, s->rxbuf);
+        if (!req) {
+            MMA_WARN("client %u: undecodable request (%zu bytes)", cl->conn->id, len);
+            reply_error(cl, NULL, MMA_ERR_PROTO, "undecodable request");
+        } else {
+            dispatch(cl, req, fds, &nfds);
+            mma__request__free_unpacked(req, NULL);
+        }
+        for (int k = 0; k < nfds; k++)
+            close(fds[k]); /* fds a handler did not take */
+    }
+    if (events & UV_DISCONNECT)
+        client_close(cl);
+}
+
+static void on_accept(uv_poll_t *h, int status, int events)
+{
+    (void)events;
+    mmad_server_t *s = h->data;
+    if (status < 0)
+        return;
+    for (;;) {
+        int fd = accept4(s->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+                MMA_WARN("accept: %s", strerror(errno));
+            return;
+        }
+        if (s->nclients >= s->cfg->max_clients || s->stopping) {
+            MMA_WARN("refusing a connection: %d clients already (--max-clients)", s->nclients);
+            close(fd);
+            continue;
+        }
+        srv_client_t *cl = calloc(1, sizeof *cl);
+        mmad_conn_t *conn = calloc(1, sizeof *conn);
+        if (!cl || !conn) {
+            free(cl);
+            free(conn);
+            close(fd);
+            continue;
+        }
+        atomic_init(&conn->refs, 1);
+        conn->id = ++s->next_id;
+        struct ucred cred;
+        socklen_t clen = sizeof cred;
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) == 0) {
+            conn->pid = cred.pid;
+            conn->uid = cred.uid;
+        }
+        cl->fd = fd;
+        cl->conn = conn;
+        cl->srv = s;
+        cl->poll.data = cl;
+        if (uv_poll_init(&s->loop, &cl->poll, fd) != 0) {
+            close(fd);
+            free(conn);
+            free(cl);
+            continue;
+        }
+        cl->next = s->clients;
+        s->clients = cl;
+        s->nclients++;
+        uv_poll_start(&cl->poll, UV_READABLE | UV_DISCONNECT, on_client_io);
+    }
+}
+
+static void stop_serving(mmad_server_t *s)
+{
+    if (s->stopping)
+        return;
+    s->stopping = 1;
+    notify("STOPPING=1");
+    MMA_INFO("shutting down: closing %d clients", s->nclients);
+    uv_close((uv_handle_t *)&s->listen_poll, NULL);
+    uv_close((uv_handle_t *)&s->sigint, NULL);
+    uv_close((uv_handle_t *)&s->sigterm, NULL);
+    for (srv_client_t *c = s->clients; c; c = c->next)
+        client_close(c);
+}
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+    MMA_INFO("signal %d", signum);
+    stop_serving(h->data);
+}
+
+static int bind_socket(const char *path)
+{
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof addr.sun_path) {
+        MMA_ERROR("socket path too long: %s", path);
+        return -1;
+    }
+    strcpy(addr.sun_path, path);
+    /* Make the parent directory (e.g. /run/mma) if it is missing. */
+    char dir[sizeof addr.sun_path];
+    strcpy(dir, path);
+    char *slash = strrchr(dir, '/');
+    if (slash && slash != dir) {
+        *slash = 0;
+        mkdir(dir, 0755);
+    }
+    int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        MMA_ERROR("socket: %s", strerror(errno));
+        return -1;
+    }
+    if (bind(fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
+        if (errno != EADDRINUSE) {
+            MMA_ERROR("bind %s: %s", path, strerror(errno));
+            close(fd);
+            return -1;
+        }
+        /* Someone's socket file: a live daemon, or a stale file? */
+        int probe = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+        int live = probe >= 0 && connect(probe, (struct sockaddr *)&addr, sizeof addr) == 0;
+        if (probe >= 0)
+            close(probe);
+        if (live) {
+            MMA_ERROR("another mmad is serving %s", path);
+            close(fd);
+            return -1;
+        }
+        unlink(path);
+        if (bind(fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
+            MMA_ERROR("bind %s: %s", path, strerror(errno));
+            close(fd);
+            return -1;
+        }
+    }
+    chmod(path, 0666);
+    if (listen(fd, 128) != 0) {
+        MMA_ERROR("listen %s: %s", path, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+int mmad_server_create(const mmad_config_t *cfg, mmad_backend_t *be, mmad_engine_t *engine, mmad_server_t **out)
+{
+    mmad_server_t *s = calloc(1, sizeof *s);
+    if (!s)
+        return MMA_ERR_NOMEM;
+    s->cfg = cfg;
+    s->be = be;
+    s->engine = engine;
+    s->start_ns = mma_now_ns();
+    s->rxbuf = malloc(MMA_WIRE_MAX_MSG);
+    if (!s->rxbuf) {
+        free(s);
+        return MMA_ERR_NOMEM;
+    }
+    s->listen_fd = bind_socket(cfg->socket_path);
+    if (s->listen_fd < 0) {
+        free(s->rxbuf);
+        free(s);
+        return MMA_ERR_SYSTEM;
+    }
+    uv_loop_init(&s->loop);
+    uv_poll_init(&s->loop, &s->listen_poll, s->listen_fd);
+    s->listen_poll.data = s;
+    uv_poll_start(&s->listen_poll, UV_READABLE, on_accept);
+    uv_signal_init(&s->loop, &s->sigint);
+    uv_signal_init(&s->loop, &s->sigterm);
+    s->sigint.data = s->sigterm.data = s;
+    uv_signal_start(&s->sigint, on_signal, SIGINT);
+    uv_signal_start(&s->sigterm, on_signal, SIGTERM);
+    *out = s;
+    return MMA_OK;
+}
+
+int mmad_server_run(mmad_server_t *s)
+{
+    char st[256];
+    snprintf(st, sizeof st, "READY=1\nSTATUS=serving %s on %s (%d GPUs%s)", s->cfg->socket_path,
+             s->be->ops->name, s->be->gpu_count, s->be->simulated ? ", simulated" : "");
+    notify(st);
+    MMA_INFO("serving %s", s->cfg->socket_path);
+    uv_run(&s->loop, UV_RUN_DEFAULT);
+    return MMA_OK;
+}
+
+void mmad_server_destroy(mmad_server_t *s)
+{
+    if (!s)
+        return;
+    if (!s->stopping) {
+        stop_serving(s);
+        uv_run(&s->loop, UV_RUN_DEFAULT);
+    }
+    int rc = uv_loop_close(&s->loop);
+    if (rc != 0)
+        MMA_WARN("libuv loop did not close cleanly: %s", uv_strerror(rc));
+    close(s->listen_fd);
+    unlink(s->cfg->socket_path);
+    free(s->rxbuf);
+    free(s);
+}
