@@ -1,0 +1,383 @@
+/* mma-bench: native cudaMemcpyAsync against mmad, in one run on one box.
+ *
+ *   mma-bench [--socket S] [--gpu T] [--dir h2d|d2h|both] [--min 4K] [--max 4G]
+ *             [--paths-at 1G] [--lat-reps N] [--csv FILE] [--quick]
+ *
+ * Sections: the box ceiling (every GPU copying into its own memory at once,
+ * natively), then per size native vs mma (all paths) with the speedup, then
+ * 1..N paths at one size, then small-copy latency (p50/p99) native vs mma,
+ * and the daemon's CPU use while it sustained the large copies. Every mma
+ * copy of the largest size is checked byte for byte on a round trip.
+ * Needs real GPUs (a simulated mmad has no native side to compare with). */
+#define _GNU_SOURCE
+#include <cuda_runtime_api.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "mma.h"
+
+#define CK(call)                                                                          \
+    do {                                                                                  \
+        cudaError_t e_ = (call);                                                          \
+        if (e_ != cudaSuccess) {                                                          \
+            fprintf(stderr, "mma-bench: %s: %s\n", #call, cudaGetErrorString(e_));       \
+            exit(1);                                                                      \
+        }                                                                                 \
+    } while (0)
+#define MK(call)                                                                          \
+    do {                                                                                  \
+        int r_ = (call);                                                                  \
+        if (r_ != MMA_OK) {                                                               \
+            fprintf(stderr, "mma-bench: %s: %s\n", #call, mma_strerror(r_));             \
+            exit(1);                                                                      \
+        }                                                                                 \
+    } while (0)
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static size_t parse_size(const char *s)
+{
+    char *e;
+    double v = strtod(s, &e);
+    switch (*e) {
+    case 'k': case 'K': v *= 1024; break;
+    case 'm': case 'M': v *= 1024 * 1024; break;
+    case 'g': case 'G': v *= 1024.0 * 1024 * 1024; break;
+    default: break;
+    }
+    return (size_t)v;
+}
+
+static void human(size_t n, char *out, size_t len)
+{
+    if (n >= (1ull << 30))
+        snprintf(out, len, "%zuG", n >> 30);
+    else if (n >= (1u << 20))
+        snprintf(out, len, "%zuM", n >> 20);
+    else
+        snprintf(out, len, "%zuK", n >> 10);
+}
+
+static int cmp_d(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double pct(double *v, int n, double p)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_d);
+    int i = (int)(p * (n - 1) + 0.5);
+    return v[i];
+}
+
+typedef struct ctx {
+    mma_client_t *c;
+    int gpu, ngpu;
+    cudaStream_t stream;
+    char *host, *dev, *back;
+    size_t cap;
+    FILE *csv;
+    const char *card;
+} ctx_t;
+
+static int reps_for(size_t n)
+{
+    return n <= (1u << 20) ? 200 : n <= (64u << 20) ? 20 : n <= (1u << 30) ? 7 : 4;
+}
+
+/* Median seconds of one copy. mode 0 native, 1 mma host-ordered, 2 mma on a stream. */
+static double time_copy(ctx_t *x, int dir, size_t n, int mode, int paths, double *samples, int reps)
+{
+    void *dst = dir == 0 ? (void *)x->dev : (void *)x->back;
+    const void *src = dir == 0 ? (const void *)x->host : (const void *)x->dev;
+    double *t = samples;
+    for (int r = -1; r < reps; r++) { /* r = -1: warm-up */
+        double t0 = now_s();
+        if (mode == 0) {
+            CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDefault, x->stream));
+            CK(cudaStreamSynchronize(x->stream));
+        } else {
+            mma_segment_t s = {dst, src, n};
+            mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS, .max_paths = paths};
+            mma_copy_t tk;
+            if (mode == 1) {
+                MK(mma_memcpy_sg_async(x->c, &s, 1, NULL, &o, &tk));
+                MK(mma_wait(x->c, tk));
+            } else {
+                MK(mma_memcpy_sg_async(x->c, &s, 1, (mma_stream_t)x->stream, &o, &tk));
+                CK(cudaStreamSynchronize(x->stream));
+                MK(mma_query(x->c, tk));
+            }
+        }
+        if (r >= 0)
+            t[r] = now_s() - t0;
+    }
+    return pct(t, reps, 0.5);
+}
+
+/* The box ceiling: every GPU copies into its own memory at once. */
+static double ceiling(ctx_t *x, int dir, size_t per_gpu)
+{
+    int n = x->ngpu;
+    char *h[16], *d[16];
+    cudaStream_t st[16];
+    for (int g = 0; g < n; g++) {
+        CK(cudaSetDevice(g));
+        CK(cudaMalloc((void **)&d[g], per_gpu));
+        CK(cudaStreamCreateWithFlags(&st[g], cudaStreamNonBlocking));
+        MK(mma_host_alloc(x->c, per_gpu, (void **)&h[g])); /* pinned, like the client's */
+        memset(h[g], g + 1, per_gpu);
+    }
+    double best = 0;
+    for (int r = 0; r < 5; r++) {
+        for (int g = 0; g < n; g++)
+            CK(cudaStreamSynchronize(st[g]));
+        double t0 = now_s();
+        for (int g = 0; g < n; g++) {
+            CK(cudaSetDevice(g));
+            if (dir == 0)
+                CK(cudaMemcpyAsync(d[g], h[g], per_gpu, cudaMemcpyHostToDevice, st[g]));
+            else
+                CK(cudaMemcpyAsync(h[g], d[g], per_gpu, cudaMemcpyDeviceToHost, st[g]));
+        }
+        for (int g = 0; g < n; g++)
+            CK(cudaStreamSynchronize(st[g]));
+        double gbps = (double)per_gpu * n / (now_s() - t0) / 1e9;
+        if (r > 0 && gbps > best) /* r = 0 warms up */
+            best = gbps;
+    }
+    for (int g = 0; g < n; g++) {
+        CK(cudaSetDevice(g));
+        CK(cudaFree(d[g]));
+        CK(cudaStreamDestroy(st[g]));
+        MK(mma_free(x->c, h[g]));
+    }
+    CK(cudaSetDevice(x->gpu));
+    return best;
+}
+
+/* mmad's pid, from the socket's peer credentials, for its CPU use. */
+static pid_t daemon_pid(const char *sock)
+{
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    snprintf(a.sun_path, sizeof a.sun_path, "%s", sock);
+    int fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
+    pid_t pid = -1;
+    if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0) {
+        struct ucred cr;
+        socklen_t l = sizeof cr;
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &l) == 0)
+            pid = cr.pid;
+    }
+    if (fd >= 0)
+        close(fd);
+    return pid;
+}
+
+static double cpu_seconds(pid_t pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    if (!p)
+        return -1;
+    unsigned long ut = 0, stt = 0;
+    /* fields after ")": state(3) ... utime(14) stime(15) */
+    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &stt) != 2)
+        return -1;
+    return (double)(ut + stt) / (double)sysconf(_SC_CLK_TCK);
+}
+
+static void fill(char *p, size_t n, uint64_t seed)
+{
+    uint64_t *q = (uint64_t *)p, x = seed | 1;
+    for (size_t i = 0; i < n / 8; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        q[i] = x;
+    }
+}
+
+int main(int argc, char **argv)
+{
+    const char *sock = NULL, *csvpath = NULL, *dirs = "both";
+    size_t minsz = 4096, maxsz = 4ull << 30, paths_at = 1ull << 30;
+    int lat_reps = 2000, gpu = 0, quick = 0;
+    static const struct option lo[] = {{"socket", 1, 0, 's'}, {"gpu", 1, 0, 'g'},      {"dir", 1, 0, 'd'},
+                                       {"min", 1, 0, 'a'},    {"max", 1, 0, 'b'},      {"paths-at", 1, 0, 'p'},
+                                       {"csv", 1, 0, 'c'},    {"lat-reps", 1, 0, 'l'}, {"quick", 0, 0, 'q'},
+                                       {"help", 0, 0, 'h'},   {0}};
+    int o;
+    while ((o = getopt_long(argc, argv, "s:g:d:a:b:p:c:l:qh", lo, NULL)) != -1) {
+        switch (o) {
+        case 's': sock = optarg; break;
+        case 'g': gpu = atoi(optarg); break;
+        case 'd': dirs = optarg; break;
+        case 'a': minsz = parse_size(optarg); break;
+        case 'b': maxsz = parse_size(optarg); break;
+        case 'p': paths_at = parse_size(optarg); break;
+        case 'c': csvpath = optarg; break;
+        case 'l': lat_reps = atoi(optarg); break;
+        case 'q': quick = 1; break;
+        default:
+            printf("usage: mma-bench [--socket S] [--gpu T] [--dir h2d|d2h|both] [--min 4K] [--max 4G] "
+                   "[--paths-at 1G] [--lat-reps N] [--csv FILE] [--quick]\n");
+            return o == 'h' ? 0 : 2;
+        }
+    }
+    if (!sock)
+        sock = getenv("MMA_SOCKET") ? getenv("MMA_SOCKET") : "/run/mma/mmad.sock";
+    ctx_t x = {.gpu = gpu};
+    MK(mma_connect(sock, &x.c));
+    mma_info_t info;
+    MK(mma_get_info(x.c, &info));
+    if (info.simulated) {
+        fprintf(stderr, "mma-bench: mmad runs the simulated box; there is no native side to compare with.\n"
+                        "Use mma-demo there, or run mma-bench on a GPU machine.\n");
+        return 2;
+    }
+    x.ngpu = info.gpu_count;
+    if (gpu < 0 || gpu >= x.ngpu) {
+        fprintf(stderr, "mma-bench: --gpu %d: %d GPUs\n", gpu, x.ngpu);
+        return 2;
+    }
+    struct cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, gpu));
+    x.card = prop.name;
+    CK(cudaSetDevice(gpu));
+    CK(cudaStreamCreateWithFlags(&x.stream, cudaStreamNonBlocking));
+    x.cap = maxsz;
+    MK(mma_host_alloc(x.c, maxsz, (void **)&x.host));
+    MK(mma_host_alloc(x.c, maxsz, (void **)&x.back));
+    MK(mma_device_alloc(x.c, gpu, maxsz, (void **)&x.dev));
+    fill(x.host, maxsz, 12345);
+    if (csvpath) {
+        x.csv = fopen(csvpath, "w");
+        if (!x.csv) {
+            perror(csvpath);
+            return 1;
+        }
+        fprintf(x.csv, "card,section,dir,size,paths,native_gbps,mma_gbps,speedup,extra\n");
+    }
+    time_t now = time(NULL);
+    char date[32];
+    strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", gmtime(&now));
+    printf("mma-bench %s | %d x %s | target gpu%d | mmad %s, bypass below %zu B\n", date, x.ngpu, x.card, gpu,
+           info.backend, info.bypass_threshold);
+    pid_t dpid = daemon_pid(sock);
+
+    int do_dir[2] = {strcmp(dirs, "d2h") != 0, strcmp(dirs, "h2d") != 0};
+    static const char *dn[2] = {"H2D", "D2H"};
+    double ceil_gbps[2] = {0, 0};
+    size_t per_gpu = quick ? (256u << 20) : (1u << 30);
+    printf("\n## Box ceiling: all %d GPUs copy %zu MiB into their own memory at once (native)\n", x.ngpu,
+           per_gpu >> 20);
+    for (int d = 0; d < 2; d++)
+        if (do_dir[d]) {
+            ceil_gbps[d] = ceiling(&x, d, per_gpu);
+            printf("%s ceiling: %.1f GB/s\n", dn[d], ceil_gbps[d]);
+            if (x.csv)
+                fprintf(x.csv, "%s,ceiling,%s,%zu,%d,,%.3f,,\n", x.card, dn[d], per_gpu, x.ngpu, ceil_gbps[d]);
+        }
+
+    double *samples = malloc(sizeof(double) * (size_t)(lat_reps > 200 ? lat_reps : 200));
+    for (int d = 0; d < 2; d++) {
+        if (!do_dir[d])
+            continue;
+        printf("\n## %s into gpu%d: native cudaMemcpyAsync vs mma (all paths), median of reps\n", dn[d], gpu);
+        printf("%8s %12s %12s %12s %8s %9s\n", "size", "native GB/s", "mma GB/s", "mma-stream", "speedup",
+               "%ceiling");
+        double cpu0 = cpu_seconds(dpid), busy = 0;
+        for (size_t n = minsz; n <= maxsz; n *= 4) {
+            int reps = quick ? (reps_for(n) + 1) / 2 : reps_for(n);
+            double tn = time_copy(&x, d, n, 0, 0, samples, reps);
+            double tm = time_copy(&x, d, n, 1, 0, samples, reps);
+            double ts = time_copy(&x, d, n, 2, 0, samples, reps);
+            if (n >= (64u << 20))
+                busy += tm * (reps + 1) + ts * (reps + 1);
+            double gn = (double)n / tn / 1e9, gm = (double)n / tm / 1e9, gs = (double)n / ts / 1e9;
+            char hs[16];
+            human(n, hs, sizeof hs);
+            printf("%8s %12.2f %12.2f %12.2f %7.2fx %8.1f%%\n", hs, gn, gm, gs, gm / gn,
+                   ceil_gbps[d] > 0 ? 100.0 * gm / ceil_gbps[d] : 0.0);
+            if (x.csv)
+                fprintf(x.csv, "%s,size,%s,%zu,0,%.3f,%.3f,%.3f,%.3f\n", x.card, dn[d], n, gn, gm, gm / gn, gs);
+            if (n > maxsz / 4)
+                break;
+        }
+        double cpu1 = cpu_seconds(dpid);
+        if (dpid > 0 && cpu0 >= 0 && busy > 0)
+            printf("mmad CPU over this sweep: %.2f s (%.0f%% of one core over the >=64 MiB copies' %.2f s)\n",
+                   cpu1 - cpu0, 100.0 * (cpu1 - cpu0) / busy, busy);
+
+        size_t n = paths_at <= maxsz ? paths_at : maxsz;
+        printf("\n## %s %zu MiB into gpu%d over 1..%d paths\n%6s %12s %8s\n", dn[d], n >> 20, gpu, x.ngpu, "paths",
+               "mma GB/s", "speedup");
+        double tn = time_copy(&x, d, n, 0, 0, samples, 5);
+        for (int p = 1; p <= x.ngpu; p++) {
+            double tm = time_copy(&x, d, n, 1, p, samples, 5);
+            printf("%6d %12.2f %7.2fx\n", p, (double)n / tm / 1e9, tn / tm);
+            if (x.csv)
+                fprintf(x.csv, "%s,paths,%s,%zu,%d,%.3f,%.3f,%.3f,\n", x.card, dn[d], n, p, (double)n / tn / 1e9,
+                        (double)n / tm / 1e9, tn / tm);
+        }
+
+        printf("\n## %s latency, %d copies each (us): native vs mma through mmad (no bypass)\n", dn[d], lat_reps);
+        printf("%8s %10s %10s %10s %10s\n", "size", "nat p50", "nat p99", "mma p50", "mma p99");
+        size_t lat_sizes[] = {4096, 65536, 1u << 20, 4u << 20};
+        for (size_t i = 0; i < sizeof lat_sizes / sizeof lat_sizes[0]; i++) {
+            size_t s = lat_sizes[i];
+            int r = quick ? lat_reps / 4 : lat_reps;
+            time_copy(&x, d, s, 0, 0, samples, r);
+            double n50 = pct(samples, r, 0.5) * 1e6, n99 = pct(samples, r, 0.99) * 1e6;
+            time_copy(&x, d, s, 1, 0, samples, r);
+            double m50 = pct(samples, r, 0.5) * 1e6, m99 = pct(samples, r, 0.99) * 1e6;
+            char hs[16];
+            human(s, hs, sizeof hs);
+            printf("%8s %10.1f %10.1f %10.1f %10.1f\n", hs, n50, n99, m50, m99);
+            if (x.csv)
+                fprintf(x.csv, "%s,latency,%s,%zu,0,%.2f,%.2f,,p99 %.2f/%.2f\n", x.card, dn[d], s, n50, m50, n99,
+                        m99);
+        }
+    }
+
+    /* Round trip of the largest size through mmad, every byte compared. */
+    mma_copy_opts_t all = {.flags = MMA_COPY_NO_BYPASS};
+    mma_segment_t up = {x.dev, x.host, maxsz}, down = {x.back, x.dev, maxsz};
+    mma_copy_t t;
+    memset(x.back, 0, maxsz);
+    MK(mma_memcpy_sg_async(x.c, &up, 1, NULL, &all, &t));
+    MK(mma_wait(x.c, t));
+    MK(mma_memcpy_sg_async(x.c, &down, 1, NULL, &all, &t));
+    MK(mma_wait(x.c, t));
+    int ok = memcmp(x.host, x.back, maxsz) == 0;
+    printf("\nround trip of %zu MiB host -> gpu%d -> host through mmad: %s\n", maxsz >> 20, gpu,
+           ok ? "every byte matches" : "MISMATCH");
+    if (x.csv)
+        fclose(x.csv);
+    free(samples);
+    mma_free(x.c, x.dev);
+    mma_free(x.c, x.back);
+    mma_free(x.c, x.host);
+    mma_disconnect(x.c);
+    return ok ? 0 : 1;
+}

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole GPU check in one call, for a GPU machine where nothing can be
+# installed: run over a build made elsewhere with -DMMA_STATIC_DEPS=ON
+# (scripts/build-gpu.sh) and carried along. Writes everything under $OUT:
+#   machine.txt  GPUs, topology, driver      gpu_test.log  the gpu test suite
+#   bench.txt    mma-bench's table           bench.csv     the same as CSV
+#   mmad.log     the daemon's log            paths.txt     mmactl status + paths
+#   scripts/gpu-suite.sh [BUILD_DIR] [extra mma-bench args...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+B=${1:-build-gpu}
+shift || true
+OUT=${OUT:-/tmp/mma-out}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+{
+  date -u
+  nvidia-smi --query-gpu=index,name,pci.bus_id,memory.total,driver_version --format=csv
+  nvidia-smi topo -m
+  echo "missing libraries:"; ldd "$B/mmad" "$B/mma-bench" "$B/tests/gpu/gpu_test" | grep "not found" || echo none
+} >"$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+echo "== gpu tests"
+"$B/tests/gpu/gpu_test" 2>&1 | tee "$OUT/gpu_test.log"
+test_rc=${PIPESTATUS[0]}
+
+echo "== benchmark"
+SOCK=/tmp/mma-bench-$$.sock
+"$B/mmad" --backend=cuda --socket="$SOCK" >"$OUT/mmad.log" 2>&1 &
+MMAD=$!
+for _ in $(seq 600); do [ -S "$SOCK" ] && break; sleep 0.05; done
+"$B/mma-bench" --socket "$SOCK" --csv "$OUT/bench.csv" "$@" 2>&1 | tee "$OUT/bench.txt"
+bench_rc=${PIPESTATUS[0]}
+{ "$B/mmactl" --socket "$SOCK" status; echo; "$B/mmactl" --socket "$SOCK" paths; } >"$OUT/paths.txt" 2>&1
+kill "$MMAD"; wait "$MMAD"
+echo "mmad exit: $?" >>"$OUT/mmad.log"
+grep -v 'bytes=0,' "$OUT/paths.txt"
+echo "gpu tests rc=$test_rc, bench rc=$bench_rc"
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -1,0 +1,366 @@
+/* GPU test suite: mmad on real GPUs, through libmma, every byte verified.
+ * Starts a private mmad (cuda backend) on a temporary socket. Where no CUDA
+ * GPU is visible it prints why and exits 77, which ctest reports as skipped.
+ * Random data; H2D and D2H; sizes 1 B .. 1 GiB with odd sizes and unaligned
+ * offsets; every target GPU; scatter-gather; stream order (a kernel writes
+ * the source before the copy, a kernel reads the destination after it);
+ * several client processes at once. */
+#define _GNU_SOURCE
+#include <check.h>
+#include <cuda_runtime_api.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "mma.h"
+
+int gt_fill(void *p, size_t n, uint32_t seed, cudaStream_t s);
+int gt_sum(const void *p, size_t n, unsigned long long *out_dev, cudaStream_t s);
+int gt_spin(long long cycles, cudaStream_t s);
+
+static char sock_path[108];
+static pid_t mmad_pid;
+static int ngpu;
+
+#define CU(call) ck_assert_msg((call) == cudaSuccess, "%s: %s", #call, cudaGetErrorString(cudaGetLastError()))
+#define MM(call)                                                               \
+    do {                                                                       \
+        int r_ = (call);                                                       \
+        ck_assert_msg(r_ == MMA_OK, "%s: %s", #call, mma_strerror(r_));        \
+    } while (0)
+
+static uint64_t rng_state = 88172645463325252ull;
+static uint64_t rnd(void)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return rng_state;
+}
+
+static void fill_rand(uint8_t *p, size_t n)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t v = rnd();
+        memcpy(p + i, &v, 8);
+    }
+    for (; i < n; i++)
+        p[i] = (uint8_t)rnd();
+}
+
+/* host -> gpu -> host for one (size, offsets), all through mmad. */
+static void round_trip(mma_client_t *c, uint8_t *h, uint8_t *back, uint8_t *d, size_t n, size_t ho, size_t dofs)
+{
+    fill_rand(h + ho, n);
+    memset(back, 0xEE, n + ho + 64);
+    mma_segment_t up = {d + dofs, h + ho, n}, down = {back + ho, d + dofs, n};
+    mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
+    mma_copy_t t;
+    MM(mma_memcpy_sg_async(c, &up, 1, NULL, &o, &t));
+    MM(mma_wait(c, t));
+    MM(mma_memcpy_sg_async(c, &down, 1, NULL, &o, &t));
+    MM(mma_wait(c, t));
+    ck_assert_msg(memcmp(h + ho, back + ho, n) == 0, "round trip of %zu bytes (host off %zu, dev off %zu) differs", n,
+                  ho, dofs);
+    for (size_t i = 0; i < ho; i++)
+        ck_assert_msg(back[i] == 0xEE, "byte before the destination was written");
+    for (size_t i = ho + n; i < ho + n + 64; i++)
+        ck_assert_msg(back[i] == 0xEE, "byte after the destination was written");
+}
+
+START_TEST(sizes_offsets_every_gpu)
+{
+    mma_client_t *c;
+    MM(mma_connect(sock_path, &c));
+    size_t cap = (64u << 20) + 8192;
+    uint8_t *h, *back;
+    MM(mma_host_alloc(c, cap, (void **)&h));
+    MM(mma_host_alloc(c, cap, (void **)&back));
+    size_t sizes[] = {1, 3, 4095, 4096, 65537, 1000003, (8u << 20) + 13, (64u << 20) - 7};
+    for (int g = 0; g < ngpu; g++) {
+        uint8_t *d;
+        MM(mma_device_alloc(c, g, cap, (void **)&d));
+        for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+            round_trip(c, h, back, d, sizes[i], rnd() % 4000, rnd() % 4000);
+        MM(mma_free(c, d));
+    }
+    MM(mma_free(c, back));
+    MM(mma_free(c, h));
+    mma_disconnect(c);
+}
+END_TEST
+
+START_TEST(one_gib)
+{
+    mma_client_t *c;
+    MM(mma_connect(sock_path, &c));
+    size_t n = 1u << 30;
+    uint8_t *h, *back, *d;
+    MM(mma_host_alloc(c, n + 4096, (void **)&h));
+    MM(mma_host_alloc(c, n + 4096, (void **)&back));
+    int g = ngpu - 1;
+    MM(mma_device_alloc(c, g, n + 4096, (void **)&d));
+    round_trip(c, h, back, d, n, 0, 0);
+    round_trip(c, h, back, d, n - 1, 1, 3);
+    MM(mma_free(c, d));
+    MM(mma_free(c, back));
+    MM(mma_free(c, h));
+    mma_disconnect(c);
+}
+END_TEST
+
+START_TEST(scatter_gather)
+{
+    mma_client_t *c;
+    MM(mma_connect(sock_path, &c));
+    enum { NSEG = 512 };
+    size_t block = 64 * 1024 + 16; /* KV-cache-like blocks, deliberately odd */
+    size_t n = block * NSEG * 2;
+    uint8_t *h, *back, *d;
+    MM(mma_host_alloc(c, n, (void **)&h));
+    MM(mma_host_alloc(c, n, (void **)&back));
+    MM(mma_device_alloc(c, 0, n, (void **)&d));
+    fill_rand(h, n);
+    memset(back, 0, n);
+    mma_segment_t up[NSEG], down[NSEG];
+    for (int i = 0; i < NSEG; i++) {
+        /* scattered: block i of the host goes to slot (NSEG-1-i)*2 on the GPU */
+        size_t dslot = (size_t)(NSEG - 1 - i) * 2;
+        up[i] = (mma_segment_t){d + dslot * block, h + (size_t)i * block, block};
+        down[i] = (mma_segment_t){back + (size_t)i * block, d + dslot * block, block};
+    }
+    mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
+    mma_copy_t t;
+    MM(mma_memcpy_sg_async(c, up, NSEG, NULL, &o, &t));
+    MM(mma_wait(c, t));
+    MM(mma_memcpy_sg_async(c, down, NSEG, NULL, &o, &t));
+    MM(mma_wait(c, t));
+    ck_assert(memcmp(h, back, block * NSEG) == 0);
+    MM(mma_free(c, d));
+    MM(mma_free(c, back));
+    MM(mma_free(c, h));
+    mma_disconnect(c);
+}
+END_TEST
+
+/* A kernel writes the device source, then an mma D2H on the same stream must
+ * see it; an mma H2D, then a kernel on the stream must read the new bytes. */
+START_TEST(stream_order)
+{
+    mma_client_t *c;
+    MM(mma_connect(sock_path, &c));
+    int g = ngpu > 1 ? 1 : 0;
+    size_t n = 256u << 20;
+    uint8_t *h, *back, *d, *d2;
+    MM(mma_host_alloc(c, n, (void **)&h));
+    MM(mma_host_alloc(c, n, (void **)&back));
+    MM(mma_device_alloc(c, g, n, (void **)&d));
+    MM(mma_device_alloc(c, g, n, (void **)&d2));
+    CU(cudaSetDevice(g));
+    cudaStream_t s;
+    CU(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    unsigned long long *sum_dev, sum;
+    CU(cudaMalloc((void **)&sum_dev, sizeof *sum_dev));
+    for (int round = 0; round < 3; round++) {
+        /* before: a slow spin, then the kernel that writes the source */
+        ck_assert_int_eq(gt_spin(20000000, s), 0);
+        ck_assert_int_eq(gt_fill(d, n, 77u + (uint32_t)round, s), 0);
+        memset(back, 0, n);
+        MM(mma_memcpy_async(c, back, d, n, (mma_stream_t)s, NULL));
+        CU(cudaStreamSynchronize(s));
+        for (size_t i = 0; i < n; i += 4093)
+            ck_assert_msg(back[i] == (uint8_t)((i * 2654435761u) ^ (77u + (uint32_t)round)),
+                          "D2H after a kernel: byte %zu is stale", i);
+        /* after: H2D of fresh bytes, then a kernel sums the destination */
+        fill_rand(h, n);
+        unsigned long long want = 0;
+        for (size_t i = 0; i < n; i++)
+            want += (unsigned long long)h[i] * (unsigned long long)((i % 251) + 1);
+        CU(cudaMemsetAsync(sum_dev, 0, sizeof *sum_dev, s));
+        ck_assert_int_eq(gt_spin(20000000, s), 0);
+        MM(mma_memcpy_async(c, d2, h, n, (mma_stream_t)s, NULL));
+        ck_assert_int_eq(gt_sum(d2, n, sum_dev, s), 0);
+        CU(cudaMemcpyAsync(&sum, sum_dev, sizeof sum, cudaMemcpyDeviceToHost, s));
+        CU(cudaStreamSynchronize(s));
+        ck_assert_msg(sum == want, "kernel after H2D saw other bytes (sum %llu, want %llu)", sum, want);
+    }
+    CU(cudaFree(sum_dev));
+    CU(cudaStreamDestroy(s));
+    MM(mma_free(c, d2));
+    MM(mma_free(c, d));
+    MM(mma_free(c, back));
+    MM(mma_free(c, h));
+    mma_disconnect(c);
+}
+END_TEST
+
+/* Several client processes at once, each to its own GPU, random copies. */
+START_TEST(many_clients)
+{
+    int nproc = ngpu < 4 ? ngpu : 4;
+    pid_t kids[8];
+    for (int k = 0; k < nproc; k++) {
+        kids[k] = fork();
+        if (kids[k] == 0) {
+            rng_state ^= (uint64_t)(k + 1) * 0x9E3779B97F4A7C15ull;
+            mma_client_t *c;
+            if (mma_connect(sock_path, &c) != MMA_OK)
+                _exit(10);
+            size_t cap = 48u << 20;
+            uint8_t *h, *back, *d;
+            if (mma_host_alloc(c, cap, (void **)&h) || mma_host_alloc(c, cap, (void **)&back) ||
+                mma_device_alloc(c, k % ngpu, cap, (void **)&d))
+                _exit(11);
+            for (int i = 0; i < 12; i++) {
+                size_t n = 1 + rnd() % (cap - 8192), ho = rnd() % 4096, dof = rnd() % 4096;
+                fill_rand(h + ho, n);
+                mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
+                mma_segment_t up = {d + dof, h + ho, n}, down = {back + ho, d + dof, n};
+                mma_copy_t t;
+                if (mma_memcpy_sg_async(c, &up, 1, NULL, &o, &t) || mma_wait(c, t))
+                    _exit(12);
+                if (mma_memcpy_sg_async(c, &down, 1, NULL, &o, &t) || mma_wait(c, t))
+                    _exit(13);
+                if (memcmp(h + ho, back + ho, n) != 0)
+                    _exit(14);
+            }
+            mma_disconnect(c);
+            _exit(0);
+        }
+    }
+    for (int k = 0; k < nproc; k++) {
+        int st;
+        ck_assert(waitpid(kids[k], &st, 0) == kids[k]);
+        ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "client %d failed with %d", k,
+                      WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+    }
+}
+END_TEST
+
+/* Below the bypass threshold libmma copies natively on the stream. */
+START_TEST(bypass_small)
+{
+    mma_client_t *c;
+    MM(mma_connect(sock_path, &c));
+    mma_info_t info;
+    MM(mma_get_info(c, &info));
+    ck_assert(info.bypass_threshold > 0);
+    size_t n = info.bypass_threshold / 2 + 1;
+    uint8_t *h, *back, *d;
+    MM(mma_host_alloc(c, n, (void **)&h));
+    MM(mma_host_alloc(c, n, (void **)&back));
+    MM(mma_device_alloc(c, 0, n, (void **)&d));
+    fill_rand(h, n);
+    mma_copy_t t = 1;
+    MM(mma_memcpy_async(c, d, h, n, NULL, &t));
+    ck_assert_msg(t == 0, "a small copy should go native");
+    MM(mma_memcpy(c, back, d, n));
+    ck_assert(memcmp(h, back, n) == 0);
+    MM(mma_free(c, d));
+    MM(mma_free(c, back));
+    MM(mma_free(c, h));
+    mma_disconnect(c);
+}
+END_TEST
+
+static int wait_socket(void)
+{
+    for (int i = 0; i < 600; i++) { /* mmad allocates staging buffers first */
+        struct sockaddr_un a = {.sun_family = AF_UNIX};
+        strcpy(a.sun_path, sock_path);
+        int fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
+        if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0) {
+            close(fd);
+            return 0;
+        }
+        close(fd);
+        usleep(50000);
+    }
+    return -1;
+}
+
+int main(void)
+{
+    setenv("NCCL_NVLS_ENABLE", "0", 1);
+    /* Count GPUs in a child, so this process forks its clients before
+     * touching CUDA itself. */
+    int pfd[2];
+    if (pipe(pfd) != 0)
+        return 1;
+    pid_t p = fork();
+    if (p == 0) {
+        int n = 0;
+        cudaError_t e = cudaGetDeviceCount(&n);
+        if (e != cudaSuccess)
+            n = -(int)e;
+        ssize_t w = write(pfd[1], &n, sizeof n);
+        (void)w;
+        _exit(0);
+    }
+    int n = 0;
+    ssize_t r = read(pfd[0], &n, sizeof n);
+    waitpid(p, NULL, 0);
+    if (r != sizeof n || n <= 0) {
+        printf("SKIPPED: no CUDA GPU visible here (cudaGetDeviceCount: %s); the gpu tests need real GPUs\n",
+               n < 0 ? cudaGetErrorString((cudaError_t)-n) : "0 devices");
+        return 77;
+    }
+    ngpu = n;
+    snprintf(sock_path, sizeof sock_path, "/tmp/mma-gpu-test-%d.sock", (int)getpid());
+    /* mmad sits two folders up from this binary (build/tests/gpu/), wherever
+     * the build folder was carried to; $MMAD_PATH overrides. */
+    char mmad[4096];
+    const char *env = getenv("MMAD_PATH");
+    if (env) {
+        snprintf(mmad, sizeof mmad, "%s", env);
+    } else {
+        ssize_t l = readlink("/proc/self/exe", mmad, sizeof mmad - 16);
+        if (l <= 0)
+            return 1;
+        mmad[l] = 0;
+        char *slash = strrchr(mmad, '/');
+        strcpy(slash, "/../../mmad");
+    }
+    char arg[160];
+    snprintf(arg, sizeof arg, "--socket=%s", sock_path);
+    mmad_pid = fork();
+    if (mmad_pid == 0) {
+        execl(mmad, "mmad", "--backend=cuda", arg, "--log=warn", (char *)NULL);
+        _exit(127);
+    }
+    if (wait_socket() != 0) {
+        fprintf(stderr, "mmad did not come up on %s\n", sock_path);
+        kill(mmad_pid, SIGKILL);
+        return 1;
+    }
+    printf("gpu tests: %d GPUs, private mmad pid %d on %s\n", ngpu, (int)mmad_pid, sock_path);
+    Suite *s = suite_create("gpu");
+    TCase *tc = tcase_create("gpu");
+    tcase_set_timeout(tc, 300);
+    tcase_add_test(tc, sizes_offsets_every_gpu);
+    tcase_add_test(tc, scatter_gather);
+    tcase_add_test(tc, stream_order);
+    tcase_add_test(tc, one_gib);
+    tcase_add_test(tc, many_clients);
+    tcase_add_test(tc, bypass_small);
+    suite_add_tcase(s, tc);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    kill(mmad_pid, SIGTERM);
+    int st;
+    waitpid(mmad_pid, &st, 0);
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+        printf("mmad did not exit cleanly (status %d)\n", st);
+        failed++;
+    }
+    return failed ? 1 : 0;
+}
