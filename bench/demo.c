@@ -2,7 +2,9 @@
  * then over every path mmad has; every byte checked. On real GPUs the
  * baseline is a plain cudaMemcpy; on the simulated box (no GPU here) it is
  * mmad with one path, and the figures are the box's scaled-down rates.
- *   mma-demo [--socket PATH] [--gpu N] [--mib N] [--reps N] */
+ *   mma-demo [--socket PATH] [--gpu N] [--mib N] [--reps N] [--sweep]
+ * --sweep adds the same copy over 1..N paths; on the simulated box it also
+ * prints what the simulated rates mean at the real box's scale. */
 #include <cuda_runtime_api.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -72,20 +74,22 @@ static double timed(mma_client_t *c, void *dst, const void *src, size_t n, int p
 int main(int argc, char **argv)
 {
     const char *sock = NULL;
-    int gpu = 0, reps = 3;
+    int gpu = 0, reps = 3, sweep = 0;
     long mib = 0;
     static const struct option lo[] = {{"socket", required_argument, 0, 's'}, {"gpu", required_argument, 0, 'g'},
                                        {"mib", required_argument, 0, 'm'},    {"reps", required_argument, 0, 'r'},
-                                       {"help", no_argument, 0, 'h'},         {0}};
+                                       {"help", no_argument, 0, 'h'},         {"sweep", no_argument, 0, 'w'},
+                                       {0}};
     int o;
-    while ((o = getopt_long(argc, argv, "s:g:m:r:h", lo, NULL)) != -1) {
+    while ((o = getopt_long(argc, argv, "s:g:m:r:hw", lo, NULL)) != -1) {
         switch (o) {
         case 's': sock = optarg; break;
         case 'g': gpu = atoi(optarg); break;
         case 'm': mib = atol(optarg); break;
         case 'r': reps = atoi(optarg); break;
+        case 'w': sweep = 1; break;
         default:
-            printf("usage: mma-demo [--socket PATH] [--gpu N] [--mib N] [--reps N]\n");
+            printf("usage: mma-demo [--socket PATH] [--gpu N] [--mib N] [--reps N] [--sweep]\n");
             return o == 'h' ? 0 : 2;
         }
     }
@@ -131,6 +135,18 @@ int main(int argc, char **argv)
     printf("\nround trip host -> gpu%d -> host: %s (%zu bytes compared)\n", gpu, ok ? "every byte matches" : "MISMATCH",
            n);
     printf("per-path traffic: mmactl paths%s\n", sock ? " --socket ..." : "");
+    if (sweep) {
+        double k = info.simulated ? 1.0 / info.sim_scale : 1.0;
+        printf("\n%d-GPU box, %ld MiB into gpu%d over 1..%d paths%s\n", info.gpu_count, mib, gpu, info.gpu_count,
+               info.simulated ? " (GB/s at the real box's scale = simulated x 1/sim_scale)" : "");
+        printf("%6s %12s %12s\n", "paths", "H2D GB/s", "D2H GB/s");
+        for (int p = 1; p <= info.gpu_count; p++) {
+            double h = timed(c, dev, host, n, p, 0, reps);
+            double d = timed(c, back, dev, n, p, 0, reps);
+            printf("%6d %12.1f %12.1f\n", p, h * k, d * k);
+        }
+        ok = ok && memcmp(host, back, n) == 0;
+    }
     mma_free(c, dev);
     mma_free(c, back);
     mma_free(c, host);

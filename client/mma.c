@@ -201,6 +201,7 @@ int mma_connect(const char *socket_path, mma_client_t **out)
     c->info.gpu_count = (int)hr->gpu_count;
     c->info.simulated = hr->simulated;
     c->info.bypass_threshold = (size_t)hr->bypass_threshold;
+    c->info.sim_scale = hr->has_sim_scale ? hr->sim_scale : 1.0;
     mma__response__free_unpacked(resp, NULL);
     if (!c->info.simulated) {
         if (mma_cuda_init() != MMA_OK) {

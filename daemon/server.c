@@ -165,6 +165,8 @@ static void handle_hello(srv_client_t *cl, const Mma__Request *req, int *fds, in
     hr.has_bypass_threshold = 1;
     hr.bypass_threshold = s->cfg->bypass_threshold >= 0 ? (uint64_t)s->cfg->bypass_threshold
                                                         : (uint64_t)s->be->bypass_threshold;
+    hr.has_sim_scale = 1;
+    hr.sim_scale = s->be->simulated ? s->be->sim_scale : 1.0;
     Mma__Response resp = MMA__RESPONSE__INIT;
     resp.type = req->type;
     resp.has_id = req->has_id;

@@ -80,6 +80,7 @@ typedef struct mma_info {
     int gpu_count;
     int simulated;             /* 1 on the simulated box */
     size_t bypass_threshold;   /* copies below this many bytes go native */
+    double sim_scale;          /* simulated box: its rates are the real ones x this; 1.0 on GPUs */
 } mma_info_t;
 
 #define MMA_FEATURE_SCATTER_GATHER (1u << 0)
