@@ -112,12 +112,19 @@ void mma_cuda_free(int gpu, void *ptr)
         MMA_WARN("cudaFree: %s", cudaGetErrorString(e));
 }
 
-int mma_cuda_ipc_handle(void *ptr, uint8_t handle[64], uint64_t *offset)
+int mma_cuda_ipc_handle(int gpu, void *ptr, uint8_t handle[64], uint64_t *offset)
 {
     CUdeviceptr base = 0;
     size_t size = 0;
-    if (p_addr_range((CUdeviceptr *)&base, &size, (CUdeviceptr)(uintptr_t)ptr) != CUDA_SUCCESS) {
-        MMA_ERROR("cuMemGetAddressRange: %p is not device memory", ptr);
+    /* cuMemGetAddressRange looks the pointer up in the current context, so
+     * the owning GPU's context must be current. */
+    int prev;
+    CK(cudaGetDevice(&prev));
+    CK(cudaSetDevice(gpu));
+    CUresult r = p_addr_range((CUdeviceptr *)&base, &size, (CUdeviceptr)(uintptr_t)ptr);
+    CK(cudaSetDevice(prev));
+    if (r != CUDA_SUCCESS) {
+        MMA_ERROR("cuMemGetAddressRange: %p is not memory of gpu %d (CUresult %d)", ptr, gpu, (int)r);
         return MMA_ERR_NOT_REGISTERED;
     }
     cudaIpcMemHandle_t h;

@@ -20,7 +20,7 @@ int mma_cuda_device_ptr(void *host, void **dev);
 int mma_cuda_malloc(int gpu, size_t size, void **out);
 void mma_cuda_free(int gpu, void *ptr);
 /* IPC handle of the allocation holding ptr, and ptr's offset inside it. */
-int mma_cuda_ipc_handle(void *ptr, uint8_t handle[64], uint64_t *offset);
+int mma_cuda_ipc_handle(int gpu, void *ptr, uint8_t handle[64], uint64_t *offset);
 /* The GPU a device pointer belongs to (-1 for host memory). */
 int mma_cuda_pointer_gpu(const void *ptr);
 

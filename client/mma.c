@@ -345,7 +345,7 @@ static int register_device_locked(mma_client_t *c, int gpu, void *ptr, size_t si
 {
     uint8_t handle[64];
     uint64_t off;
-    int rc = mma_cuda_ipc_handle(ptr, handle, &off);
+    int rc = mma_cuda_ipc_handle(gpu, ptr, handle, &off);
     if (rc != MMA_OK)
         return rc;
     Mma__RegisterDevice rd = MMA__REGISTER_DEVICE__INIT;
@@ -457,26 +457,27 @@ int mma_query(mma_client_t *c, mma_copy_t t)
 
 int mma_wait(mma_client_t *c, mma_copy_t t)
 {
-    uint64_t backoff = 0, since_check = 0;
-    for (;;) {
-        int st = mma_query(c, t);
-        if (st != MMA_PENDING)
+    int st = mma_query(c, t);
+    if (st != MMA_PENDING)
+        return st;
+    uint32_t slot = (uint32_t)(t >> SEQ_BITS);
+    uint64_t seq = t & SEQ_MASK;
+    /* Spin for a few microseconds (short copies finish that fast), then
+     * sleep on the slot's futex: mmad wakes us the moment it writes `done`,
+     * and a waiting thread costs no CPU. */
+    uint64_t t0 = mma_now_ns();
+    while (mma_now_ns() - t0 < 20000)
+        if ((st = mma_query(c, t)) != MMA_PENDING)
             return st;
-        /* Spin briefly, then sleep with growing steps (cap 100 us): short
-         * copies return fast, long ones cost little CPU. */
-        backoff = backoff < 1000 ? backoff + 100 : backoff * 2;
-        if (backoff > 100000)
-            backoff = 100000;
-        mma_sleep_ns(backoff);
-        since_check += backoff;
-        if (since_check > 50000000ull) {
-            since_check = 0;
-            pthread_mutex_lock(&c->lock);
-            int alive = daemon_alive(c);
-            pthread_mutex_unlock(&c->lock);
-            if (!alive && mma_query(c, t) == MMA_PENDING)
-                return MMA_ERR_DISCONNECTED;
-        }
+    for (;;) {
+        if (mma_flag_sleep(&c->flags[slot], seq, 50000000ull))
+            return mma_query(c, t);
+        /* 50 ms without news: is mmad still there? */
+        pthread_mutex_lock(&c->lock);
+        int alive = daemon_alive(c);
+        pthread_mutex_unlock(&c->lock);
+        if (!alive && mma_query(c, t) == MMA_PENDING)
+            return MMA_ERR_DISCONNECTED;
     }
 }
 
@@ -580,15 +581,13 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
             int nrc = MMA_OK;
             for (size_t i = 0; i < nsegs && nrc == MMA_OK; i++)
                 nrc = mma_cuda_memcpy(segs[i].dst, segs[i].src, segs[i].len, NULL);
-            atomic_store_explicit(&fl->status, nrc, memory_order_relaxed);
-            atomic_store_explicit(&fl->done, seq, memory_order_release);
+            mma_flag_complete(fl, seq, nrc);
             rc = nrc;
             if (rc == MMA_OK && out)
                 *out = 0;
             goto out;
         }
-        atomic_store_explicit(&fl->status, MMA_ERR_DISCONNECTED, memory_order_relaxed);
-        atomic_store_explicit(&fl->done, seq, memory_order_release);
+        mma_flag_complete(fl, seq, MMA_ERR_DISCONNECTED);
         rc = MMA_ERR_DISCONNECTED;
         goto out;
     }

@@ -6,14 +6,21 @@
 #ifndef MMA_FLAGPAGE_H
 #define MMA_FLAGPAGE_H
 
+#include <limits.h>
+#include <linux/futex.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 typedef struct mma_flag_slot {
     _Atomic uint64_t reached;
     _Atomic uint64_t done;
     _Atomic int64_t status;
-    uint64_t pad[5]; /* one slot per cache line: no false sharing */
+    _Atomic uint32_t waiters; /* a host thread sleeps on `done` (futex) */
+    uint32_t pad0;
+    uint64_t pad[4]; /* one slot per cache line: no false sharing */
 } mma_flag_slot_t;
 
 _Static_assert(sizeof(mma_flag_slot_t) == 64, "flag slot is one cache line");
@@ -24,6 +31,41 @@ _Static_assert(sizeof(mma_flag_slot_t) == 64, "flag slot is one cache line");
 static inline uint64_t mma_flag_read(_Atomic uint64_t *w)
 {
     return atomic_load_explicit(w, memory_order_acquire);
+}
+
+/* The futex word is the low half of `done` (x86-64 is little-endian); the
+ * flag page is a shared memfd, so a process-shared futex works across the
+ * client and mmad. */
+static inline uint32_t *mma_flag_futex(mma_flag_slot_t *s)
+{
+    return (uint32_t *)(void *)&s->done;
+}
+
+/* Finish a copy: its status, then `done` (release: every byte and the status
+ * are visible first), then wake a host thread if one sleeps on the slot.
+ * seq_cst on `done` and `waiters` pairs with mma_flag_sleep: either the
+ * waiter sees `done`, or this sees the waiter. */
+static inline void mma_flag_complete(mma_flag_slot_t *s, uint64_t seq, int status)
+{
+    atomic_store_explicit(&s->status, status, memory_order_relaxed);
+    atomic_store_explicit(&s->done, seq, memory_order_seq_cst);
+    if (atomic_load_explicit(&s->waiters, memory_order_seq_cst))
+        syscall(SYS_futex, mma_flag_futex(s), FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* Sleep until `done` >= seq or timeout_ns passes. Returns 1 when done. */
+static inline int mma_flag_sleep(mma_flag_slot_t *s, uint64_t seq, uint64_t timeout_ns)
+{
+    atomic_store_explicit(&s->waiters, 1, memory_order_seq_cst);
+    uint64_t d = atomic_load_explicit(&s->done, memory_order_seq_cst);
+    if (d < seq) {
+        struct timespec ts = {.tv_sec = (time_t)(timeout_ns / 1000000000ull),
+                              .tv_nsec = (long)(timeout_ns % 1000000000ull)};
+        syscall(SYS_futex, mma_flag_futex(s), FUTEX_WAIT, (uint32_t)d, &ts, NULL, 0);
+        d = atomic_load_explicit(&s->done, memory_order_acquire);
+    }
+    atomic_store_explicit(&s->waiters, 0, memory_order_relaxed);
+    return d >= seq;
 }
 
 #endif

@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 
 #include "log.h"
 #include "mma.h"
@@ -80,11 +81,7 @@ mmad_sched_t *mmad_engine_sched(mmad_engine_t *e)
 void mmad_job_complete(mmad_job_t *job, int status)
 {
     mmad_conn_t *c = job->conn;
-    mma_flag_slot_t *slot = &c->flags[job->slot];
-    atomic_store_explicit(&slot->status, status, memory_order_relaxed);
-    /* Release: the status, and every byte the chunks landed, are visible
-     * before `done` is. */
-    atomic_store_explicit(&slot->done, job->seq, memory_order_release);
+    mma_flag_complete(&c->flags[job->slot], job->seq, status);
     atomic_fetch_add_explicit(&c->copies, 1, memory_order_relaxed);
     if (status == MMA_OK)
         atomic_fetch_add_explicit(&c->bytes, job->total, memory_order_relaxed);
@@ -230,6 +227,10 @@ static void *engine_main(void *arg)
 {
     mmad_engine_t *e = arg;
     uint64_t backoff = 0;
+    int spins = 0;
+    /* Poll sleeps here are a few microseconds; the default 50 us timer slack
+     * would stretch every one of them (and every copy's completion). */
+    prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
     for (;;) {
         int progress = take_intake(e);
         pthread_mutex_lock(&e->lock);
@@ -244,6 +245,7 @@ static void *engine_main(void *arg)
             break;
         if (progress) {
             backoff = 0;
+            spins = 0;
             continue;
         }
         if (!e->sched.jobs && e->sched.chunks_inflight == 0) {
@@ -251,12 +253,17 @@ static void *engine_main(void *arg)
             backoff = 0;
         } else if (e->be->event_driven && e->waiting_reached == 0) {
             wait_for_work(e, 50 * 1000000ull); /* the backend wakes us */
+        } else if (spins < 16) {
+            /* Polling the GPU or a `reached` flag: a short spin first, since
+             * completions often come within microseconds... */
+            spins++;
+            __builtin_ia32_pause();
         } else {
-            /* Polling the GPU or a `reached` flag: back off from 1 us to
-             * 20 us, so a long copy costs a fraction of a core. */
-            backoff = backoff ? backoff * 2 : 1000;
-            if (backoff > 20000)
-                backoff = 20000;
+            /* ...then back off from 2 us to 16 us, so a long copy costs a
+             * fraction of a core. */
+            backoff = backoff ? backoff * 2 : 2000;
+            if (backoff > 16000)
+                backoff = 16000;
             wait_for_work(e, backoff);
         }
     }

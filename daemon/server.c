@@ -260,9 +260,7 @@ static void handle_copy(srv_client_t *cl, const Mma__Request *req)
         if (req->copy->slot < cl->conn->nslots) {
             /* The client's stream may already wait on this slot: complete it
              * with the error so nothing waits forever. */
-            mma_flag_slot_t *fl = &cl->conn->flags[req->copy->slot];
-            atomic_store_explicit(&fl->status, rc, memory_order_relaxed);
-            atomic_store_explicit(&fl->done, req->copy->seq, memory_order_release);
+            mma_flag_complete(&cl->conn->flags[req->copy->slot], req->copy->seq, rc);
         }
         reply_error(cl, req, rc, msg);
         return;
