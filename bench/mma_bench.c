@@ -2,6 +2,11 @@
  *
  *   mma-bench [--socket S] [--gpu T] [--dir h2d|d2h|both] [--min 4K] [--max 4G]
  *             [--paths-at 1G] [--lat-reps N] [--csv FILE] [--quick]
+ *             [--sections ceiling,sizes,paths,latency]
+ *   mma-bench --scenarios [--socket S] [--secs 1.5] [--csv FILE]
+ *
+ * --scenarios runs the contention, fairness and priority scenarios (see
+ * scenarios.c): worker processes are forked before anything touches CUDA.
  *
  * Sections: the box ceiling (every GPU copying into its own memory at once,
  * natively), then per size native vs mma (all paths) with the speedup, then
@@ -92,12 +97,22 @@ typedef struct ctx {
     const char *card;
 } ctx_t;
 
+int mma_bench_scenarios(const char *sock, double secs, FILE *csv);
+
+/* 4K..256K and 64M..4G in steps of 4; 1M..64M in steps of 2, where native
+ * and mma cross over. */
+static size_t next_size(size_t n)
+{
+    return n >= (1u << 20) && n < (64u << 20) ? n * 2 : n * 4;
+}
+
 static int reps_for(size_t n)
 {
     return n <= (1u << 20) ? 200 : n <= (64u << 20) ? 20 : n <= (1u << 30) ? 7 : 4;
 }
 
-/* Median seconds of one copy. mode 0 native, 1 mma host-ordered, 2 mma on a stream. */
+/* Median seconds of one copy. mode 0 native, 1 mma host-ordered through
+ * mmad, 2 mma on a stream, 3 mma as a user gets it (bypass allowed). */
 static double time_copy(ctx_t *x, int dir, size_t n, int mode, int paths, double *samples, int reps)
 {
     void *dst = dir == 0 ? (void *)x->dev : (void *)x->back;
@@ -110,9 +125,9 @@ static double time_copy(ctx_t *x, int dir, size_t n, int mode, int paths, double
             CK(cudaStreamSynchronize(x->stream));
         } else {
             mma_segment_t s = {dst, src, n};
-            mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS, .max_paths = paths};
+            mma_copy_opts_t o = {.flags = mode == 3 ? 0u : MMA_COPY_NO_BYPASS, .max_paths = paths};
             mma_copy_t tk;
-            if (mode == 1) {
+            if (mode == 1 || mode == 3) {
                 MK(mma_memcpy_sg_async(x->c, &s, 1, NULL, &o, &tk));
                 MK(mma_wait(x->c, tk));
             } else {
@@ -221,11 +236,14 @@ int main(int argc, char **argv)
 {
     const char *sock = NULL, *csvpath = NULL, *dirs = "both";
     size_t minsz = 4096, maxsz = 4ull << 30, paths_at = 1ull << 30;
-    int lat_reps = 2000, gpu = 0, quick = 0;
+    int lat_reps = 2000, gpu = 0, quick = 0, scenarios = 0;
+    double secs = 1.5;
+    const char *sections = "ceiling,sizes,paths,latency";
     static const struct option lo[] = {{"socket", 1, 0, 's'}, {"gpu", 1, 0, 'g'},      {"dir", 1, 0, 'd'},
                                        {"min", 1, 0, 'a'},    {"max", 1, 0, 'b'},      {"paths-at", 1, 0, 'p'},
                                        {"csv", 1, 0, 'c'},    {"lat-reps", 1, 0, 'l'}, {"quick", 0, 0, 'q'},
-                                       {"help", 0, 0, 'h'},   {0}};
+                                       {"help", 0, 0, 'h'},   {"sections", 1, 0, 'S'}, {"scenarios", 0, 0, 'X'},
+                                       {"secs", 1, 0, 'T'},   {0}};
     int o;
     while ((o = getopt_long(argc, argv, "s:g:d:a:b:p:c:l:qh", lo, NULL)) != -1) {
         switch (o) {
@@ -238,14 +256,27 @@ int main(int argc, char **argv)
         case 'c': csvpath = optarg; break;
         case 'l': lat_reps = atoi(optarg); break;
         case 'q': quick = 1; break;
+        case 'S': sections = optarg; break;
+        case 'X': scenarios = 1; break;
+        case 'T': secs = atof(optarg); break;
         default:
             printf("usage: mma-bench [--socket S] [--gpu T] [--dir h2d|d2h|both] [--min 4K] [--max 4G] "
-                   "[--paths-at 1G] [--lat-reps N] [--csv FILE] [--quick]\n");
+                   "[--paths-at 1G] [--lat-reps N] [--csv FILE] [--quick] [--sections LIST]\n"
+                   "       mma-bench --scenarios [--socket S] [--secs 1.5] [--csv FILE]\n");
             return o == 'h' ? 0 : 2;
         }
     }
     if (!sock)
         sock = getenv("MMA_SOCKET") ? getenv("MMA_SOCKET") : "/run/mma/mmad.sock";
+    if (scenarios) {
+        FILE *csv = csvpath ? fopen(csvpath, "w") : NULL;
+        int rc = mma_bench_scenarios(sock, secs, csv);
+        if (csv)
+            fclose(csv);
+        return rc;
+    }
+    int sec_ceiling = strstr(sections, "ceiling") != NULL, sec_sizes = strstr(sections, "sizes") != NULL;
+    int sec_paths = strstr(sections, "paths") != NULL, sec_lat = strstr(sections, "latency") != NULL;
     ctx_t x = {.gpu = gpu};
     MK(mma_connect(sock, &x.c));
     mma_info_t info;
@@ -292,7 +323,7 @@ int main(int argc, char **argv)
     printf("\n## Box ceiling: all %d GPUs copy %zu MiB into their own memory at once (native)\n", x.ngpu,
            per_gpu >> 20);
     for (int d = 0; d < 2; d++)
-        if (do_dir[d]) {
+        if (do_dir[d] && sec_ceiling) {
             ceil_gbps[d] = ceiling(&x, d, per_gpu);
             printf("%s ceiling: %.1f GB/s\n", dn[d], ceil_gbps[d]);
             if (x.csv)
@@ -303,33 +334,50 @@ int main(int argc, char **argv)
     for (int d = 0; d < 2; d++) {
         if (!do_dir[d])
             continue;
-        printf("\n## %s into gpu%d: native cudaMemcpyAsync vs mma (all paths), median of reps\n", dn[d], gpu);
-        printf("%8s %12s %12s %12s %8s %9s\n", "size", "native GB/s", "mma GB/s", "mma-stream", "speedup",
-               "%ceiling");
-        double cpu0 = cpu_seconds(dpid), busy = 0;
-        for (size_t n = minsz; n <= maxsz; n *= 4) {
+        if (sec_sizes) {
+        printf("\n## %s into gpu%d: native cudaMemcpyAsync vs mma, median of reps\n"
+               "## mma = through mmad on every path; auto = what a user gets (native below the bypass threshold)\n",
+               dn[d], gpu);
+        printf("%8s %11s %10s %10s %10s %8s %8s %9s\n", "size", "native GB/s", "mma GB/s", "auto GB/s",
+               "mma-stream", "mma/nat", "auto/nat", "%ceiling");
+        for (size_t n = minsz; n <= maxsz; n = next_size(n)) {
             int reps = quick ? (reps_for(n) + 1) / 2 : reps_for(n);
             double tn = time_copy(&x, d, n, 0, 0, samples, reps);
             double tm = time_copy(&x, d, n, 1, 0, samples, reps);
+            double ta = time_copy(&x, d, n, 3, 0, samples, reps);
             double ts = time_copy(&x, d, n, 2, 0, samples, reps);
-            if (n >= (64u << 20))
-                busy += tm * (reps + 1) + ts * (reps + 1);
             double gn = (double)n / tn / 1e9, gm = (double)n / tm / 1e9, gs = (double)n / ts / 1e9;
+            double ga = (double)n / ta / 1e9;
             char hs[16];
             human(n, hs, sizeof hs);
-            printf("%8s %12.2f %12.2f %12.2f %7.2fx %8.1f%%\n", hs, gn, gm, gs, gm / gn,
+            printf("%8s %11.2f %10.2f %10.2f %10.2f %7.2fx %7.2fx %8.1f%%\n", hs, gn, gm, ga, gs, gm / gn, ga / gn,
                    ceil_gbps[d] > 0 ? 100.0 * gm / ceil_gbps[d] : 0.0);
             if (x.csv)
-                fprintf(x.csv, "%s,size,%s,%zu,0,%.3f,%.3f,%.3f,%.3f\n", x.card, dn[d], n, gn, gm, gm / gn, gs);
-            if (n > maxsz / 4)
+                fprintf(x.csv, "%s,size,%s,%zu,0,%.3f,%.3f,%.3f,stream %.3f auto %.3f\n", x.card, dn[d], n, gn, gm,
+                        gm / gn, gs, ga);
+            if (n > maxsz / 2)
                 break;
         }
-        double cpu1 = cpu_seconds(dpid);
-        if (dpid > 0 && cpu0 >= 0 && busy > 0)
-            printf("mmad CPU over this sweep: %.2f s (%.0f%% of one core over the >=64 MiB copies' %.2f s)\n",
-                   cpu1 - cpu0, 100.0 * (cpu1 - cpu0) / busy, busy);
+        /* The daemon's CPU while it sustains large copies back to back. */
+        size_t big = maxsz >= (1u << 30) ? (1u << 30) : maxsz;
+        double cpu0 = cpu_seconds(dpid), t0 = now_s();
+        int nb = 0;
+        while (now_s() - t0 < 2.0 || nb < 3) {
+            time_copy(&x, d, big, 1, 0, samples, 1);
+            nb += 2;
+        }
+        double wall = now_s() - t0, cpu1 = cpu_seconds(dpid);
+        if (dpid > 0 && cpu0 >= 0)
+            printf("mmad CPU while sustaining %s %zu MiB copies for %.1f s: %.0f%% of one core (user+sys)\n", dn[d],
+                   big >> 20, wall, 100.0 * (cpu1 - cpu0) / wall);
+        if (x.csv)
+            fprintf(x.csv, "%s,cpu,%s,%zu,0,,,,%.1f\n", x.card, dn[d], big, 100.0 * (cpu1 - cpu0) / wall);
+        }
+        if (!sec_paths && !sec_lat)
+            continue;
 
         size_t n = paths_at <= maxsz ? paths_at : maxsz;
+        if (sec_paths) {
         printf("\n## %s %zu MiB into gpu%d over 1..%d paths\n%6s %12s %8s\n", dn[d], n >> 20, gpu, x.ngpu, "paths",
                "mma GB/s", "speedup");
         double tn = time_copy(&x, d, n, 0, 0, samples, 5);
@@ -340,6 +388,9 @@ int main(int argc, char **argv)
                 fprintf(x.csv, "%s,paths,%s,%zu,%d,%.3f,%.3f,%.3f,\n", x.card, dn[d], n, p, (double)n / tn / 1e9,
                         (double)n / tm / 1e9, tn / tm);
         }
+        }
+        if (!sec_lat)
+            continue;
 
         printf("\n## %s latency, %d copies each (us): native vs mma through mmad (no bypass)\n", dn[d], lat_reps);
         printf("%8s %10s %10s %10s %10s\n", "size", "nat p50", "nat p99", "mma p50", "mma p99");

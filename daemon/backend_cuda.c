@@ -57,13 +57,11 @@
 #define POLL_QUERY_CAP 256
 
 /* Copies smaller than this go native (plain cudaMemcpyAsync in the client).
- * From the latencies in shared/HARDWARE.md: a native H2D copy of 1 MiB takes
- * 27 us, while going through mmad costs about 13 us of fixed overhead (the
- * stream reaching its flag, ~7 us, and draining after `done`, ~6 us) before
- * any byte moves, and splitting 1 MiB over four links saves at most ~15 us.
- * Below 1 MiB the daemon cannot win; the real crossover is to be measured on
- * the box and may replace this default. */
-#define DEFAULT_BYPASS_THRESHOLD (1ll << 20)
+ * Measured with mma-bench on 4x H200 (bench/results/2026-11-27-4xH200-*):
+ * through mmad, 4 MiB ran at 0.67-0.84x native, 8 MiB at 1.03-1.13x and
+ * 16 MiB at 1.22-1.49x, in both directions. 12 MiB keeps every size at or
+ * above native; --bypass-threshold overrides it. */
+#define DEFAULT_BYPASS_THRESHOLD (12ll << 20)
 
 /* cuMemGetAddressRange_v2, fetched from the driver at run time (the daemon
  * links the runtime only, so that it starts on machines without a driver).

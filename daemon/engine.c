@@ -259,11 +259,19 @@ static void *engine_main(void *arg)
             spins++;
             __builtin_ia32_pause();
         } else {
-            /* ...then back off from 2 us to 16 us, so a long copy costs a
-             * fraction of a core. */
+            /* ...then back off from 2 us up to a quarter of the time an
+             * average chunk in flight takes on one link (at ~50 GB/s), at most
+             * 100 us: with two chunks queued per path a link never idles for
+             * that, and a long copy costs a fraction of a core. While only a
+             * `reached` flag is awaited, stay at 2-8 us. */
+            uint64_t cap = 8000;
+            if (e->sched.chunks_inflight > 0) {
+                cap = e->sched.bytes_inflight / (uint64_t)e->sched.chunks_inflight / 50 / 4;
+                cap = cap < 2000 ? 2000 : cap > 100000 ? 100000 : cap;
+            }
             backoff = backoff ? backoff * 2 : 2000;
-            if (backoff > 16000)
-                backoff = 16000;
+            if (backoff > cap)
+                backoff = cap;
             wait_for_work(e, backoff);
         }
     }

@@ -36,6 +36,7 @@ typedef struct mmad_sched {
     mmad_job_t *rr;          /* whose turn it is among bulk jobs */
     int staging_inflight[MMAD_MAX_GPUS];
     int chunks_inflight;
+    uint64_t bytes_inflight;
     mmad_chunk_t *free_chunks;
     pthread_mutex_t stats_lock;
     mmad_path_stat_t paths[MMAD_MAX_GPUS][MMAD_MAX_GPUS][2];

@@ -158,6 +158,7 @@ static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via)
     j->issued += len;
     j->inflight++;
     s->chunks_inflight++;
+    s->bytes_inflight += len;
     if (via != j->target)
         s->staging_inflight[via]++;
     pthread_mutex_lock(&s->stats_lock);
@@ -238,6 +239,7 @@ mmad_job_t *mmad_sched_chunk_done(mmad_sched_t *s, mmad_chunk_t *c)
     uint64_t now = mma_now_ns();
     j->inflight--;
     s->chunks_inflight--;
+    s->bytes_inflight -= c->len;
     if (c->via != c->target)
         s->staging_inflight[c->via]--;
     pthread_mutex_lock(&s->stats_lock);

@@ -5,6 +5,7 @@
 #   machine.txt  GPUs, topology, driver      gpu_test.log  the gpu test suite
 #   bench.txt    mma-bench's table           bench.csv     the same as CSV
 #   mmad.log     the daemon's log            paths.txt     mmactl status + paths
+#   scenarios.txt/.csv  contention, fairness and priority (mma-bench --scenarios)
 #   scripts/gpu-suite.sh [BUILD_DIR] [extra mma-bench args...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,9 +34,12 @@ MMAD=$!
 for _ in $(seq 600); do [ -S "$SOCK" ] && break; sleep 0.05; done
 "$B/mma-bench" --socket "$SOCK" --csv "$OUT/bench.csv" "$@" 2>&1 | tee "$OUT/bench.txt"
 bench_rc=${PIPESTATUS[0]}
+echo "== scenarios"
+"$B/mma-bench" --socket "$SOCK" --scenarios --csv "$OUT/scenarios.csv" 2>&1 | tee "$OUT/scenarios.txt"
+scen_rc=${PIPESTATUS[0]}
 { "$B/mmactl" --socket "$SOCK" status; echo; "$B/mmactl" --socket "$SOCK" paths; } >"$OUT/paths.txt" 2>&1
 kill "$MMAD"; wait "$MMAD"
 echo "mmad exit: $?" >>"$OUT/mmad.log"
 grep -v 'bytes=0,' "$OUT/paths.txt"
-echo "gpu tests rc=$test_rc, bench rc=$bench_rc"
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "gpu tests rc=$test_rc, bench rc=$bench_rc, scenarios rc=$scen_rc"
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$scen_rc" -eq 0 ]

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Try mmad configurations on a GPU box: for each, the size sweep (native vs
+# mma, both directions) and the daemon's CPU. Output under $OUT/tune/.
+#   scripts/gpu-tune.sh [BUILD_DIR] "CONFIG 1" "CONFIG 2" ...
+set -uo pipefail
+cd "$(dirname "$0")/.."
+B=${1:-gpu-bin}
+shift || true
+OUT=${OUT:-/tmp/mma-out}
+mkdir -p "$OUT/tune"
+export NCCL_NVLS_ENABLE=0
+i=0
+for cfg in "$@"; do
+  i=$((i + 1))
+  SOCK=/tmp/mma-tune-$$-$i.sock
+  # shellcheck disable=SC2086
+  "$B/mmad" --backend=cuda --socket="$SOCK" $cfg >"$OUT/tune/mmad-$i.log" 2>&1 &
+  M=$!
+  for _ in $(seq 600); do [ -S "$SOCK" ] && break; sleep 0.05; done
+  echo "### config $i: $cfg" | tee "$OUT/tune/bench-$i.txt"
+  "$B/mma-bench" --socket "$SOCK" --sections sizes --min 1M --max 1G --quick 2>&1 | tee -a "$OUT/tune/bench-$i.txt"
+  kill "$M"; wait "$M"
+done
