@@ -207,11 +207,13 @@ int mmad_sched_fill(mmad_sched_t *s)
         do {
             if (job_has_bytes(k) && issue_for_job(s, k)) {
                 issued++;
+                /* The turn passes to the job after the last one served; a
+                 * pass that serves nobody must not move it. */
+                s->rr = k->next ? k->next : bulk;
                 progress = 1;
             }
             k = k->next ? k->next : bulk;
         } while (k != start);
-        s->rr = start->next ? start->next : bulk;
     }
     return issued;
 }
