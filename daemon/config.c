@@ -73,7 +73,11 @@ static int parse_size(const char *s, int64_t *out)
         end++;
     if (*end)
         return -1;
-    *out = (int64_t)(v * mult);
+    /* Converting a double outside int64's range (or NaN) is undefined. */
+    double r = v * mult;
+    if (!(r >= -9.0e18 && r <= 9.0e18))
+        return -1;
+    *out = (int64_t)r;
     return 0;
 }
 
