@@ -1,0 +1,225 @@
+/* mmad's option table (daemon/config.c): defaults, both spellings of an
+ * option, size suffixes, and every kind of bad input, which must be refused
+ * (a daemon that starts with a half-understood command line is worse than
+ * one that does not start). */
+#include <check.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "mmad.h"
+
+#define ARGV(...) ((char *[]){"mmad", __VA_ARGS__, NULL})
+#define ARGC(...) ((int)(sizeof((char *[]){"mmad", __VA_ARGS__}) / sizeof(char *)))
+#define PARSE(...) mmad_config_parse(&cfg, ARGC(__VA_ARGS__), ARGV(__VA_ARGS__))
+
+static mmad_config_t cfg;
+
+static void setup(void)
+{
+    mmad_config_defaults(&cfg);
+}
+
+/* The parser reports errors on stderr; keep the test log readable by
+ * silencing it around calls that are expected to fail. */
+static int parse_quiet(int argc, char **argv)
+{
+    fflush(stderr);
+    int saved = dup(STDERR_FILENO);
+    FILE *null = fopen("/dev/null", "w");
+    dup2(fileno(null), STDERR_FILENO);
+    int rc = mmad_config_parse(&cfg, argc, argv);
+    fflush(stderr);
+    dup2(saved, STDERR_FILENO);
+    close(saved);
+    fclose(null);
+    return rc;
+}
+#define PARSE_BAD(...) parse_quiet(ARGC(__VA_ARGS__), ARGV(__VA_ARGS__))
+
+START_TEST(defaults)
+{
+    ck_assert_str_eq(cfg.socket_path, "");
+    ck_assert_str_eq(cfg.backend, "auto");
+    ck_assert_str_eq(cfg.sim_preset, "4gpu");
+    ck_assert_int_eq(cfg.sim_gpus, 0);
+    ck_assert_double_eq_tol(cfg.sim_scale, 0.01, 1e-12);
+    ck_assert_uint_eq(cfg.chunk_size, 8u << 20);
+    ck_assert_uint_eq(cfg.min_chunk, 512u << 10);
+    ck_assert_int_eq(cfg.staging_slots, 4);
+    ck_assert_int_eq(cfg.path_depth, 2);
+    ck_assert_int_eq(cfg.bypass_threshold, -1);
+    ck_assert_int_eq(cfg.max_paths, 0);
+    ck_assert_int_eq(cfg.max_clients, 256);
+    ck_assert_int_eq(cfg.sim_fail_via, -1);
+    ck_assert_str_eq(cfg.log_level, "info");
+    /* No arguments: the defaults stand. */
+    char *argv[] = {"mmad", NULL};
+    ck_assert_int_eq(mmad_config_parse(&cfg, 1, argv), 0);
+    ck_assert_uint_eq(cfg.chunk_size, 8u << 20);
+}
+END_TEST
+
+START_TEST(equals_and_space_spellings)
+{
+    ck_assert_int_eq(PARSE("--chunk-size=4M"), 0);
+    ck_assert_uint_eq(cfg.chunk_size, 4u << 20);
+    mmad_config_defaults(&cfg);
+    ck_assert_int_eq(PARSE("--chunk-size", "4M"), 0);
+    ck_assert_uint_eq(cfg.chunk_size, 4u << 20);
+    ck_assert_int_eq(PARSE("--socket", "/tmp/a b.sock", "--path-depth=3", "--staging-slots", "8"), 0);
+    ck_assert_str_eq(cfg.socket_path, "/tmp/a b.sock");
+    ck_assert_int_eq(cfg.path_depth, 3);
+    ck_assert_int_eq(cfg.staging_slots, 8);
+}
+END_TEST
+
+START_TEST(size_suffixes)
+{
+    ck_assert_int_eq(PARSE("--chunk-size=64k"), 0);
+    ck_assert_uint_eq(cfg.chunk_size, 64u << 10);
+    ck_assert_int_eq(PARSE("--chunk-size=2MiB"), 0);
+    ck_assert_uint_eq(cfg.chunk_size, 2u << 20);
+    ck_assert_int_eq(PARSE("--chunk-size=1G"), 0);
+    ck_assert_uint_eq(cfg.chunk_size, 1u << 30);
+    ck_assert_int_eq(PARSE("--chunk-size=1.5M"), 0);
+    ck_assert_uint_eq(cfg.chunk_size, 3u << 19);
+    ck_assert_int_eq(PARSE("--chunk-size=12288"), 0);
+    ck_assert_uint_eq(cfg.chunk_size, 12288);
+    ck_assert_int_eq(PARSE("--bypass-threshold=256K"), 0);
+    ck_assert_int_eq(cfg.bypass_threshold, 256 << 10);
+    ck_assert_int_eq(PARSE("--bypass-threshold=-1"), 0);
+    ck_assert_int_eq(cfg.bypass_threshold, -1);
+    ck_assert_int_eq(PARSE("--sim-scale=0.5"), 0);
+    ck_assert_double_eq_tol(cfg.sim_scale, 0.5, 1e-12);
+    ck_assert_int_eq(PARSE("--sim-fail-via=2"), 0);
+    ck_assert_int_eq(cfg.sim_fail_via, 2);
+}
+END_TEST
+
+START_TEST(min_chunk_never_above_chunk_size)
+{
+    ck_assert_int_eq(PARSE("--chunk-size=256K"), 0);
+    ck_assert_uint_eq(cfg.chunk_size, 256u << 10);
+    ck_assert_uint_eq(cfg.min_chunk, 256u << 10);
+    mmad_config_defaults(&cfg);
+    ck_assert_int_eq(PARSE("--min-chunk=64K", "--chunk-size=1M"), 0);
+    ck_assert_uint_eq(cfg.min_chunk, 64u << 10);
+}
+END_TEST
+
+START_TEST(bad_numbers_refused)
+{
+    const char *bad[] = {"--chunk-size=abc", "--chunk-size=", "--chunk-size=4X", "--chunk-size=4MM",
+                         "--path-depth=two", "--sim-scale=fast", "--sim-scale=", "--max-paths=1.2.3"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        mmad_config_defaults(&cfg);
+        char *argv[] = {"mmad", (char *)bad[i], NULL};
+        ck_assert_msg(parse_quiet(2, argv) < 0, "%s was accepted", bad[i]);
+        /* A refused value does not half-apply. */
+        ck_assert_uint_eq(cfg.chunk_size, 8u << 20);
+        ck_assert_int_eq(cfg.path_depth, 2);
+    }
+}
+END_TEST
+
+START_TEST(out_of_range_refused)
+{
+    const char *bad[] = {"--chunk-size=1K",   "--chunk-size=2G",    "--path-depth=0",     "--path-depth=65",
+                         "--staging-slots=0", "--sim-scale=0",      "--sim-scale=1.5",    "--sim-gpus=17",
+                         "--max-clients=0",   "--sim-fail-via=-2",  "--bypass-threshold=-2", "--max-paths=-1",
+                         "--chunk-size=1e30", "--chunk-size=-4K",     "--chunk-size=nan",   "--chunk-size=inf",
+                         "--path-depth=-1e300"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        mmad_config_defaults(&cfg);
+        char *argv[] = {"mmad", (char *)bad[i], NULL};
+        ck_assert_msg(parse_quiet(2, argv) < 0, "%s was accepted", bad[i]);
+    }
+    /* The bounds themselves are fine. */
+    ck_assert_int_eq(PARSE("--path-depth=1", "--staging-slots=64", "--sim-scale=1.0", "--chunk-size=4K"), 0);
+}
+END_TEST
+
+START_TEST(unknown_and_malformed_arguments)
+{
+    ck_assert_int_lt(PARSE_BAD("--frobnicate"), 0);
+    ck_assert_int_lt(PARSE_BAD("--frobnicate=1"), 0);
+    ck_assert_int_lt(PARSE_BAD("--chunk"), 0);          /* a prefix is not a name */
+    ck_assert_int_lt(PARSE_BAD("--chunk-sizes=4M"), 0);
+    ck_assert_int_lt(PARSE_BAD("chunk-size=4M"), 0);    /* positional */
+    ck_assert_int_lt(PARSE_BAD("-s"), 0);
+    ck_assert_int_lt(PARSE_BAD("--chunk-size"), 0);     /* value missing at the end */
+    ck_assert_int_lt(PARSE_BAD("--socket=/tmp/0123456789012345678901234567890123456789012345678901234567890123456789"
+                               "01234567890123456789012345678901234567890.sock"),
+                     0); /* longer than sun_path */
+}
+END_TEST
+
+START_TEST(backend_choice)
+{
+    ck_assert_int_lt(PARSE_BAD("--backend", "bogus"), 0);
+    ck_assert_int_lt(PARSE_BAD("--backend=SIM"), 0);
+    mmad_config_defaults(&cfg);
+    ck_assert_int_eq(PARSE("--sim"), 0);
+    ck_assert_str_eq(cfg.backend, "sim");
+    ck_assert_int_eq(PARSE("--backend=cuda"), 0);
+    ck_assert_str_eq(cfg.backend, "cuda");
+    ck_assert_int_eq(PARSE("--backend", "auto"), 0);
+    ck_assert_str_eq(cfg.backend, "auto");
+    /* Later arguments win. */
+    ck_assert_int_eq(PARSE("--backend=cuda", "--sim"), 0);
+    ck_assert_str_eq(cfg.backend, "sim");
+}
+END_TEST
+
+START_TEST(help_and_version_return_1)
+{
+    fflush(stdout);
+    int saved = dup(STDOUT_FILENO);
+    FILE *tmp = tmpfile();
+    ck_assert_ptr_nonnull(tmp);
+    dup2(fileno(tmp), STDOUT_FILENO);
+    int h = PARSE("--help");
+    int v = PARSE("--version");
+    fflush(stdout);
+    dup2(saved, STDOUT_FILENO);
+    close(saved);
+    ck_assert_int_eq(h, 1);
+    ck_assert_int_eq(v, 1);
+    /* The usage lists every option from the table. */
+    char buf[8192];
+    rewind(tmp);
+    size_t n = fread(buf, 1, sizeof buf - 1, tmp);
+    buf[n] = 0;
+    fclose(tmp);
+    const char *names[] = {"--socket", "--backend", "--sim-preset", "--sim-gpus", "--sim-scale", "--chunk-size",
+                           "--min-chunk", "--staging-slots", "--path-depth", "--bypass-threshold", "--max-paths",
+                           "--max-clients", "--sim-fail-via", "--log", "mmad 0.1.0"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        ck_assert_msg(strstr(buf, names[i]), "usage lacks %s", names[i]);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("config");
+    TCase *tc = tcase_create("config");
+    tcase_add_checked_fixture(tc, setup, NULL);
+    tcase_set_timeout(tc, 10);
+    tcase_add_test(tc, defaults);
+    tcase_add_test(tc, equals_and_space_spellings);
+    tcase_add_test(tc, size_suffixes);
+    tcase_add_test(tc, min_chunk_never_above_chunk_size);
+    tcase_add_test(tc, bad_numbers_refused);
+    tcase_add_test(tc, out_of_range_refused);
+    tcase_add_test(tc, unknown_and_malformed_arguments);
+    tcase_add_test(tc, backend_choice);
+    tcase_add_test(tc, help_and_version_return_1);
+    suite_add_tcase(s, tc);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

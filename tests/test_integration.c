@@ -1,0 +1,1444 @@
+/* End to end: a private `mmad --sim` per test (fork+exec of the real
+ * binary), driven through libmma, through raw protocol sockets and through
+ * mmactl. The simulated box really copies bytes through its rate-limited
+ * links and its device memory is shared with the client, so every copy is
+ * checked byte for byte against a reference kept by the test, including the
+ * bytes around the destination that must not change. Each test ends by
+ * stopping the daemon with SIGTERM and requiring a clean exit (status 0; under
+ * ASan that includes no leaks).
+ *
+ * Test cases (ctest runs each as integration.<case>):
+ *   clients     several client processes copying at once (random sizes,
+ *               offsets, directions, GPUs, scatter-gather, copies in flight)
+ *   protocol    raw protocol: daemon-side validation, version handshake,
+ *               unknown/garbage requests
+ *   lifecycle   a client dying mid-copy, SIGTERM with copies in flight, a
+ *               second daemon on a live socket, a stale socket file
+ *   mmactl      status/paths/clients output, --json, errors
+ *   faults      --sim-fail-via: relays that fail are set aside, bytes arrive
+ *   api_errors  every libmma refusal a caller can run into */
+#define _GNU_SOURCE
+#include <check.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "flagpage.h"
+#include "harness.h"
+#include "mma.h"
+#include "wire.h"
+
+#define MIB (1u << 20)
+#define NGPU 4
+
+/* A fast box for tests that only need correctness, with small chunks so that
+ * even modest copies are split across every path. */
+static const char *const fast_box[] = {"--sim-scale=0.25", "--chunk-size=1M", "--min-chunk=64K", NULL};
+
+/* ---- helpers ---- */
+
+static char *mmactl(const mmad_proc_t *d, const char *cmd, int json, int *rc)
+{
+    const char *argv[] = {MMACTL_PATH, "--socket", d->sock, cmd, json ? "--json" : NULL, NULL};
+    char *out = NULL, *err = NULL;
+    *rc = tool_run(argv, &out, &err);
+    if (*rc != 0)
+        fprintf(stderr, "mmactl %s: exit %d: %s\n", cmd, *rc, err);
+    free(err);
+    return out;
+}
+
+/* The value of `key=` (or `key:`) on the first line starting with `line`. */
+static int64_t field(const char *text, const char *line, const char *key)
+{
+    size_t ll = strlen(line);
+    for (const char *p = text; p && *p;) {
+        const char *eol = strchr(p, '\n');
+        if (strncmp(p, line, ll) == 0) {
+            const char *k = strstr(p, key);
+            if (k && (!eol || k < eol))
+                return strtoll(k + strlen(key), NULL, 10);
+            return -1;
+        }
+        p = eol ? eol + 1 : NULL;
+    }
+    return -1;
+}
+
+/* `key:N` of `mmactl status`. */
+static int64_t status_field(const char *text, const char *key)
+{
+    char k[64];
+    snprintf(k, sizeof k, "%s:", key);
+    return field(text, k, k);
+}
+
+/* The whole line starting with `prefix`, or "" (static buffer). */
+static const char *line_of(const char *text, const char *prefix)
+{
+    static char buf[512];
+    buf[0] = 0;
+    size_t pl = strlen(prefix);
+    for (const char *p = text; p && *p;) {
+        const char *eol = strchr(p, '\n');
+        size_t len = eol ? (size_t)(eol - p) : strlen(p);
+        if (strncmp(p, prefix, pl) == 0) {
+            snprintf(buf, sizeof buf, "%.*s", (int)len, p);
+            break;
+        }
+        p = eol ? eol + 1 : NULL;
+    }
+    return buf;
+}
+
+/* A small JSON syntax checker: enough to catch an unescaped quote in a note
+ * or a missing comma, which would break every consumer of --json. */
+static const char *js_value(const char *p, int depth);
+static const char *js_ws(const char *p)
+{
+    while (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r')
+        p++;
+    return p;
+}
+static const char *js_string(const char *p)
+{
+    if (*p++ != '"')
+        return NULL;
+    for (; *p && *p != '"'; p++) {
+        if ((unsigned char)*p < 0x20)
+            return NULL;
+        if (*p == '\\' && !*++p)
+            return NULL;
+    }
+    return *p == '"' ? p + 1 : NULL;
+}
+static const char *js_number(const char *p)
+{
+    const char *s = p;
+    if (*p == '-')
+        p++;
+    if (*p < '0' || *p > '9')
+        return NULL;
+    while (*p >= '0' && *p <= '9')
+        p++;
+    if (*p == '.') {
+        p++;
+        if (*p < '0' || *p > '9')
+            return NULL;
+        while (*p >= '0' && *p <= '9')
+            p++;
+    }
+    if (*p == 'e' || *p == 'E') {
+        p++;
+        if (*p == '+' || *p == '-')
+            p++;
+        if (*p < '0' || *p > '9')
+            return NULL;
+        while (*p >= '0' && *p <= '9')
+            p++;
+    }
+    return p > s ? p : NULL;
+}
+static const char *js_container(const char *p, int depth, char close, int object)
+{
+    p = js_ws(p + 1);
+    if (*p == close)
+        return p + 1;
+    for (;;) {
+        if (object) {
+            if (!(p = js_string(js_ws(p))))
+                return NULL;
+            p = js_ws(p);
+            if (*p++ != ':')
+                return NULL;
+        }
+        if (!(p = js_value(p, depth + 1)))
+            return NULL;
+        p = js_ws(p);
+        if (*p == close)
+            return p + 1;
+        if (*p++ != ',')
+            return NULL;
+    }
+}
+static const char *js_value(const char *p, int depth)
+{
+    if (depth > 32)
+        return NULL;
+    p = js_ws(p);
+    switch (*p) {
+    case '{': return js_container(p, depth, '}', 1);
+    case '[': return js_container(p, depth, ']', 0);
+    case '"': return js_string(p);
+    case 't': return strncmp(p, "true", 4) ? NULL : p + 4;
+    case 'f': return strncmp(p, "false", 5) ? NULL : p + 5;
+    case 'n': return strncmp(p, "null", 4) ? NULL : p + 4;
+    default: return js_number(p);
+    }
+}
+static int json_valid(const char *text)
+{
+    const char *end = js_value(text, 0);
+    return end && *js_ws(end) == 0;
+}
+
+static int count_substr(const char *hay, const char *needle)
+{
+    int n = 0;
+    for (const char *p = hay; (p = strstr(p, needle)); p += strlen(needle))
+        n++;
+    return n;
+}
+
+/* First offset where a and b differ, or -1. */
+static long first_diff(const uint8_t *a, const uint8_t *b, size_t n)
+{
+    if (memcmp(a, b, n) == 0)
+        return -1;
+    for (size_t i = 0; i < n; i++)
+        if (a[i] != b[i])
+            return (long)i;
+    return -1;
+}
+
+/* One verified copy through libmma on an established client. */
+static void copy_verified(mma_client_t *c, void *dst, const void *src, size_t n, const mma_copy_opts_t *opts)
+{
+    mma_segment_t s = {dst, src, n};
+    mma_copy_t t;
+    int rc = mma_memcpy_sg_async(c, &s, 1, NULL, opts, &t);
+    ck_assert_msg(rc == MMA_OK, "mma_memcpy_sg_async: %s", mma_status_name(rc));
+    rc = mma_wait(c, t);
+    ck_assert_msg(rc == MMA_OK, "mma_wait: %s", mma_status_name(rc));
+    long d = first_diff(dst, src, n);
+    ck_assert_msg(d < 0, "copied bytes differ at offset %ld of %zu", d, n);
+}
+
+/* Connect, copy `n` random bytes host -> gpu -> host, verify, disconnect. */
+static void quick_roundtrip(const char *sock, int gpu, size_t n)
+{
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(sock, &c), MMA_OK);
+    uint8_t *h, *back, *d;
+    ck_assert_int_eq(mma_host_alloc(c, n, (void **)&h), MMA_OK);
+    ck_assert_int_eq(mma_host_alloc(c, n, (void **)&back), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, gpu, n, (void **)&d), MMA_OK);
+    fill_random(h, n, n * 31 + (size_t)gpu);
+    copy_verified(c, d, h, n, NULL);
+    copy_verified(c, back, d, n, NULL);
+    ck_assert_int_eq(mma_free(c, d), MMA_OK);
+    ck_assert_int_eq(mma_free(c, back), MMA_OK);
+    ck_assert_int_eq(mma_free(c, h), MMA_OK);
+    mma_disconnect(c);
+}
+
+static void reap_child_ok(pid_t pid, const char *what)
+{
+    int st = 0;
+    ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "%s (pid %d) failed: %s %d", what, (int)pid,
+                  WIFEXITED(st) ? "exit" : "signal", WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
+}
+
+/* ======================================================================
+ * a. several client processes at once
+ * ==================================================================== */
+
+#define NCLIENTS 4
+#define ROUNDS 20
+#define MAX_OPS 6
+#define MAX_SEGS 200
+
+/* Failures inside a forked client: say what and exit nonzero; the parent
+ * asserts every client exited 0. */
+#define CHILD_CHECK(cond, ...)                                   \
+    do {                                                         \
+        if (!(cond)) {                                           \
+            fprintf(stderr, "client %d (seed %llu): ", idx,      \
+                    (unsigned long long)seed);                   \
+            fprintf(stderr, __VA_ARGS__);                        \
+            fputc('\n', stderr);                                 \
+            return 1;                                            \
+        }                                                        \
+    } while (0)
+#define CHILD_OK(call)                                                              \
+    do {                                                                            \
+        int rc_ = (call);                                                           \
+        CHILD_CHECK(rc_ == MMA_OK, "%s: %s", #call, mma_status_name(rc_));          \
+    } while (0)
+
+/* A length in [1, max], log-uniform so that 1-byte, odd, page-sized and
+ * multi-MiB copies all come up; sometimes exactly max. */
+static size_t rand_len(uint64_t *r, size_t max)
+{
+    if (rnd_next(r) % 8 == 0)
+        return max;
+    int bits = 0;
+    while (bits < 63 && ((size_t)1 << (bits + 1)) <= max)
+        bits++;
+    size_t cap = (size_t)1 << (rnd_next(r) % (uint64_t)(bits + 1));
+    size_t len = 1 + rnd_next(r) % cap;
+    return len > max ? max : len;
+}
+
+static int client_worker(const char *sock, int idx, uint64_t seed, uint64_t *bytes_out)
+{
+    uint64_t r = seed;
+    mma_client_t *c = NULL;
+    CHILD_OK(mma_connect(sock, &c));
+    mma_info_t info;
+    CHILD_OK(mma_get_info(c, &info));
+    CHILD_CHECK(info.simulated && info.gpu_count == NGPU && strcmp(info.backend, "sim") == 0,
+                "unexpected box: %s, %d GPUs, simulated %d", info.backend, info.gpu_count, info.simulated);
+    CHILD_CHECK(info.api_version == MMA_API_VERSION, "api %u", info.api_version);
+    CHILD_CHECK(info.features & MMA_FEATURE_SCATTER_GATHER, "no scatter-gather feature");
+
+    /* Odd sizes, so region ends are not page aligned: the daemon must
+     * refuse nothing inside and the last byte of a region must be reachable. */
+    const int gpu[2] = {idx % NGPU, (idx + 1) % NGPU};
+    const size_t hsz = 6 * MIB + 4097, dsz[2] = {6 * MIB + 13, 6 * MIB + 4099};
+    const size_t span = dsz[0]; /* the smallest of the three */
+    uint8_t *h = NULL, *d[2] = {NULL, NULL};
+    CHILD_OK(mma_host_alloc(c, hsz, (void **)&h));
+    CHILD_OK(mma_device_alloc(c, gpu[0], dsz[0], (void **)&d[0]));
+    CHILD_OK(mma_device_alloc(c, gpu[1], dsz[1], (void **)&d[1]));
+    /* The reference: what every byte of every buffer must hold. */
+    uint8_t *mh = malloc(hsz), *md[2] = {malloc(dsz[0]), malloc(dsz[1])};
+    CHILD_CHECK(mh && md[0] && md[1], "out of memory");
+    fill_random(h, hsz, seed + 1);
+    fill_random(d[0], dsz[0], seed + 2);
+    fill_random(d[1], dsz[1], seed + 3);
+    memcpy(mh, h, hsz);
+    memcpy(md[0], d[0], dsz[0]);
+    memcpy(md[1], d[1], dsz[1]);
+
+    mma_segment_t *segs = malloc(MAX_SEGS * sizeof *segs);
+    uint64_t bytes = 0;
+    for (int round = 0; round < ROUNDS; round++) {
+        /* k copies in flight at once, each confined to its own slice of all
+         * three buffers, so they never touch each other's bytes and the
+         * reference can be updated at submit time. Round 0: one copy of the
+         * whole span. */
+        int k = round == 0 ? 1 : 1 + (int)(rnd_next(&r) % MAX_OPS);
+        size_t slice = span / (size_t)k;
+        mma_copy_t t[MAX_OPS];
+        for (int i = 0; i < k; i++) {
+            size_t a = (size_t)i * slice, b = i == k - 1 ? span : a + slice;
+            int h2d = rnd_next(&r) & 1;
+            int di = (int)(rnd_next(&r) & 1);
+            int nseg = rnd_next(&r) % 3 == 0 ? 2 + (int)(rnd_next(&r) % (MAX_SEGS - 1)) : 1;
+            if (round == 0)
+                nseg = 1;
+            if ((b - a) / (size_t)nseg < 1)
+                nseg = 1;
+            size_t sub = (b - a) / (size_t)nseg;
+            uint64_t total = 0;
+            for (int s = 0; s < nseg; s++) {
+                size_t sa = a + (size_t)s * sub, sb = s == nseg - 1 ? b : sa + sub;
+                size_t len = round == 0 ? sb - sa : rand_len(&r, sb - sa);
+                size_t soff = sa + rnd_next(&r) % (sb - sa - len + 1);
+                size_t doff = sa + rnd_next(&r) % (sb - sa - len + 1);
+                if (h2d) {
+                    segs[s] = (mma_segment_t){d[di] + doff, h + soff, len};
+                    memcpy(md[di] + doff, mh + soff, len);
+                } else {
+                    segs[s] = (mma_segment_t){h + doff, d[di] + soff, len};
+                    memcpy(mh + doff, md[di] + soff, len);
+                }
+                total += len;
+            }
+            mma_copy_opts_t opts = {0, 0};
+            uint64_t o = rnd_next(&r);
+            if (o & 1)
+                opts.flags |= MMA_COPY_LATENCY;
+            if (o & 2)
+                opts.flags |= MMA_COPY_NO_BYPASS;
+            opts.max_paths = (int)((o >> 8) % (NGPU + 1));
+            int how = (int)(rnd_next(&r) % 4);
+            if (nseg == 1 && how == 0) {
+                CHILD_OK(mma_memcpy_async(c, segs[0].dst, segs[0].src, segs[0].len, NULL, &t[i]));
+            } else if (nseg == 1 && how == 1) {
+                CHILD_OK(mma_memcpy(c, segs[0].dst, segs[0].src, segs[0].len)); /* synchronous */
+                t[i] = 0;
+            } else {
+                CHILD_OK(mma_memcpy_sg_async(c, segs, (size_t)nseg, NULL, how == 2 ? &opts : NULL, &t[i]));
+            }
+            bytes += total;
+        }
+        /* Wait newest first: completion is per copy, not in issue order. */
+        for (int i = k - 1; i >= 0; i--) {
+            if (t[i] == 0)
+                continue; /* that one was synchronous */
+            int rc = mma_wait(c, t[i]);
+            CHILD_CHECK(rc == MMA_OK, "round %d copy %d: mma_wait: %s", round, i, mma_status_name(rc));
+            CHILD_CHECK(mma_query(c, t[i]) == MMA_OK, "query after wait");
+        }
+        /* Every byte of every buffer: the copied ones and all the others. */
+        long off;
+        CHILD_CHECK((off = first_diff(h, mh, hsz)) < 0, "round %d: host buffer differs at %ld", round, off);
+        CHILD_CHECK((off = first_diff(d[0], md[0], dsz[0])) < 0, "round %d: gpu%d buffer differs at %ld", round,
+                    gpu[0], off);
+        CHILD_CHECK((off = first_diff(d[1], md[1], dsz[1])) < 0, "round %d: gpu%d buffer differs at %ld", round,
+                    gpu[1], off);
+    }
+    CHILD_OK(mma_free(c, d[1]));
+    CHILD_OK(mma_free(c, d[0]));
+    CHILD_OK(mma_free(c, h));
+    CHILD_CHECK(mma_free(c, h) == MMA_ERR_NOT_REGISTERED, "double free accepted");
+    mma_disconnect(c);
+    free(segs);
+    free(mh);
+    free(md[0]);
+    free(md[1]);
+    *bytes_out = bytes;
+    return 0;
+}
+
+START_TEST(concurrent_clients_random_copies)
+{
+    mmad_proc_t d;
+    mmad_start(&d, fast_box);
+    uint64_t seed = test_seed("concurrent_clients_random_copies");
+    int p[2];
+    ck_assert_int_eq(pipe(p), 0);
+    pid_t kids[NCLIENTS];
+    fflush(stdout);
+    fflush(stderr);
+    for (int i = 0; i < NCLIENTS; i++) {
+        kids[i] = fork();
+        ck_assert_int_ge(kids[i], 0);
+        if (kids[i] == 0) {
+            close(p[0]);
+            uint64_t bytes = 0;
+            int rc = client_worker(d.sock, i, seed + (uint64_t)i * 1000003, &bytes);
+            if (rc == 0 && write(p[1], &bytes, sizeof bytes) != sizeof bytes)
+                rc = 1;
+            exit(rc); /* exit, not _exit: under ASan the client's leaks count */
+        }
+    }
+    close(p[1]);
+    for (int i = 0; i < NCLIENTS; i++)
+        reap_child_ok(kids[i], "client process");
+    uint64_t sum = 0, b;
+    int reports = 0;
+    while (read(p[0], &b, sizeof b) == sizeof b) {
+        sum += b;
+        reports++;
+    }
+    close(p[0]);
+    ck_assert_int_eq(reports, NCLIENTS);
+    /* The daemon's own totals agree with what the clients copied. */
+    int rc;
+    char *st = mmactl(&d, "status", 0, &rc);
+    ck_assert_int_eq(rc, 0);
+    ck_assert_msg(status_field(st, "bytes_done") == (int64_t)sum, "daemon says %" PRId64 ", clients %" PRIu64,
+                  status_field(st, "bytes_done"), sum);
+    free(st);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
+/* One client, several threads: the handle is documented thread-safe. */
+typedef struct {
+    mma_client_t *c;
+    int gpu;
+    int ok;
+} thr_arg_t;
+
+static void *thread_copies(void *arg)
+{
+    thr_arg_t *a = arg;
+    size_t n = 1 * MIB + 333;
+    uint8_t *h, *back, *d;
+    if (mma_host_alloc(a->c, n, (void **)&h) || mma_host_alloc(a->c, n, (void **)&back) ||
+        mma_device_alloc(a->c, a->gpu, n, (void **)&d))
+        return NULL;
+    fill_random(h, n, (uint64_t)a->gpu + 99);
+    a->ok = 1;
+    for (int i = 0; i < 8 && a->ok; i++) {
+        size_t off = (size_t)i * 4099, len = n - off;
+        memset(back, 0, n);
+        a->ok = mma_memcpy(a->c, d + off, h + off, len) == MMA_OK && mma_memcpy(a->c, back, d, n) == MMA_OK &&
+                memcmp(back + off, h + off, len) == 0;
+    }
+    a->ok = a->ok && mma_free(a->c, d) == MMA_OK && mma_free(a->c, back) == MMA_OK && mma_free(a->c, h) == MMA_OK;
+    return NULL;
+}
+
+START_TEST(one_client_many_threads)
+{
+    mmad_proc_t d;
+    mmad_start(&d, fast_box);
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(d.sock, &c), MMA_OK);
+    pthread_t th[4];
+    thr_arg_t args[4];
+    for (int i = 0; i < 4; i++) {
+        args[i] = (thr_arg_t){c, i, 0};
+        ck_assert_int_eq(pthread_create(&th[i], NULL, thread_copies, &args[i]), 0);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        ck_assert_msg(args[i].ok, "thread %d failed", i);
+    }
+    mma_disconnect(c);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
+/* ======================================================================
+ * b-d. raw protocol
+ * ==================================================================== */
+
+static uint32_t raw_register(int fd, int device, int gpu, uint64_t size, int memfd, int want_status,
+                             const char *want_text)
+{
+    Mma__RegisterHost rh = MMA__REGISTER_HOST__INIT;
+    Mma__RegisterDevice rd = MMA__REGISTER_DEVICE__INIT;
+    Mma__Request req = MMA__REQUEST__INIT;
+    if (device) {
+        req.type = MMA__REQ_TYPE__REGISTER_DEVICE;
+        rd.gpu = (uint32_t)gpu;
+        rd.size = size;
+        req.register_device = &rd;
+    } else {
+        req.type = MMA__REQ_TYPE__REGISTER_HOST;
+        rh.size = size;
+        req.register_host = &rh;
+    }
+    Mma__Response *r = raw_call(fd, &req, &memfd, memfd >= 0 ? 1 : 0, NULL);
+    ck_assert_ptr_nonnull(r);
+    ck_assert_uint_eq(r->id, req.id);
+    ck_assert_msg(r->status == want_status, "register: got %s (%s), wanted %s", mma_status_name(r->status),
+                  r->error ? r->error : "", mma_status_name(want_status));
+    if (want_text)
+        ck_assert_msg(r->error && strstr(r->error, want_text), "error '%s' lacks '%s'", r->error ? r->error : "",
+                      want_text);
+    uint32_t id = r->register_ ? r->register_->region_id : 0;
+    if (want_status == MMA_OK)
+        ck_assert_uint_gt(id, 0);
+    mma__response__free_unpacked(r, NULL);
+    return id;
+}
+
+static void raw_send_copy(int fd, uint32_t slot, uint64_t seq, uint32_t dst, uint64_t doff, uint32_t src,
+                          uint64_t soff, uint64_t len)
+{
+    Mma__Segment sg = MMA__SEGMENT__INIT, *sp = &sg;
+    sg.dst_region = dst;
+    sg.dst_offset = doff;
+    sg.src_region = src;
+    sg.src_offset = soff;
+    sg.length = len;
+    Mma__Copy cp = MMA__COPY__INIT;
+    cp.slot = slot;
+    cp.seq = seq;
+    cp.n_segments = 1;
+    cp.segments = &sp;
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__COPY;
+    req.has_id = 1;
+    req.id = seq + 500000;
+    req.copy = &cp;
+    ck_assert_int_eq(mma_wire_send(fd, &req.base, NULL, 0), MMA_OK);
+}
+
+/* The error response to a refused COPY. */
+static void expect_copy_error(int fd, uint64_t seq, int want, const char *want_text)
+{
+    int eof = 0;
+    Mma__Response *r = raw_recv(fd, 10.0, &eof);
+    ck_assert_msg(r, "no response to a bad COPY (eof %d)", eof);
+    ck_assert_int_eq(r->type, MMA__REQ_TYPE__COPY);
+    ck_assert(r->has_id && r->id == seq + 500000);
+    ck_assert_msg(r->status == want, "got %s (%s), wanted %s", mma_status_name(r->status), r->error ? r->error : "",
+                  mma_status_name(want));
+    ck_assert_msg(r->error && strstr(r->error, want_text), "error '%s' lacks '%s'", r->error ? r->error : "(none)",
+                  want_text);
+    mma__response__free_unpacked(r, NULL);
+}
+
+typedef struct {
+    mma_flag_slot_t *slot;
+    uint64_t seq;
+} flag_wait_t;
+
+static int flag_done(void *arg)
+{
+    flag_wait_t *w = arg;
+    return mma_flag_read(&w->slot->done) >= w->seq;
+}
+
+/* Nothing more is waiting on the socket (a successful COPY gets no reply). */
+static void expect_silence(int fd)
+{
+    Mma__Response *r = raw_recv(fd, 0.05, NULL);
+    ck_assert_msg(!r, "unexpected response: %s %s", r ? mma_status_name(r->status) : "", r && r->error ? r->error : "");
+}
+
+START_TEST(daemon_side_validation)
+{
+    mmad_proc_t d;
+    mmad_start(&d, fast_box);
+    int fd = raw_connect(d.sock);
+    ck_assert_int_ge(fd, 0);
+    enum { NSLOTS = 8, SZ = 65536 };
+    void *fv = NULL;
+    Mma__Response *r = raw_hello(fd, MMA_API_VERSION, NSLOTS, &fv);
+    ck_assert_ptr_nonnull(r);
+    ck_assert_int_eq(r->status, MMA_OK);
+    ck_assert_ptr_nonnull(r->hello);
+    ck_assert_str_eq(r->hello->backend, "sim");
+    ck_assert(r->hello->simulated && r->hello->gpu_count == NGPU);
+    ck_assert_uint_eq(r->hello->api_version, MMA_API_VERSION);
+    mma__response__free_unpacked(r, NULL);
+    mma_flag_slot_t *fl = fv;
+
+    int hfd, dfd, dfd2;
+    uint8_t *hm = memfd_map(SZ, &hfd), *dm = memfd_map(SZ, &dfd);
+    fill_random(hm, SZ, 4242);
+    memset(dm, 0xab, SZ);
+    uint32_t hid = raw_register(fd, 0, -1, SZ, hfd, MMA_OK, NULL);
+    uint32_t did = raw_register(fd, 1, 1, SZ, dfd, MMA_OK, NULL);
+    ck_assert_uint_ne(hid, did);
+
+    /* dst_offset + length past the device region: refused, the flag slot
+     * says so (a CUDA stream waiting on it would move on), and the reply
+     * names the offset. */
+    raw_send_copy(fd, 3, 7, did, SZ - 100, hid, 0, 200);
+    expect_copy_error(fd, 7, MMA_ERR_RANGE, "65436");
+    ck_assert_uint_eq(mma_flag_read(&fl[3].done), 7);
+    ck_assert_int_eq(atomic_load(&fl[3].status), MMA_ERR_RANGE);
+    /* source offset that wraps around 2^64 */
+    raw_send_copy(fd, 2, 8, did, 0, hid, UINT64_MAX - 5, 100);
+    expect_copy_error(fd, 8, MMA_ERR_RANGE, "18446744073709551610");
+    ck_assert_uint_eq(mma_flag_read(&fl[2].done), 8);
+    ck_assert_int_eq(atomic_load(&fl[2].status), MMA_ERR_RANGE);
+    /* region ids the client never registered */
+    raw_send_copy(fd, 1, 9, 4242, 0, hid, 0, 1);
+    expect_copy_error(fd, 9, MMA_ERR_NOT_REGISTERED, "4242");
+    ck_assert_int_eq(atomic_load(&fl[1].status), MMA_ERR_NOT_REGISTERED);
+    /* host -> host */
+    raw_send_copy(fd, 1, 10, hid, 0, hid, 100, 1);
+    expect_copy_error(fd, 10, MMA_ERR_DIRECTION, "host");
+    /* a slot outside the flag page: refused, nothing written anywhere */
+    raw_send_copy(fd, NSLOTS, 11, did, 0, hid, 0, 1);
+    expect_copy_error(fd, 11, MMA_ERR_INVAL, "slot 8");
+    /* zero length */
+    raw_send_copy(fd, 0, 12, did, 0, hid, 0, 0);
+    expect_copy_error(fd, 12, MMA_ERR_INVAL, "length is 0");
+    /* The device region is untouched by all of that. */
+    for (size_t i = 0; i < SZ; i++)
+        ck_assert_msg(dm[i] == 0xab, "device byte %zu changed by a refused copy", i);
+
+    /* A good copy: it waits for `reached`, then lands, then `done`. */
+    raw_send_copy(fd, 4, 20, did, 1000, hid, 3, 5000);
+    expect_silence(fd); /* also gives the engine time it must not use: */
+    ck_assert_uint_eq(mma_flag_read(&fl[4].done), 0);
+    ck_assert_int_eq(dm[1000], 0xab);
+    atomic_store(&fl[4].reached, 20);
+    flag_wait_t w = {&fl[4], 20};
+    ck_assert_msg(wait_until(flag_done, &w, 10.0), "copy never completed");
+    ck_assert_int_eq(atomic_load(&fl[4].status), MMA_OK);
+    ck_assert_mem_eq(dm + 1000, hm + 3, 5000);
+    for (size_t i = 0; i < SZ; i++)
+        if (i < 1000 || i >= 6000)
+            ck_assert_msg(dm[i] == 0xab, "byte %zu outside the copy changed", i);
+    /* ... and a copy ending on the region's last byte is fine. */
+    atomic_store(&fl[5].reached, 21);
+    raw_send_copy(fd, 5, 21, hid, 0, did, SZ - 4096, 4096);
+    w = (flag_wait_t){&fl[5], 21};
+    ck_assert(wait_until(flag_done, &w, 10.0));
+    ck_assert_int_eq(atomic_load(&fl[5].status), MMA_OK);
+    ck_assert_mem_eq(hm, dm + SZ - 4096, 4096);
+    expect_silence(fd);
+
+    /* Registration refusals. */
+    uint8_t *dm2 = memfd_map(4096, &dfd2);
+    (void)dm2;
+    raw_register(fd, 1, 9, 4096, dfd2, MMA_ERR_NO_GPU, "gpu 9");
+    raw_register(fd, 0, -1, 8192, dfd2, MMA_ERR_INVAL, NULL); /* memfd smaller than the size */
+    raw_register(fd, 0, -1, 4096, -1, MMA_ERR_INVAL, "memfd");  /* no fd */
+    raw_register(fd, 1, 0, 4096, -1, MMA_ERR_INVAL, NULL);
+    /* Unregister: once OK, then unknown; copies to it are refused after. */
+    Mma__Unregister u = MMA__UNREGISTER__INIT;
+    u.region_id = did;
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__UNREGISTER;
+    req.unregister = &u;
+    r = raw_call(fd, &req, NULL, 0, NULL);
+    ck_assert(r && r->status == MMA_OK);
+    mma__response__free_unpacked(r, NULL);
+    req.has_id = 0;
+    r = raw_call(fd, &req, NULL, 0, NULL);
+    ck_assert(r && r->status == MMA_ERR_NOT_REGISTERED);
+    mma__response__free_unpacked(r, NULL);
+    raw_send_copy(fd, 6, 30, did, 0, hid, 0, 1);
+    expect_copy_error(fd, 30, MMA_ERR_NOT_REGISTERED, "not registered");
+
+    /* The daemon still serves everyone: this connection and a new client. */
+    req = (Mma__Request)MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__STATUS;
+    r = raw_call(fd, &req, NULL, 0, NULL);
+    ck_assert(r && r->status == MMA_OK && r->status_reply);
+    ck_assert_uint_eq(r->status_reply->jobs_done, 2);
+    mma__response__free_unpacked(r, NULL);
+    quick_roundtrip(d.sock, 1, 3 * MIB + 1);
+
+    munmap(hm, SZ);
+    munmap(dm, SZ);
+    munmap(dm2, 4096);
+    munmap(fv, NSLOTS * sizeof(mma_flag_slot_t));
+    close(hfd);
+    close(dfd);
+    close(dfd2);
+    close(fd);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
+START_TEST(client_side_range_check)
+{
+    mmad_proc_t d;
+    mmad_start(&d, fast_box);
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(d.sock, &c), MMA_OK);
+    uint8_t *h, *dv;
+    ck_assert_int_eq(mma_host_alloc(c, 8192, (void **)&h), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, 2, 10000, (void **)&dv), MMA_OK);
+    mma_copy_t t = 12345;
+    /* Starts inside the region, runs past its (unaligned) end. */
+    ck_assert_int_eq(mma_memcpy_async(c, dv + 9990, h, 11, NULL, &t), MMA_ERR_RANGE);
+    ck_assert_int_eq(mma_memcpy_async(c, h, dv + 9990, 11, NULL, &t), MMA_ERR_RANGE);
+    ck_assert_int_eq(mma_memcpy_async(c, dv, h + 8000, 193, NULL, &t), MMA_ERR_RANGE);
+    ck_assert_uint_eq(t, 12345); /* outputs only on success */
+    /* Exactly to the end is fine. */
+    fill_random(h, 8192, 5);
+    copy_verified(c, dv + 9990, h, 10, NULL);
+    mma_disconnect(c);
+    quick_roundtrip(d.sock, 0, 100000);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
+START_TEST(version_handshake)
+{
+    mmad_proc_t d;
+    mmad_start(&d, fast_box);
+    int fd = raw_connect(d.sock);
+    void *fv = NULL;
+    Mma__Response *r = raw_hello(fd, 999, 4, &fv);
+    ck_assert_ptr_nonnull(r);
+    ck_assert_int_eq(r->status, MMA_ERR_VERSION);
+    ck_assert_ptr_null(r->hello);
+    ck_assert_msg(r->error && strstr(r->error, "999"), "error '%s' does not name the version", r->error);
+    mma__response__free_unpacked(r, NULL);
+    munmap(fv, 4 * sizeof(mma_flag_slot_t));
+    /* Nothing but HELLO is served before a successful handshake ... */
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__STATUS;
+    r = raw_call(fd, &req, NULL, 0, NULL);
+    ck_assert(r && r->status == MMA_ERR_PROTO);
+    ck_assert_ptr_null(r->status_reply);
+    mma__response__free_unpacked(r, NULL);
+    /* ... and the connection can still shake hands properly. */
+    r = raw_hello(fd, MMA_API_VERSION, 4, &fv);
+    ck_assert(r && r->status == MMA_OK && r->hello);
+    mma__response__free_unpacked(r, NULL);
+    munmap(fv, 4 * sizeof(mma_flag_slot_t));
+    /* A flag page announced but not sent, or too many slots. */
+    int fd2 = raw_connect(d.sock);
+    Mma__Hello h = MMA__HELLO__INIT;
+    h.api_version = MMA_API_VERSION;
+    h.has_flag_slots = 1;
+    h.flag_slots = 16;
+    req = (Mma__Request)MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__HELLO;
+    req.hello = &h;
+    r = raw_call(fd2, &req, NULL, 0, NULL);
+    ck_assert(r && r->status == MMA_ERR_INVAL);
+    mma__response__free_unpacked(r, NULL);
+    int mfd;
+    void *small = memfd_map(4096, &mfd); /* 64 slots' worth */
+    h.flag_slots = 65;
+    req.has_id = 0;
+    r = raw_call(fd2, &req, &mfd, 1, NULL);
+    ck_assert(r && r->status == MMA_ERR_INVAL);
+    mma__response__free_unpacked(r, NULL);
+    h.flag_slots = MMA_FLAG_SLOTS_MAX + 1;
+    req.has_id = 0;
+    r = raw_call(fd2, &req, &mfd, 1, NULL);
+    ck_assert(r && r->status == MMA_ERR_INVAL);
+    mma__response__free_unpacked(r, NULL);
+    munmap(small, 4096);
+    close(mfd);
+    close(fd2);
+    close(fd);
+    quick_roundtrip(d.sock, 3, 777777);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
+START_TEST(unknown_and_garbage_requests)
+{
+    mmad_proc_t d;
+    mmad_start(&d, fast_box);
+    int fd = raw_connect(d.sock);
+    Mma__Response *r = raw_hello(fd, MMA_API_VERSION, 0, NULL); /* admin: no flag page */
+    ck_assert(r && r->status == MMA_OK);
+    mma__response__free_unpacked(r, NULL);
+
+    /* HELLO twice */
+    r = raw_hello(fd, MMA_API_VERSION, 0, NULL);
+    ck_assert(r && r->status == MMA_ERR_PROTO);
+    mma__response__free_unpacked(r, NULL);
+    /* bytes that are no protobuf */
+    static const uint8_t junk[] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01};
+    ck_assert_int_eq(raw_send_bytes(fd, junk, sizeof junk), 0);
+    r = raw_recv(fd, 10.0, NULL);
+    ck_assert_ptr_nonnull(r);
+    ck_assert_int_eq(r->status, MMA_ERR_PROTO);
+    ck_assert_int_eq(r->type, MMA__REQ_TYPE__REQ_UNKNOWN);
+    ck_assert_ptr_nonnull(r->error);
+    mma__response__free_unpacked(r, NULL);
+    /* valid protobuf, unknown request types */
+    const int types[] = {42, MMA__REQ_TYPE__REQ_UNKNOWN, 1000000};
+    for (size_t i = 0; i < 3; i++) {
+        Mma__Request req = MMA__REQUEST__INIT;
+        req.type = (Mma__ReqType)types[i];
+        r = raw_call(fd, &req, NULL, 0, NULL);
+        ck_assert_msg(r, "no reply to request type %d", types[i]);
+        ck_assert_int_eq(r->status, MMA_ERR_UNSUPPORTED);
+        ck_assert_uint_eq(r->id, req.id);
+        ck_assert_msg(r->error && strstr(r->error, "unknown request type"), "error: %s", r->error);
+        mma__response__free_unpacked(r, NULL);
+    }
+    /* known types without their body; a COPY from a client with no flag page */
+    const Mma__ReqType bodyless[] = {MMA__REQ_TYPE__COPY, MMA__REQ_TYPE__REGISTER_HOST,
+                                     MMA__REQ_TYPE__REGISTER_DEVICE, MMA__REQ_TYPE__UNREGISTER};
+    for (size_t i = 0; i < 4; i++) {
+        Mma__Request req = MMA__REQUEST__INIT;
+        req.type = bodyless[i];
+        r = raw_call(fd, &req, NULL, 0, NULL);
+        ck_assert(r && r->status == MMA_ERR_INVAL);
+        mma__response__free_unpacked(r, NULL);
+    }
+    raw_send_copy(fd, 0, 1, 1, 0, 2, 0, 16);
+    expect_copy_error(fd, 1, MMA_ERR_INVAL, "slot 0");
+    /* After all that, the same connection still gets answers. */
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__PATHS;
+    r = raw_call(fd, &req, NULL, 0, NULL);
+    ck_assert(r && r->status == MMA_OK && r->paths);
+    ck_assert_uint_eq(r->paths->n_paths, NGPU * NGPU * 2);
+    mma__response__free_unpacked(r, NULL);
+
+    /* A datagram larger than the daemon's receive buffer (1 MiB) is
+     * refused with an answer, not a crash or a hang. Needs a send buffer
+     * above the default, which only privileged users may force. */
+    int big = 3 * (int)MIB;
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &big, sizeof big) == 0) {
+        size_t n = MMA_WIRE_MAX_MSG + 4096;
+        uint8_t *huge = calloc(1, n);
+        ck_assert_int_eq(raw_send_bytes(fd, huge, n), 0);
+        free(huge);
+        r = raw_recv(fd, 10.0, NULL);
+        ck_assert(r && r->status == MMA_ERR_PROTO);
+        ck_assert_msg(r->error && strstr(r->error, "too large"), "error: %s", r->error);
+        mma__response__free_unpacked(r, NULL);
+        req.has_id = 0;
+        r = raw_call(fd, &req, NULL, 0, NULL);
+        ck_assert(r && r->status == MMA_OK);
+        mma__response__free_unpacked(r, NULL);
+    } else {
+        fprintf(stderr, "oversized datagram: skipped (SO_SNDBUFFORCE: %s)\n", strerror(errno));
+    }
+
+    /* An empty datagram reads as end-of-stream on SOCK_SEQPACKET: the daemon
+     * may close the connection, but cleanly (an error reply or EOF). */
+    ck_assert_int_eq(raw_send_bytes(fd, "", 0), 0);
+    int eof = 0;
+    r = raw_recv(fd, 10.0, &eof);
+    ck_assert_msg(eof || (r && r->status != MMA_OK), "empty datagram: neither EOF nor an error reply");
+    if (r)
+        mma__response__free_unpacked(r, NULL);
+    close(fd);
+
+    /* A peer that closes without a word, and one that never says HELLO. */
+    int fd3 = raw_connect(d.sock);
+    int fd4 = raw_connect(d.sock);
+    ck_assert_int_ge(fd3, 0);
+    close(fd3);
+    req = (Mma__Request)MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__CLIENTS;
+    r = raw_call(fd4, &req, NULL, 0, NULL);
+    ck_assert(r && r->status == MMA_ERR_PROTO && !r->clients);
+    mma__response__free_unpacked(r, NULL);
+
+    /* Everybody else is still served. */
+    quick_roundtrip(d.sock, 2, 2 * MIB + 7);
+    close(fd4);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
+/* ======================================================================
+ * e. lifecycle
+ * ==================================================================== */
+
+typedef struct {
+    const mmad_proc_t *d;
+    pid_t pid;
+} gone_t;
+
+static int client_gone(void *arg)
+{
+    gone_t *g = arg;
+    int rc;
+    char *out = mmactl(g->d, "clients", 0, &rc);
+    char needle[32];
+    snprintf(needle, sizeof needle, "pid=%d,", (int)g->pid);
+    int gone = rc == 0 && out && !strstr(out, needle);
+    free(out);
+    return gone;
+}
+
+typedef struct {
+    pid_t daemon;
+    int want;
+} maps_t;
+
+/* Every memfd the daemon maps for clients is named by libmma "mma-host",
+ * "mma-simdev" or "mma-flags"; /proc/<mmad>/maps lists them. */
+static int daemon_memfd_maps(pid_t daemon)
+{
+    return count_maps(daemon, "/memfd:mma-host") + count_maps(daemon, "/memfd:mma-simdev") +
+           count_maps(daemon, "/memfd:mma-flags");
+}
+
+static int maps_back_to(void *arg)
+{
+    maps_t *m = arg;
+    return daemon_memfd_maps(m->daemon) == m->want;
+}
+
+/* `mmactl status` counts the survivor and mmactl itself, nobody else. */
+static int two_clients(void *arg)
+{
+    int rc;
+    char *st = mmactl(arg, "status", 0, &rc);
+    int ok = rc == 0 && status_field(st, "clients") == 2;
+    free(st);
+    return ok;
+}
+
+START_TEST(client_dies_mid_copy)
+{
+    /* A very slow box (1/500 of real speed): the 96 MiB the client leaves in
+     * flight take ~0.3 s, so it surely dies while they move, even on a
+     * loaded machine. */
+    mmad_proc_t d;
+    const char *slow[] = {"--sim-scale=0.002", NULL};
+    mmad_start(&d, slow);
+    mma_client_t *surv = NULL;
+    ck_assert_int_eq(mma_connect(d.sock, &surv), MMA_OK);
+    uint8_t *sh, *sd;
+    ck_assert_int_eq(mma_host_alloc(surv, MIB, (void **)&sh), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(surv, 1, MIB, (void **)&sd), MMA_OK);
+    int base_maps = daemon_memfd_maps(d.pid);
+    ck_assert_int_eq(base_maps, 3); /* the survivor's flag page and regions */
+
+    int p[2];
+    ck_assert_int_eq(pipe(p), 0);
+    fflush(stdout);
+    fflush(stderr);
+    pid_t kid = fork();
+    ck_assert_int_ge(kid, 0);
+    if (kid == 0) {
+        close(p[0]);
+        int pending = -1;
+        mma_client_t *c = NULL;
+        uint8_t *h, *dv;
+        size_t n = 48 * MIB, piece = 4 * MIB;
+        if (mma_connect(d.sock, &c) == MMA_OK && mma_host_alloc(c, n, (void **)&h) == MMA_OK &&
+            mma_device_alloc(c, 0, n, (void **)&dv) == MMA_OK) {
+            memset(h, 1, n);
+            mma_copy_t t[24];
+            int k = 0, ok = 1;
+            for (size_t off = 0; off < n && ok; off += piece, k++)
+                ok = (k % 2 ? mma_memcpy_async(c, h + off, dv + off, piece, NULL, &t[k])
+                            : mma_memcpy_async(c, dv + off, h + off, piece, NULL, &t[k])) == MMA_OK;
+            pending = 0;
+            for (int i = 0; ok && i < k; i++)
+                pending += mma_query(c, t[i]) == MMA_PENDING;
+        }
+        if (write(p[1], &pending, sizeof pending) != sizeof pending)
+            _exit(3);
+        _exit(0); /* dies with its copies in flight and without a goodbye */
+    }
+    close(p[1]);
+    int pending = -2;
+    ck_assert_int_eq(read(p[0], &pending, sizeof pending), (ssize_t)sizeof pending);
+    close(p[0]);
+    reap_child_ok(kid, "dying client");
+    ck_assert_msg(pending > 0, "the client's copies were not in flight when it died (%d)", pending);
+
+    /* The daemon notices, lists it no more ... */
+    gone_t g = {&d, kid};
+    ck_assert_msg(wait_until(client_gone, &g, 20.0), "mmactl clients still lists pid %d", (int)kid);
+    /* ... and unmaps its regions and flag page once the chunks in flight
+     * have landed (they reference them until then). */
+    maps_t m = {d.pid, base_maps};
+    ck_assert_msg(wait_until(maps_back_to, &m, 20.0), "mmad still maps %d client memfds (want %d)",
+                  daemon_memfd_maps(d.pid), base_maps);
+
+    /* The survivor and newcomers are served. */
+    fill_random(sh, MIB, 77);
+    copy_verified(surv, sd, sh, MIB, NULL);
+    quick_roundtrip(d.sock, 0, MIB + 5);
+    /* The newcomer's goodbye is processed asynchronously: await it. */
+    ck_assert_msg(wait_until(two_clients, &d, 20.0), "mmactl status does not count 2 clients");
+    mma_disconnect(surv);
+    m.want = 0;
+    ck_assert_msg(wait_until(maps_back_to, &m, 20.0), "mmad still maps client memfds after all left");
+    mmad_stop_clean(&d);
+}
+END_TEST
+
+START_TEST(sigterm_with_copies_in_flight)
+{
+    mmad_proc_t d;
+    mmad_start(&d, NULL); /* slow box */
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(d.sock, &c), MMA_OK);
+    size_t n = 32 * MIB, piece = 4 * MIB;
+    uint8_t *h, *dv;
+    ck_assert_int_eq(mma_host_alloc(c, n, (void **)&h), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, 3, n, (void **)&dv), MMA_OK);
+    fill_random(h, n, 99);
+    memset(dv, 0, n);
+    mma_copy_t t[8];
+    for (int i = 0; i < 8; i++)
+        ck_assert_int_eq(mma_memcpy_async(c, dv + (size_t)i * piece, h + (size_t)i * piece, piece, NULL, &t[i]),
+                         MMA_OK);
+    /* The daemon must stop promptly and cleanly with work in flight ... */
+    mmad_stop_clean(&d);
+    /* ... and every copy has an answer: landed, or cancelled. */
+    int landed = 0;
+    for (int i = 0; i < 8; i++) {
+        int rc = mma_wait(c, t[i]);
+        ck_assert_msg(rc == MMA_OK || rc == MMA_ERR_CANCELLED || rc == MMA_ERR_DISCONNECTED, "copy %d: %s", i,
+                      mma_status_name(rc));
+        if (rc == MMA_OK) {
+            landed++;
+            ck_assert_mem_eq(dv + (size_t)i * piece, h + (size_t)i * piece, piece);
+        }
+    }
+    fprintf(stderr, "sigterm_with_copies_in_flight: %d of 8 copies landed before shutdown\n", landed);
+    /* The client notices the daemon is gone and tidies up without it. */
+    ck_assert_int_eq(mma_free(c, dv), MMA_OK);
+    mma_copy_t t2;
+    int rc = mma_memcpy_async(c, h + 1, h, 1, NULL, &t2);
+    ck_assert_int_eq(rc, MMA_ERR_DIRECTION); /* local checks still apply */
+    mma_disconnect(c);
+}
+END_TEST
+
+START_TEST(one_daemon_per_socket)
+{
+    mmad_proc_t d;
+    mmad_start(&d, fast_box);
+    /* A second daemon on a live socket refuses to start ... */
+    char sockarg[160];
+    snprintf(sockarg, sizeof sockarg, "--socket=%s", d.sock);
+    const char *argv[] = {MMAD_PATH, "--sim", sockarg, NULL};
+    char *out = NULL, *err = NULL;
+    int rc = tool_run(argv, &out, &err);
+    ck_assert_int_ne(rc, 0);
+    ck_assert_msg(strstr(err, "another mmad"), "stderr: %s", err);
+    free(out);
+    free(err);
+    /* ... and leaves the first one alone. */
+    quick_roundtrip(d.sock, 1, 65536);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
+START_TEST(stale_socket_file_replaced)
+{
+    /* A socket file left by a daemon that crashed: bound, nobody listening. */
+    char path[108];
+    snprintf(path, sizeof path, "%s/s.sock", scratch_mkdtemp("stale"));
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    strcpy(a.sun_path, path);
+    int s = socket(AF_UNIX, SOCK_SEQPACKET, 0);
+    ck_assert_int_eq(bind(s, (struct sockaddr *)&a, sizeof a), 0);
+    close(s);
+    ck_assert_int_eq(access(path, F_OK), 0);
+    mmad_proc_t d;
+    mmad_start_at(&d, path, fast_box);
+    quick_roundtrip(path, 0, 4097);
+    mmad_stop_clean(&d); /* also removes the directory */
+}
+END_TEST
+
+START_TEST(command_line)
+{
+    const char *help[] = {MMAD_PATH, "--help", NULL};
+    char *out = NULL, *err = NULL;
+    ck_assert_int_eq(tool_run(help, &out, &err), 0);
+    ck_assert_ptr_nonnull(strstr(out, "usage: mmad"));
+    free(out);
+    free(err);
+    const char *bad[] = {MMAD_PATH, "--sim", "--chunk-size=lots", NULL};
+    ck_assert_int_eq(tool_run(bad, &out, &err), 2);
+    ck_assert_ptr_nonnull(strstr(err, "chunk-size"));
+    free(out);
+    free(err);
+    const char *unknown[] = {MMAD_PATH, "--frobnicate", NULL};
+    ck_assert_int_eq(tool_run(unknown, &out, &err), 2);
+    ck_assert_ptr_nonnull(strstr(err, "frobnicate"));
+    free(out);
+    free(err);
+    const char *preset[] = {MMAD_PATH, "--sim", "--sim-preset=16gpu", "--socket=/tmp/mma-never.sock", NULL};
+    ck_assert_int_eq(tool_run(preset, &out, &err), 1);
+    ck_assert_ptr_nonnull(strstr(err, "16gpu"));
+    free(out);
+    free(err);
+}
+END_TEST
+
+/* ======================================================================
+ * f. mmactl
+ * ==================================================================== */
+
+typedef struct {
+    const mmad_proc_t *d;
+    pid_t pid;
+    size_t bytes;
+    char *out; /* the last `mmactl clients` output */
+} clients_wait_t;
+
+static int client_counted(void *arg)
+{
+    clients_wait_t *w = arg;
+    int rc;
+    free(w->out);
+    w->out = mmactl(w->d, "clients", 0, &rc);
+    char needle[96];
+    snprintf(needle, sizeof needle, "pid=%d,", (int)w->pid);
+    const char *mine = rc == 0 && w->out ? strstr(w->out, needle) : NULL;
+    snprintf(needle, sizeof needle, "copies=2,bytes=%zu\n", w->bytes);
+    return mine && strstr(mine, needle);
+}
+
+START_TEST(mmactl_reports)
+{
+    mmad_proc_t d;
+    mmad_start(&d, fast_box);
+    int rc;
+    char *out = mmactl(&d, "status", 0, &rc);
+    ck_assert_int_eq(rc, 0);
+    ck_assert_msg(strstr(out, "backend:sim\n"), "status: %s", out);
+    ck_assert_ptr_nonnull(strstr(out, "simulated:yes\n"));
+    ck_assert_ptr_nonnull(strstr(out, "version:0.1.0\n"));
+    ck_assert_ptr_nonnull(strstr(out, "gpus:4\n"));
+    ck_assert_ptr_nonnull(strstr(out, "sim_scale:0.25\n"));
+    ck_assert_ptr_nonnull(strstr(out, "chunk_size:1048576\n"));
+    ck_assert_int_eq(status_field(out, "pid"), d.pid);
+    ck_assert_int_eq(status_field(out, "copies_done"), 0);
+    free(out);
+
+    /* One multipath copy into GPU 0 each way. */
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(d.sock, &c), MMA_OK);
+    size_t n = 8 * MIB;
+    uint8_t *h, *back, *dv;
+    ck_assert_int_eq(mma_host_alloc(c, n, (void **)&h), MMA_OK);
+    ck_assert_int_eq(mma_host_alloc(c, n, (void **)&back), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, 0, n, (void **)&dv), MMA_OK);
+    fill_random(h, n, 8);
+    mma_copy_opts_t all = {.flags = MMA_COPY_NO_BYPASS, .max_paths = 0};
+    copy_verified(c, dv, h, n, &all);
+    copy_verified(c, back, dv, n, &all);
+
+    out = mmactl(&d, "paths", 0, &rc);
+    ck_assert_int_eq(rc, 0);
+    ck_assert_int_eq(count_substr(out, "\n") - 1, NGPU * NGPU * 2); /* "# Paths" + one line per path */
+    const char *dirs[2] = {"h2d", "d2h"};
+    for (int di = 0; di < 2; di++) {
+        char key[64];
+        snprintf(key, sizeof key, "gpu0.%s.direct:", dirs[di]);
+        int64_t direct = field(out, key, "bytes=");
+        ck_assert_msg(direct > 0, "%s bytes=%" PRId64 "\n%s", key, direct, out);
+        int relays = 0;
+        int64_t sum = direct;
+        for (int v = 1; v < NGPU; v++) {
+            snprintf(key, sizeof key, "gpu0.%s.via_gpu%d:", dirs[di], v);
+            int64_t b = field(out, key, "bytes=");
+            ck_assert_int_ge(b, 0);
+            relays += b > 0;
+            sum += b;
+            ck_assert_ptr_nonnull(strstr(line_of(out, key), "state=on"));
+        }
+        ck_assert_msg(relays >= 2, "%s: only %d relays carried bytes\n%s", dirs[di], relays, out);
+        ck_assert_int_eq(sum, (int64_t)n); /* every byte over exactly one path */
+    }
+    /* Nothing went to the other GPUs. */
+    for (int t = 1; t < NGPU; t++) {
+        char key[32];
+        snprintf(key, sizeof key, "gpu%d.h2d.direct:", t);
+        ck_assert_int_eq(field(out, key, "bytes="), 0);
+    }
+    free(out);
+
+    /* --json: valid JSON, one object per path. */
+    out = mmactl(&d, "paths", 1, &rc);
+    ck_assert_int_eq(rc, 0);
+    ck_assert_int_eq(out[0], '{');
+    ck_assert_ptr_nonnull(strstr(out, "\"paths\""));
+    ck_assert_msg(json_valid(out), "invalid JSON: %s", out);
+    ck_assert_int_eq(count_substr(out, "\"target\":"), NGPU * NGPU * 2);
+    free(out);
+    out = mmactl(&d, "status", 1, &rc);
+    ck_assert_int_eq(rc, 0);
+    ck_assert_msg(json_valid(out), "invalid JSON: %s", out);
+    ck_assert_ptr_nonnull(strstr(out, "\"backend\":\"sim\""));
+    ck_assert_ptr_nonnull(strstr(out, "\"copies_done\":2"));
+    free(out);
+
+    /* clients: this process, with its three regions and (once the engine
+     * has counted them: it does so just after flagging completion) its two
+     * copies. */
+    clients_wait_t cw = {&d, getpid(), 2 * n, NULL};
+    int counted = wait_until(client_counted, &cw, 10.0);
+    ck_assert_msg(cw.out, "mmactl clients failed");
+    char needle[64];
+    snprintf(needle, sizeof needle, "pid=%d,", (int)getpid());
+    const char *mine = strstr(cw.out, needle);
+    ck_assert_msg(mine, "clients lacks %s:\n%s", needle, cw.out);
+    ck_assert_ptr_nonnull(strstr(mine, "regions=3,"));
+    ck_assert_msg(counted, "copies not counted:\n%s", cw.out);
+    free(cw.out);
+    out = mmactl(&d, "clients", 1, &rc);
+    ck_assert_int_eq(rc, 0);
+    ck_assert_msg(json_valid(out), "invalid JSON: %s", out);
+    snprintf(needle, sizeof needle, "\"pid\":%d,", (int)getpid());
+    ck_assert_ptr_nonnull(strstr(out, needle));
+    free(out);
+    mma_disconnect(c);
+
+    /* Errors: no daemon there, unknown command, no command. */
+    char *err = NULL;
+    const char *nosock[] = {MMACTL_PATH, "--socket", "/nonexistent/mmad.sock", "status", NULL};
+    rc = tool_run(nosock, &out, &err);
+    ck_assert_int_eq(rc, 1);
+    ck_assert_msg(strstr(err, "cannot connect") && strstr(err, "/nonexistent/mmad.sock"), "stderr: %s", err);
+    ck_assert_str_eq(out, "");
+    free(out);
+    free(err);
+    const char *unknown[] = {MMACTL_PATH, "--socket", d.sock, "frobnicate", NULL};
+    ck_assert_int_eq(tool_run(unknown, &out, &err), 2);
+    ck_assert_ptr_nonnull(strstr(err, "unknown command"));
+    free(out);
+    free(err);
+    const char *none[] = {MMACTL_PATH, "--socket", d.sock, NULL};
+    ck_assert_int_eq(tool_run(none, &out, &err), 2);
+    ck_assert_ptr_nonnull(strstr(err, "usage"));
+    free(out);
+    free(err);
+    const char *badopt[] = {MMACTL_PATH, "--frob", "status", NULL};
+    ck_assert_int_eq(tool_run(badopt, &out, &err), 2);
+    free(out);
+    free(err);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
+/* ======================================================================
+ * g. fault injection
+ * ==================================================================== */
+
+START_TEST(failing_relay_is_set_aside)
+{
+    mmad_proc_t d;
+    const char *extra[] = {"--sim-scale=0.25", "--chunk-size=1M", "--min-chunk=64K", "--sim-fail-via=2", NULL};
+    mmad_start(&d, extra);
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(d.sock, &c), MMA_OK);
+    size_t n = 8 * MIB + 12345;
+    uint8_t *h, *back, *dv[NGPU];
+    ck_assert_int_eq(mma_host_alloc(c, n, (void **)&h), MMA_OK);
+    ck_assert_int_eq(mma_host_alloc(c, n, (void **)&back), MMA_OK);
+    for (int g = 0; g < NGPU; g++)
+        ck_assert_int_eq(mma_device_alloc(c, g, n, (void **)&dv[g]), MMA_OK);
+    /* Several rounds into GPU 0 both ways, then the other GPUs: every copy
+     * completes with the right bytes although GPU 2 fails every relay. */
+    for (int round = 0; round < 3; round++) {
+        fill_random(h, n, (uint64_t)round + 1);
+        copy_verified(c, dv[0], h, n, NULL);
+        memset(back, 0, n);
+        copy_verified(c, back, dv[0], n, NULL);
+    }
+    for (int g = 1; g < NGPU; g++) {
+        copy_verified(c, dv[g], h, n, NULL);
+        copy_verified(c, back, dv[g], n, NULL);
+    }
+    int rc;
+    char *out = mmactl(&d, "paths", 0, &rc);
+    ck_assert_int_eq(rc, 0);
+    const char *off[] = {"gpu0.h2d.via_gpu2:", "gpu0.d2h.via_gpu2:", "gpu1.h2d.via_gpu2:", "gpu3.d2h.via_gpu2:"};
+    for (size_t i = 0; i < 4; i++) {
+        const char *l = line_of(out, off[i]);
+        ck_assert_msg(strstr(l, "state=off") && strstr(l, "note=copy failed"), "%s\n%s", off[i], out);
+        ck_assert_msg(strstr(l, "bytes=0,"), "a failing relay carried bytes: %s", l);
+    }
+    /* The healthy paths stay on and carry the load; GPU 2's own link too. */
+    const char *on[] = {"gpu0.h2d.direct:", "gpu0.h2d.via_gpu1:", "gpu0.h2d.via_gpu3:", "gpu2.h2d.direct:",
+                        "gpu2.d2h.via_gpu3:"};
+    for (size_t i = 0; i < 5; i++) {
+        const char *l = line_of(out, on[i]);
+        ck_assert_msg(strstr(l, "state=on") && !strstr(l, "note="), "%s\n%s", on[i], out);
+        ck_assert_int_gt(field(out, on[i], "bytes="), 0);
+    }
+    free(out);
+    /* The daemon counted every copy as done. */
+    out = mmactl(&d, "status", 0, &rc);
+    ck_assert_int_eq(status_field(out, "copies_done"), 6 + 6);
+    ck_assert_int_eq(status_field(out, "bytes_done"), (int64_t)(12 * n));
+    free(out);
+    mma_disconnect(c);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
+/* ======================================================================
+ * h. libmma refusals
+ * ==================================================================== */
+
+START_TEST(api_errors)
+{
+    mma_client_t *c = (mma_client_t *)0x1;
+    /* No daemon there. */
+    ck_assert_int_eq(mma_connect("/nonexistent/dir/mmad.sock", &c), MMA_ERR_CONNECT);
+    ck_assert_ptr_eq(c, (mma_client_t *)0x1);
+    ck_assert_int_eq(mma_connect(NULL, NULL), MMA_ERR_INVAL);
+    char longpath[200];
+    memset(longpath, 'x', sizeof longpath - 1);
+    longpath[sizeof longpath - 1] = 0;
+    ck_assert_int_eq(mma_connect(longpath, &c), MMA_ERR_CONNECT);
+
+    mmad_proc_t d;
+    mmad_start(&d, fast_box);
+    /* $MMA_SOCKET is the default. */
+    setenv("MMA_SOCKET", d.sock, 1);
+    ck_assert_int_eq(mma_connect(NULL, &c), MMA_OK);
+    unsetenv("MMA_SOCKET");
+    mma_info_t info;
+    ck_assert_int_eq(mma_get_info(c, &info), MMA_OK);
+    ck_assert_int_eq(info.gpu_count, NGPU);
+    ck_assert_int_eq(mma_get_info(c, NULL), MMA_ERR_INVAL);
+    ck_assert_int_eq(mma_get_info(NULL, &info), MMA_ERR_INVAL);
+
+    uint8_t *h1, *h2, *d0, *d1;
+    ck_assert_int_eq(mma_host_alloc(c, 65536, (void **)&h1), MMA_OK);
+    ck_assert_int_eq(mma_host_alloc(c, 65536, (void **)&h2), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, 0, 65536, (void **)&d0), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, 1, 65536, (void **)&d1), MMA_OK);
+    void *p = (void *)0x1;
+    ck_assert_int_eq(mma_host_alloc(c, 0, &p), MMA_ERR_INVAL);
+    ck_assert_int_eq(mma_device_alloc(c, 99, 4096, &p), MMA_ERR_NO_GPU);
+    ck_assert_int_eq(mma_device_alloc(c, -1, 4096, &p), MMA_ERR_NO_GPU);
+    ck_assert_int_eq(mma_device_alloc(c, NGPU, 4096, &p), MMA_ERR_NO_GPU);
+    ck_assert_ptr_eq(p, (void *)0x1);
+    /* The simulated box has no CUDA: caller-allocated device memory and
+     * stream-ordered copies are not available. */
+    ck_assert_int_eq(mma_device_register(c, 0, d0, 4096), MMA_ERR_UNSUPPORTED);
+    mma_copy_t t = 777;
+    ck_assert_int_eq(mma_memcpy_async(c, d0, h1, 100, MMA_STREAM_LEGACY, &t), MMA_ERR_UNSUPPORTED);
+    ck_assert_int_eq(mma_memcpy_async(c, d0, h1, 100, (mma_stream_t)0x1234, &t), MMA_ERR_UNSUPPORTED);
+
+    /* Direction, length, registration, range. */
+    ck_assert_int_eq(mma_memcpy_async(c, h2, h1, 100, NULL, &t), MMA_ERR_DIRECTION);
+    ck_assert_int_eq(mma_memcpy_async(c, d1, d0, 100, NULL, &t), MMA_ERR_DIRECTION);
+    ck_assert_int_eq(mma_memcpy_async(c, d0, h1, 0, NULL, &t), MMA_ERR_INVAL);
+    ck_assert_int_eq(mma_memcpy(c, d0, h1, 0), MMA_ERR_INVAL);
+    char stackbuf[64];
+    ck_assert_int_eq(mma_memcpy_async(c, d0, stackbuf, 64, NULL, &t), MMA_ERR_NOT_REGISTERED);
+    ck_assert_int_eq(mma_memcpy_async(c, stackbuf, d0, 64, NULL, &t), MMA_ERR_NOT_REGISTERED);
+    ck_assert_int_eq(mma_memcpy_async(c, d0, NULL, 64, NULL, &t), MMA_ERR_INVAL);
+    ck_assert_int_eq(mma_memcpy_async(c, d0 + 65000, h1, 537, NULL, &t), MMA_ERR_RANGE);
+    ck_assert_uint_eq(t, 777);
+    /* Scatter-gather: one direction, one GPU. */
+    mma_segment_t mixed_dir[2] = {{d0, h1, 10}, {h2, d0 + 100, 10}};
+    ck_assert_int_eq(mma_memcpy_sg_async(c, mixed_dir, 2, NULL, NULL, &t), MMA_ERR_INVAL);
+    mma_segment_t mixed_gpu[2] = {{d0, h1, 10}, {d1, h1 + 100, 10}};
+    ck_assert_int_eq(mma_memcpy_sg_async(c, mixed_gpu, 2, NULL, NULL, &t), MMA_ERR_INVAL);
+    ck_assert_int_eq(mma_memcpy_sg_async(c, mixed_gpu, 0, NULL, NULL, &t), MMA_ERR_INVAL);
+    ck_assert_int_eq(mma_memcpy_sg_async(c, NULL, 1, NULL, NULL, &t), MMA_ERR_INVAL);
+    /* Copy handles that were never issued. */
+    ck_assert_int_eq(mma_query(c, ((mma_copy_t)5000 << 48) | 1), MMA_ERR_INVAL); /* slot 5000 */
+    ck_assert_int_eq(mma_query(c, (mma_copy_t)3 << 48), MMA_ERR_INVAL);           /* seq 0 */
+    ck_assert_int_eq(mma_wait(c, (mma_copy_t)3 << 48), MMA_ERR_INVAL);
+    ck_assert_int_eq(mma_query(NULL, 1), MMA_ERR_INVAL);
+    /* Freeing: unknown pointers, interior pointers, twice. */
+    ck_assert_int_eq(mma_free(c, stackbuf), MMA_ERR_NOT_REGISTERED);
+    ck_assert_int_eq(mma_free(c, (void *)0x1234), MMA_ERR_NOT_REGISTERED);
+    ck_assert_int_eq(mma_free(c, h1 + 1), MMA_ERR_NOT_REGISTERED);
+    ck_assert_int_eq(mma_free(c, NULL), MMA_ERR_INVAL);
+    ck_assert_int_eq(mma_free(c, h2), MMA_OK);
+    ck_assert_int_eq(mma_free(c, h2), MMA_ERR_NOT_REGISTERED);
+    ck_assert_int_eq(mma_memcpy_async(c, d0, h2, 16, NULL, &t), MMA_ERR_NOT_REGISTERED);
+
+    /* None of that disturbed the connection. */
+    fill_random(h1, 65536, 3);
+    copy_verified(c, d0, h1, 65536, NULL);
+    copy_verified(c, d1 + 1, h1 + 3, 65533, NULL);
+    mma_disconnect(c);
+    mma_disconnect(NULL);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("integration");
+    struct {
+        const char *name;
+        int timeout;
+        const TTest *tests[8];
+    } cases[] = {
+        {"clients", 90, {concurrent_clients_random_copies, one_client_many_threads}},
+        {"protocol", 60, {daemon_side_validation, client_side_range_check, version_handshake,
+                          unknown_and_garbage_requests}},
+        {"lifecycle", 60, {client_dies_mid_copy, sigterm_with_copies_in_flight, one_daemon_per_socket,
+                           stale_socket_file_replaced, command_line}},
+        {"mmactl", 60, {mmactl_reports}},
+        {"faults", 60, {failing_relay_is_set_aside}},
+        {"api_errors", 60, {api_errors}},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        TCase *tc = tcase_create(cases[i].name);
+        tcase_set_timeout(tc, cases[i].timeout);
+        for (int k = 0; cases[i].tests[k]; k++)
+            tcase_add_test(tc, cases[i].tests[k]);
+        suite_add_tcase(s, tc);
+    }
+    scratch_init();
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    scratch_cleanup();
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

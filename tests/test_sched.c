@@ -1,0 +1,791 @@
+/* The scheduler (daemon/sched.c) against a FAKE backend: submit() records
+ * each chunk and keeps it "in flight" until the test completes it, so the
+ * test decides when and in which order chunks land (or fail) and can check
+ * routing, backpressure, fairness and the byte accounting exactly, with no
+ * threads and no timing. */
+#include <check.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "mma.h"
+#include "mmad_sched.h"
+
+#define NGPU 4
+#define BUF (4u << 20)
+#define MAXC 1024
+
+static char hostbuf[BUF], devbuf[BUF];
+
+typedef struct fake_be {
+    mmad_backend_t base;
+    mmad_chunk_t *inflight[MAXC]; /* submitted, not yet completed */
+    int ninflight;
+    mmad_chunk_t *done[MAXC];     /* completed, for poll() */
+    int ndone;
+    struct { /* every accepted submit, in order */
+        mmad_job_t *job;
+        int via;
+    } log[8192];
+    int nlog;
+    int fail_submit_via; /* submit() refuses relays through this GPU */
+} fake_be_t;
+
+static fake_be_t fb;
+static mmad_sched_t s;
+static mmad_conn_t conn_x, conn_y;
+
+static int fake_submit(mmad_backend_t *be, mmad_chunk_t *c)
+{
+    fake_be_t *f = (fake_be_t *)be;
+    if (c->via == f->fail_submit_via && c->via != c->target)
+        return MMA_ERR_BACKEND;
+    ck_assert_int_lt(f->ninflight, MAXC);
+    ck_assert_int_lt(f->nlog, 8192);
+    c->status = MMA_OK;
+    f->inflight[f->ninflight++] = c;
+    f->log[f->nlog].job = c->job;
+    f->log[f->nlog].via = c->via;
+    f->nlog++;
+    return MMA_OK;
+}
+
+static int fake_poll(mmad_backend_t *be, mmad_chunk_t **out, int max)
+{
+    fake_be_t *f = (fake_be_t *)be;
+    int n = 0;
+    while (n < max && f->ndone > 0) {
+        out[n++] = f->done[0];
+        memmove(f->done, f->done + 1, (size_t)--f->ndone * sizeof f->done[0]);
+    }
+    return n;
+}
+
+static const mmad_backend_ops_t fake_ops = {.name = "fake", .submit = fake_submit, .poll = fake_poll};
+
+/* A scheduler over the fake 4-GPU box: every relay allowed. */
+static void start(uint64_t chunk, uint64_t min_chunk, int depth, int staging, int max_paths)
+{
+    memset(&fb, 0, sizeof fb);
+    fb.base.ops = &fake_ops;
+    fb.base.gpu_count = NGPU;
+    fb.fail_submit_via = -1;
+    for (int t = 0; t < NGPU; t++)
+        for (int v = 0; v < NGPU; v++)
+            fb.base.relay_ok[t][v] = t != v;
+    mmad_config_t cfg;
+    mmad_config_defaults(&cfg);
+    cfg.chunk_size = chunk;
+    cfg.min_chunk = min_chunk;
+    cfg.path_depth = depth;
+    cfg.staging_slots = staging;
+    cfg.max_paths = max_paths;
+    ck_assert_int_eq(mmad_sched_init(&s, &fb.base, &cfg), MMA_OK);
+    atomic_init(&conn_x.refs, 1);
+    atomic_init(&conn_y.refs, 1);
+}
+
+static void setup(void)
+{
+    start(64 << 10, 16 << 10, 2, 4, 0);
+}
+
+static void teardown(void)
+{
+    /* Every test drains what it started: nothing may be left in flight. */
+    ck_assert_int_eq(fb.ninflight, 0);
+    ck_assert_int_eq(s.chunks_inflight, 0);
+    for (int v = 0; v < NGPU; v++)
+        ck_assert_int_eq(s.staging_inflight[v], 0);
+    mmad_sched_destroy(&s);
+}
+
+/* A job of segments laid out one after another (with small gaps) in the
+ * fake host and device buffers, starting at the given offsets. */
+static mmad_job_t *job_new(mmad_conn_t *conn, int target, int dir, int prio, const uint64_t *lens, size_t n,
+                           uint64_t hoff, uint64_t doff)
+{
+    mmad_job_t *j = calloc(1, sizeof *j);
+    ck_assert_ptr_nonnull(j);
+    j->segs = calloc(n, sizeof *j->segs);
+    j->nsegs = n;
+    for (size_t i = 0; i < n; i++) {
+        ck_assert_uint_le(hoff + lens[i], BUF);
+        ck_assert_uint_le(doff + lens[i], BUF);
+        j->segs[i].host = hostbuf + hoff;
+        j->segs[i].dev = devbuf + doff;
+        j->segs[i].len = lens[i];
+        j->total += lens[i];
+        hoff += lens[i] + 13;
+        doff += lens[i] + 29;
+    }
+    j->conn = conn;
+    j->target = target;
+    j->dir = dir;
+    j->priority = prio;
+    j->status = MMA_OK;
+    j->runnable = 1;
+    return j;
+}
+
+static mmad_job_t *job_simple(mmad_conn_t *conn, int target, int prio, uint64_t total, uint64_t off)
+{
+    return job_new(conn, target, MMA_DIR_H2D, prio, &total, 1, off, off);
+}
+
+static void job_free(mmad_job_t *j)
+{
+    free(j->segs);
+    free(j);
+}
+
+/* Complete in-flight chunk i with `status` and feed it back through the
+ * backend's poll, as the engine does. Returns the job it finished, if any. */
+static mmad_job_t *complete(int i, int status)
+{
+    ck_assert_int_lt(i, fb.ninflight);
+    mmad_chunk_t *c = fb.inflight[i];
+    c->status = status;
+    fb.inflight[i] = fb.inflight[--fb.ninflight];
+    fb.done[fb.ndone++] = c;
+    mmad_chunk_t *got[4];
+    ck_assert_int_eq(fb.base.ops->poll(&fb.base, got, 4), 1);
+    return mmad_sched_chunk_done(&s, got[0]);
+}
+
+/* Index of the in-flight chunk on (via) for `job`, or -1. */
+static int find_inflight(const mmad_job_t *job, int via)
+{
+    for (int i = 0; i < fb.ninflight; i++)
+        if ((!job || fb.inflight[i]->job == job) && (via < 0 || fb.inflight[i]->via == via))
+            return i;
+    return -1;
+}
+
+/* The invariants every fill must keep. */
+static void check_limits(void)
+{
+    int per_path[NGPU][NGPU][2] = {{{0}}}, staging[NGPU] = {0};
+    for (int i = 0; i < fb.ninflight; i++) {
+        const mmad_chunk_t *c = fb.inflight[i];
+        per_path[c->target][c->via][c->dir]++;
+        if (c->via != c->target)
+            staging[c->via]++;
+        ck_assert_uint_le(c->len, c->job->chunk_len);
+        ck_assert_uint_gt(c->len, 0);
+    }
+    for (int t = 0; t < NGPU; t++)
+        for (int v = 0; v < NGPU; v++)
+            for (int d = 0; d < 2; d++) {
+                ck_assert_int_le(per_path[t][v][d], s.path_depth);
+                ck_assert_int_eq(per_path[t][v][d], s.paths[t][v][d].inflight);
+            }
+    for (int v = 0; v < NGPU; v++) {
+        ck_assert_int_le(staging[v], s.staging_slots);
+        ck_assert_int_eq(staging[v], s.staging_inflight[v]);
+    }
+    ck_assert_int_eq(fb.ninflight, s.chunks_inflight);
+}
+
+/* ---- chunk length ---- */
+
+START_TEST(chunk_len_rule)
+{
+    s.chunk_size = 8u << 20;
+    s.min_chunk = 512u << 10;
+    s.path_depth = 2;
+    ck_assert_uint_eq(mmad_sched_chunk_len(&s, 64u << 20, 4), 8u << 20);     /* 64M / (4*2) */
+    ck_assert_uint_eq(mmad_sched_chunk_len(&s, 32u << 20, 4), 4u << 20);
+    ck_assert_uint_eq(mmad_sched_chunk_len(&s, (24u << 20) + 1, 4), (3u << 20) + 4096); /* rounded up to 4K */
+    ck_assert_uint_eq(mmad_sched_chunk_len(&s, 1, 4), 512u << 10);           /* min_chunk */
+    ck_assert_uint_eq(mmad_sched_chunk_len(&s, 1ull << 40, 4), 8u << 20);    /* chunk_size */
+    ck_assert_uint_eq(mmad_sched_chunk_len(&s, 4u << 20, 1), 2u << 20);      /* one path: depth pieces */
+    ck_assert_uint_eq(mmad_sched_chunk_len(&s, 6u << 20, 3), 1u << 20);
+    /* Property: within [min_chunk, chunk_size], a 4 KiB multiple, and large
+     * enough that npaths*depth chunks cover the job unless capped. */
+    uint64_t x = 88172645463325252ull;
+    for (int i = 0; i < 20000; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        uint64_t total = 1 + x % (1ull << (x % 37));
+        int np = 1 + (int)(x >> 40) % NGPU;
+        uint64_t c = mmad_sched_chunk_len(&s, total, np);
+        int ok = c >= s.min_chunk && c <= s.chunk_size && c % 4096 == 0 &&
+                 /* covers the job in npaths*depth chunks unless capped ... */
+                 (c == s.chunk_size || c * (uint64_t)np * 2 >= total) &&
+                 /* ... and is not needlessly large: 4 KiB less would not */
+                 (c == s.min_chunk || (c - 4096) * (uint64_t)np * 2 < total);
+        if (!ok)
+            ck_abort_msg("chunk_len(total %llu, %d paths) = %llu", (unsigned long long)total, np,
+                         (unsigned long long)c);
+    }
+}
+END_TEST
+
+START_TEST(paths_for_order)
+{
+    int vias[MMAD_MAX_GPUS];
+    ck_assert_int_eq(mmad_sched_paths_for(&s, 2, 0, vias), 4);
+    ck_assert_int_eq(vias[0], 2); /* direct first, then the ring after the target */
+    ck_assert_int_eq(vias[1], 3);
+    ck_assert_int_eq(vias[2], 0);
+    ck_assert_int_eq(vias[3], 1);
+    ck_assert_int_eq(mmad_sched_paths_for(&s, 2, 2, vias), 2);
+    ck_assert_int_eq(mmad_sched_paths_for(&s, 2, 1, vias), 1);
+    ck_assert_int_eq(vias[0], 2);
+    /* A relay set aside in both directions is not offered. */
+    mmad_sched_disable_path(&s, 2, 3, MMA_DIR_H2D, "test");
+    ck_assert_int_eq(mmad_sched_paths_for(&s, 2, 0, vias), 4);
+    mmad_sched_disable_path(&s, 2, 3, MMA_DIR_D2H, "test");
+    ck_assert_int_eq(mmad_sched_paths_for(&s, 2, 0, vias), 3);
+    ck_assert_int_eq(vias[1], 0);
+    /* The direct path is never set aside. */
+    mmad_sched_disable_path(&s, 2, 2, MMA_DIR_H2D, "test");
+    ck_assert_int_eq(s.paths[2][2][MMA_DIR_H2D].enabled, 1);
+}
+END_TEST
+
+/* ---- filling paths ---- */
+
+START_TEST(fill_respects_depth_and_staging)
+{
+    /* One big job to GPU 0: depth 2 on each of its 4 paths. */
+    mmad_job_t *a = job_simple(&conn_x, 0, 0, 1u << 20, 0);
+    mmad_sched_add(&s, a);
+    ck_assert_uint_eq(a->chunk_len, 64u << 10);
+    ck_assert_int_eq(mmad_sched_fill(&s), 8);
+    check_limits();
+    for (int v = 0; v < NGPU; v++)
+        ck_assert_int_eq(s.paths[0][v][MMA_DIR_H2D].inflight, 2);
+    ck_assert_int_eq(mmad_sched_fill(&s), 0); /* backpressure: no room left */
+    /* A job to GPU 1 shares the staging buffers of GPUs 2 and 3 (2 of 4
+     * used) and GPU 0's (unused). */
+    mmad_job_t *b = job_simple(&conn_x, 1, 0, 1u << 20, 1u << 20);
+    mmad_sched_add(&s, b);
+    ck_assert_int_eq(mmad_sched_fill(&s), 8);
+    check_limits();
+    ck_assert_int_eq(s.staging_inflight[2], 4);
+    ck_assert_int_eq(s.staging_inflight[3], 4);
+    /* A job to GPU 2: its direct link, and relays through 0 and 1, whose
+     * staging has room; GPU 3's staging is full. */
+    mmad_job_t *c = job_simple(&conn_x, 2, 0, 1u << 20, 2u << 20);
+    mmad_sched_add(&s, c);
+    ck_assert_int_eq(mmad_sched_fill(&s), 6);
+    check_limits();
+    ck_assert_int_eq(s.paths[2][3][MMA_DIR_H2D].inflight, 0);
+    ck_assert_int_eq(s.staging_inflight[0], 4);
+    ck_assert_int_eq(s.staging_inflight[1], 4);
+    /* Drain everything, refilling as chunks land. */
+    mmad_job_t *jobs[3] = {a, b, c};
+    int finished = 0;
+    while (fb.ninflight > 0) {
+        mmad_job_t *j = complete(fb.ninflight - 1, MMA_OK);
+        mmad_sched_fill(&s);
+        check_limits();
+        for (int k = 0; k < 3; k++)
+            if (j && j == jobs[k]) {
+                ck_assert_uint_eq(j->landed, j->total);
+                job_free(j);
+                jobs[k] = NULL;
+                finished++;
+            }
+    }
+    ck_assert_int_eq(finished, 3);
+    ck_assert_ptr_null(s.jobs);
+    ck_assert_uint_eq(s.jobs_done, 3);
+    ck_assert_uint_eq(s.bytes_done, 3u << 20);
+}
+END_TEST
+
+START_TEST(one_staging_slot)
+{
+    mmad_sched_destroy(&s);
+    start(64 << 10, 16 << 10, 2, 1, 0);
+    mmad_job_t *a = job_simple(&conn_x, 3, 0, 1u << 20, 0);
+    mmad_sched_add(&s, a);
+    ck_assert_int_eq(mmad_sched_fill(&s), 5); /* direct 2 + one per relay */
+    check_limits();
+    ck_assert_int_eq(s.paths[3][3][MMA_DIR_H2D].inflight, 2);
+    for (int v = 0; v < 3; v++)
+        ck_assert_int_eq(s.paths[3][v][MMA_DIR_H2D].inflight, 1);
+    mmad_job_t *j = NULL;
+    while (fb.ninflight > 0) {
+        j = complete(0, MMA_OK);
+        mmad_sched_fill(&s);
+        check_limits();
+    }
+    ck_assert_ptr_eq(j, a);
+    job_free(a);
+}
+END_TEST
+
+START_TEST(direct_path_first)
+{
+    /* One chunk's worth: it goes over the target's own link. */
+    mmad_job_t *a = job_simple(&conn_x, 1, 0, 16u << 10, 0);
+    mmad_sched_add(&s, a);
+    ck_assert_int_eq(mmad_sched_fill(&s), 1);
+    ck_assert_int_eq(fb.log[0].via, 1);
+    ck_assert_ptr_eq(complete(0, MMA_OK), a);
+    job_free(a);
+    /* Three chunks: two fill the direct path, the third takes the first
+     * relay in ring order (target + 1). */
+    mmad_job_t *b = job_simple(&conn_x, 3, 0, 48u << 10, 0);
+    mmad_sched_add(&s, b);
+    ck_assert_uint_eq(b->chunk_len, 16u << 10);
+    ck_assert_int_eq(mmad_sched_fill(&s), 3);
+    ck_assert_int_eq(fb.log[1].via, 3);
+    ck_assert_int_eq(fb.log[2].via, 3);
+    ck_assert_int_eq(fb.log[3].via, 0);
+    /* When the direct path frees, the next chunk goes there again. */
+    mmad_job_t *c = job_simple(&conn_x, 3, 0, 160u << 10, 1u << 20); /* 8 chunks of 20K */
+    mmad_sched_add(&s, c);
+    ck_assert_int_eq(mmad_sched_fill(&s), 5); /* relay 0 (its second slot), 1 and 2 */
+    ck_assert_int_eq(s.paths[3][3][MMA_DIR_H2D].inflight, 2);
+    int d = find_inflight(b, 3);
+    ck_assert_int_ge(d, 0);
+    complete(d, MMA_OK);
+    int before = fb.nlog;
+    ck_assert_int_eq(mmad_sched_fill(&s), 1);
+    ck_assert_int_eq(fb.log[before].via, 3);
+    while (fb.ninflight > 0) {
+        mmad_job_t *j = complete(0, MMA_OK);
+        if (j)
+            job_free(j);
+        mmad_sched_fill(&s);
+    }
+}
+END_TEST
+
+/* Drive one or more jobs to completion, completing chunks in a scrambled
+ * order, and check that the chunks that landed cover every byte of every
+ * segment exactly once, host and device side in step. */
+static unsigned char cover[BUF];
+
+static void run_and_check_coverage(mmad_job_t **jobs, int njobs, uint64_t seed, int fail_via)
+{
+    memset(cover, 0, sizeof cover);
+    int left = njobs;
+    uint64_t x = seed;
+    size_t orig_nsegs[8];
+    ck_assert_int_le(njobs, 8);
+    for (int k = 0; k < njobs; k++) {
+        orig_nsegs[k] = jobs[k]->nsegs; /* a failed relay appends retry segments */
+        mmad_sched_add(&s, jobs[k]);
+    }
+    mmad_sched_fill(&s);
+    while (left > 0) {
+        check_limits();
+        ck_assert_int_gt(fb.ninflight, 0); /* a job not done has something in flight */
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        int i = (int)(x % (uint64_t)fb.ninflight);
+        mmad_chunk_t *c = fb.inflight[i];
+        int st = c->via == fail_via && c->via != c->target ? MMA_ERR_BACKEND : MMA_OK;
+        if (st == MMA_OK) {
+            /* The chunk lies inside one segment, host and device offsets in step. */
+            const mmad_job_t *j = c->job;
+            int seg = -1;
+            for (size_t k = 0; k < j->nsegs; k++)
+                if (c->host >= j->segs[k].host && c->host + c->len <= j->segs[k].host + j->segs[k].len &&
+                    c->dev - j->segs[k].dev == c->host - j->segs[k].host)
+                    seg = (int)k;
+            ck_assert_msg(seg >= 0, "chunk %p+%llu is not inside one segment", (void *)c->host,
+                          (unsigned long long)c->len);
+            for (uint64_t b = 0; b < c->len; b++)
+                cover[c->host - hostbuf + (ptrdiff_t)b]++;
+        }
+        mmad_job_t *done = complete(i, st);
+        if (done) {
+            ck_assert_int_eq(done->status, MMA_OK);
+            ck_assert_uint_eq(done->landed, done->total);
+            ck_assert_uint_eq(done->issued, done->total);
+            ck_assert_int_eq(done->inflight, 0);
+            left--;
+        }
+        mmad_sched_fill(&s);
+    }
+    ck_assert_int_eq(fb.ninflight, 0);
+    ck_assert_ptr_null(s.jobs);
+    for (int k = 0; k < njobs; k++) {
+        mmad_job_t *j = jobs[k];
+        for (size_t g = 0; g < orig_nsegs[k]; g++) {
+            uint64_t base = (uint64_t)(j->segs[g].host - hostbuf);
+            for (uint64_t b = 0; b < j->segs[g].len; b++)
+                if (cover[base + b] != 1) /* (a plain test: Check's asserts are slow in loops) */
+                    ck_abort_msg("job %d seg %zu byte %llu landed %d times", k, g, (unsigned long long)b,
+                                 cover[base + b]);
+        }
+    }
+    /* And no byte outside the segments was touched. */
+    size_t total_cover = 0;
+    for (size_t b = 0; b < BUF; b++)
+        total_cover += cover[b];
+    uint64_t want = 0;
+    for (int k = 0; k < njobs; k++)
+        want += jobs[k]->total;
+    ck_assert_uint_eq(total_cover, want);
+}
+
+START_TEST(chunks_cover_every_byte_once)
+{
+    const uint64_t lens[] = {1, 4095, 70001, 12345, 3 * 65536 + 7, 4096, 65536, 65535, 2};
+    mmad_job_t *h2d = job_new(&conn_x, 2, MMA_DIR_H2D, 0, lens, sizeof lens / sizeof lens[0], 5, 0);
+    const uint64_t lens2[] = {999999, 1, 123457};
+    mmad_job_t *d2h = job_new(&conn_y, 2, MMA_DIR_D2H, 0, lens2, 3, 2u << 20, 1u << 20);
+    mmad_job_t *jobs[2] = {h2d, d2h};
+    run_and_check_coverage(jobs, 2, 12345, -1);
+    ck_assert_uint_eq(s.jobs_done, 2);
+    ck_assert_uint_eq(s.bytes_done, h2d->total + d2h->total);
+    /* Path statistics add up to the bytes moved, by direction. */
+    uint64_t by_dir[2] = {0, 0}, chunks = 0;
+    for (int v = 0; v < NGPU; v++)
+        for (int d = 0; d < 2; d++) {
+            by_dir[d] += s.paths[2][v][d].bytes;
+            chunks += s.paths[2][v][d].chunks;
+        }
+    ck_assert_uint_eq(by_dir[MMA_DIR_H2D], h2d->total);
+    ck_assert_uint_eq(by_dir[MMA_DIR_D2H], d2h->total);
+    ck_assert_uint_eq(chunks, (uint64_t)fb.nlog);
+    job_free(h2d);
+    job_free(d2h);
+}
+END_TEST
+
+/* ---- fairness and priority ---- */
+
+START_TEST(round_robin_between_bulk_jobs)
+{
+    /* One chunk in flight at a time (one path, depth 1): the order chunks
+     * are issued in is exactly the order jobs take their turns. */
+    mmad_sched_destroy(&s);
+    start(16 << 10, 16 << 10, 1, 4, 1);
+    mmad_job_t *a = job_simple(&conn_x, 0, 0, 4 * (16u << 10), 0);
+    mmad_job_t *b = job_simple(&conn_y, 0, 0, 4 * (16u << 10), 1u << 20);
+    mmad_sched_add(&s, a);
+    mmad_sched_add(&s, b);
+    mmad_sched_fill(&s);
+    int finished = 0;
+    while (finished < 2) {
+        ck_assert_int_eq(fb.ninflight, 1);
+        if (complete(0, MMA_OK))
+            finished++;
+        mmad_sched_fill(&s);
+    }
+    ck_assert_int_eq(fb.nlog, 8);
+    for (int i = 0; i < 8; i++)
+        ck_assert_msg(fb.log[i].job == (i % 2 ? b : a), "chunk %d went to job %s; expected strict alternation", i,
+                      fb.log[i].job == a ? "a" : "b");
+    job_free(a);
+    job_free(b);
+}
+END_TEST
+
+START_TEST(round_robin_three_jobs_many_paths)
+{
+    /* With room for several chunks per fill, each job gets one chunk per
+     * turn: three equal jobs to one GPU end up with equal shares of every
+     * window of 3 consecutive issues. */
+    mmad_job_t *j[3];
+    for (int k = 0; k < 3; k++) {
+        j[k] = job_simple(k == 1 ? &conn_y : &conn_x, 0, 0, 12 * (64u << 10), (uint64_t)k << 20);
+        mmad_sched_add(&s, j[k]);
+    }
+    mmad_sched_fill(&s);
+    int finished = 0;
+    while (finished < 3) {
+        mmad_job_t *f = complete(0, MMA_OK);
+        if (f)
+            finished++;
+        mmad_sched_fill(&s);
+    }
+    ck_assert_int_eq(fb.nlog, 36);
+    for (int w = 0; w + 3 <= 36; w += 3) {
+        int seen[3] = {0, 0, 0};
+        for (int i = w; i < w + 3; i++)
+            for (int k = 0; k < 3; k++)
+                seen[k] += fb.log[i].job == j[k];
+        ck_assert_msg(seen[0] == 1 && seen[1] == 1 && seen[2] == 1, "issues %d..%d: %d/%d/%d", w, w + 2, seen[0],
+                      seen[1], seen[2]);
+    }
+    for (int k = 0; k < 3; k++)
+        job_free(j[k]);
+}
+END_TEST
+
+START_TEST(latency_job_overtakes_bulk)
+{
+    mmad_job_t *a = job_simple(&conn_x, 0, 0, 1u << 20, 0);
+    mmad_job_t *b = job_simple(&conn_y, 0, 0, 1u << 20, 1u << 20);
+    mmad_sched_add(&s, a);
+    mmad_sched_add(&s, b);
+    ck_assert_int_eq(mmad_sched_fill(&s), 8); /* every path of GPU 0 full */
+    mmad_job_t *l = job_simple(&conn_x, 0, 1, 3 * (16u << 10), 2u << 20);
+    mmad_sched_add(&s, l);
+    ck_assert_ptr_eq(s.jobs, l); /* queued ahead of the bulk jobs */
+    ck_assert_int_eq(mmad_sched_fill(&s), 0);
+    /* As paths free up, the latency job takes them until it has no bytes
+     * left, whichever path it is. */
+    int via_freed[3] = {2, 0, 1};
+    for (int k = 0; k < 3; k++) {
+        int i = find_inflight(k == 0 ? b : a, via_freed[k]);
+        ck_assert_int_ge(i, 0);
+        complete(i, MMA_OK);
+        int before = fb.nlog;
+        ck_assert_int_eq(mmad_sched_fill(&s), 1);
+        ck_assert_ptr_eq(fb.log[before].job, l);
+        ck_assert_int_eq(fb.log[before].via, via_freed[k]);
+    }
+    /* Then bulk resumes. */
+    complete(find_inflight(a, -1), MMA_OK);
+    int before = fb.nlog;
+    ck_assert_int_eq(mmad_sched_fill(&s), 1);
+    ck_assert_ptr_ne(fb.log[before].job, l);
+    /* A second latency job queues after the first one, before bulk. */
+    mmad_job_t *l2 = job_simple(&conn_y, 0, 1, 16u << 10, 3u << 20);
+    mmad_sched_add(&s, l2);
+    ck_assert_ptr_eq(s.jobs, l);
+    ck_assert_ptr_eq(s.jobs->next, l2);
+    ck_assert_int_eq(s.jobs->next->next->priority, 0);
+    int finished = 0;
+    while (fb.ninflight > 0) {
+        mmad_job_t *f = complete(0, MMA_OK);
+        if (f) {
+            finished++;
+            job_free(f);
+        }
+        mmad_sched_fill(&s);
+    }
+    ck_assert_int_eq(finished, 4);
+}
+END_TEST
+
+/* ---- path limits ---- */
+
+START_TEST(max_paths_one_uses_direct_only)
+{
+    mmad_job_t *a = job_simple(&conn_x, 2, 0, 1u << 20, 0);
+    a->max_paths = 1;
+    mmad_sched_add(&s, a);
+    /* One path: its chunks are the job over depth pieces, capped. */
+    ck_assert_uint_eq(a->chunk_len, 64u << 10);
+    mmad_job_t *f = NULL;
+    mmad_sched_fill(&s);
+    while (!f) {
+        check_limits();
+        ck_assert_int_le(fb.ninflight, 2);
+        f = complete(0, MMA_OK);
+        mmad_sched_fill(&s);
+    }
+    for (int i = 0; i < fb.nlog; i++)
+        ck_assert_int_eq(fb.log[i].via, 2);
+    job_free(a);
+    /* max_paths 2: the direct path and the first relay, nothing else. */
+    int n0 = fb.nlog;
+    mmad_job_t *b = job_simple(&conn_x, 2, 0, 1u << 20, 0);
+    b->max_paths = 2;
+    mmad_sched_add(&s, b);
+    ck_assert_int_eq(mmad_sched_fill(&s), 4);
+    for (int i = n0; i < fb.nlog; i++)
+        ck_assert(fb.log[i].via == 2 || fb.log[i].via == 3);
+    while (fb.ninflight > 0) {
+        f = complete(0, MMA_OK);
+        mmad_sched_fill(&s);
+    }
+    ck_assert_ptr_eq(f, b);
+    job_free(b);
+}
+END_TEST
+
+START_TEST(daemon_max_paths_one)
+{
+    mmad_sched_destroy(&s);
+    start(64 << 10, 16 << 10, 2, 4, 1); /* mmad --max-paths=1 */
+    mmad_job_t *a = job_simple(&conn_x, 1, 0, 1u << 20, 0);
+    mmad_sched_add(&s, a);
+    ck_assert_int_eq(mmad_sched_fill(&s), 2);
+    mmad_job_t *f = NULL;
+    while (!f) {
+        f = complete(0, MMA_OK);
+        mmad_sched_fill(&s);
+    }
+    for (int i = 0; i < fb.nlog; i++)
+        ck_assert_int_eq(fb.log[i].via, 1);
+    ck_assert_uint_eq(s.paths[1][1][MMA_DIR_H2D].bytes, 1u << 20);
+    job_free(a);
+}
+END_TEST
+
+/* ---- failures ---- */
+
+START_TEST(failed_relay_is_set_aside_and_retried)
+{
+    const uint64_t lens[] = {1000003, 77777};
+    mmad_job_t *a = job_new(&conn_x, 0, MMA_DIR_H2D, 0, lens, 2, 100, 200);
+    mmad_job_t *jobs[1] = {a};
+    /* Every chunk through GPU 2 fails; the others land. */
+    run_and_check_coverage(jobs, 1, 777, 2);
+    const mmad_path_stat_t *p = &s.paths[0][2][MMA_DIR_H2D];
+    ck_assert_int_eq(p->enabled, 0);
+    ck_assert_str_eq(p->note, "copy failed");
+    ck_assert_uint_eq(p->bytes, 0);
+    /* Only the first wave went there: after the failure nothing more. */
+    int via2 = 0;
+    for (int i = 0; i < fb.nlog; i++)
+        if (fb.log[i].via == 2)
+            via2++;
+    ck_assert_int_ge(via2, 1);
+    ck_assert_int_le(via2, s.path_depth);
+    /* The other direction and the other relays are untouched. */
+    ck_assert_int_eq(s.paths[0][2][MMA_DIR_D2H].enabled, 1);
+    ck_assert_int_eq(s.paths[0][1][MMA_DIR_H2D].enabled, 1);
+    ck_assert_int_eq(s.paths[0][3][MMA_DIR_H2D].enabled, 1);
+    ck_assert_uint_eq(s.bytes_done, a->total);
+    job_free(a);
+}
+END_TEST
+
+START_TEST(submit_refused_on_relay)
+{
+    fb.fail_submit_via = 1;
+    mmad_job_t *a = job_simple(&conn_x, 0, 0, 1u << 20, 0);
+    mmad_sched_add(&s, a);
+    /* The refused submit ends that fill pass; the engine fills again at
+     * once (it made progress), and the job spreads over the paths left. */
+    int n = mmad_sched_fill(&s);
+    n += mmad_sched_fill(&s);
+    ck_assert_int_eq(n, 6); /* direct 2, via 2 and 3 */
+    ck_assert_int_eq(s.paths[0][1][MMA_DIR_H2D].enabled, 0);
+    ck_assert_str_eq(s.paths[0][1][MMA_DIR_H2D].note, "submit failed");
+    mmad_job_t *f = NULL;
+    while (fb.ninflight > 0) {
+        f = complete(0, MMA_OK);
+        mmad_sched_fill(&s);
+        check_limits();
+    }
+    ck_assert_ptr_eq(f, a);
+    ck_assert_uint_eq(a->landed, a->total);
+    for (int i = 0; i < fb.nlog; i++)
+        ck_assert_int_ne(fb.log[i].via, 1);
+    job_free(a);
+}
+END_TEST
+
+START_TEST(failed_direct_chunk_fails_the_job)
+{
+    mmad_job_t *a = job_simple(&conn_x, 0, 0, 1u << 20, 0);
+    mmad_sched_add(&s, a);
+    ck_assert_int_eq(mmad_sched_fill(&s), 8);
+    ck_assert_ptr_null(complete(find_inflight(a, 0), MMA_ERR_BACKEND));
+    ck_assert_int_eq(a->status, MMA_ERR_BACKEND);
+    ck_assert_int_eq(s.paths[0][0][MMA_DIR_H2D].enabled, 1);
+    /* Nothing more is carved from a failed job; it finishes when its last
+     * chunk in flight comes back. */
+    ck_assert_int_eq(mmad_sched_fill(&s), 0);
+    mmad_job_t *f = NULL;
+    while (fb.ninflight > 0) {
+        ck_assert_ptr_null(f);
+        f = complete(0, MMA_OK);
+        ck_assert_int_eq(mmad_sched_fill(&s), 0);
+    }
+    ck_assert_ptr_eq(f, a);
+    ck_assert_int_eq(a->status, MMA_ERR_BACKEND);
+    ck_assert_uint_eq(s.bytes_done, 0);
+    ck_assert_uint_eq(s.jobs_done, 1);
+    job_free(a);
+}
+END_TEST
+
+START_TEST(cancel_conn)
+{
+    mmad_job_t *x1 = job_simple(&conn_x, 0, 0, 1u << 20, 0);
+    mmad_job_t *y1 = job_simple(&conn_y, 0, 0, 1u << 20, 1u << 20);
+    mmad_job_t *x2 = job_simple(&conn_x, 1, 0, 64u << 10, 2u << 20);
+    x2->runnable = 0; /* its slot has not shown `reached` yet */
+    mmad_sched_add(&s, x1);
+    mmad_sched_add(&s, y1);
+    mmad_sched_add(&s, x2);
+    ck_assert_int_eq(mmad_sched_fill(&s), 8);
+    ck_assert_int_gt(x1->inflight, 0);
+    ck_assert_int_eq(x2->inflight, 0);
+    /* Client x goes away: x2 (nothing in flight) comes back at once; x1
+     * waits for its chunks. */
+    mmad_job_t *got = mmad_sched_cancel_conn(&s, &conn_x);
+    ck_assert_ptr_eq(got, x2);
+    ck_assert_ptr_null(got->next);
+    ck_assert_int_eq(x2->status, MMA_ERR_CANCELLED);
+    ck_assert_int_eq(x1->status, MMA_ERR_CANCELLED);
+    ck_assert_int_eq(y1->status, MMA_OK);
+    job_free(x2);
+    /* x1 gets no more chunks; y1 takes the room it leaves. */
+    int x1_flight = x1->inflight;
+    mmad_job_t *f = NULL;
+    int finished_x1 = 0, finished_y1 = 0;
+    while (fb.ninflight > 0) {
+        f = complete(0, MMA_OK);
+        if (f == x1) {
+            finished_x1++;
+            ck_assert_int_eq(x1->status, MMA_ERR_CANCELLED);
+        } else if (f == y1) {
+            finished_y1++;
+            ck_assert_int_eq(y1->status, MMA_OK);
+            ck_assert_uint_eq(y1->landed, y1->total);
+        }
+        mmad_sched_fill(&s);
+        ck_assert_int_le(x1->inflight, x1_flight);
+        x1_flight = x1->inflight;
+    }
+    ck_assert_int_eq(finished_x1, 1);
+    ck_assert_int_eq(finished_y1, 1);
+    ck_assert_uint_lt(x1->landed, x1->total);
+    ck_assert_uint_eq(s.bytes_done, y1->total);
+    ck_assert_ptr_null(mmad_sched_cancel_conn(&s, &conn_x)); /* nothing left */
+    job_free(x1);
+    job_free(y1);
+}
+END_TEST
+
+START_TEST(not_runnable_waits)
+{
+    mmad_job_t *a = job_simple(&conn_x, 0, 0, 64u << 10, 0);
+    a->runnable = 0;
+    mmad_sched_add(&s, a);
+    ck_assert_int_eq(mmad_sched_fill(&s), 0);
+    a->runnable = 1;
+    ck_assert_int_eq(mmad_sched_fill(&s), 4); /* 64K over 8 pieces -> 16K chunks */
+    mmad_job_t *f = NULL;
+    while (fb.ninflight > 0)
+        f = complete(0, MMA_OK);
+    ck_assert_ptr_eq(f, a);
+    job_free(a);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *su = suite_create("sched");
+    TCase *tc = tcase_create("sched");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 20);
+    tcase_add_test(tc, chunk_len_rule);
+    tcase_add_test(tc, paths_for_order);
+    tcase_add_test(tc, fill_respects_depth_and_staging);
+    tcase_add_test(tc, one_staging_slot);
+    tcase_add_test(tc, direct_path_first);
+    tcase_add_test(tc, chunks_cover_every_byte_once);
+    tcase_add_test(tc, round_robin_between_bulk_jobs);
+    tcase_add_test(tc, round_robin_three_jobs_many_paths);
+    tcase_add_test(tc, latency_job_overtakes_bulk);
+    tcase_add_test(tc, max_paths_one_uses_direct_only);
+    tcase_add_test(tc, daemon_max_paths_one);
+    tcase_add_test(tc, failed_relay_is_set_aside_and_retried);
+    tcase_add_test(tc, submit_refused_on_relay);
+    tcase_add_test(tc, failed_direct_chunk_fails_the_job);
+    tcase_add_test(tc, cancel_conn);
+    tcase_add_test(tc, not_runnable_waits);
+    suite_add_tcase(su, tc);
+    SRunner *sr = srunner_create(su);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
