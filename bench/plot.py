@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Plots for an mma-bench run: bandwidth vs size (native, mma, ceiling) per
+direction from bench.csv, and per-path throughput over time under contention
+from scenarios.csv ("share" rows: cumulative bytes per path, sampled).
+
+    python3 bench/plot.py RESULTS_DIR     # writes RESULTS_DIR/*.png
+"""
+import csv
+import os
+import sys
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def bandwidth(d):
+    rows = list(csv.reader(open(os.path.join(d, "bench.csv"))))[1:]
+    card = rows[0][0] if rows else "?"
+    ceil = {r[2]: float(r[6]) for r in rows if r[1] == "ceiling"}
+    for dirn in ("H2D", "D2H"):
+        pts = [r for r in rows if r[1] == "size" and r[2] == dirn]
+        if not pts:
+            continue
+        size = [int(r[3]) for r in pts]
+        nat = [float(r[5]) for r in pts]
+        mma = [float(r[6]) for r in pts]
+        auto = [float(r[8].split("auto ")[1]) if "auto " in r[8] else None for r in pts]
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        ax.plot(size, nat, "o-", label="native cudaMemcpyAsync (one link)")
+        ax.plot(size, mma, "s-", label="mma through mmad (all paths)")
+        if all(a is not None for a in auto):
+            ax.plot(size, auto, "^--", label="mma as used (native below bypass)")
+        if dirn in ceil:
+            ax.axhline(ceil[dirn], color="gray", ls=":", label=f"box ceiling {ceil[dirn]:.0f} GB/s")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("copy size (bytes)")
+        ax.set_ylabel("GB/s")
+        ax.set_title(f"{dirn} into gpu0, 4 x {card}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        out = os.path.join(d, f"bandwidth_{dirn.lower()}.png")
+        fig.savefig(out, dpi=110)
+        print("wrote", out)
+
+
+def shares(d):
+    path = os.path.join(d, "scenarios.csv")
+    if not os.path.exists(path):
+        return
+    series = defaultdict(lambda: defaultdict(list))  # scen -> path -> [(t, bytes)]
+    for r in csv.reader(open(path)):
+        if r and r[0] == "share" and r[5] == "h2d":
+            scen, t, tg, via = r[1], float(r[2]), int(r[3]), int(r[4])
+            series[scen][(tg, via)].append((t, int(r[6])))
+    for scen, paths in series.items():
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for (tg, via), pts in sorted(paths.items()):
+            rates = [(t1, (b1 - b0) / (t1 - t0) / 1e9) for (t0, b0), (t1, b1) in zip(pts, pts[1:]) if t1 > t0]
+            if not any(v > 0.5 for _, v in rates):
+                continue
+            label = f"gpu{tg} direct" if tg == via else f"gpu{tg} via gpu{via}"
+            ax.plot([t for t, _ in rates], [v for _, v in rates], label=label)
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("GB/s (100 ms samples)")
+        title = {"C": "C: 4 native loaders + 1 multipath client (gpu0)",
+                 "D": "D: one multipath client per GPU"}.get(scen, scen)
+        ax.set_title("per-path throughput through mmad, " + title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        out = os.path.join(d, f"paths_over_time_{scen}.png")
+        fig.savefig(out, dpi=110)
+        print("wrote", out)
+
+
+if __name__ == "__main__":
+    d = sys.argv[1] if len(sys.argv) > 1 else "."
+    bandwidth(d)
+    shares(d)
