@@ -8,7 +8,7 @@ scripts/setup.sh build
 export NCCL_NVLS_ENABLE=0
 SOCK=${MMA_SOCKET:-/tmp/mma-demo-$$.sock}
 export MMA_SOCKET=$SOCK
-build/mmad --socket="$SOCK" "$@" &
+build/mmad --socket="$SOCK" --log=warn "$@" &
 MMAD=$!
 trap 'kill $MMAD 2>/dev/null; wait $MMAD 2>/dev/null || true' EXIT
 for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.05; done
