@@ -138,7 +138,10 @@ void mmad_start_at(mmad_proc_t *d, const char *sock, const char *const *extra)
         ck_assert_ptr_nonnull(slash);
         *slash = 0;
     } else {
-        snprintf(d->dir, sizeof d->dir, "%s", scratch_mkdtemp("mmad"));
+        const char *dir = scratch_mkdtemp("mmad");
+        if (strlen(dir) >= sizeof d->dir)
+            ck_abort_msg("scratch folder path too long: %s", dir);
+        memcpy(d->dir, dir, strlen(dir) + 1);
         snprintf(d->sock, sizeof d->sock, "%s/s.sock", d->dir);
     }
     char sockarg[160];
