@@ -172,3 +172,32 @@ int mma_cuda_memcpy(void *dst, const void *src, size_t n, mma_stream_t stream)
     CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDefault, (cudaStream_t)stream));
     return MMA_OK;
 }
+
+int mma_cuda_stream_create(int gpu, mma_stream_t *out)
+{
+    int prev;
+    cudaStream_t st;
+    CK(cudaGetDevice(&prev));
+    CK(cudaSetDevice(gpu));
+    cudaError_t e = cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
+    CK(cudaSetDevice(prev));
+    if (e != cudaSuccess) {
+        MMA_ERROR("cudaStreamCreateWithFlags on gpu %d: %s", gpu, cudaGetErrorString(e));
+        return MMA_ERR_CUDA;
+    }
+    *out = (mma_stream_t)st;
+    return MMA_OK;
+}
+
+int mma_cuda_stream_sync(mma_stream_t s)
+{
+    CK(cudaStreamSynchronize((cudaStream_t)s));
+    return MMA_OK;
+}
+
+void mma_cuda_stream_destroy(mma_stream_t s)
+{
+    cudaError_t e = cudaStreamDestroy((cudaStream_t)s);
+    if (e != cudaSuccess)
+        MMA_WARN("cudaStreamDestroy: %s", cudaGetErrorString(e));
+}

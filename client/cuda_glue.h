@@ -30,6 +30,10 @@ int mma_cuda_stream_mark(mma_stream_t stream, int gpu, uint64_t *reached, uint64
 /* Native copy (the bypass, and the fallback when mmad is gone). A NULL
  * stream means synchronous. */
 int mma_cuda_memcpy(void *dst, const void *src, size_t n, mma_stream_t stream);
+/* A non-blocking stream on `gpu`, its synchronisation and destruction. */
+int mma_cuda_stream_create(int gpu, mma_stream_t *out);
+int mma_cuda_stream_sync(mma_stream_t s);
+void mma_cuda_stream_destroy(mma_stream_t s);
 /* A one-thread kernel fallback for the dummy task (stream_wait.cu). */
 int mma_cuda_launch_wait_kernel(mma_stream_t stream, volatile uint64_t *reached_dev,
                                 volatile uint64_t *done_dev, uint64_t seq);

@@ -49,6 +49,7 @@ struct mma_client {
     region_t *regions;
     size_t nregions, cap;
     int cuda; /* the daemon runs real GPUs and CUDA works here */
+    mma_stream_t native_stream[64]; /* host-ordered native copies, per GPU */
 };
 
 /* ---- request/response ---- */
@@ -198,7 +199,7 @@ int mma_connect(const char *socket_path, mma_client_t **out)
     c->info.api_version = hr->api_version;
     c->info.features = hr->features;
     snprintf(c->info.backend, sizeof c->info.backend, "%s", hr->backend ? hr->backend : "?");
-    c->info.gpu_count = (int)hr->gpu_count;
+    c->info.gpu_count = hr->gpu_count <= 64 ? (int)hr->gpu_count : 64; /* mmad serves at most 16 */
     c->info.simulated = hr->simulated;
     c->info.bypass_threshold = (size_t)hr->bypass_threshold;
     c->info.sim_scale = hr->has_sim_scale ? hr->sim_scale : 1.0;
@@ -483,6 +484,52 @@ int mma_wait(mma_client_t *c, mma_copy_t t)
 
 /* ---- copies ---- */
 
+/* Check every segment against this client's regions: both ends registered,
+ * inside their region, one host and one device, all one direction and one
+ * GPU. Sets *dir (0 H2D, 1 D2H), *gpu and *total. */
+static int resolve(mma_client_t *c, const mma_segment_t *segs, size_t nsegs, int *dir, int *gpu, uint64_t *total)
+{
+    *dir = -1;
+    *gpu = -1;
+    *total = 0;
+    for (size_t i = 0; i < nsegs; i++) {
+        region_t *d, *s;
+        int rc;
+        if (!segs[i].dst || !segs[i].src || segs[i].len == 0)
+            return MMA_ERR_INVAL;
+        if ((rc = find_region(c, segs[i].dst, segs[i].len, &d)) != MMA_OK ||
+            (rc = find_region(c, segs[i].src, segs[i].len, &s)) != MMA_OK)
+            return rc;
+        if (d->device == s->device)
+            return MMA_ERR_DIRECTION;
+        int sd = d->device ? 0 : 1;
+        int sg = d->device ? d->gpu : s->gpu;
+        if (*dir >= 0 && (sd != *dir || sg != *gpu))
+            return MMA_ERR_INVAL;
+        *dir = sd;
+        *gpu = sg;
+        *total += segs[i].len;
+    }
+    return MMA_OK;
+}
+
+/* The native copy: on the caller's stream, or, host-ordered, on this
+ * client's own non-blocking stream for that GPU, then waited for. */
+static int copy_native(mma_client_t *c, const mma_segment_t *segs, size_t nsegs, int gpu, mma_stream_t stream)
+{
+    int rc = MMA_OK;
+    if (!stream) {
+        if (!c->native_stream[gpu] && (rc = mma_cuda_stream_create(gpu, &c->native_stream[gpu])) != MMA_OK)
+            return rc;
+        stream = c->native_stream[gpu];
+    }
+    for (size_t i = 0; i < nsegs && rc == MMA_OK; i++)
+        rc = mma_cuda_memcpy(segs[i].dst, segs[i].src, segs[i].len, stream);
+    if (rc == MMA_OK && stream == c->native_stream[gpu])
+        rc = mma_cuda_stream_sync(stream);
+    return rc;
+}
+
 int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs, mma_stream_t stream,
                         const mma_copy_opts_t *opts, mma_copy_t *out)
 {
@@ -491,39 +538,36 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
     if (stream && !c->cuda)
         return MMA_ERR_UNSUPPORTED; /* the simulated box has no CUDA streams */
     unsigned flags = opts ? opts->flags : 0;
-    Mma__Segment *ps = calloc(nsegs, sizeof *ps);
-    Mma__Segment **pp = calloc(nsegs, sizeof *pp);
-    if (!ps || !pp) {
-        free(ps);
-        free(pp);
-        return MMA_ERR_NOMEM;
-    }
-    int rc = MMA_OK;
-    int dir = -1, gpu = -1;
-    uint64_t total = 0;
+    Mma__Segment *ps = NULL;
+    Mma__Segment **pp = NULL;
+    int dir, gpu;
+    uint64_t total;
     pthread_mutex_lock(&c->lock);
+    int rc = resolve(c, segs, nsegs, &dir, &gpu, &total);
+    if (rc != MMA_OK)
+        goto out;
+    if (c->cuda && !(flags & MMA_COPY_NO_BYPASS) && (total < c->info.bypass_threshold || c->dead)) {
+        /* Native: below the threshold mmad cannot beat one link, and with
+         * mmad gone this is how copies still complete. Decided before any
+         * allocation, so a small copy costs what cudaMemcpyAsync costs. */
+        rc = copy_native(c, segs, nsegs, gpu, stream);
+        if (rc == MMA_OK && out)
+            *out = 0;
+        goto out;
+    }
+    ps = calloc(nsegs, sizeof *ps);
+    pp = calloc(nsegs, sizeof *pp);
+    if (!ps || !pp) {
+        rc = MMA_ERR_NOMEM;
+        goto out;
+    }
     for (size_t i = 0; i < nsegs; i++) {
-        region_t *d, *s;
-        if (!segs[i].dst || !segs[i].src || segs[i].len == 0) {
-            rc = MMA_ERR_INVAL;
+        region_t *d = NULL, *s = NULL;
+        if (find_region(c, segs[i].dst, segs[i].len, &d) != MMA_OK ||
+            find_region(c, segs[i].src, segs[i].len, &s) != MMA_OK) {
+            rc = MMA_ERR_NOT_REGISTERED; /* resolve() vouched for both: cannot happen */
             goto out;
         }
-        if ((rc = find_region(c, segs[i].dst, segs[i].len, &d)) != MMA_OK ||
-            (rc = find_region(c, segs[i].src, segs[i].len, &s)) != MMA_OK)
-            goto out;
-        if (d->device == s->device) {
-            rc = MMA_ERR_DIRECTION;
-            goto out;
-        }
-        int sd = d->device ? 0 : 1;
-        int sg = d->device ? d->gpu : s->gpu;
-        if (dir >= 0 && (sd != dir || sg != gpu)) {
-            rc = MMA_ERR_INVAL;
-            goto out;
-        }
-        dir = sd;
-        gpu = sg;
-        total += segs[i].len;
         mma__segment__init(&ps[i]);
         ps[i].dst_region = d->id;
         ps[i].dst_offset = (uintptr_t)segs[i].dst - d->base;
@@ -531,15 +575,6 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
         ps[i].src_offset = (uintptr_t)segs[i].src - s->base;
         ps[i].length = segs[i].len;
         pp[i] = &ps[i];
-    }
-    if (c->cuda && !(flags & MMA_COPY_NO_BYPASS) && (total < c->info.bypass_threshold || c->dead)) {
-        /* Native: below the threshold mmad cannot beat one link, and with
-         * mmad gone this is how copies still complete. */
-        for (size_t i = 0; i < nsegs && rc == MMA_OK; i++)
-            rc = mma_cuda_memcpy(segs[i].dst, segs[i].src, segs[i].len, stream);
-        if (rc == MMA_OK && out)
-            *out = 0;
-        goto out;
     }
     if (c->dead) {
         rc = MMA_ERR_DISCONNECTED;
@@ -578,9 +613,7 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
         /* Nothing reached mmad: complete the slot ourselves so a stream that
          * already waits on it moves on, and report the failure. */
         if (c->cuda) {
-            int nrc = MMA_OK;
-            for (size_t i = 0; i < nsegs && nrc == MMA_OK; i++)
-                nrc = mma_cuda_memcpy(segs[i].dst, segs[i].src, segs[i].len, NULL);
+            int nrc = copy_native(c, segs, nsegs, gpu, NULL);
             mma_flag_complete(fl, seq, nrc);
             rc = nrc;
             if (rc == MMA_OK && out)
@@ -677,6 +710,9 @@ void mma_disconnect(mma_client_t *c)
     for (size_t i = 0; i < c->nregions; i++)
         release_region(c, &c->regions[i]);
     free(c->regions);
+    for (int g = 0; g < 64; g++)
+        if (c->native_stream[g])
+            mma_cuda_stream_destroy(c->native_stream[g]);
     if (c->flags_pinned)
         mma_cuda_host_unregister(c->flags);
     munmap(c->flags, (size_t)c->nslots * sizeof(mma_flag_slot_t));
