@@ -29,6 +29,7 @@ typedef struct mmad_config {
     uint64_t min_chunk;     /* smallest split of a large copy */
     int staging_slots;      /* staging buffers per GPU, each chunk_size */
     int path_depth;         /* chunks in flight per path */
+    int chunk_rounds;       /* a large copy is cut so each path pulls this many times its depth */
     int64_t bypass_threshold; /* -1: measured/derived at start */
     int max_paths;          /* 0: all */
     int max_clients;

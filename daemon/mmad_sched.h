@@ -31,6 +31,7 @@ typedef struct mmad_sched {
     uint64_t min_chunk;
     int staging_slots;
     int path_depth;          /* chunks in flight per path */
+    int chunk_rounds;
     int max_paths;
     mmad_job_t *jobs;        /* queued and running, latency class first */
     mmad_job_t *rr;          /* whose turn it is among bulk jobs */
@@ -68,7 +69,9 @@ int mmad_sched_paths_for(const mmad_sched_t *s, int target, int max_paths, int *
 void mmad_sched_disable_path(mmad_sched_t *s, int target, int via, int dir, const char *why);
 
 /* How many bytes a job's chunks will be: its total spread evenly over its
- * paths, `depth` chunks each, kept between min_chunk and chunk_size. */
+ * paths, depth x rounds chunks each, kept between min_chunk and chunk_size.
+ * More than `depth` chunks per path lets fast paths pull more of the copy
+ * than slow ones, so the copy does not wait for its slowest path. */
 uint64_t mmad_sched_chunk_len(const mmad_sched_t *s, uint64_t total, int npaths);
 
 #endif

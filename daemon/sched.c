@@ -16,6 +16,7 @@ int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cf
     s->min_chunk = cfg->min_chunk < s->chunk_size ? cfg->min_chunk : s->chunk_size;
     s->staging_slots = be->staging_slots ? be->staging_slots : cfg->staging_slots;
     s->path_depth = be->path_depth ? be->path_depth : cfg->path_depth;
+    s->chunk_rounds = cfg->chunk_rounds > 0 ? cfg->chunk_rounds : 1;
     s->max_paths = cfg->max_paths;
     pthread_mutex_init(&s->stats_lock, NULL);
     for (int t = 0; t < s->ngpu; t++)
@@ -60,7 +61,7 @@ int mmad_sched_paths_for(const mmad_sched_t *s, int target, int max_paths, int *
 
 uint64_t mmad_sched_chunk_len(const mmad_sched_t *s, uint64_t total, int npaths)
 {
-    uint64_t pieces = (uint64_t)npaths * (uint64_t)s->path_depth;
+    uint64_t pieces = (uint64_t)npaths * (uint64_t)s->path_depth * (uint64_t)s->chunk_rounds;
     uint64_t per = (total + pieces - 1) / pieces;
     per = (per + 4095) & ~(uint64_t)4095;
     if (per < s->min_chunk)

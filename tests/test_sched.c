@@ -79,6 +79,7 @@ static void start(uint64_t chunk, uint64_t min_chunk, int depth, int staging, in
     cfg.chunk_size = chunk;
     cfg.min_chunk = min_chunk;
     cfg.path_depth = depth;
+    cfg.chunk_rounds = 1; /* these tests count chunks per path against depth */
     cfg.staging_slots = staging;
     cfg.max_paths = max_paths;
     ck_assert_int_eq(mmad_sched_init(&s, &fb.base, &cfg), MMA_OK);
@@ -195,6 +196,7 @@ START_TEST(chunk_len_rule)
     s.chunk_size = 8u << 20;
     s.min_chunk = 512u << 10;
     s.path_depth = 2;
+    s.chunk_rounds = 1;
     ck_assert_uint_eq(mmad_sched_chunk_len(&s, 64u << 20, 4), 8u << 20);     /* 64M / (4*2) */
     ck_assert_uint_eq(mmad_sched_chunk_len(&s, 32u << 20, 4), 4u << 20);
     ck_assert_uint_eq(mmad_sched_chunk_len(&s, (24u << 20) + 1, 4), (3u << 20) + 4096); /* rounded up to 4K */
@@ -202,19 +204,27 @@ START_TEST(chunk_len_rule)
     ck_assert_uint_eq(mmad_sched_chunk_len(&s, 1ull << 40, 4), 8u << 20);    /* chunk_size */
     ck_assert_uint_eq(mmad_sched_chunk_len(&s, 4u << 20, 1), 2u << 20);      /* one path: depth pieces */
     ck_assert_uint_eq(mmad_sched_chunk_len(&s, 6u << 20, 3), 1u << 20);
+    /* Rounds: each path pulls depth x rounds chunks, so fast paths can take
+     * more of the copy than slow ones. */
+    s.chunk_rounds = 4;
+    ck_assert_uint_eq(mmad_sched_chunk_len(&s, 64u << 20, 4), 2u << 20);     /* 64M / (4*2*4) */
+    ck_assert_uint_eq(mmad_sched_chunk_len(&s, 1ull << 30, 4), 8u << 20);    /* capped */
+    ck_assert_uint_eq(mmad_sched_chunk_len(&s, 8u << 20, 4), 512u << 10);    /* min_chunk */
     /* Property: within [min_chunk, chunk_size], a 4 KiB multiple, and large
-     * enough that npaths*depth chunks cover the job unless capped. */
+     * enough that npaths*depth*rounds chunks cover the job unless capped. */
     uint64_t x = 88172645463325252ull;
     for (int i = 0; i < 20000; i++) {
+        s.chunk_rounds = 1 + i % 5;
+        uint64_t k = 2u * (uint64_t)s.chunk_rounds;
         x ^= x << 13, x ^= x >> 7, x ^= x << 17;
         uint64_t total = 1 + x % (1ull << (x % 37));
         int np = 1 + (int)(x >> 40) % NGPU;
         uint64_t c = mmad_sched_chunk_len(&s, total, np);
         int ok = c >= s.min_chunk && c <= s.chunk_size && c % 4096 == 0 &&
                  /* covers the job in npaths*depth chunks unless capped ... */
-                 (c == s.chunk_size || c * (uint64_t)np * 2 >= total) &&
+                 (c == s.chunk_size || c * (uint64_t)np * k >= total) &&
                  /* ... and is not needlessly large: 4 KiB less would not */
-                 (c == s.min_chunk || (c - 4096) * (uint64_t)np * 2 < total);
+                 (c == s.min_chunk || (c - 4096) * (uint64_t)np * k < total);
         if (!ok)
             ck_abort_msg("chunk_len(total %llu, %d paths) = %llu", (unsigned long long)total, np,
                          (unsigned long long)c);
