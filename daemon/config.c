@@ -41,8 +41,9 @@ static const opt_t options[] = {
      "staging buffers per GPU (each chunk-size bytes of device memory)"},
     {"path-depth", OPT_INT, O(path_depth), 0, "2", 1, 64,
      "chunks in flight per path (one moving, one queued keeps a link busy)"},
-    {"chunk-rounds", OPT_INT, O(chunk_rounds), 0, "4", 1, 64,
-     "cut a copy so each path pulls about this many times its depth (balances unequal paths)"},
+    {"chunk-rounds", OPT_INT, O(chunk_rounds), 0, "1", 1, 64,
+     "cut a copy so each path pulls about this many times its depth (balances unequal paths; "
+     "on 4x H200, 1 beat 4 and 8: every chunk costs engine time)"},
     {"bypass-threshold", OPT_SIZE, O(bypass_threshold), 0, "-1", -1, 1u << 30,
      "copies below this go native in libmma (-1: the backend's measured default)"},
     {"max-paths", OPT_INT, O(max_paths), 0, "0", 0, MMAD_MAX_GPUS, "paths per copy (0: all)"},
