@@ -50,6 +50,17 @@ struct mma_client {
     size_t nregions, cap;
     int cuda; /* the daemon runs real GPUs and CUDA works here */
     mma_stream_t native_stream[64]; /* host-ordered native copies, per GPU */
+    /* The watchdog (real GPUs): what each copy in flight was, so that if mmad
+     * goes away libmma can finish it natively and no stream waits forever. */
+    struct pending {
+        mma_segment_t *segs;
+        size_t n;
+        int gpu;
+    } *pending;
+    pthread_t watchdog;
+    pthread_cond_t wd_cond;
+    int watchdog_started;
+    int closing;
 };
 
 /* ---- request/response ---- */
@@ -146,6 +157,7 @@ int mma_connect(const char *socket_path, mma_client_t **out)
     if (!c)
         return MMA_ERR_NOMEM;
     pthread_mutex_init(&c->lock, NULL);
+    pthread_cond_init(&c->wd_cond, NULL);
     c->fd = -1;
     int rc = MMA_OK;
     int memfd = -1;
@@ -211,6 +223,11 @@ int mma_connect(const char *socket_path, mma_client_t **out)
             goto fail;
         }
         c->cuda = 1;
+        c->pending = calloc(c->nslots, sizeof *c->pending);
+        if (!c->pending) {
+            rc = MMA_ERR_NOMEM;
+            goto fail;
+        }
         rc = mma_cuda_host_register(c->flags, flen, 1);
         if (rc != MMA_OK)
             goto fail;
@@ -226,7 +243,9 @@ fail:
     if (c->flags)
         munmap(c->flags, flen);
     free(c->slot_seq);
+    free(c->pending);
     pthread_mutex_destroy(&c->lock);
+    pthread_cond_destroy(&c->wd_cond);
     free(c);
     return rc;
 }
@@ -441,6 +460,68 @@ static int daemon_alive(mma_client_t *c)
     return 1;
 }
 
+static int copy_native(mma_client_t *c, const mma_segment_t *segs, size_t nsegs, int gpu, mma_stream_t stream);
+
+/* mmad is gone: finish natively every copy whose stream has reached it (a
+ * host-ordered copy has reached it at submit), then write `done`, so the
+ * stream moves on with the right data. A copy whose stream has not got there
+ * yet is left for the next pass: copying earlier could read bytes the work
+ * before it has not written. Lock held. Returns how many are left. */
+static int rescue(mma_client_t *c)
+{
+    int left = 0;
+    for (uint32_t i = 0; c->pending && i < c->nslots; i++) {
+        struct pending *p = &c->pending[i];
+        uint64_t seq = c->slot_seq[i];
+        if (!p->segs || mma_flag_read(&c->flags[i].done) >= seq)
+            continue;
+        if (mma_flag_read(&c->flags[i].reached) < seq) {
+            left++;
+            continue;
+        }
+        int rc = copy_native(c, p->segs, p->n, p->gpu, NULL);
+        MMA_WARN("mmad is gone: finished copy (slot %u) natively: %s", i, mma_strerror(rc));
+        mma_flag_complete(&c->flags[i], seq, rc);
+    }
+    return left;
+}
+
+static void *watchdog_main(void *arg)
+{
+    mma_client_t *c = arg;
+    pthread_mutex_lock(&c->lock);
+    while (!c->closing) {
+        if (!daemon_alive(c))
+            rescue(c);
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 20000000; /* every 20 ms: a cheap poll() on the socket */
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        pthread_cond_timedwait(&c->wd_cond, &c->lock, &ts);
+    }
+    pthread_mutex_unlock(&c->lock);
+    return NULL;
+}
+
+/* Remember what a copy was, for rescue(). Lock held. */
+static void remember(mma_client_t *c, uint32_t slot, const mma_segment_t *segs, size_t n, int gpu)
+{
+    struct pending *p = &c->pending[slot];
+    free(p->segs);
+    p->segs = malloc(n * sizeof *segs);
+    p->n = n;
+    p->gpu = gpu;
+    if (p->segs)
+        memcpy(p->segs, segs, n * sizeof *segs);
+    else
+        MMA_WARN("out of memory: copy in slot %u cannot be finished natively if mmad goes away", slot);
+    if (!c->watchdog_started && pthread_create(&c->watchdog, NULL, watchdog_main, c) == 0)
+        c->watchdog_started = 1;
+}
+
 int mma_query(mma_client_t *c, mma_copy_t t)
 {
     if (!c)
@@ -473,11 +554,14 @@ int mma_wait(mma_client_t *c, mma_copy_t t)
     for (;;) {
         if (mma_flag_sleep(&c->flags[slot], seq, 50000000ull))
             return mma_query(c, t);
-        /* 50 ms without news: is mmad still there? */
+        /* 50 ms without news: is mmad still there? If not, finish what can
+         * be finished natively (real GPUs); on the simulated box nothing can. */
         pthread_mutex_lock(&c->lock);
         int alive = daemon_alive(c);
+        if (!alive)
+            rescue(c);
         pthread_mutex_unlock(&c->lock);
-        if (!alive && mma_query(c, t) == MMA_PENDING)
+        if (!alive && !c->cuda && mma_query(c, t) == MMA_PENDING)
             return MMA_ERR_DISCONNECTED;
     }
 }
@@ -593,6 +677,8 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
         atomic_store_explicit(&fl->reached, seq, memory_order_release);
     }
     c->slot_seq[slot] = seq;
+    if (c->cuda)
+        remember(c, slot, segs, nsegs, gpu);
     Mma__Copy cp = MMA__COPY__INIT;
     cp.slot = slot;
     cp.seq = seq;
@@ -651,7 +737,7 @@ static void drain(mma_client_t *c)
 {
     uint64_t deadline = mma_now_ns() + 10ull * 1000000000ull;
     for (uint32_t i = 0; i < c->nslots; i++)
-        while (slot_busy(c, i) && !c->dead && mma_now_ns() < deadline)
+        while (slot_busy(c, i) && daemon_alive(c) && mma_now_ns() < deadline)
             mma_sleep_ns(20000);
 }
 
@@ -705,7 +791,15 @@ void mma_disconnect(mma_client_t *c)
     if (!c)
         return;
     pthread_mutex_lock(&c->lock);
+    c->closing = 1;
+    pthread_cond_signal(&c->wd_cond);
+    pthread_mutex_unlock(&c->lock);
+    if (c->watchdog_started)
+        pthread_join(c->watchdog, NULL);
+    pthread_mutex_lock(&c->lock);
     drain(c);
+    if (c->dead)
+        rescue(c);
     close(c->fd);
     for (size_t i = 0; i < c->nregions; i++)
         release_region(c, &c->regions[i]);
@@ -717,7 +811,11 @@ void mma_disconnect(mma_client_t *c)
         mma_cuda_host_unregister(c->flags);
     munmap(c->flags, (size_t)c->nslots * sizeof(mma_flag_slot_t));
     free(c->slot_seq);
+    for (uint32_t i = 0; c->pending && i < c->nslots; i++)
+        free(c->pending[i].segs);
+    free(c->pending);
     pthread_mutex_unlock(&c->lock);
     pthread_mutex_destroy(&c->lock);
+    pthread_cond_destroy(&c->wd_cond);
     free(c);
 }

@@ -226,7 +226,7 @@ static void wait_for_work(mmad_engine_t *e, uint64_t timeout_ns)
 static void *engine_main(void *arg)
 {
     mmad_engine_t *e = arg;
-    uint64_t backoff = 0;
+    uint64_t backoff = 0, last_progress = 0;
     int spins = 0;
     /* Poll sleeps here are a few microseconds; the default 50 us timer slack
      * would stretch every one of them (and every copy's completion). */
@@ -246,10 +246,19 @@ static void *engine_main(void *arg)
         if (progress) {
             backoff = 0;
             spins = 0;
+            last_progress = mma_now_ns();
             continue;
         }
         if (!e->sched.jobs && e->sched.chunks_inflight == 0) {
-            wait_for_work(e, 0); /* idle: sleep until a job or a stop */
+            /* Idle. Copies often come back to back (a client waits for one,
+             * then sends the next): stay awake for 50 us after the last
+             * progress, so the next one skips a thread wake-up; then sleep
+             * until a job or a stop. */
+            if (mma_now_ns() - last_progress < 50000) {
+                __builtin_ia32_pause();
+                continue;
+            }
+            wait_for_work(e, 0);
             backoff = 0;
         } else if (e->be->event_driven && e->waiting_reached == 0) {
             wait_for_work(e, 50 * 1000000ull); /* the backend wakes us */

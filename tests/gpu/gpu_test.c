@@ -16,6 +16,7 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "mma.h"
@@ -25,6 +26,7 @@ int gt_sum(const void *p, size_t n, unsigned long long *out_dev, cudaStream_t s)
 int gt_spin(long long cycles, cudaStream_t s);
 
 static char sock_path[108];
+static char mmad[4096];
 static pid_t mmad_pid;
 static int ngpu;
 
@@ -270,11 +272,11 @@ START_TEST(bypass_small)
 }
 END_TEST
 
-static int wait_socket(void)
+static int wait_socket_at(const char *path)
 {
     for (int i = 0; i < 600; i++) { /* mmad allocates staging buffers first */
         struct sockaddr_un a = {.sun_family = AF_UNIX};
-        strcpy(a.sun_path, sock_path);
+        strcpy(a.sun_path, path);
         int fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
         if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0) {
             close(fd);
@@ -285,6 +287,63 @@ static int wait_socket(void)
     }
     return -1;
 }
+
+static int wait_socket(void)
+{
+    return wait_socket_at(sock_path);
+}
+
+/* mmad is killed while a stream waits on two stream-ordered copies that it
+ * has not started (the stream is still busy before them): libmma must
+ * finish them natively once the stream reaches them, so the stream moves on
+ * with the right data, and later copies go native. */
+START_TEST(daemon_dies)
+{
+    char sock2[108], arg[160];
+    snprintf(sock2, sizeof sock2, "/tmp/mma-gpu-test-%d-dies.sock", (int)getpid());
+    snprintf(arg, sizeof arg, "--socket=%s", sock2);
+    pid_t d2 = fork();
+    if (d2 == 0) {
+        execl(mmad, "mmad", "--backend=cuda", arg, "--log=error", (char *)NULL);
+        _exit(127);
+    }
+    ck_assert_int_eq(wait_socket_at(sock2), 0);
+    mma_client_t *c;
+    MM(mma_connect(sock2, &c));
+    int g = ngpu > 1 ? 1 : 0;
+    size_t n = 256u << 20;
+    uint8_t *h, *back, *d;
+    MM(mma_host_alloc(c, n, (void **)&h));
+    MM(mma_host_alloc(c, n, (void **)&back));
+    MM(mma_device_alloc(c, g, n, (void **)&d));
+    fill_rand(h, n);
+    memset(back, 0, n);
+    CU(cudaSetDevice(g));
+    cudaStream_t s;
+    CU(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    ck_assert_int_eq(gt_spin(400000000LL, s), 0); /* ~0.2 s of work ahead of the copies */
+    MM(mma_memcpy_async(c, d, h, n, (mma_stream_t)s, NULL));
+    MM(mma_memcpy_async(c, back, d, n, (mma_stream_t)s, NULL));
+    kill(d2, SIGKILL);
+    waitpid(d2, NULL, 0);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    CU(cudaStreamSynchronize(s));
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double waited = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
+    ck_assert_msg(waited < 5.0, "the stream waited %.1f s after mmad died", waited);
+    ck_assert_msg(memcmp(h, back, n) == 0, "copies finished after mmad died carry the wrong bytes");
+    /* and a new copy still works, natively */
+    fill_rand(h, 4096);
+    MM(mma_memcpy(c, d, h, n));
+    memset(back, 0, n);
+    MM(mma_memcpy(c, back, d, n));
+    ck_assert(memcmp(h, back, n) == 0);
+    CU(cudaStreamDestroy(s));
+    mma_disconnect(c);
+    unlink(sock2);
+}
+END_TEST
 
 int main(void)
 {
@@ -316,7 +375,6 @@ int main(void)
     snprintf(sock_path, sizeof sock_path, "/tmp/mma-gpu-test-%d.sock", (int)getpid());
     /* mmad sits two folders up from this binary (build/tests/gpu/), wherever
      * the build folder was carried to; $MMAD_PATH overrides. */
-    char mmad[4096];
     const char *env = getenv("MMAD_PATH");
     if (env) {
         snprintf(mmad, sizeof mmad, "%s", env);
@@ -350,6 +408,7 @@ int main(void)
     tcase_add_test(tc, one_gib);
     tcase_add_test(tc, many_clients);
     tcase_add_test(tc, bypass_small);
+    tcase_add_test(tc, daemon_dies);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
