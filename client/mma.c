@@ -21,6 +21,14 @@
 #include "wire.h"
 
 #define SEQ_BITS 48
+/* mma_wait spins from this long before a copy's expected end ... */
+#define SPIN_BEFORE_NS 150000ull
+/* ... to this long after it, then sleeps. */
+#define SPIN_AFTER_NS 2000000ull
+/* The expected end assumes this rate (bytes per ns = GB/s): about what a
+ * 4-GPU box gives one copy; a slower copy costs at most SPIN_AFTER_NS of
+ * spinning. */
+#define EXPECTED_GBPS 120ull
 #define SEQ_MASK ((1ull << SEQ_BITS) - 1)
 
 typedef struct region {
@@ -44,6 +52,7 @@ struct mma_client {
     uint32_t nslots;
     int flags_pinned;
     uint64_t *slot_seq; /* last seq issued on each slot */
+    uint64_t *slot_due; /* when each slot's copy should be done (ns, monotonic) */
     uint64_t seq;
     uint32_t cursor;
     region_t *regions;
@@ -181,7 +190,8 @@ int mma_connect(const char *socket_path, mma_client_t **out)
         goto fail;
     }
     c->slot_seq = calloc(c->nslots, sizeof *c->slot_seq);
-    if (!c->slot_seq) {
+    c->slot_due = calloc(c->nslots, sizeof *c->slot_due);
+    if (!c->slot_seq || !c->slot_due) {
         rc = MMA_ERR_NOMEM;
         goto fail;
     }
@@ -243,6 +253,7 @@ fail:
     if (c->flags)
         munmap(c->flags, flen);
     free(c->slot_seq);
+    free(c->slot_due);
     free(c->pending);
     pthread_mutex_destroy(&c->lock);
     pthread_cond_destroy(&c->wd_cond);
@@ -544,13 +555,24 @@ int mma_wait(mma_client_t *c, mma_copy_t t)
         return st;
     uint32_t slot = (uint32_t)(t >> SEQ_BITS);
     uint64_t seq = t & SEQ_MASK;
-    /* Spin for a few microseconds (short copies finish that fast), then
-     * sleep on the slot's futex: mmad wakes us the moment it writes `done`,
-     * and a waiting thread costs no CPU. */
-    uint64_t t0 = mma_now_ns();
-    while (mma_now_ns() - t0 < 20000)
+    /* Waking a sleeping thread can take a few hundred microseconds on a
+     * virtual machine, so: sleep on the slot's futex (mmad wakes us the
+     * moment it writes `done`) until shortly before the copy should be done,
+     * then spin for the rest, up to 2 ms past that; a copy running late
+     * (contention) is then waited for asleep again. Short copies only spin. */
+    uint64_t due = c->slot_due[slot];
+    while (due) {
+        uint64_t now = mma_now_ns();
+        if (due > now + SPIN_BEFORE_NS) {
+            mma_flag_sleep(&c->flags[slot], seq, due - now - SPIN_BEFORE_NS);
+        } else if (now < due + SPIN_AFTER_NS) {
+            __builtin_ia32_pause();
+        } else {
+            break;
+        }
         if ((st = mma_query(c, t)) != MMA_PENDING)
             return st;
+    }
     for (;;) {
         if (mma_flag_sleep(&c->flags[slot], seq, 50000000ull))
             return mma_query(c, t);
@@ -677,6 +699,9 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
         atomic_store_explicit(&fl->reached, seq, memory_order_release);
     }
     c->slot_seq[slot] = seq;
+    /* On the simulated box a waiter just sleeps: microseconds do not matter
+     * there, and spinning would take a core from the simulation. */
+    c->slot_due[slot] = c->info.simulated ? 0 : mma_now_ns() + total / EXPECTED_GBPS + 20000;
     if (c->cuda)
         remember(c, slot, segs, nsegs, gpu);
     Mma__Copy cp = MMA__COPY__INIT;
@@ -811,6 +836,7 @@ void mma_disconnect(mma_client_t *c)
         mma_cuda_host_unregister(c->flags);
     munmap(c->flags, (size_t)c->nslots * sizeof(mma_flag_slot_t));
     free(c->slot_seq);
+    free(c->slot_due);
     for (uint32_t i = 0; c->pending && i < c->nslots; i++)
         free(c->pending[i].segs);
     free(c->pending);
