@@ -44,6 +44,8 @@ static const opt_t options[] = {
     {"chunk-rounds", OPT_INT, O(chunk_rounds), 0, "1", 1, 64,
      "cut a copy so each path pulls about this many times its depth (balances unequal paths; "
      "on 4x H200, 1 beat 4 and 8: every chunk costs engine time)"},
+    {"tail-split", OPT_INT, O(tail_split), 0, "0", 0, 1,
+     "1: a chunk is at most what is left of its copy over paths x depth, so paths finish together"},
     {"bypass-threshold", OPT_SIZE, O(bypass_threshold), 0, "-1", -1, 1u << 30,
      "copies below this go native in libmma (-1: the backend's measured default)"},
     {"max-paths", OPT_INT, O(max_paths), 0, "0", 0, MMAD_MAX_GPUS, "paths per copy (0: all)"},

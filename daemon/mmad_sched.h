@@ -32,6 +32,7 @@ typedef struct mmad_sched {
     int staging_slots;
     int path_depth;          /* chunks in flight per path */
     int chunk_rounds;
+    int tail_split;
     int max_paths;
     mmad_job_t *jobs;        /* queued and running, latency class first */
     mmad_job_t *rr;          /* whose turn it is among bulk jobs */

@@ -17,6 +17,7 @@ int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cf
     s->staging_slots = be->staging_slots ? be->staging_slots : cfg->staging_slots;
     s->path_depth = be->path_depth ? be->path_depth : cfg->path_depth;
     s->chunk_rounds = cfg->chunk_rounds > 0 ? cfg->chunk_rounds : 1;
+    s->tail_split = cfg->tail_split;
     s->max_paths = cfg->max_paths;
     pthread_mutex_init(&s->stats_lock, NULL);
     for (int t = 0; t < s->ngpu; t++)
@@ -132,8 +133,18 @@ static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via)
         return 0;
     const mmad_seg_t *seg = &j->segs[j->cur_seg];
     uint64_t len = seg->len - j->cur_off;
-    if (len > j->chunk_len)
-        len = j->chunk_len;
+    uint64_t cap = j->chunk_len;
+    if (s->tail_split) {
+        /* Guided self-scheduling: near its end a copy's chunks shrink, so
+         * every path finishes at about the same time. */
+        int vias[MMAD_MAX_GPUS];
+        int np = mmad_sched_paths_for(s, j->target, j->max_paths, vias);
+        uint64_t left = mmad_sched_chunk_len(s, j->total - j->issued, np);
+        if (left < cap)
+            cap = left;
+    }
+    if (len > cap)
+        len = cap;
     mmad_chunk_t *c = chunk_get(s);
     if (!c)
         return 0;
