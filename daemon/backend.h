@@ -40,7 +40,7 @@ struct mmad_backend {
     uint64_t chunk_size;
     int staging_slots;
     int path_depth;
-    int64_t bypass_threshold;
+    int64_t bypass_threshold; /* the effective one: --bypass-threshold, else the backend's */
     void (*wake)(void *arg);
     void *wake_arg;
 };

@@ -324,7 +324,8 @@ int mmad_backend_sim_create(const mmad_config_t *cfg, mmad_backend_t **out)
     be->chunk_size = cfg->chunk_size;
     be->staging_slots = cfg->staging_slots;
     be->path_depth = cfg->path_depth;
-    be->bypass_threshold = 0; /* no native path on the simulated box */
+    /* No native path on the simulated box: libmma has nothing to bypass to. */
+    be->bypass_threshold = cfg->bypass_threshold >= 0 ? cfg->bypass_threshold : 0;
     s->fail_via = cfg->sim_fail_via;
     pthread_mutex_init(&s->lock, NULL);
     double scale = cfg->sim_scale; /* GB/s * scale = bytes per ns */

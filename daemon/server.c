@@ -66,13 +66,20 @@ static int send_resp(srv_client_t *cl, Mma__Response *resp)
     return rc;
 }
 
+/* A response to `req` (NULL: to an undecodable datagram) with `status`. */
+static void resp_init(Mma__Response *resp, const Mma__Request *req, int status)
+{
+    mma__response__init(resp);
+    resp->type = req ? req->type : MMA__REQ_TYPE__REQ_UNKNOWN;
+    resp->has_id = req && req->has_id;
+    resp->id = req ? req->id : 0;
+    resp->status = status;
+}
+
 static void reply_error(srv_client_t *cl, const Mma__Request *req, int status, const char *msg)
 {
-    Mma__Response resp = MMA__RESPONSE__INIT;
-    resp.type = req ? req->type : MMA__REQ_TYPE__REQ_UNKNOWN;
-    resp.has_id = req && req->has_id;
-    resp.id = req ? req->id : 0;
-    resp.status = status;
+    Mma__Response resp;
+    resp_init(&resp, req, status);
     resp.error = (char *)msg;
     send_resp(cl, &resp);
 }
@@ -163,15 +170,11 @@ static void handle_hello(srv_client_t *cl, const Mma__Request *req, int *fds, in
     hr.has_simulated = 1;
     hr.simulated = s->be->simulated;
     hr.has_bypass_threshold = 1;
-    hr.bypass_threshold = s->cfg->bypass_threshold >= 0 ? (uint64_t)s->cfg->bypass_threshold
-                                                        : (uint64_t)s->be->bypass_threshold;
+    hr.bypass_threshold = (uint64_t)s->be->bypass_threshold;
     hr.has_sim_scale = 1;
     hr.sim_scale = s->be->simulated ? s->be->sim_scale : 1.0;
-    Mma__Response resp = MMA__RESPONSE__INIT;
-    resp.type = req->type;
-    resp.has_id = req->has_id;
-    resp.id = req->id;
-    resp.status = MMA_OK;
+    Mma__Response resp;
+    resp_init(&resp, req, MMA_OK);
     resp.hello = &hr;
     MMA_INFO("client %u: pid %d uid %u '%s', %u flag slots", cl->conn->id, (int)cl->conn->pid,
              (unsigned)cl->conn->uid, cl->conn->name, slots);
@@ -183,11 +186,8 @@ static void reply_region(srv_client_t *cl, const Mma__Request *req, mmad_region_
     mmad_registry_add(cl->conn, r);
     Mma__RegisterReply rr = MMA__REGISTER_REPLY__INIT;
     rr.region_id = r->id;
-    Mma__Response resp = MMA__RESPONSE__INIT;
-    resp.type = req->type;
-    resp.has_id = req->has_id;
-    resp.id = req->id;
-    resp.status = MMA_OK;
+    Mma__Response resp;
+    resp_init(&resp, req, MMA_OK);
     resp.register_ = &rr;
     send_resp(cl, &resp);
 }
@@ -310,8 +310,7 @@ static void handle_status(srv_client_t *cl, const Mma__Request *req)
     st.has_chunk_size = st.has_staging_slots = st.has_bypass_threshold = 1;
     st.chunk_size = sc->chunk_size;
     st.staging_slots = (uint32_t)sc->staging_slots;
-    st.bypass_threshold = s->cfg->bypass_threshold >= 0 ? (uint64_t)s->cfg->bypass_threshold
-                                                        : (uint64_t)s->be->bypass_threshold;
+    st.bypass_threshold = (uint64_t)s->be->bypass_threshold;
     st.has_sim_scale = s->be->simulated;
     st.sim_scale = s->be->sim_scale;
     struct rusage ru;
@@ -320,11 +319,8 @@ static void handle_status(srv_client_t *cl, const Mma__Request *req)
     st.cpu_user_us = (uint64_t)ru.ru_utime.tv_sec * 1000000u + (uint64_t)ru.ru_utime.tv_usec;
     st.cpu_sys_us = (uint64_t)ru.ru_stime.tv_sec * 1000000u + (uint64_t)ru.ru_stime.tv_usec;
     st.pid = (uint32_t)getpid();
-    Mma__Response resp = MMA__RESPONSE__INIT;
-    resp.type = req->type;
-    resp.has_id = req->has_id;
-    resp.id = req->id;
-    resp.status = MMA_OK;
+    Mma__Response resp;
+    resp_init(&resp, req, MMA_OK);
     resp.status_reply = &st;
     send_resp(cl, &resp);
 }
@@ -373,11 +369,8 @@ static void handle_paths(srv_client_t *cl, const Mma__Request *req)
     Mma__PathsReply pr = MMA__PATHS_REPLY__INIT;
     pr.n_paths = k;
     pr.paths = pp;
-    Mma__Response resp = MMA__RESPONSE__INIT;
-    resp.type = req->type;
-    resp.has_id = req->has_id;
-    resp.id = req->id;
-    resp.status = MMA_OK;
+    Mma__Response resp;
+    resp_init(&resp, req, MMA_OK);
     resp.paths = &pr;
     send_resp(cl, &resp);
 out:
@@ -419,11 +412,8 @@ static void handle_clients(srv_client_t *cl, const Mma__Request *req)
     Mma__ClientsReply cr = MMA__CLIENTS_REPLY__INIT;
     cr.n_clients = k;
     cr.clients = cp;
-    Mma__Response resp = MMA__RESPONSE__INIT;
-    resp.type = req->type;
-    resp.has_id = req->has_id;
-    resp.id = req->id;
-    resp.status = MMA_OK;
+    Mma__Response resp;
+    resp_init(&resp, req, MMA_OK);
     resp.clients = &cr;
     send_resp(cl, &resp);
 out:
