@@ -147,8 +147,8 @@ typedef struct mmad_chunk {
     struct mmad_chunk *next;
 } mmad_chunk_t;
 
-/* Validate a resolved job's shape; builds segs from (region, offset) pairs.
- * Lives in server.c's caller path but is pure, so tests call it directly. */
+/* Release a job: its region and connection references, its segments.
+ * (Jobs are built by mmad_request_build_job in request.c.) */
 void mmad_job_free(mmad_job_t *job);
 
 /* ---- backend (backend.h) and topology ---- */
