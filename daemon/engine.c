@@ -103,6 +103,16 @@ void mmad_job_free(mmad_job_t *job)
     free(job);
 }
 
+/* Complete every job of a list (linked by ->next) with its own status. */
+static void complete_list(mmad_job_t *j)
+{
+    while (j) {
+        mmad_job_t *next = j->next;
+        mmad_job_complete(j, j->status);
+        j = next;
+    }
+}
+
 static int slot_reached(const mmad_job_t *j)
 {
     return mma_flag_read(&j->conn->flags[j->slot].reached) >= j->seq;
@@ -135,12 +145,7 @@ static int take_intake(mmad_engine_t *e)
                     j->runnable = 1; /* nothing more will be carved from it */
                     e->waiting_reached--;
                 }
-            mmad_job_t *done = mmad_sched_cancel_conn(&e->sched, c);
-            while (done) {
-                mmad_job_t *nx = done->next;
-                mmad_job_complete(done, done->status);
-                done = nx;
-            }
+            complete_list(mmad_sched_cancel_conn(&e->sched, c));
             mmad_conn_unref(c);
         }
         free(it);
@@ -192,12 +197,7 @@ static void cancel_all(mmad_engine_t *e)
     while (j) {
         mmad_job_t *next = j->next;
         if (j->inflight == 0) {
-            mmad_job_t *got = mmad_sched_cancel_conn(&e->sched, j->conn);
-            while (got) {
-                mmad_job_t *nx = got->next;
-                mmad_job_complete(got, got->status);
-                got = nx;
-            }
+            complete_list(mmad_sched_cancel_conn(&e->sched, j->conn));
             next = e->sched.jobs; /* the list changed: start over */
         }
         j = next;
