@@ -171,7 +171,16 @@ static int reap(mmad_engine_t *e)
 {
     mmad_chunk_t *done[64];
     int total = 0, n;
-    while ((n = e->be->ops->poll(e->be, done, 64)) > 0) {
+    for (;;) {
+        uint64_t t0 = mma_now_ns();
+        n = e->be->ops->poll(e->be, done, 64);
+        uint64_t t1 = mma_now_ns();
+        pthread_mutex_lock(&e->sched.stats_lock);
+        e->sched.poll_calls++;
+        e->sched.poll_ns += t1 - t0;
+        pthread_mutex_unlock(&e->sched.stats_lock);
+        if (n <= 0)
+            break;
         for (int i = 0; i < n; i++) {
             mmad_job_t *j = mmad_sched_chunk_done(&e->sched, done[i]);
             if (j)

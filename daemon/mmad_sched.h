@@ -44,6 +44,9 @@ typedef struct mmad_sched {
     mmad_path_stat_t paths[MMAD_MAX_GPUS][MMAD_MAX_GPUS][2];
     uint64_t jobs_done;
     uint64_t bytes_done;
+    /* engine time in the backend, for mmactl status (the cost of a chunk) */
+    uint64_t submit_calls, submit_ns;
+    uint64_t poll_calls, poll_ns;
 } mmad_sched_t;
 
 int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cfg);

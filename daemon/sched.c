@@ -157,6 +157,11 @@ static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via)
     c->len = len;
     c->t_issue = mma_now_ns();
     int rc = s->be->ops->submit(s->be, c);
+    uint64_t t_end = mma_now_ns();
+    pthread_mutex_lock(&s->stats_lock);
+    s->submit_calls++;
+    s->submit_ns += t_end - c->t_issue;
+    pthread_mutex_unlock(&s->stats_lock);
     if (rc != MMA_OK) {
         chunk_put(s, c);
         if (via != j->target) {

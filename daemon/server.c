@@ -306,6 +306,11 @@ static void handle_status(srv_client_t *cl, const Mma__Request *req)
     st.has_jobs_done = st.has_bytes_done = 1;
     st.jobs_done = sc->jobs_done;
     st.bytes_done = sc->bytes_done;
+    st.has_submit_calls = st.has_submit_ns = st.has_poll_calls = st.has_poll_ns = 1;
+    st.submit_calls = sc->submit_calls;
+    st.submit_ns = sc->submit_ns;
+    st.poll_calls = sc->poll_calls;
+    st.poll_ns = sc->poll_ns;
     pthread_mutex_unlock(&sc->stats_lock);
     st.has_chunk_size = st.has_staging_slots = st.has_bypass_threshold = 1;
     st.chunk_size = sc->chunk_size;
