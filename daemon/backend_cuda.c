@@ -81,6 +81,7 @@ typedef struct cuda_gpu {
     cudaStream_t pcie[2];
     cudaStream_t nvlink[2];
     void **staging;          /* staging_slots buffers of chunk_size bytes */
+    cudaStream_t *slot_stream; /* --relay-per-slot: one stream per staging buffer */
     unsigned char *slot_used;
     ev_pool_t events;
 } cuda_gpu_t;
@@ -104,6 +105,7 @@ typedef struct cuda_be {
     pthread_mutex_t ipc_lock;
     ipc_map_t *ipc_maps;
     addr_range_fn addr_range;
+    int relay_per_slot;
 } cuda_be_t;
 
 /* ---- error discipline ---- */
@@ -298,6 +300,35 @@ static int submit_relay(cuda_be_t *s, mmad_chunk_t *c)
     if (rc != MMA_OK) {
         slot_put(s, v, slot);
         return rc;
+    }
+    if (s->relay_per_slot) {
+        /* Both hops in order on the slot's own stream: no event between
+         * streams. The slot is this chunk's alone until it completes, so its
+         * stream is idle now; chunks on other slots overlap with it. */
+        cudaStream_t st = g->slot_stream[slot];
+        char *stage = g->staging[slot];
+        if (c->dir == MMA_DIR_H2D) {
+            rc = CU(cudaMemcpyAsync(stage, c->host, c->len, cudaMemcpyDefault, st));
+            if (rc == MMA_OK)
+                rc = CU(cudaMemcpyPeerAsync(c->dev, t, stage, v, c->len, st));
+        } else {
+            rc = CU(cudaMemcpyPeerAsync(stage, v, c->dev, t, c->len, st));
+            if (rc == MMA_OK)
+                rc = CU(cudaMemcpyAsync(c->host, stage, c->len, cudaMemcpyDefault, st));
+        }
+        if (rc == MMA_OK)
+            rc = CU(cudaEventRecord(done, st));
+        event_put(&g->events, hop);
+        if (rc != MMA_OK) {
+            drain(st);
+            event_put(&g->events, done);
+            slot_put(s, v, slot);
+            return rc;
+        }
+        c->be_priv = done;
+        c->staging = slot;
+        c->stage = 2;
+        return MMA_OK;
     }
     /* H2D: host -> staging on the PCIe stream, then staging -> target on the
      * NVLink stream. D2H: target -> staging on the NVLink stream, then
@@ -578,6 +609,9 @@ static void cuda_destroy(mmad_backend_t *be)
         for (size_t k = 0; k < sizeof all / sizeof all[0]; k++)
             if (*all[k])
                 (void)CU(cudaStreamSynchronize(*all[k]));
+        for (int i = 0; g->slot_stream && i < be->staging_slots; i++)
+            if (g->slot_stream[i])
+                (void)CU(cudaStreamSynchronize(g->slot_stream[i]));
     }
     /* Chunks nobody polled hold events; return them so that all are freed. */
     while (s->inflight_head) {
@@ -598,6 +632,10 @@ static void cuda_destroy(mmad_backend_t *be)
             for (int i = 0; i < be->staging_slots; i++)
                 if (g->staging[i])
                     (void)CU(cudaFree(g->staging[i]));
+        for (int i = 0; g->slot_stream && i < be->staging_slots; i++)
+            if (g->slot_stream[i])
+                (void)CU(cudaStreamDestroy(g->slot_stream[i]));
+        free(g->slot_stream);
         for (int i = 0; i < g->events.n; i++)
             (void)CU(cudaEventDestroy(g->events.ev[i]));
         free(g->events.ev);
@@ -640,10 +678,13 @@ static int gpu_setup(cuda_be_t *s, int gi)
     }
     g->staging = calloc((size_t)be->staging_slots, sizeof *g->staging);
     g->slot_used = calloc((size_t)be->staging_slots, 1);
-    if (!g->staging || !g->slot_used)
+    g->slot_stream = calloc((size_t)be->staging_slots, sizeof *g->slot_stream);
+    if (!g->staging || !g->slot_used || !g->slot_stream)
         return MMA_ERR_NOMEM;
-    for (int i = 0; i < be->staging_slots; i++)
+    for (int i = 0; i < be->staging_slots; i++) {
         CU_CHECK(cudaMalloc(&g->staging[i], be->chunk_size));
+        CU_CHECK(cudaStreamCreateWithFlags(&g->slot_stream[i], cudaStreamNonBlocking));
+    }
     /* Enough events for everything the scheduler can put on this GPU at
      * once: path_depth direct chunks per direction, one per staging slot,
      * and one more for a relay's first hop while it is being queued. */
@@ -747,6 +788,7 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
     be->sim_scale = 1.0;
     be->gpu_count = n;
     be->chunk_size = cfg->chunk_size;
+    s->relay_per_slot = cfg->relay_per_slot;
     be->staging_slots = cfg->staging_slots;
     be->path_depth = cfg->path_depth;
     be->bypass_threshold = cfg->bypass_threshold >= 0 ? cfg->bypass_threshold : DEFAULT_BYPASS_THRESHOLD;

@@ -388,9 +388,12 @@ int main(void)
     }
     char arg[160];
     snprintf(arg, sizeof arg, "--socket=%s", sock_path);
+    /* $MMAD_EXTRA: one more option for the private mmad (to test a setting) */
+    const char *extra = getenv("MMAD_EXTRA");
     mmad_pid = fork();
     if (mmad_pid == 0) {
-        execl(mmad, "mmad", "--backend=cuda", arg, "--log=warn", (char *)NULL);
+        execl(mmad, "mmad", "--backend=cuda", arg, "--log=warn", extra && *extra ? extra : (char *)NULL,
+              (char *)NULL);
         _exit(127);
     }
     if (wait_socket() != 0) {
