@@ -33,6 +33,7 @@ typedef struct mmad_sched {
     int path_depth;          /* chunks in flight per path */
     int chunk_rounds;
     int tail_split;
+    int fewest_chunks;
     int max_paths;
     mmad_job_t *jobs;        /* queued and running, latency class first */
     mmad_job_t *rr;          /* whose turn it is among bulk jobs */

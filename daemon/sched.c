@@ -18,6 +18,7 @@ int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cf
     s->path_depth = be->path_depth ? be->path_depth : cfg->path_depth;
     s->chunk_rounds = cfg->chunk_rounds > 0 ? cfg->chunk_rounds : 1;
     s->tail_split = cfg->tail_split;
+    s->fewest_chunks = cfg->fewest_chunks;
     s->max_paths = cfg->max_paths;
     pthread_mutex_init(&s->stats_lock, NULL);
     for (int t = 0; t < s->ngpu; t++)
@@ -62,7 +63,15 @@ int mmad_sched_paths_for(const mmad_sched_t *s, int target, int max_paths, int *
 
 uint64_t mmad_sched_chunk_len(const mmad_sched_t *s, uint64_t total, int npaths)
 {
-    uint64_t pieces = (uint64_t)npaths * (uint64_t)s->path_depth * (uint64_t)s->chunk_rounds;
+    uint64_t per_path = (uint64_t)s->path_depth * (uint64_t)s->chunk_rounds;
+    if (s->fewest_chunks) {
+        /* Every chunk costs the engine several microseconds to issue: a
+         * mid-size copy gets only as many per path as chunk_size requires. */
+        uint64_t need = (total + (uint64_t)npaths * s->chunk_size - 1) / ((uint64_t)npaths * s->chunk_size);
+        if (need < per_path)
+            per_path = need ? need : 1;
+    }
+    uint64_t pieces = (uint64_t)npaths * per_path;
     uint64_t per = (total + pieces - 1) / pieces;
     per = (per + 4095) & ~(uint64_t)4095;
     if (per < s->min_chunk)
