@@ -48,6 +48,7 @@ typedef struct sim_be {
     pthread_mutex_t lock;
     int stop;
     int fail_via;
+    uint64_t chunk_cost_ns; /* the engine is busy this long per chunk it issues */
     int socket_of[MMAD_MAX_GPUS];
     sim_res_t pcie[MMAD_MAX_GPUS][2];
     sim_res_t host[MAX_SOCKETS][2];
@@ -229,6 +230,10 @@ static int sim_submit(mmad_backend_t *be, mmad_chunk_t *c)
     sim_be_t *s = (sim_be_t *)be;
     c->status = MMA_OK;
     c->staging = -1;
+    /* On a real box issuing a chunk costs the engine thread several CUDA
+     * calls; model it by keeping the engine (our caller) busy that long. */
+    if (s->chunk_cost_ns)
+        sleep_until(mma_now_ns() + s->chunk_cost_ns);
     pthread_mutex_lock(&s->lock);
     sim_queue_t *first;
     if (c->via == c->target) {
@@ -327,6 +332,7 @@ int mmad_backend_sim_create(const mmad_config_t *cfg, mmad_backend_t **out)
     /* No native path on the simulated box: libmma has nothing to bypass to. */
     be->bypass_threshold = cfg->bypass_threshold >= 0 ? cfg->bypass_threshold : 0;
     s->fail_via = cfg->sim_fail_via;
+    s->chunk_cost_ns = (uint64_t)(cfg->sim_chunk_cost_us * 1000.0 / cfg->sim_scale);
     pthread_mutex_init(&s->lock, NULL);
     double scale = cfg->sim_scale; /* GB/s * scale = bytes per ns */
     int per_socket = (be->gpu_count + p->sockets - 1) / p->sockets;

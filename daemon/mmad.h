@@ -39,6 +39,7 @@ typedef struct mmad_config {
     int flag_slots_max;
     char log_level[16];
     int sim_fail_via;       /* fault injection: relays through this GPU fail (-1 none) */
+    double sim_chunk_cost_us; /* engine time to issue one chunk on the real box (0: free) */
 } mmad_config_t;
 
 void mmad_config_defaults(mmad_config_t *cfg);
