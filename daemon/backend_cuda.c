@@ -596,6 +596,19 @@ static void cuda_region_close(mmad_backend_t *be, mmad_region_t *r)
 
 /* ---- life cycle ---- */
 
+/* Apply `fn` (cudaStreamSynchronize or cudaStreamDestroy) to every stream
+ * of one GPU that was created; the caller has set that GPU current. */
+static void streams_apply(mmad_backend_t *be, cuda_gpu_t *g, cudaError_t (*fn)(cudaStream_t), const char *name)
+{
+    cudaStream_t all[] = {g->direct[0], g->direct[1], g->pcie[0], g->pcie[1], g->nvlink[0], g->nvlink[1]};
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++)
+        if (all[k])
+            (void)cuda_status(fn(all[k]), name, __func__, MMA_LOG_ERROR);
+    for (int i = 0; g->slot_stream && i < be->staging_slots; i++)
+        if (g->slot_stream[i])
+            (void)cuda_status(fn(g->slot_stream[i]), name, __func__, MMA_LOG_ERROR);
+}
+
 /* Safe on a half-built backend: every resource is checked before release. */
 static void cuda_destroy(mmad_backend_t *be)
 {
@@ -604,14 +617,8 @@ static void cuda_destroy(mmad_backend_t *be)
         cuda_gpu_t *g = &s->gpu[gi];
         if (CU(cudaSetDevice(gi)) != MMA_OK)
             continue;
-        cudaStream_t *all[] = {&g->direct[0], &g->direct[1], &g->pcie[0], &g->pcie[1], &g->nvlink[0], &g->nvlink[1]};
         /* Let every queued copy finish before its buffers and events go. */
-        for (size_t k = 0; k < sizeof all / sizeof all[0]; k++)
-            if (*all[k])
-                (void)CU(cudaStreamSynchronize(*all[k]));
-        for (int i = 0; g->slot_stream && i < be->staging_slots; i++)
-            if (g->slot_stream[i])
-                (void)CU(cudaStreamSynchronize(g->slot_stream[i]));
+        streams_apply(be, g, cudaStreamSynchronize, "cudaStreamSynchronize");
     }
     /* Chunks nobody polled hold events; return them so that all are freed. */
     while (s->inflight_head) {
@@ -624,17 +631,11 @@ static void cuda_destroy(mmad_backend_t *be)
         cuda_gpu_t *g = &s->gpu[gi];
         if (CU(cudaSetDevice(gi)) != MMA_OK)
             continue;
-        cudaStream_t *all[] = {&g->direct[0], &g->direct[1], &g->pcie[0], &g->pcie[1], &g->nvlink[0], &g->nvlink[1]};
-        for (size_t k = 0; k < sizeof all / sizeof all[0]; k++)
-            if (*all[k])
-                (void)CU(cudaStreamDestroy(*all[k]));
+        streams_apply(be, g, cudaStreamDestroy, "cudaStreamDestroy");
         if (g->staging)
             for (int i = 0; i < be->staging_slots; i++)
                 if (g->staging[i])
                     (void)CU(cudaFree(g->staging[i]));
-        for (int i = 0; g->slot_stream && i < be->staging_slots; i++)
-            if (g->slot_stream[i])
-                (void)CU(cudaStreamDestroy(g->slot_stream[i]));
         free(g->slot_stream);
         for (int i = 0; i < g->events.n; i++)
             (void)CU(cudaEventDestroy(g->events.ev[i]));
