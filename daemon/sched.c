@@ -131,8 +131,9 @@ static int job_has_bytes(const mmad_job_t *j)
     return j->runnable && j->status == MMA_OK && j->issued < j->total;
 }
 
-/* Carve the job's next chunk onto (target, via). 1 if issued. */
-static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via)
+/* Carve the job's next chunk onto (target, via); npaths is how many paths
+ * the job has. 1 if issued. */
+static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via, int npaths)
 {
     while (j->cur_seg < j->nsegs && j->cur_off >= j->segs[j->cur_seg].len) {
         j->cur_seg++;
@@ -146,9 +147,7 @@ static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via)
     if (s->tail_split) {
         /* Guided self-scheduling: near its end a copy's chunks shrink, so
          * every path finishes at about the same time. */
-        int vias[MMAD_MAX_GPUS];
-        int np = mmad_sched_paths_for(s, j->target, j->max_paths, vias);
-        uint64_t left = mmad_sched_chunk_len(s, j->total - j->issued, np);
+        uint64_t left = mmad_sched_chunk_len(s, j->total - j->issued, npaths);
         if (left < cap)
             cap = left;
     }
@@ -202,7 +201,7 @@ static int issue_for_job(mmad_sched_t *s, mmad_job_t *j)
     int n = mmad_sched_paths_for(s, j->target, j->max_paths, vias);
     for (int i = 0; i < n; i++)
         if (path_has_room(s, j->target, vias[i], j->dir))
-            return issue_one(s, j, vias[i]);
+            return issue_one(s, j, vias[i], n);
     return 0;
 }
 
