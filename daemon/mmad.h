@@ -32,6 +32,7 @@ typedef struct mmad_config {
     int chunk_rounds;       /* a large copy is cut so each path pulls this many times its depth */
     int tail_split;         /* chunks shrink with what is left of a copy (guided self-scheduling) */
     int relay_per_slot;     /* cuda: both hops of a relay on its staging slot's own stream */
+    char completion[8];     /* cuda: how chunks signal the end: auto | flags | events */
     int fewest_chunks;      /* cut a copy into no more chunks per path than chunk_size requires */
     int64_t bypass_threshold; /* -1: measured/derived at start */
     int max_paths;          /* 0: all */
