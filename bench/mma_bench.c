@@ -9,10 +9,12 @@
  * scenarios.c): worker processes are forked before anything touches CUDA.
  *
  * Sections: the box ceiling (every GPU copying into its own memory at once,
- * natively), then per size native vs mma (all paths) with the speedup, then
- * 1..N paths at one size, then small-copy latency (p50/p99) native vs mma,
- * and the daemon's CPU use while it sustained the large copies. Every mma
- * copy of the largest size is checked byte for byte on a round trip.
+ * natively), then per size native vs mma (all paths) with the speedup, one
+ * copy at a time and, from 1 MiB, QDEPTH copies in flight (queued, as weight
+ * loading issues them), followed by the break-even size; then 1..N paths at
+ * one size, then small-copy latency (p50/p99) native vs mma, and the daemon's
+ * CPU use while it sustained the large copies. Every size's mma copies (single
+ * and queued) are checked byte for byte, and the largest size on a round trip.
  * Needs real GPUs (a simulated mmad has no native side to compare with). */
 #define _GNU_SOURCE
 #include <cuda_runtime_api.h>
@@ -87,6 +89,9 @@ static double pct(double *v, int n, double p)
     return v[i];
 }
 
+/* Copies in flight in the queued columns (nat-q, mma-q). */
+#define QDEPTH 4
+
 typedef struct ctx {
     mma_client_t *c;
     int gpu, ngpu;
@@ -140,6 +145,78 @@ static double time_copy(ctx_t *x, int dir, size_t n, int mode, int paths, double
             t[r] = now_s() - t0;
     }
     return pct(t, reps, 0.5);
+}
+
+/* GB/s with QDEPTH copies in flight: copy k goes to [k*n, (k+1)*n) of the
+ * destination (and comes from the same range of the source), then all QDEPTH
+ * are waited for; `rounds` times after one warm-up round; total bytes / total
+ * time. mode 0: native, QDEPTH cudaMemcpyAsync on one stream, one sync per
+ * round; 1: mma through mmad (no bypass, host-ordered), mma_wait on each. */
+static double time_queued(ctx_t *x, int dir, size_t n, int mode, int rounds)
+{
+    char *dst = dir == 0 ? x->dev : x->back;
+    const char *src = dir == 0 ? x->host : x->dev;
+    mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
+    double t0 = now_s();
+    for (int r = -1; r < rounds; r++) { /* r = -1: warm-up */
+        if (r == 0)
+            t0 = now_s();
+        if (mode == 0) {
+            for (int k = 0; k < QDEPTH; k++)
+                CK(cudaMemcpyAsync(dst + (size_t)k * n, src + (size_t)k * n, n, cudaMemcpyDefault, x->stream));
+            CK(cudaStreamSynchronize(x->stream));
+        } else {
+            mma_copy_t tk[QDEPTH];
+            for (int k = 0; k < QDEPTH; k++) {
+                mma_segment_t s = {dst + (size_t)k * n, src + (size_t)k * n, n};
+                MK(mma_memcpy_sg_async(x->c, &s, 1, NULL, &o, &tk[k]));
+            }
+            for (int k = 0; k < QDEPTH; k++)
+                MK(mma_wait(x->c, tk[k]));
+        }
+    }
+    return (double)n * QDEPTH * rounds / (now_s() - t0) / 1e9;
+}
+
+/* Before copies in direction `dir` into [off, off+len) that check() is to
+ * verify: H2D clears the device range; D2H gives the device range the host's
+ * bytes (natively) and clears the host range the copies land in. */
+static void prepare(ctx_t *x, int dir, size_t off, size_t len)
+{
+    if (dir == 0) {
+        CK(cudaMemsetAsync(x->dev + off, 0, len, x->stream));
+    } else {
+        CK(cudaMemcpyAsync(x->dev + off, x->host + off, len, cudaMemcpyHostToDevice, x->stream));
+        memset(x->back + off, 0, len);
+    }
+    CK(cudaStreamSynchronize(x->stream));
+}
+
+/* 1 when the destination's [off, off+len) holds the host buffer's bytes
+ * (H2D: read back natively). */
+static int check(ctx_t *x, int dir, size_t off, size_t len)
+{
+    if (dir == 0) {
+        CK(cudaMemcpyAsync(x->back + off, x->dev + off, len, cudaMemcpyDeviceToHost, x->stream));
+        CK(cudaStreamSynchronize(x->stream));
+    }
+    return memcmp(x->back + off, x->host + off, len) == 0;
+}
+
+/* The smallest measured size from which `a` >= `b` at it and every larger
+ * measured size (sizes ascending; a[i] < 0 means not measured, skipped);
+ * 0 when there is none. */
+static size_t break_even(const size_t *sz, const double *a, const double *b, int n)
+{
+    size_t at = 0;
+    for (int i = n - 1; i >= 0; i--) {
+        if (a[i] < 0 || b[i] < 0)
+            continue;
+        if (a[i] < b[i])
+            break;
+        at = sz[i];
+    }
+    return at;
 }
 
 /* The box ceiling: every GPU copies into its own memory at once. */
@@ -262,7 +339,23 @@ int main(int argc, char **argv)
         default:
             printf("usage: mma-bench [--socket S] [--gpu T] [--dir h2d|d2h|both] [--min 4K] [--max 4G] "
                    "[--paths-at 1G] [--lat-reps N] [--csv FILE] [--quick] [--sections LIST]\n"
-                   "       mma-bench --scenarios [--socket S] [--secs 1.5] [--csv FILE]\n");
+                   "       mma-bench --scenarios [--socket S] [--secs 1.5] [--csv FILE]\n"
+                   "Needs real GPUs: a simulated mmad has no native side to compare with.\n"
+                   "--sections (default ceiling,sizes,paths,latency):\n"
+                   "  ceiling  all GPUs copy into their own memory at once, natively\n"
+                   "  sizes    per size, native vs mma: one copy at a time (native, mma = through mmad\n"
+                   "           without bypass, auto = as a user gets it, mma-stream), and from 1 MiB up\n"
+                   "           to --max/%d, %d copies in flight into distinct ranges (nat-q, mma-q,\n"
+                   "           %%ceil-q = mma-q / that direction's ceiling); then the break-even size\n"
+                   "           (mma >= native there and at every larger size) and mma/native at 8 MiB;\n"
+                   "           every size's mma copies are checked byte for byte\n"
+                   "  paths    1..N paths at --paths-at\n"
+                   "  latency  p50/p99 of small copies, native vs mma\n"
+                   "--scenarios: A each GPU's own native process, one at a time; B all at once;\n"
+                   "  C0 B plus one more native process loading gpu0 (C's baseline); C B plus one\n"
+                   "  multipath client loading gpu0 (natives vs C0, target >= 90%%, and vs B);\n"
+                   "  D one multipath client per GPU; E latency class under a bulk load\n",
+                   QDEPTH, QDEPTH);
             return o == 'h' ? 0 : 2;
         }
     }
@@ -307,7 +400,8 @@ int main(int argc, char **argv)
             perror(csvpath);
             return 1;
         }
-        fprintf(x.csv, "card,section,dir,size,paths,native_gbps,mma_gbps,speedup,extra\n");
+        fprintf(x.csv, "card,section,dir,size,paths,native_gbps,mma_gbps,speedup,extra,natq_gbps,mmaq_gbps,"
+                       "ceilq_pct\n");
     }
     time_t now = time(NULL);
     char date[32];
@@ -327,37 +421,85 @@ int main(int argc, char **argv)
             ceil_gbps[d] = ceiling(&x, d, per_gpu);
             printf("%s ceiling: %.1f GB/s\n", dn[d], ceil_gbps[d]);
             if (x.csv)
-                fprintf(x.csv, "%s,ceiling,%s,%zu,%d,,%.3f,,\n", x.card, dn[d], per_gpu, x.ngpu, ceil_gbps[d]);
+                fprintf(x.csv, "%s,ceiling,%s,%zu,%d,,%.3f,,,,,\n", x.card, dn[d], per_gpu, x.ngpu, ceil_gbps[d]);
         }
 
+    int verified = 1; /* every size's mma copies matched */
     double *samples = malloc(sizeof(double) * (size_t)(lat_reps > 200 ? lat_reps : 200));
     for (int d = 0; d < 2; d++) {
         if (!do_dir[d])
             continue;
         if (sec_sizes) {
         printf("\n## %s into gpu%d: native cudaMemcpyAsync vs mma, median of reps\n"
-               "## mma = through mmad on every path; auto = what a user gets (native below the bypass threshold)\n",
-               dn[d], gpu);
-        printf("%8s %11s %10s %10s %10s %8s %8s %9s\n", "size", "native GB/s", "mma GB/s", "auto GB/s",
-               "mma-stream", "mma/nat", "auto/nat", "%ceiling");
-        for (size_t n = minsz; n <= maxsz; n = next_size(n)) {
+               "## mma = through mmad on every path; auto = what a user gets (native below the bypass threshold)\n"
+               "## nat-q, mma-q = %d copies in flight into distinct ranges, then wait for all, repeated: total bytes /"
+               " total time (from 1 MiB; mma-q without bypass); %%ceil-q = mma-q / %s ceiling\n",
+               dn[d], gpu, QDEPTH, dn[d]);
+        printf("%8s %11s %10s %10s %10s %8s %8s %9s %10s %10s %8s\n", "size", "native GB/s", "mma GB/s",
+               "auto GB/s", "mma-stream", "mma/nat", "auto/nat", "%ceiling", "nat-q GB/s", "mma-q GB/s", "%ceil-q");
+        size_t szs[64];
+        double gns[64], gms[64], gnqs[64], gmqs[64];
+        int nsz = 0;
+        for (size_t n = minsz; n <= maxsz && nsz < 64; n = next_size(n)) {
             int reps = quick ? (reps_for(n) + 1) / 2 : reps_for(n);
             double tn = time_copy(&x, d, n, 0, 0, samples, reps);
+            prepare(&x, d, 0, n);
             double tm = time_copy(&x, d, n, 1, 0, samples, reps);
+            int ok_n = check(&x, d, 0, n);
             double ta = time_copy(&x, d, n, 3, 0, samples, reps);
             double ts = time_copy(&x, d, n, 2, 0, samples, reps);
             double gn = (double)n / tn / 1e9, gm = (double)n / tm / 1e9, gs = (double)n / ts / 1e9;
             double ga = (double)n / ta / 1e9;
-            char hs[16];
+            /* queued: QDEPTH ranges of n must fit the buffers */
+            double gnq = -1, gmq = -1;
+            if (n >= (1u << 20) && n <= x.cap / QDEPTH) {
+                gnq = time_queued(&x, d, n, 0, reps);
+                prepare(&x, d, 0, n * QDEPTH);
+                gmq = time_queued(&x, d, n, 1, reps);
+                ok_n &= check(&x, d, 0, n * QDEPTH);
+            }
+            verified &= ok_n;
+            szs[nsz] = n, gns[nsz] = gn, gms[nsz] = gm, gnqs[nsz] = gnq, gmqs[nsz] = gmq, nsz++;
+            char hs[16], q[48] = "", qcsv[48] = ",,";
             human(n, hs, sizeof hs);
-            printf("%8s %11.2f %10.2f %10.2f %10.2f %7.2fx %7.2fx %8.1f%%\n", hs, gn, gm, ga, gs, gm / gn, ga / gn,
-                   ceil_gbps[d] > 0 ? 100.0 * gm / ceil_gbps[d] : 0.0);
+            if (gmq >= 0) {
+                snprintf(q, sizeof q, " %10.2f %10.2f %7.1f%%", gnq, gmq,
+                         ceil_gbps[d] > 0 ? 100.0 * gmq / ceil_gbps[d] : 0.0);
+                snprintf(qcsv, sizeof qcsv, "%.3f,%.3f,", gnq, gmq);
+                if (ceil_gbps[d] > 0)
+                    snprintf(qcsv + strlen(qcsv), sizeof qcsv - strlen(qcsv), "%.1f", 100.0 * gmq / ceil_gbps[d]);
+            } else {
+                snprintf(q, sizeof q, " %10s %10s %8s", "-", "-", "-");
+            }
+            printf("%8s %11.2f %10.2f %10.2f %10.2f %7.2fx %7.2fx %8.1f%%%s%s\n", hs, gn, gm, ga, gs, gm / gn,
+                   ga / gn, ceil_gbps[d] > 0 ? 100.0 * gm / ceil_gbps[d] : 0.0, q, ok_n ? "" : "  MISMATCH");
             if (x.csv)
-                fprintf(x.csv, "%s,size,%s,%zu,0,%.3f,%.3f,%.3f,stream %.3f auto %.3f\n", x.card, dn[d], n, gn, gm,
-                        gm / gn, gs, ga);
+                fprintf(x.csv, "%s,size,%s,%zu,0,%.3f,%.3f,%.3f,stream %.3f auto %.3f%s,%s\n", x.card, dn[d], n, gn,
+                        gm, gm / gn, gs, ga, ok_n ? "" : " MISMATCH", qcsv);
             if (n > maxsz / 2)
                 break;
         }
+        char be[16] = "none", beq[16] = "none";
+        size_t at = break_even(szs, gms, gns, nsz), atq = break_even(szs, gmqs, gnqs, nsz);
+        if (at)
+            human(at, be, sizeof be);
+        if (atq)
+            human(atq, beq, sizeof beq);
+        int any_q = 0;
+        for (int i = 0; i < nsz; i++)
+            any_q |= gmqs[i] >= 0;
+        if (!any_q)
+            snprintf(beq, sizeof beq, "not measured");
+        printf("break-even (mma without bypass >= native at this size and every larger one): %s\n", be);
+        int i8 = -1;
+        for (int i = 0; i < nsz; i++)
+            if (szs[i] == (8u << 20))
+                i8 = i;
+        if (i8 >= 0)
+            printf("at 8 MiB: mma/native = %.2fx\n", gms[i8] / gns[i8]);
+        else
+            printf("at 8 MiB: mma/native = not measured (not among the sizes)\n");
+        printf("queued break-even (mma-q >= nat-q at this size and every larger one measured): %s\n", beq);
         /* The daemon's CPU while it sustains large copies back to back. */
         size_t big = maxsz >= (1u << 30) ? (1u << 30) : maxsz;
         double cpu0 = cpu_seconds(dpid), t0 = now_s();
@@ -371,7 +513,7 @@ int main(int argc, char **argv)
             printf("mmad CPU while sustaining %s %zu MiB copies for %.1f s: %.0f%% of one core (user+sys)\n", dn[d],
                    big >> 20, wall, 100.0 * (cpu1 - cpu0) / wall);
         if (x.csv)
-            fprintf(x.csv, "%s,cpu,%s,%zu,0,,,,%.1f\n", x.card, dn[d], big, 100.0 * (cpu1 - cpu0) / wall);
+            fprintf(x.csv, "%s,cpu,%s,%zu,0,,,,%.1f,,,\n", x.card, dn[d], big, 100.0 * (cpu1 - cpu0) / wall);
         }
         if (!sec_paths && !sec_lat)
             continue;
@@ -385,7 +527,7 @@ int main(int argc, char **argv)
             double tm = time_copy(&x, d, n, 1, p, samples, 5);
             printf("%6d %12.2f %7.2fx\n", p, (double)n / tm / 1e9, tn / tm);
             if (x.csv)
-                fprintf(x.csv, "%s,paths,%s,%zu,%d,%.3f,%.3f,%.3f,\n", x.card, dn[d], n, p, (double)n / tn / 1e9,
+                fprintf(x.csv, "%s,paths,%s,%zu,%d,%.3f,%.3f,%.3f,,,,\n", x.card, dn[d], n, p, (double)n / tn / 1e9,
                         (double)n / tm / 1e9, tn / tm);
         }
         }
@@ -406,7 +548,7 @@ int main(int argc, char **argv)
             human(s, hs, sizeof hs);
             printf("%8s %10.1f %10.1f %10.1f %10.1f\n", hs, n50, n99, m50, m99);
             if (x.csv)
-                fprintf(x.csv, "%s,latency,%s,%zu,0,%.2f,%.2f,,p99 %.2f/%.2f\n", x.card, dn[d], s, n50, m50, n99,
+                fprintf(x.csv, "%s,latency,%s,%zu,0,%.2f,%.2f,,p99 %.2f/%.2f,,,\n", x.card, dn[d], s, n50, m50, n99,
                         m99);
         }
     }
@@ -421,6 +563,8 @@ int main(int argc, char **argv)
     MK(mma_memcpy_sg_async(x.c, &down, 1, NULL, &all, &t));
     MK(mma_wait(x.c, t));
     int ok = memcmp(x.host, x.back, maxsz) == 0;
+    if (!verified)
+        printf("\nsome sizes' copies did NOT match (MISMATCH rows above)\n");
     printf("\nround trip of %zu MiB host -> gpu%d -> host through mmad: %s\n", maxsz >> 20, gpu,
            ok ? "every byte matches" : "MISMATCH");
     if (x.csv)
@@ -430,5 +574,5 @@ int main(int argc, char **argv)
     mma_free(x.c, x.back);
     mma_free(x.c, x.host);
     mma_disconnect(x.c);
-    return ok ? 0 : 1;
+    return ok && verified ? 0 : 1;
 }
