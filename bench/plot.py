@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Plots for an mma-bench run: bandwidth vs size (native, mma, ceiling) per
+"""Plots for an mma-bench run: bandwidth vs size (native, mma, ceiling; dashed:
+4 copies in flight, native and mma, where bench.csv has those columns) per
 direction from bench.csv, and per-path throughput over time under contention
 from scenarios.csv ("share" rows: cumulative bytes per path, sampled).
 
@@ -27,12 +28,22 @@ def bandwidth(d):
         size = [int(r[3]) for r in pts]
         nat = [float(r[5]) for r in pts]
         mma = [float(r[6]) for r in pts]
-        auto = [float(r[8].split("auto ")[1]) if "auto " in r[8] else None for r in pts]
+        auto = [float(r[8].split("auto ")[1].split()[0]) if "auto " in r[8] else None for r in pts]
+
+        def queued(col):  # natq_gbps (9) / mmaq_gbps (10): newer runs, sizes >= 1 MiB
+            q = [(s, float(r[col])) for s, r in zip(size, pts) if len(r) > col and r[col]]
+            return [s for s, _ in q], [v for _, v in q]
+
+        natq, mmaq = queued(9), queued(10)
         fig, ax = plt.subplots(figsize=(7, 4.2))
         ax.plot(size, nat, "o-", label="native cudaMemcpyAsync (one link)")
         ax.plot(size, mma, "s-", label="mma through mmad (all paths)")
         if all(a is not None for a in auto):
             ax.plot(size, auto, "^--", label="mma as used (native below bypass)")
+        if natq[0]:
+            ax.plot(*natq, "o--", color="C0", alpha=0.7, label="native, 4 copies in flight")
+        if mmaq[0]:
+            ax.plot(*mmaq, "s--", color="C1", alpha=0.7, label="mma, 4 copies in flight")
         if dirn in ceil:
             ax.axhline(ceil[dirn], color="gray", ls=":", label=f"box ceiling {ceil[dirn]:.0f} GB/s")
         ax.set_xscale("log", base=2)
