@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #define CK(x)                                                                                  \
@@ -68,12 +69,14 @@ static void *entry(const char *sym)
     return fn;
 }
 
-#define CHUNK (64 << 10)
+static size_t CHUNK = 64 << 10;
+#define MAXCHUNK (8u << 20)
 #define BATCH 32
 #define REPS 3000
 
 static int ngpu;
 static char *host;          /* pinned source */
+static char *host_alloc, *host_reg;
 static char *dst0;          /* on gpu0 */
 static char *stage[8];      /* on each via */
 static cudaStream_t s_a[8], s_b[8];
@@ -172,10 +175,18 @@ int main(void)
     p_w64 = (w64_fn)entry("cuStreamWriteValue64");
     p_ctxset = (ctxset_fn)entry("cuCtxSetCurrent");
     p_pctx = (pctx_fn)entry("cuDevicePrimaryCtxRetain");
-    CK(cudaHostAlloc((void **)&host, CHUNK, cudaHostAllocPortable | cudaHostAllocMapped));
+    CK(cudaHostAlloc((void **)&host_alloc, MAXCHUNK, cudaHostAllocPortable | cudaHostAllocMapped));
+    host = host_alloc;
+    /* like mmad's: client memory mapped from a memfd, then registered */
+    host_reg = mmap(NULL, MAXCHUNK, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (host_reg == MAP_FAILED) {
+        perror("mmap");
+        return 1;
+    }
+    CK(cudaHostRegister(host_reg, MAXCHUNK, cudaHostRegisterPortable));
     CK(cudaHostAlloc((void **)&flags, 64 * sizeof(uint64_t), cudaHostAllocPortable | cudaHostAllocMapped));
     CK(cudaSetDevice(0));
-    CK(cudaMalloc((void **)&dst0, CHUNK));
+    CK(cudaMalloc((void **)&dst0, MAXCHUNK));
     for (int v = 0; v < ngpu; v++) {
         CK(cudaSetDevice(v));
         for (int p = 0; p < ngpu; p++)
@@ -185,7 +196,7 @@ int main(void)
                     CK(e);
                 (void)cudaGetLastError();
             }
-        CK(cudaMalloc((void **)&stage[v], CHUNK));
+        CK(cudaMalloc((void **)&stage[v], MAXCHUNK));
         CK(cudaStreamCreateWithFlags(&s_a[v], cudaStreamNonBlocking));
         CK(cudaStreamCreateWithFlags(&s_b[v], cudaStreamNonBlocking));
         CK(cudaEventCreateWithFlags(&ev_hop[v], cudaEventDisableTiming));
@@ -194,7 +205,7 @@ int main(void)
     }
     int nvia = ngpu - 1;
     printf("mma-callcost: %d GPUs, relay chunks of %d KiB into gpu0 through gpu1..gpu%d, %d chunks per case\n",
-           ngpu, CHUNK >> 10, nvia, REPS);
+           ngpu, (int)(CHUNK >> 10), nvia, REPS);
     printf("%-22s %-22s %12s %14s\n", "variant", "threads", "us/chunk", "chunks/ms all");
     for (int variant = 0; variant < 3; variant++) {
         /* one thread, round-robin */
@@ -233,6 +244,42 @@ int main(void)
         snprintf(lbl, sizeof lbl, "%d (one per via)", nvia);
         printf("%-22s %-22s %12.2f %14.1f\n", vname[variant], lbl, sum / cnt, cnt / worst * 1000.0);
     }
+    /* chunk size and host memory kind, one thread, 8 chunks per batch */
+    printf("%-22s %-10s %-22s %12s\n", "variant", "chunk", "host memory", "us/chunk");
+    size_t sizes[] = {64u << 10, 1u << 20, 8u << 20};
+    for (int hk = 0; hk < 2; hk++)
+        for (size_t si = 0; si < 3; si++)
+            for (int variant = 0; variant < 2; variant++) {
+                CHUNK = sizes[si];
+                host = hk ? host_reg : host_alloc;
+                job_t one = {.variant = variant, .nvia = nvia};
+                for (int i = 0; i < nvia; i++)
+                    one.vias[i] = i + 1;
+                double us = 0;
+                int count = 0;
+                for (int r = 0; r < 40; r++) {
+                    double t0 = now_us();
+                    for (int b = 0; b < 6; b++) {
+                        int v = one.vias[b % nvia];
+                        if (variant > 0)
+                            DK(p_ctxset(ctx[v]));
+                        issue(variant, v, (uint64_t)r * 16 + (uint64_t)b + 5000000);
+                        count++;
+                    }
+                    if (r > 0)
+                        us += now_us() - t0;
+                    else
+                        count = 0;
+                    for (int i = 0; i < nvia; i++)
+                        drain_via(one.vias[i]);
+                }
+                char cl[32];
+                snprintf(cl, sizeof cl, "%zu KiB", CHUNK >> 10);
+                printf("%-22s %-10s %-22s %12.2f\n", vname[variant], cl, hk ? "registered mmap" : "cudaHostAlloc",
+                       us / count);
+            }
+    CHUNK = 64 << 10;
+    host = host_alloc;
     /* polling a completed chunk */
     CK(cudaSetDevice(1));
     CK(cudaEventRecord(ev_done[1], s_b[1]));

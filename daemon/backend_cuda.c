@@ -151,6 +151,9 @@ typedef struct cuda_be {
     int flag_nfree;
     uint64_t flag_seq;
     uint64_t stale_check_ns;      /* when the last check for failed copies ran */
+    int copy_driver;              /* --copy-api=driver: cuMemcpy*Async, else cudaMemcpyAsync */
+    /* engine time by kind of call, logged at exit (what a chunk costs) */
+    uint64_t t_copy_ns, n_copy, t_hop_ns, t_mark_ns, t_ctx_ns;
     mmad_chunk_t *inflight_head, *inflight_tail; /* oldest first, linked by ->next */
     pthread_mutex_t ipc_lock;
     ipc_map_t *ipc_maps;
@@ -297,9 +300,11 @@ static int use_dev(cuda_be_t *s, int d)
 {
     if (s->cur_dev == d)
         return MMA_OK;
+    uint64_t t0 = mma_now_ns();
     s->cur_dev = -1;
     DRV_CHECK(s->drv.ctx_set(s->ctx[d]));
     s->cur_dev = d;
+    s->t_ctx_ns += mma_now_ns() - t0;
     return MMA_OK;
 }
 
@@ -315,18 +320,43 @@ static CUdeviceptr dptr(const void *p)
 static int copy_on(cuda_be_t *s, void *dst, int dst_host, const void *src, int src_host, uint64_t len,
                    cudaStream_t st)
 {
-    CUstream cs = (CUstream)st;
-    if (src_host)
-        return DRV(s->drv.htod(dptr(dst), src, len, cs));
-    if (dst_host)
-        return DRV(s->drv.dtoh(dst, dptr(src), len, cs));
-    return DRV(s->drv.dtod(dptr(dst), dptr(src), len, cs));
+    uint64_t t0 = mma_now_ns();
+    int rc;
+    if (!s->copy_driver) {
+        /* Between two GPUs: Default, so that unified addressing routes it
+         * as a peer copy. */
+        enum cudaMemcpyKind kind = src_host ? cudaMemcpyHostToDevice
+                                   : dst_host ? cudaMemcpyDeviceToHost
+                                              : cudaMemcpyDefault;
+        rc = CU(cudaMemcpyAsync(dst, src, len, kind, st));
+    } else {
+        CUstream cs = (CUstream)st;
+        if (src_host)
+            rc = DRV(s->drv.htod(dptr(dst), src, len, cs));
+        else if (dst_host)
+            rc = DRV(s->drv.dtoh(dst, dptr(src), len, cs));
+        else
+            rc = DRV(s->drv.dtod(dptr(dst), dptr(src), len, cs));
+    }
+    s->t_copy_ns += mma_now_ns() - t0;
+    s->n_copy++;
+    return rc;
 }
 
 /* Queue the chunk's completion mark on st, its last stream: a flag word
  * (or, without stream memory operations, an event of gpu g's pool). The
  * mark is the only thing c->be_priv holds. */
+static int mark_done_(cuda_be_t *s, mmad_chunk_t *c, int g, cudaStream_t st);
+
 static int mark_done(cuda_be_t *s, mmad_chunk_t *c, int g, cudaStream_t st)
+{
+    uint64_t t0 = mma_now_ns();
+    int rc = mark_done_(s, c, g, st);
+    s->t_mark_ns += mma_now_ns() - t0;
+    return rc;
+}
+
+static int mark_done_(cuda_be_t *s, mmad_chunk_t *c, int g, cudaStream_t st)
 {
     if (s->use_flags) {
         if (s->flag_nfree == 0) {
@@ -403,8 +433,10 @@ static int queue_relay(cuda_be_t *s, mmad_chunk_t *c, char *stage, cudaEvent_t h
         return rc;
     *queued = 1;
     if (second != first) {
+        uint64_t t0 = mma_now_ns();
         DRV_CHECK(s->drv.ev_record((CUevent)hop, (CUstream)first));
         DRV_CHECK(s->drv.wait_event((CUstream)second, (CUevent)hop, 0));
+        s->t_hop_ns += mma_now_ns() - t0;
     }
     rc = h2d ? copy_on(s, c->dev, 0, stage, 0, c->len, second) : copy_on(s, c->host, 1, stage, 0, c->len, second);
     if (rc != MMA_OK)
@@ -758,6 +790,12 @@ static void streams_apply(mmad_backend_t *be, cuda_gpu_t *g, cudaError_t (*fn)(c
 static void cuda_destroy(mmad_backend_t *be)
 {
     cuda_be_t *s = (cuda_be_t *)be;
+    if (s->n_copy)
+        MMA_INFO("cuda: engine time in %llu copy calls: %.2f us each; per copy call also %.2f us of "
+                 "hop event record+wait, %.2f us of completion marks, %.2f us of context switches (%s copies)",
+                 (unsigned long long)s->n_copy, s->t_copy_ns / 1e3 / (double)s->n_copy,
+                 s->t_hop_ns / 1e3 / (double)s->n_copy, s->t_mark_ns / 1e3 / (double)s->n_copy,
+                 s->t_ctx_ns / 1e3 / (double)s->n_copy, s->copy_driver ? "driver" : "runtime");
     for (int gi = 0; gi < be->gpu_count; gi++) {
         cuda_gpu_t *g = &s->gpu[gi];
         if (CU(cudaSetDevice(gi)) != MMA_OK)
@@ -972,6 +1010,10 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
         MMA_ERROR("cuda: chunk size, staging slots and path depth must be positive");
         return MMA_ERR_INVAL;
     }
+    if (strcmp(cfg->copy_api, "driver") != 0 && strcmp(cfg->copy_api, "runtime") != 0) {
+        MMA_ERROR("cuda: --copy-api=%s: expected runtime or driver", cfg->copy_api);
+        return MMA_ERR_INVAL;
+    }
     int want_flags = strcmp(cfg->completion, "flags") == 0;
     if (!want_flags && strcmp(cfg->completion, "events") != 0 && strcmp(cfg->completion, "auto") != 0) {
         MMA_ERROR("cuda: --completion=%s: expected auto, flags or events", cfg->completion);
@@ -998,6 +1040,7 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
     be->gpu_count = n;
     be->chunk_size = cfg->chunk_size;
     s->relay_per_slot = cfg->relay_per_slot;
+    s->copy_driver = strcmp(cfg->copy_api, "driver") == 0;
     be->staging_slots = cfg->staging_slots;
     be->path_depth = cfg->path_depth;
     be->bypass_threshold = cfg->bypass_threshold >= 0 ? cfg->bypass_threshold : DEFAULT_BYPASS_THRESHOLD;

@@ -48,6 +48,8 @@ static const opt_t options[] = {
      "1: a chunk is at most what is left of its copy over paths x depth, so paths finish together"},
     {"relay-per-slot", OPT_INT, O(relay_per_slot), 0, "0", 0, 1,
      "cuda: 1 puts both hops of a relay on its staging slot's own stream (3 CUDA calls, not 5)"},
+    {"copy-api", OPT_STR, O(copy_api), S(copy_api), "runtime", 0, 0,
+     "cuda: runtime (cudaMemcpyAsync) | driver (cuMemcpy*Async) for the chunk copies"},
     {"completion", OPT_STR, O(completion), S(completion), "auto", 0, 0,
      "cuda: how mmad learns a chunk ended: flags (the stream writes a host word; free to poll) | "
      "events (cudaEventQuery per chunk) | auto (flags where the GPUs support stream memory operations)"},

@@ -232,6 +232,22 @@ static void wait_for_work(mmad_engine_t *e, uint64_t timeout_ns)
     pthread_mutex_unlock(&e->lock);
 }
 
+/* How long the engine polls without sleeping after it last made progress.
+ * A poll costs ~0.1 us with completion flags (bench/results/
+ * 2026-11-27-4xH200-callcost), so this is cheap; a sleep costs a wake-up. */
+#define SPIN_NS 20000ull
+
+/* 1 when a copy has all its chunks on paths and waits only for them to
+ * land: its completion is then due any moment, and late noticing is pure
+ * added latency. */
+static int tail_pending(const mmad_engine_t *e)
+{
+    for (const mmad_job_t *j = e->sched.jobs; j; j = j->next)
+        if (j->inflight > 0 && j->issued >= j->total)
+            return 1;
+    return 0;
+}
+
 static void *engine_main(void *arg)
 {
     mmad_engine_t *e = arg;
@@ -271,9 +287,12 @@ static void *engine_main(void *arg)
             backoff = 0;
         } else if (e->be->event_driven && e->waiting_reached == 0) {
             wait_for_work(e, 50 * 1000000ull); /* the backend wakes us */
-        } else if (spins < 16) {
-            /* Polling the GPU or a `reached` flag: a short spin first, since
-             * completions often come within microseconds... */
+        } else if (spins < 16 || mma_now_ns() - last_progress < SPIN_NS || tail_pending(e)) {
+            /* Polling the GPU or a `reached` flag: spin for a while after
+             * the last progress, since completions often come within
+             * microseconds, and all the while a copy waits only for its
+             * last chunks (a sleep there would be added to the copy's
+             * time: up to the backoff cap, 40 us for 8 MiB chunks)... */
             spins++;
             __builtin_ia32_pause();
         } else {

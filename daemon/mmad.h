@@ -33,6 +33,7 @@ typedef struct mmad_config {
     int tail_split;         /* chunks shrink with what is left of a copy (guided self-scheduling) */
     int relay_per_slot;     /* cuda: both hops of a relay on its staging slot's own stream */
     char completion[8];     /* cuda: how chunks signal the end: auto | flags | events */
+    char copy_api[8];       /* cuda: runtime | driver */
     int fewest_chunks;      /* cut a copy into no more chunks per path than chunk_size requires */
     int64_t bypass_threshold; /* -1: measured/derived at start */
     int max_paths;          /* 0: all */

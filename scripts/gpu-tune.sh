@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Try mmad configurations on a GPU box: for each, the size sweep (native vs
-# mma, both directions) and the daemon's CPU. Output under $OUT/tune/.
+# mma, both directions), the daemon's CPU and its engine cost per chunk.
+# Output under $OUT/tune/. SECTIONS (default ceiling,sizes) and MIN
+# (default 1M) pass to mma-bench.
 #   scripts/gpu-tune.sh [BUILD_DIR] "CONFIG 1" "CONFIG 2" ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +20,7 @@ for cfg in "$@"; do
   M=$!
   for _ in $(seq 600); do [ -S "$SOCK" ] && break; sleep 0.05; done
   echo "### config $i: $cfg" | tee "$OUT/tune/bench-$i.txt"
-  "$B/mma-bench" --socket "$SOCK" --sections sizes --min 1M --max 1G --quick 2>&1 | tee -a "$OUT/tune/bench-$i.txt"
+  "$B/mma-bench" --socket "$SOCK" --sections "${SECTIONS:-ceiling,sizes}" --min "${MIN:-1M}" --max 1G --quick 2>&1 | tee -a "$OUT/tune/bench-$i.txt"
+  "$B/mmactl" --socket "$SOCK" status 2>&1 | sed -n '/# Engine/,$p' | tee -a "$OUT/tune/bench-$i.txt"
   kill "$M"; wait "$M"
 done
