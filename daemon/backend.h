@@ -18,6 +18,9 @@ typedef struct mmad_backend_ops {
     int (*region_open)(mmad_backend_t *be, mmad_region_t *r, const uint8_t *ipc, size_t ipc_len,
                        uint64_t ipc_offset);
     void (*region_close)(mmad_backend_t *be, mmad_region_t *r);
+    /* Optional: a copy to `target` arrived and its chunks come next; a
+     * backend may get ready (wake the threads that will issue them). */
+    void (*prepare)(mmad_backend_t *be, int target);
     /* Start one chunk on its path (c->target, c->via, c->dir). The scheduler
      * never has more chunks in flight than the path's depth allows. */
     int (*submit)(mmad_backend_t *be, mmad_chunk_t *c);

@@ -18,13 +18,13 @@
  * The scheduler bounds how many chunks wait on each stream (path_depth per
  * path, staging_slots relays per GPU), so queues stay short.
  *
- * Calls. Copies, event records, stream waits and completion marks go
- * through the driver API (cu* entry points fetched at run time), with the
- * engine thread's current context switched only when the GPU changes:
- * issuing a relay chunk that way costs 4.7 us of engine time against 7.0 us
- * through the runtime, and completion costs a memory read instead of a
- * 1.5 us cudaSetDevice + cudaEventQuery per chunk per pass (measured on
- * 4x H200, bench/results/2026-11-27-4xH200-callcost).
+ * Calls. Copies go through the runtime (cudaMemcpyAsync); event records,
+ * stream waits, completion marks and context switches through the driver
+ * API (cu* entry points fetched at run time), with the engine thread's
+ * current context switched only when the GPU changes. In mmad a copy call
+ * costs ~5.2 us through the runtime and ~6.3 us through the driver
+ * (--copy-api=driver), measured on 4x H200
+ * (bench/results/2026-11-27-4xH200-copy-api).
  *
  * Completion. After a chunk's last copy the stream writes a sequence number
  * into the chunk's word of a host-mapped flag array (cuStreamWriteValue64);
@@ -45,14 +45,20 @@
  * it back in poll, after the event of its second hop completed: only then has
  * the staging buffer been emptied.
  *
- * Threads. submit and poll run on the engine thread only: the in-flight list,
- * the event pools and the staging slots are theirs and take no lock.
- * region_open and region_close run on the loop thread; the one thing they
- * keep is the cache of opened IPC mappings, under ipc_lock. The CUDA runtime
- * itself is thread-safe, but its current device is per thread, so every
- * function sets the device it needs before its calls. */
+ * Threads. submit and poll run on the engine thread: the in-flight list,
+ * the staging slots and the completion words are theirs and take no lock.
+ * With --submit-threads (the default where completion is by flags) each GPU
+ * also has a lane thread that issues the relays staged on it: submit
+ * reserves the chunk's slot and word and hands it over; the lane issues the
+ * copies (its GPU's context current) and publishes the outcome in
+ * c->stage, which poll reads before the flag. A GPU's event pool then
+ * serves only its lane (relay hop events). region_open and region_close run
+ * on the loop thread; the one thing they keep is the cache of opened IPC
+ * mappings, under ipc_lock. The CUDA runtime itself is thread-safe, but its
+ * current device is per thread, so each thread sets the context it needs. */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -138,6 +144,28 @@ typedef struct ipc_map {
     struct ipc_map *next;
 } ipc_map_t;
 
+struct cuda_be;
+
+/* A submitter thread for one GPU's relays: the engine thread reserves a
+ * chunk's staging slot and completion word, puts it here and goes on; the
+ * lane issues its copies with its GPU's context current. Relays through
+ * different GPUs are so issued at the same time rather than one after
+ * another (a relay's calls cost ~12 us). The ring holds at most
+ * staging_slots chunks: no more relays can be in flight on one GPU. */
+typedef struct lane {
+    struct cuda_be *s;
+    int gpu;
+    pthread_t thread;
+    int started;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    mmad_chunk_t **ring;
+    int cap, head, count;
+    int sleeping;
+    int stop;
+    _Atomic uint64_t awake_until; /* cuda_prepare: spin, do not sleep, until then */
+} lane_t;
+
 typedef struct cuda_be {
     mmad_backend_t base;
     cuda_gpu_t gpu[MMAD_MAX_GPUS];
@@ -153,7 +181,10 @@ typedef struct cuda_be {
     uint64_t stale_check_ns;      /* when the last check for failed copies ran */
     int copy_driver;              /* --copy-api=driver: cuMemcpy*Async, else cudaMemcpyAsync */
     /* engine time by kind of call, logged at exit (what a chunk costs) */
-    uint64_t t_copy_ns, n_copy, t_hop_ns, t_mark_ns, t_ctx_ns;
+    _Atomic uint64_t t_copy_ns, n_copy, t_hop_ns, t_mark_ns, t_ctx_ns;
+    /* --submit-threads: relay chunks are issued by their via GPU's lane */
+    struct lane *lanes[MMAD_MAX_GPUS];
+    int use_lanes;
     mmad_chunk_t *inflight_head, *inflight_tail; /* oldest first, linked by ->next */
     pthread_mutex_t ipc_lock;
     ipc_map_t *ipc_maps;
@@ -343,36 +374,14 @@ static int copy_on(cuda_be_t *s, void *dst, int dst_host, const void *src, int s
     return rc;
 }
 
-/* Queue the chunk's completion mark on st, its last stream: a flag word
- * (or, without stream memory operations, an event of gpu g's pool). The
- * mark is the only thing c->be_priv holds. */
-static int mark_done_(cuda_be_t *s, mmad_chunk_t *c, int g, cudaStream_t st);
-
-static int mark_done(cuda_be_t *s, mmad_chunk_t *c, int g, cudaStream_t st)
-{
-    uint64_t t0 = mma_now_ns();
-    int rc = mark_done_(s, c, g, st);
-    s->t_mark_ns += mma_now_ns() - t0;
-    return rc;
-}
-
+/* Queue the chunk's completion mark on st, its last stream: its flag word,
+ * reserved at submit (flag_reserve), or, without stream memory operations,
+ * an event of gpu g's pool. The mark is the only thing c->be_priv holds. */
 static int mark_done_(cuda_be_t *s, mmad_chunk_t *c, int g, cudaStream_t st)
 {
     if (s->use_flags) {
-        if (s->flag_nfree == 0) {
-            MMA_ERROR("cuda: all %d completion words are in use", FLAG_CAP);
-            return MMA_ERR_BACKEND;
-        }
-        int f = s->flag_free[--s->flag_nfree];
-        uint64_t want = ++s->flag_seq;
-        int rc = DRV(s->drv.write64((CUstream)st, dptr((const void *)&s->flags[f]), want, 0));
-        if (rc != MMA_OK) {
-            s->flag_free[s->flag_nfree++] = f;
-            return rc;
-        }
-        s->flag_want[f] = want;
-        c->be_priv = (void *)(uintptr_t)(f + 1);
-        return MMA_OK;
+        int f = (int)(uintptr_t)c->be_priv - 1;
+        return DRV(s->drv.write64((CUstream)st, dptr((const void *)&s->flags[f]), s->flag_want[f], 0));
     }
     cudaEvent_t done;
     int rc = event_get(&s->gpu[g].events, &done);
@@ -387,9 +396,43 @@ static int mark_done_(cuda_be_t *s, mmad_chunk_t *c, int g, cudaStream_t st)
     return MMA_OK;
 }
 
-static int chunk_finished(cuda_be_t *s, const mmad_chunk_t *c, cudaError_t *err)
+static int mark_done(cuda_be_t *s, mmad_chunk_t *c, int g, cudaStream_t st)
+{
+    uint64_t t0 = mma_now_ns();
+    int rc = mark_done_(s, c, g, st);
+    s->t_mark_ns += mma_now_ns() - t0;
+    return rc;
+}
+
+/* Engine thread: give the chunk a completion word and the value that the
+ * stream will write there. */
+static int flag_reserve(cuda_be_t *s, mmad_chunk_t *c)
+{
+    if (s->flag_nfree == 0) {
+        MMA_ERROR("cuda: all %d completion words are in use", FLAG_CAP);
+        return MMA_ERR_BACKEND;
+    }
+    int f = s->flag_free[--s->flag_nfree];
+    s->flag_want[f] = ++s->flag_seq;
+    c->be_priv = (void *)(uintptr_t)(f + 1);
+    return MMA_OK;
+}
+
+/* c->stage, when a lane issues the chunk: LANE_QUEUED until the lane has
+ * issued it (then 2), LANE_FAILED when issuing failed (c->status says how). */
+#define LANE_QUEUED 0
+#define LANE_FAILED (-1)
+
+static int chunk_finished(cuda_be_t *s, mmad_chunk_t *c, cudaError_t *err)
 {
     *err = cudaSuccess;
+    int stage = __atomic_load_n(&c->stage, __ATOMIC_ACQUIRE);
+    if (stage == LANE_QUEUED)
+        return 0;
+    if (stage == LANE_FAILED) {
+        *err = cudaErrorLaunchFailure; /* reported as a failed copy; the log has the cause */
+        return 1;
+    }
     if (s->use_flags) {
         int f = (int)(uintptr_t)c->be_priv - 1;
         return __atomic_load_n(&s->flags[f], __ATOMIC_ACQUIRE) == s->flag_want[f];
@@ -409,13 +452,19 @@ static int submit_direct(cuda_be_t *s, mmad_chunk_t *c)
     cudaStream_t st = s->gpu[t].direct[c->dir];
     int h2d = c->dir == MMA_DIR_H2D;
     int rc = use_dev(s, t);
+    if (rc == MMA_OK && s->use_flags)
+        rc = flag_reserve(s, c);
     if (rc != MMA_OK)
         return rc;
     rc = h2d ? copy_on(s, c->dev, 0, c->host, 1, c->len, st) : copy_on(s, c->host, 1, c->dev, 0, c->len, st);
     if (rc == MMA_OK && (rc = mark_done(s, c, t, st)) != MMA_OK)
         drain(st); /* the copy runs: it must not outlive the failed chunk */
-    if (rc != MMA_OK)
+    if (rc != MMA_OK) {
+        if (s->use_flags)
+            s->flag_free[s->flag_nfree++] = (int)(uintptr_t)c->be_priv - 1;
+        c->be_priv = NULL;
         return rc;
+    }
     c->stage = 1;
     return MMA_OK;
 }
@@ -444,32 +493,18 @@ static int queue_relay(cuda_be_t *s, mmad_chunk_t *c, char *stage, cudaEvent_t h
     return mark_done(s, c, c->via, second);
 }
 
-static int submit_relay(cuda_be_t *s, mmad_chunk_t *c)
+/* Queue a relay chunk's copies and mark; its staging slot (c->staging) and
+ * completion word are reserved. Runs where the via GPU's context is
+ * current: on its lane, or on the engine thread without lanes. On failure
+ * nothing of it is left running. */
+static int issue_relay(cuda_be_t *s, mmad_chunk_t *c)
 {
-    int t = c->target, v = c->via;
+    int v = c->via, slot = c->staging;
     cuda_gpu_t *g = &s->gpu[v];
-    if (!s->base.relay_ok[t][v]) {
-        MMA_ERROR("cuda: relay gpu%d -> gpu%d is not usable (%s)", v, t, s->base.relay_note[t][v]);
-        return MMA_ERR_BACKEND;
-    }
-    if (c->len > s->base.chunk_size) {
-        MMA_ERROR("cuda: relay chunk of %llu bytes exceeds the %llu-byte staging buffers",
-                  (unsigned long long)c->len, (unsigned long long)s->base.chunk_size);
-        return MMA_ERR_BACKEND;
-    }
-    int slot = slot_get(s, v);
-    if (slot < 0) {
-        MMA_ERROR("cuda: no free staging slot on gpu%d (scheduler over-committed)", v);
-        return MMA_ERR_BACKEND;
-    }
     cudaEvent_t hop = NULL;
-    int rc = use_dev(s, v);
-    if (rc == MMA_OK)
-        rc = event_get(&g->events, &hop);
-    if (rc != MMA_OK) {
-        slot_put(s, v, slot);
+    int rc = event_get(&g->events, &hop);
+    if (rc != MMA_OK)
         return rc;
-    }
     /* H2D: host -> staging on the PCIe stream, then staging -> target on the
      * NVLink stream. D2H: target -> staging on the NVLink stream, then
      * staging -> host on the PCIe stream. --relay-per-slot: both hops in
@@ -486,17 +521,201 @@ static int submit_relay(cuda_be_t *s, mmad_chunk_t *c)
     rc = queue_relay(s, c, g->staging[slot], hop, first, second, &queued);
     /* The second stream's wait has captured `hop`; it may be reused now. */
     event_put(&g->events, hop);
-    if (rc != MMA_OK) {
-        if (queued) {
-            drain(first);
-            drain(second);
+    if (rc != MMA_OK && queued) {
+        drain(first);
+        drain(second);
+    }
+    return rc;
+}
+
+/* ---- lanes ---- */
+
+static void lane_run(lane_t *L, mmad_chunk_t *c)
+{
+    int rc = issue_relay(L->s, c);
+    c->status = rc;
+    __atomic_store_n(&c->stage, rc == MMA_OK ? 2 : LANE_FAILED, __ATOMIC_RELEASE);
+}
+
+static mmad_chunk_t *lane_pop(lane_t *L)
+{
+    mmad_chunk_t *c = NULL;
+    pthread_mutex_lock(&L->lock);
+    if (L->count > 0) {
+        c = L->ring[L->head];
+        L->head = (L->head + 1) % L->cap;
+        L->count--;
+    }
+    pthread_mutex_unlock(&L->lock);
+    return c;
+}
+
+/* After a small chunk the lane keeps polling its ring this long before it
+ * sleeps: small chunks come from latency-bound copies, where a thread
+ * wake-up would be added to the copy's time. After a large one it sleeps
+ * at once: the path has another chunk queued on the GPU meanwhile. */
+#define LANE_SPIN_NS 30000ull
+#define LANE_SPIN_BELOW (2u << 20)
+
+static void *lane_main(void *arg)
+{
+    lane_t *L = arg;
+    cuda_be_t *s = L->s;
+    char name[16];
+    snprintf(name, sizeof name, "mmad-lane%d", L->gpu);
+    pthread_setname_np(pthread_self(), name);
+    if (DRV(s->drv.ctx_set(s->ctx[L->gpu])) != MMA_OK)
+        MMA_ERROR("cuda: lane for gpu%d cannot make its context current; its relays will fail", L->gpu);
+    uint64_t spin_until = 0;
+    for (;;) {
+        mmad_chunk_t *c = lane_pop(L);
+        if (c) {
+            lane_run(L, c);
+            spin_until = c->len < LANE_SPIN_BELOW ? mma_now_ns() + LANE_SPIN_NS : 0;
+            continue;
         }
-        slot_put(s, v, slot);
-        return rc;
+        uint64_t hint = atomic_load_explicit(&L->awake_until, memory_order_relaxed);
+        if (hint > spin_until)
+            spin_until = hint;
+        if (spin_until && mma_now_ns() < spin_until) {
+            __builtin_ia32_pause();
+            continue;
+        }
+        pthread_mutex_lock(&L->lock);
+        while (L->count == 0 && !L->stop &&
+               atomic_load_explicit(&L->awake_until, memory_order_relaxed) <= mma_now_ns()) {
+            L->sleeping = 1;
+            pthread_cond_wait(&L->cond, &L->lock);
+            L->sleeping = 0;
+        }
+        int stop = L->stop && L->count == 0;
+        pthread_mutex_unlock(&L->lock);
+        if (stop)
+            break;
+        spin_until = 0;
+    }
+    return NULL;
+}
+
+/* A copy arrived: relays will follow within microseconds. Lanes that
+ * sleep wake now, so that their wake-up overlaps the engine's planning and
+ * its direct chunk instead of delaying the relays. */
+#define LANE_PREPARE_NS 50000ull
+
+static void cuda_prepare(mmad_backend_t *be, int target)
+{
+    cuda_be_t *s = (cuda_be_t *)be;
+    if (!s->use_lanes)
+        return;
+    uint64_t until = mma_now_ns() + LANE_PREPARE_NS;
+    for (int g = 0; g < be->gpu_count; g++) {
+        lane_t *L = s->lanes[g];
+        if (g == target || !L || !be->relay_ok[target][g])
+            continue;
+        atomic_store_explicit(&L->awake_until, until, memory_order_relaxed);
+        pthread_mutex_lock(&L->lock);
+        if (L->sleeping)
+            pthread_cond_signal(&L->cond);
+        pthread_mutex_unlock(&L->lock);
+    }
+}
+
+static int lane_push(lane_t *L, mmad_chunk_t *c)
+{
+    pthread_mutex_lock(&L->lock);
+    if (L->count == L->cap) {
+        pthread_mutex_unlock(&L->lock);
+        MMA_ERROR("cuda: lane of gpu%d is full (scheduler over-committed)", L->gpu);
+        return MMA_ERR_BACKEND;
+    }
+    L->ring[(L->head + L->count) % L->cap] = c;
+    L->count++;
+    if (L->sleeping)
+        pthread_cond_signal(&L->cond);
+    pthread_mutex_unlock(&L->lock);
+    return MMA_OK;
+}
+
+static int lane_start(cuda_be_t *s, int gpu)
+{
+    lane_t *L = calloc(1, sizeof *L);
+    if (!L)
+        return MMA_ERR_NOMEM;
+    L->s = s;
+    L->gpu = gpu;
+    L->cap = s->base.staging_slots;
+    L->ring = calloc((size_t)L->cap, sizeof *L->ring);
+    pthread_mutex_init(&L->lock, NULL);
+    pthread_cond_init(&L->cond, NULL);
+    s->lanes[gpu] = L;
+    if (!L->ring)
+        return MMA_ERR_NOMEM;
+    int err = pthread_create(&L->thread, NULL, lane_main, L);
+    if (err) {
+        MMA_ERROR("cuda: cannot start the submit thread of gpu%d: %s", gpu, strerror(err));
+        return MMA_ERR_SYSTEM;
+    }
+    L->started = 1;
+    return MMA_OK;
+}
+
+/* Safe on a lane that never started. */
+static void lane_stop(cuda_be_t *s, int gpu)
+{
+    lane_t *L = s->lanes[gpu];
+    if (!L)
+        return;
+    if (L->started) {
+        pthread_mutex_lock(&L->lock);
+        L->stop = 1;
+        pthread_cond_signal(&L->cond);
+        pthread_mutex_unlock(&L->lock);
+        pthread_join(L->thread, NULL);
+    }
+    pthread_mutex_destroy(&L->lock);
+    pthread_cond_destroy(&L->cond);
+    free(L->ring);
+    free(L);
+    s->lanes[gpu] = NULL;
+}
+
+static int submit_relay(cuda_be_t *s, mmad_chunk_t *c)
+{
+    int t = c->target, v = c->via;
+    if (!s->base.relay_ok[t][v]) {
+        MMA_ERROR("cuda: relay gpu%d -> gpu%d is not usable (%s)", v, t, s->base.relay_note[t][v]);
+        return MMA_ERR_BACKEND;
+    }
+    if (c->len > s->base.chunk_size) {
+        MMA_ERROR("cuda: relay chunk of %llu bytes exceeds the %llu-byte staging buffers",
+                  (unsigned long long)c->len, (unsigned long long)s->base.chunk_size);
+        return MMA_ERR_BACKEND;
+    }
+    int slot = slot_get(s, v);
+    if (slot < 0) {
+        MMA_ERROR("cuda: no free staging slot on gpu%d (scheduler over-committed)", v);
+        return MMA_ERR_BACKEND;
     }
     c->staging = slot;
-    c->stage = 2;
-    return MMA_OK;
+    int rc = s->use_flags ? flag_reserve(s, c) : MMA_OK;
+    if (rc == MMA_OK && s->use_lanes) {
+        c->stage = LANE_QUEUED;
+        rc = lane_push(s->lanes[v], c);
+    } else if (rc == MMA_OK) {
+        rc = use_dev(s, v);
+        if (rc == MMA_OK)
+            rc = issue_relay(s, c);
+        if (rc == MMA_OK)
+            c->stage = 2;
+    }
+    if (rc != MMA_OK) {
+        if (s->use_flags && c->be_priv)
+            s->flag_free[s->flag_nfree++] = (int)(uintptr_t)c->be_priv - 1;
+        c->be_priv = NULL;
+        slot_put(s, v, slot);
+        c->staging = -1;
+    }
+    return rc;
 }
 
 static int cuda_submit(mmad_backend_t *be, mmad_chunk_t *c)
@@ -790,6 +1009,9 @@ static void streams_apply(mmad_backend_t *be, cuda_gpu_t *g, cudaError_t (*fn)(c
 static void cuda_destroy(mmad_backend_t *be)
 {
     cuda_be_t *s = (cuda_be_t *)be;
+    /* Lanes first: nothing may issue copies while the streams drain. */
+    for (int gi = 0; gi < be->gpu_count; gi++)
+        lane_stop(s, gi);
     if (s->n_copy)
         MMA_INFO("cuda: engine time in %llu copy calls: %.2f us each; per copy call also %.2f us of "
                  "hop event record+wait, %.2f us of completion marks, %.2f us of context switches (%s copies)",
@@ -999,6 +1221,7 @@ static const mmad_backend_ops_t cuda_ops = {
     .name = "cuda",
     .region_open = cuda_region_open,
     .region_close = cuda_region_close,
+    .prepare = cuda_prepare,
     .submit = cuda_submit,
     .poll = cuda_poll,
     .destroy = cuda_destroy,
@@ -1064,8 +1287,12 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
         MMA_ERROR("cuda: --completion=flags, but a GPU here cannot do 64-bit stream memory operations");
         rc = MMA_ERR_INVAL;
     }
+    s->use_lanes = s->use_flags && cfg->submit_threads;
+    for (int g = 0; rc == MMA_OK && s->use_lanes && g < n; g++)
+        rc = lane_start(s, g);
     if (rc == MMA_OK)
-        MMA_INFO("cuda: chunks complete by %s", s->use_flags ? "stream-written flags" : "events");
+        MMA_INFO("cuda: chunks complete by %s; relays issued by %s", s->use_flags ? "stream-written flags" : "events",
+                 s->use_lanes ? "one thread per GPU" : "the engine thread");
     if (rc != MMA_OK) {
         MMA_ERROR("cuda: cannot set up the GPUs: %s", rc == MMA_ERR_NOMEM ? "out of memory" : "CUDA error");
         cuda_destroy(be);

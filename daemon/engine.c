@@ -133,6 +133,8 @@ static int take_intake(mmad_engine_t *e)
             if (atomic_load(&j->conn->closed) || e->stop) {
                 mmad_job_complete(j, MMA_ERR_CANCELLED);
             } else {
+                if (e->be->ops->prepare)
+                    e->be->ops->prepare(e->be, j->target);
                 j->runnable = slot_reached(j);
                 if (!j->runnable)
                     e->waiting_reached++;
