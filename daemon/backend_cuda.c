@@ -47,7 +47,7 @@
  *
  * Threads. submit and poll run on the engine thread: the in-flight list,
  * the staging slots and the completion words are theirs and take no lock.
- * With --submit-threads (the default where completion is by flags) each GPU
+ * With --submit-threads=1 (off by default: measured no faster) each GPU
  * also has a lane thread that issues the relays staged on it: submit
  * reserves the chunk's slot and word and hands it over; the lane issues the
  * copies (its GPU's context current) and publishes the outcome in
@@ -150,8 +150,12 @@ struct cuda_be;
  * chunk's staging slot and completion word, puts it here and goes on; the
  * lane issues its copies with its GPU's context current. Relays through
  * different GPUs are so issued at the same time rather than one after
- * another (a relay's calls cost ~12 us). The ring holds at most
- * staging_slots chunks: no more relays can be in flight on one GPU. */
+ * another (a relay's calls cost ~12 us). Measured on 4x H200 the driver
+ * serialized the lanes' calls (8.7 us per copy call instead of 5.7) and
+ * only large H2D copies gained (bench/results/
+ * 2026-11-27-4xH200-submit-threads), so lanes are off by default. The ring
+ * holds at most staging_slots chunks: no more relays can be in flight on
+ * one GPU. */
 typedef struct lane {
     struct cuda_be *s;
     int gpu;
