@@ -9,10 +9,17 @@
  * far socket, NVLink transmit/receive) and completes when the slowest of them
  * has room. One worker thread per copy engine (PCIe H2D, PCIe D2H, NVLink,
  * for each GPU) processes its queue in order, like a CUDA stream. A relay
- * chunk passes through two engines with a staging buffer between them. */
+ * chunk passes through two engines with a staging buffer between them.
+ *
+ * Contention. --sim-busy-gpus names GPUs whose own process loads their link
+ * natively: on those links mmad's quanta get only --sim-busy-share of the
+ * rate (the native load itself is not simulated, only what it leaves), so the
+ * scheduler's yielding can be seen and tested without GPUs. --sim-busy-file
+ * switches that load on and off while mmad runs. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -24,13 +31,16 @@
 #define QUANTUM (128u * 1024u)
 /* A resource may start a quantum up to this long in the past: a thread that
  * overslept catches up instead of losing the time (a token bucket with a
- * 1 ms burst), so the simulated rates hold despite timer slack. */
+ * 1 ms burst), so the simulated rates hold despite timer slack. A resource
+ * idle for longer than that starts at the present: idle time is not saved up,
+ * or a copy that finds the box idle would run faster than its links. */
 #define SLACK_NS 1000000ull
 #define MAX_SOCKETS 2
 
 typedef struct sim_res {
     double bytes_per_ns;
     uint64_t next_ns;
+    double busy_share; /* 0: no native load here; else mmad's share while the load is on */
 } sim_res_t;
 
 typedef struct sim_queue {
@@ -49,6 +59,10 @@ typedef struct sim_be {
     int stop;
     int fail_via;
     uint64_t chunk_cost_ns; /* the engine is busy this long per chunk it issues */
+    uint64_t relay_latency_ns; /* a relay's NVLink hop starts this much later */
+    char busy_file[108];    /* the native loads are on while this exists ("": always) */
+    int busy_on;            /* its state when last looked at */
+    uint64_t busy_checked;
     int socket_of[MMAD_MAX_GPUS];
     sim_res_t pcie[MMAD_MAX_GPUS][2];
     sim_res_t host[MAX_SOCKETS][2];
@@ -74,6 +88,19 @@ static const preset_t presets[] = {
     {"8gpu-2socket", 8, 2, {55.5, 55.3}, {180.0, 153.0}, 120.0, 396.0},
 };
 
+/* Whether the simulated native loads are on; with --sim-busy-file, looked
+ * up at most once a millisecond. Under s->lock. */
+static int busy_now(sim_be_t *s, uint64_t now)
+{
+    if (!s->busy_file[0])
+        return 1;
+    if (now - s->busy_checked >= 1000000ull || !s->busy_checked) {
+        s->busy_on = access(s->busy_file, F_OK) == 0;
+        s->busy_checked = now;
+    }
+    return s->busy_on;
+}
+
 /* Reserve one quantum on `n` resources; returns when it may be over. */
 static uint64_t reserve(sim_be_t *s, sim_res_t **res, int n, uint64_t bytes)
 {
@@ -82,8 +109,11 @@ static uint64_t reserve(sim_be_t *s, sim_res_t **res, int n, uint64_t bytes)
     uint64_t finish = now;
     pthread_mutex_lock(&s->lock);
     for (int i = 0; i < n; i++) {
-        uint64_t start = res[i]->next_ns > floor ? res[i]->next_ns : floor;
-        res[i]->next_ns = start + (uint64_t)((double)bytes / res[i]->bytes_per_ns);
+        uint64_t start = res[i]->next_ns > floor ? res[i]->next_ns : now;
+        double rate = res[i]->bytes_per_ns;
+        if (res[i]->busy_share > 0 && busy_now(s, now))
+            rate *= res[i]->busy_share; /* the native load takes the rest */
+        res[i]->next_ns = start + (uint64_t)((double)bytes / rate);
         if (res[i]->next_ns > finish)
             finish = res[i]->next_ns;
     }
@@ -158,6 +188,11 @@ static sim_queue_t *run_hop(sim_be_t *s, sim_queue_t *q, mmad_chunk_t *c)
     }
     char *stage = s->staging[c->via][c->staging];
     if (q->kind == 2) { /* NVLink hop between via and target */
+        /* On GPUs a relay costs a second copy launch and an event between
+         * its hops (~15 us); its NVLink hop is short, so the delay lands
+         * there without slowing a stream of relay chunks. */
+        if (s->relay_latency_ns)
+            sleep_until(mma_now_ns() + s->relay_latency_ns);
         if (c->dir == MMA_DIR_H2D) {
             res[0] = &s->nv_tx[c->via];
             res[1] = &s->nv_rx[c->target];
@@ -222,7 +257,21 @@ static int sim_region_open(mmad_backend_t *be, mmad_region_t *r, const uint8_t *
     (void)off;
     if (r->kind == MMAD_REGION_DEVICE && (r->gpu < 0 || r->gpu >= be->gpu_count))
         return MMA_ERR_NO_GPU;
-    return MMA_OK; /* the memfd mapping is all the simulated box needs */
+    /* The memfd mapping is all the simulated box needs. Its pages are made
+     * present and writable in mmad now, as pinning host memory or allocating
+     * GPU memory does: otherwise the first copies into a fresh region run at
+     * the speed of page faults (10-16 us a page on small VMs, a tenth of the
+     * simulated links) and the paths that happen to touch it first look slow
+     * to the scheduler. It costs the same time once, here. Only a write does
+     * it on such VMs (not a read, nor MADV_POPULATE_WRITE); each page's
+     * first byte is written with itself. libmma hands the region to its
+     * caller only once it is registered, so nothing writes it meanwhile. */
+    if (r->map) {
+        volatile char *b = r->map;
+        for (size_t off = 0; off < r->map_len; off += 4096)
+            b[off] = b[off];
+    }
+    return MMA_OK;
 }
 
 static int sim_submit(mmad_backend_t *be, mmad_chunk_t *c)
@@ -298,6 +347,25 @@ static void sim_destroy(mmad_backend_t *be)
     free(s);
 }
 
+/* "1,2,3" -> bits 1..3 of *mask; "" -> 0. -1 on anything else. */
+static int parse_gpu_list(const char *list, int ngpu, unsigned *mask)
+{
+    *mask = 0;
+    const char *p = list;
+    while (*p) {
+        char *end;
+        errno = 0;
+        long g = strtol(p, &end, 10);
+        if (end == p || errno || g < 0 || g >= ngpu || (*end && *end != ','))
+            return -1;
+        *mask |= 1u << g;
+        p = *end ? end + 1 : end;
+        if (*end && !*p)
+            return -1; /* a trailing comma */
+    }
+    return 0;
+}
+
 static const mmad_backend_ops_t sim_ops = {
     .name = "sim",
     .region_open = sim_region_open,
@@ -333,6 +401,15 @@ int mmad_backend_sim_create(const mmad_config_t *cfg, mmad_backend_t **out)
     be->bypass_threshold = cfg->bypass_threshold >= 0 ? cfg->bypass_threshold : 0;
     s->fail_via = cfg->sim_fail_via;
     s->chunk_cost_ns = (uint64_t)(cfg->sim_chunk_cost_us * 1000.0 / cfg->sim_scale);
+    s->relay_latency_ns = (uint64_t)(cfg->sim_relay_latency_us * 1000.0 / cfg->sim_scale);
+    snprintf(s->busy_file, sizeof s->busy_file, "%s", cfg->sim_busy_file);
+    unsigned busy = 0;
+    if (parse_gpu_list(cfg->sim_busy_gpus, be->gpu_count, &busy) != 0) {
+        MMA_ERROR("--sim-busy-gpus: '%s' is not a comma list of simulated GPUs (0..%d)", cfg->sim_busy_gpus,
+                  be->gpu_count - 1);
+        free(s);
+        return MMA_ERR_INVAL;
+    }
     pthread_mutex_init(&s->lock, NULL);
     double scale = cfg->sim_scale; /* GB/s * scale = bytes per ns */
     int per_socket = (be->gpu_count + p->sockets - 1) / p->sockets;
@@ -346,6 +423,9 @@ int mmad_backend_sim_create(const mmad_config_t *cfg, mmad_backend_t **out)
              "rates x%g",
              p->name, be->gpu_count, p->pcie_gbps[0], p->pcie_gbps[1], p->host_gbps[0], p->host_gbps[1],
              p->sockets > 1 ? ", cross-socket 120 GB/s" : "", p->nvlink_gbps, scale);
+    if (busy)
+        MMA_INFO("sim: the links of gpus %s carry native loads (mmad gets %.0f%% of them)%s%s", cfg->sim_busy_gpus,
+                 cfg->sim_busy_share * 100.0, s->busy_file[0] ? " while this exists: " : "", s->busy_file);
     for (int g = 0; g < be->gpu_count; g++) {
         mmad_gpu_t *gi = &be->gpus[g];
         gi->index = g;
@@ -355,8 +435,11 @@ int mmad_backend_sim_create(const mmad_config_t *cfg, mmad_backend_t **out)
         gi->socket = s->socket_of[g];
         gi->numa_node = s->socket_of[g];
         gi->memory = 0;
-        for (int d = 0; d < 2; d++)
+        for (int d = 0; d < 2; d++) {
             s->pcie[g][d].bytes_per_ns = p->pcie_gbps[d] * scale;
+            if (busy & (1u << g))
+                s->pcie[g][d].busy_share = cfg->sim_busy_share;
+        }
         s->nv_tx[g].bytes_per_ns = p->nvlink_gbps * scale;
         s->nv_rx[g].bytes_per_ns = p->nvlink_gbps * scale;
         for (int t = 0; t < be->gpu_count; t++)
@@ -365,9 +448,15 @@ int mmad_backend_sim_create(const mmad_config_t *cfg, mmad_backend_t **out)
         s->staging_used[g] = calloc((size_t)be->staging_slots, 1);
         if (!s->staging[g] || !s->staging_used[g])
             goto nomem;
-        for (int i = 0; i < be->staging_slots; i++)
+        for (int i = 0; i < be->staging_slots; i++) {
             if (!(s->staging[g][i] = malloc(be->chunk_size)))
                 goto nomem;
+            /* Present now, as GPU memory is: a relay's first chunks must
+             * not pay page faults that a direct chunk does not. (Not with
+             * zeros: the compiler would make malloc + memset a calloc,
+             * which touches nothing.) */
+            memset(s->staging[g][i], 0xa5, be->chunk_size);
+        }
     }
     for (int g = 0; g < be->gpu_count; g++)
         for (int k = 0; k < 3; k++) {

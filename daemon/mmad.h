@@ -43,6 +43,10 @@ typedef struct mmad_config {
     char log_level[16];
     int sim_fail_via;       /* fault injection: relays through this GPU fail (-1 none) */
     double sim_chunk_cost_us; /* engine time to issue one chunk on the real box (0: free) */
+    double sim_relay_latency_us; /* extra fixed latency of a relay chunk on the real box (0: none) */
+    char sim_busy_gpus[64];   /* comma list: these GPUs' links carry a simulated native load */
+    double sim_busy_share;    /* the share of a busy link that mmad's chunks get */
+    char sim_busy_file[108];  /* when set, the busy load is on only while this file exists */
 } mmad_config_t;
 
 void mmad_config_defaults(mmad_config_t *cfg);
