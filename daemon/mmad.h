@@ -47,6 +47,12 @@ typedef struct mmad_config {
     char sim_busy_gpus[64];   /* comma list: these GPUs' links carry a simulated native load */
     double sim_busy_share;    /* the share of a busy link that mmad's chunks get */
     char sim_busy_file[108];  /* when set, the busy load is on only while this file exists */
+    double yield_frac;        /* a relay below this x the reference rate yields (0: never) */
+    double yield_probe_ms;    /* a yielding relay lets one chunk through this often */
+    double link_gbps;         /* per-link rate assumed until one is measured; the reference's floor */
+    int plan_split;           /* copies of at most one chunk per path get a planned split */
+    double issue_cost_us;     /* engine time per chunk issued (<0: the backend's) */
+    double relay_overhead_us; /* extra latency of a relay chunk over a direct one (<0: the backend's) */
 } mmad_config_t;
 
 void mmad_config_defaults(mmad_config_t *cfg);

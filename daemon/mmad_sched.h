@@ -5,7 +5,21 @@
  * pulls the next chunk (backpressure), the direct path first, and jobs take
  * turns chunk by chunk so several clients share the box fairly. Latency-class
  * jobs are served before bulk ones. Engine thread only, except the stats,
- * which mmactl reads under stats_lock. */
+ * which mmactl reads under stats_lock.
+ *
+ * Yielding. Every path's achieved rate is estimated from its chunks'
+ * completions. A relay borrows its via GPU's link: when that link is loaded
+ * by the via GPU's own traffic, the relay runs well below the best rate seen
+ * in its direction (the reference), and every byte it moves comes out of that
+ * traffic's share. Such a relay yields: it gets no chunks except one probe
+ * every yield_probe_ns, and resumes when a probe runs fast again. The direct
+ * path never yields.
+ *
+ * Planned splits. A copy small enough for one chunk per path is cut into one
+ * chunk per path whose lengths make the paths finish together, allowing for
+ * the engine issuing chunks one after another (direct first) and the extra
+ * latency of a relay: later and slower-starting paths get less, and below
+ * ~2 MiB (4x H200 figures) the direct path gets everything. */
 #ifndef MMAD_SCHED_H
 #define MMAD_SCHED_H
 
@@ -22,7 +36,18 @@ typedef struct mmad_path_stat {
     int inflight;
     int enabled;
     char note[48];
+    int yielding;            /* a relay running slow: only probes go (mmactl state=yield) */
+    double rate;             /* smoothed achieved rate, bytes/ns = GB/s (0: not measured) */
+    /* the estimate's state; engine thread only */
+    uint64_t last_done;      /* previous completion here: a path runs its chunks in order */
+    double ew_bytes, ew_ns;  /* byte-weighted moving sums; rate = ew_bytes / ew_ns */
+    double ew_judged_ns;     /* ew_ns with slow outliers capped, for yielding */
+    int samples;             /* chunks in the estimate since it (re)started */
+    uint64_t probe_at;       /* a yielding relay's next probe is due */
+    int probing;             /* that probe is in flight */
 } mmad_path_stat_t;
+
+typedef struct mmad_plan mmad_plan_t;
 
 typedef struct mmad_sched {
     mmad_backend_t *be;
@@ -35,6 +60,21 @@ typedef struct mmad_sched {
     int tail_split;
     int fewest_chunks;
     int max_paths;
+    /* yielding; times are this box's (the simulated box's are scaled) */
+    double yield_frac;           /* 0: off */
+    uint64_t yield_probe_ns;
+    uint64_t rate_min_len;       /* shorter chunks are all latency: they do not count */
+    double rate_window;          /* bytes a rate estimate remembers */
+    double ref[2];               /* best smoothed rate per direction, decaying, bytes/ns */
+    uint64_t ref_at[2];
+    double ref_floor;            /* --link-gbps: the reference never falls below it */
+    double ref_half_life_ns;
+    /* planned splits */
+    int plan_split;
+    double issue_cost_ns;        /* engine time per chunk issued */
+    double relay_overhead_ns;    /* a relay chunk's extra fixed latency */
+    mmad_plan_t *plans;          /* of the planned jobs queued or running */
+    uint64_t (*now)(void);       /* mma_now_ns; the unit tests drive their own clock */
     mmad_job_t *jobs;        /* queued and running, latency class first */
     mmad_job_t *rr;          /* whose turn it is among bulk jobs */
     int staging_inflight[MMAD_MAX_GPUS];
@@ -78,5 +118,21 @@ void mmad_sched_disable_path(mmad_sched_t *s, int target, int via, int dir, cons
  * More than `depth` chunks per path lets fast paths pull more of the copy
  * than slow ones, so the copy does not wait for its slowest path. */
 uint64_t mmad_sched_chunk_len(const mmad_sched_t *s, uint64_t total, int npaths);
+
+/* The planned split of `total` bytes over `npaths` paths in issue order
+ * (0 the direct path, then relays): path p starts p * issue_ns after the
+ * first, a relay relay_ns later still, and every path moves `rate` bytes/ns;
+ * lens[p] makes them all finish together (water-filling). Paths whose share
+ * would be under min_chunk are left out (the last ones: they start latest),
+ * no share exceeds cap unless the direct path must take the rest, relays'
+ * shares are whole 4 KiB pages and the direct path takes the remainder, so
+ * the lens sum to total exactly. Returns how many paths got a share (lens of
+ * the others are 0). */
+int mmad_sched_plan_split(uint64_t total, int npaths, double issue_ns, double relay_ns, double rate,
+                          uint64_t min_chunk, uint64_t cap, uint64_t *lens);
+
+/* The reference rate of a direction at `now` (bytes/ns): the best smoothed
+ * path rate seen, halving every ~10 s (real-box time), at least --link-gbps. */
+double mmad_sched_ref_rate(mmad_sched_t *s, int dir, uint64_t now);
 
 #endif

@@ -1,11 +1,41 @@
 #include "mmad_sched.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "log.h"
 #include "mma.h"
 #include "util.h"
+
+/* Engine time to issue one chunk on GPUs: 4.7 us per relay chunk through the
+ * driver API on 4x H200 (bench/results/2026-11-27-4xH200-callcost). */
+#define CUDA_ISSUE_COST_US 5.0
+/* What a relay chunk's second DMA hop and the event between its hops add to
+ * its latency over a direct chunk on 4x H200. */
+#define CUDA_RELAY_OVERHEAD_US 15.0
+/* The reference rate halves this often (real-box time): it follows the box
+ * when its load changes for good, but outlives a pause between copies. */
+#define REF_HALF_LIFE_S 10.0
+/* A path's rate is judged over at least this many chunks, and sets the
+ * reference only over twice as many: a rate is measured between the moments
+ * the engine sees chunks end, which it sees late by a varying amount (a
+ * poll's back-off, a thread's wake-up), and the reference, the best of all
+ * rates, would otherwise keep one measured high. */
+#define RATE_MIN_SAMPLES 4
+#define RATE_REF_SAMPLES (2 * RATE_MIN_SAMPLES)
+/* A probe starts on an idle path, so besides the relay's fixed latency (taken
+ * off) its time holds the relay's second hop (~10% of a chunk's time on
+ * 4x H200: NVLink is 7x PCIe) and the engine's late look at its end, which a
+ * chunk queued behind another does not carry: it passes at this much of the
+ * limit. */
+#define PROBE_ALLOWANCE 0.85
+
+struct mmad_plan {
+    mmad_job_t *job;
+    uint64_t left[MMAD_MAX_GPUS]; /* bytes each relay (by via) is still to carry */
+    struct mmad_plan *next;
+};
 
 int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cfg)
 {
@@ -20,6 +50,26 @@ int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cf
     s->tail_split = cfg->tail_split;
     s->fewest_chunks = cfg->fewest_chunks;
     s->max_paths = cfg->max_paths;
+    /* Options are real-box times and rates; the simulated box runs at
+     * sim_scale of the real speed, so its times stretch by 1/sim_scale. */
+    double scale = be->simulated && be->sim_scale > 0 ? be->sim_scale : 1.0;
+    s->now = mma_now_ns;
+    s->yield_frac = cfg->yield_frac;
+    s->yield_probe_ns = (uint64_t)(cfg->yield_probe_ms * 1e6 / scale);
+    /* A chunk carries a fixed ~10-20 us of latency on GPUs: from 1 MiB up
+     * its rate is mostly the link's. */
+    s->rate_min_len = s->chunk_size < (1u << 20) ? s->chunk_size : (1u << 20);
+    s->rate_window = 8.0 * (double)s->chunk_size;
+    s->ref_floor = cfg->link_gbps * scale;
+    s->ref_half_life_ns = REF_HALF_LIFE_S * 1e9 / scale;
+    s->plan_split = cfg->plan_split;
+    double issue_us = cfg->issue_cost_us, relay_us = cfg->relay_overhead_us;
+    if (issue_us < 0)
+        issue_us = be->simulated ? cfg->sim_chunk_cost_us : CUDA_ISSUE_COST_US;
+    if (relay_us < 0)
+        relay_us = be->simulated ? cfg->sim_relay_latency_us : CUDA_RELAY_OVERHEAD_US;
+    s->issue_cost_ns = issue_us * 1e3 / scale;
+    s->relay_overhead_ns = relay_us * 1e3 / scale;
     pthread_mutex_init(&s->stats_lock, NULL);
     for (int t = 0; t < s->ngpu; t++)
         for (int v = 0; v < s->ngpu; v++)
@@ -34,6 +84,11 @@ int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cf
 
 void mmad_sched_destroy(mmad_sched_t *s)
 {
+    while (s->plans) {
+        mmad_plan_t *pl = s->plans;
+        s->plans = pl->next;
+        free(pl);
+    }
     while (s->free_chunks) {
         mmad_chunk_t *c = s->free_chunks;
         s->free_chunks = c->next;
@@ -81,11 +136,166 @@ uint64_t mmad_sched_chunk_len(const mmad_sched_t *s, uint64_t total, int npaths)
     return per;
 }
 
+int mmad_sched_plan_split(uint64_t total, int npaths, double issue_ns, double relay_ns, double rate,
+                          uint64_t min_chunk, uint64_t cap, uint64_t *lens)
+{
+    if (npaths > MMAD_MAX_GPUS)
+        npaths = MMAD_MAX_GPUS;
+    if (npaths < 1)
+        npaths = 1;
+    if (rate < 0)
+        rate = 0;
+    /* Path p's late start, in the bytes the others move meanwhile. */
+    double lag[MMAD_MAX_GPUS], share[MMAD_MAX_GPUS];
+    for (int p = 0; p < MMAD_MAX_GPUS; p++) {
+        lens[p] = 0;
+        lag[p] = p < npaths ? rate * ((double)p * issue_ns + (p ? relay_ns : 0.0)) : 0.0;
+    }
+    int n = npaths;
+    for (;;) {
+        /* Paths 0..n-1 finish together at a "level" L (in bytes of one
+         * path): share_p = L - lag_p, summing to total. A share above cap is
+         * fixed at cap and the rest levelled again. */
+        int fixed[MMAD_MAX_GPUS] = {0};
+        double rest = (double)total;
+        for (;;) {
+            double sum_lag = 0;
+            int nfree = 0;
+            for (int p = 0; p < n; p++)
+                if (!fixed[p]) {
+                    sum_lag += lag[p];
+                    nfree++;
+                }
+            if (nfree == 0)
+                break;
+            double level = (rest + sum_lag) / nfree;
+            int over = -1;
+            for (int p = 0; p < n; p++)
+                if (!fixed[p]) {
+                    share[p] = level - lag[p];
+                    if (over < 0 && share[p] > (double)cap)
+                        over = p; /* the earliest path has the largest share */
+                }
+            if (over < 0)
+                break;
+            fixed[over] = 1;
+            share[over] = (double)cap;
+            rest -= (double)cap;
+        }
+        /* The last path starts latest and gets least: below min_chunk it
+         * could not finish before the others, so it goes and the rest is
+         * levelled again. */
+        if (n > 1 && share[n - 1] < (double)min_chunk)
+            n--;
+        else
+            break;
+    }
+    uint64_t relays = 0;
+    for (int p = 1; p < n; p++) {
+        lens[p] = (uint64_t)share[p] & ~(uint64_t)4095;
+        if (lens[p] > cap)
+            lens[p] = cap;
+        relays += lens[p];
+    }
+    lens[0] = total - relays; /* relays' shares are below the direct path's: this stays >= 0 */
+    /* A direct share held at cap gets back what rounding the relays down
+     * left over: relays below cap take it, so that no path needs a second
+     * chunk (when every path is at cap the direct one takes the rest). */
+    for (int p = 1; p < n && lens[0] > cap; p++) {
+        uint64_t more = lens[0] - cap < cap - lens[p] ? lens[0] - cap : cap - lens[p];
+        lens[p] += more;
+        lens[0] -= more;
+    }
+    return n;
+}
+
+/* A path that takes a share of new work: the direct one, or a relay that is
+ * on and not yielding. */
+static int path_usable(const mmad_sched_t *s, int target, int via, int dir)
+{
+    const mmad_path_stat_t *p = &s->paths[target][via][dir];
+    return via == target || (p->enabled && !p->yielding);
+}
+
+/* The job's usable paths, in issue order (direct first). */
+static int usable_paths(const mmad_sched_t *s, const mmad_job_t *j, int *vias)
+{
+    int all[MMAD_MAX_GPUS];
+    int n = mmad_sched_paths_for(s, j->target, j->max_paths, all);
+    int k = 0;
+    for (int i = 0; i < n; i++)
+        if (path_usable(s, j->target, all[i], j->dir))
+            vias[k++] = all[i];
+    return k;
+}
+
+double mmad_sched_ref_rate(mmad_sched_t *s, int dir, uint64_t now)
+{
+    if (now > s->ref_at[dir]) {
+        if (s->ref[dir] > 0 && s->ref_half_life_ns > 0)
+            s->ref[dir] *= exp2(-(double)(now - s->ref_at[dir]) / s->ref_half_life_ns);
+        s->ref_at[dir] = now;
+    }
+    return s->ref[dir] > s->ref_floor ? s->ref[dir] : s->ref_floor;
+}
+
+static mmad_plan_t *plan_of(const mmad_sched_t *s, const mmad_job_t *j)
+{
+    for (mmad_plan_t *pl = s->plans; pl; pl = pl->next)
+        if (pl->job == j)
+            return pl;
+    return NULL;
+}
+
+/* Plan the job's split over its usable paths (the direct one is vias[0]).
+ * Without memory for the plan it keeps equal chunks. */
+static void plan_job(mmad_sched_t *s, mmad_job_t *j, const int *vias, int n)
+{
+    uint64_t lens[MMAD_MAX_GPUS];
+    double rate = mmad_sched_ref_rate(s, j->dir, s->now());
+    int used = mmad_sched_plan_split(j->total, n, s->issue_cost_ns, s->relay_overhead_ns, rate, s->min_chunk,
+                                     s->chunk_size, lens);
+    mmad_plan_t *pl = calloc(1, sizeof *pl);
+    if (!pl)
+        return;
+    pl->job = j;
+    uint64_t largest = 0;
+    for (int i = 0; i < used; i++) {
+        pl->left[vias[i]] = lens[i];
+        if (lens[i] > largest)
+            largest = lens[i];
+    }
+    j->chunk_len = largest < s->chunk_size ? largest : s->chunk_size;
+    pl->next = s->plans;
+    s->plans = pl;
+}
+
+/* How many bytes a planned job wants on `via` now: a relay its share, the
+ * direct path everything not kept for a relay that can still take it (a
+ * relay that yields, fails or is set aside leaves its share to it). */
+static uint64_t plan_want(const mmad_sched_t *s, const mmad_plan_t *pl, const mmad_job_t *j, int via)
+{
+    uint64_t rest = j->total - j->issued;
+    if (via != j->target) {
+        if (!path_usable(s, j->target, via, j->dir))
+            return 0;
+        return pl->left[via] < rest ? pl->left[via] : rest;
+    }
+    uint64_t kept = 0;
+    for (int v = 0; v < s->ngpu; v++)
+        if (v != j->target && pl->left[v] && path_usable(s, j->target, v, j->dir))
+            kept += pl->left[v];
+    return rest > kept ? rest - kept : 0;
+}
+
 void mmad_sched_add(mmad_sched_t *s, mmad_job_t *job)
 {
     int vias[MMAD_MAX_GPUS];
-    int n = mmad_sched_paths_for(s, job->target, job->max_paths, vias);
+    int n = usable_paths(s, job, vias);
     job->chunk_len = mmad_sched_chunk_len(s, job->total, n);
+    /* A copy of at most one chunk per path: plan it, one chunk each. */
+    if (s->plan_split && job->total > 0 && job->total <= (uint64_t)n * s->chunk_size)
+        plan_job(s, job, vias, n);
     job->next = NULL;
     /* Latency jobs go after the last latency job; bulk jobs at the end. */
     mmad_job_t **p = &s->jobs;
@@ -99,10 +309,13 @@ void mmad_sched_add(mmad_sched_t *s, mmad_job_t *job)
     *p = job;
 }
 
-static int path_has_room(const mmad_sched_t *s, int target, int via, int dir)
+static int path_has_room(const mmad_sched_t *s, int target, int via, int dir, uint64_t now)
 {
     const mmad_path_stat_t *p = &s->paths[target][via][dir];
     if (!p->enabled || p->inflight >= s->path_depth)
+        return 0;
+    /* A yielding relay takes one chunk at a time, when its probe is due. */
+    if (p->yielding && (p->inflight > 0 || now < p->probe_at))
         return 0;
     /* A relay also needs one of its via GPU's staging buffers, which all
      * targets and both directions share. */
@@ -131,9 +344,10 @@ static int job_has_bytes(const mmad_job_t *j)
     return j->runnable && j->status == MMA_OK && j->issued < j->total;
 }
 
-/* Carve the job's next chunk onto (target, via); npaths is how many paths
- * the job has. 1 if issued. */
-static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via, int npaths)
+/* Carve the job's next chunk, at most `want` bytes, onto (target, via);
+ * npaths is how many paths the job has, pl its plan if it has one. 1 if
+ * issued. */
+static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via, int npaths, uint64_t want, mmad_plan_t *pl)
 {
     while (j->cur_seg < j->nsegs && j->cur_off >= j->segs[j->cur_seg].len) {
         j->cur_seg++;
@@ -143,8 +357,8 @@ static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via, int npaths)
         return 0;
     const mmad_seg_t *seg = &j->segs[j->cur_seg];
     uint64_t len = seg->len - j->cur_off;
-    uint64_t cap = j->chunk_len;
-    if (s->tail_split) {
+    uint64_t cap = j->chunk_len < want ? j->chunk_len : want;
+    if (s->tail_split && !pl) {
         /* Guided self-scheduling: near its end a copy's chunks shrink, so
          * every path finishes at about the same time. */
         uint64_t left = mmad_sched_chunk_len(s, j->total - j->issued, npaths);
@@ -163,9 +377,9 @@ static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via, int npaths)
     c->host = seg->host + j->cur_off;
     c->dev = seg->dev + j->cur_off;
     c->len = len;
-    c->t_issue = mma_now_ns();
+    c->t_issue = s->now();
     int rc = s->be->ops->submit(s->be, c);
-    uint64_t t_end = mma_now_ns();
+    uint64_t t_end = s->now();
     pthread_mutex_lock(&s->stats_lock);
     s->submit_calls++;
     s->submit_ns += t_end - c->t_issue;
@@ -184,34 +398,46 @@ static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via, int npaths)
     j->inflight++;
     s->chunks_inflight++;
     s->bytes_inflight += len;
-    if (via != j->target)
+    if (via != j->target) {
         s->staging_inflight[via]++;
+        if (pl)
+            pl->left[via] -= len < pl->left[via] ? len : pl->left[via];
+    }
     pthread_mutex_lock(&s->stats_lock);
     mmad_path_stat_t *p = &s->paths[j->target][via][j->dir];
     if (p->inflight++ == 0)
         p->active_since = c->t_issue;
+    if (p->yielding)
+        p->probing = 1; /* a yielding path only gets its probe */
     pthread_mutex_unlock(&s->stats_lock);
     return 1;
 }
 
-/* One chunk for job j on its best path with room. */
-static int issue_for_job(mmad_sched_t *s, mmad_job_t *j)
+/* One chunk for job j on its best path with room (and, for a planned job,
+ * a share left). */
+static int issue_for_job(mmad_sched_t *s, mmad_job_t *j, uint64_t now)
 {
     int vias[MMAD_MAX_GPUS];
     int n = mmad_sched_paths_for(s, j->target, j->max_paths, vias);
-    for (int i = 0; i < n; i++)
-        if (path_has_room(s, j->target, vias[i], j->dir))
-            return issue_one(s, j, vias[i], n);
+    mmad_plan_t *pl = s->plans ? plan_of(s, j) : NULL;
+    for (int i = 0; i < n; i++) {
+        if (!path_has_room(s, j->target, vias[i], j->dir, now))
+            continue;
+        uint64_t want = pl ? plan_want(s, pl, j, vias[i]) : UINT64_MAX;
+        if (want > 0)
+            return issue_one(s, j, vias[i], n, want, pl);
+    }
     return 0;
 }
 
 int mmad_sched_fill(mmad_sched_t *s)
 {
     int issued = 0;
+    uint64_t now = s->now();
     /* Latency class first: each such job takes every path it can use. */
     mmad_job_t *j = s->jobs;
     for (; j && j->priority > 0; j = j->next)
-        while (job_has_bytes(j) && issue_for_job(s, j))
+        while (job_has_bytes(j) && issue_for_job(s, j, now))
             issued++;
     mmad_job_t *bulk = j;
     if (!bulk)
@@ -230,7 +456,7 @@ int mmad_sched_fill(mmad_sched_t *s)
             start = bulk;
         mmad_job_t *k = start;
         do {
-            if (job_has_bytes(k) && issue_for_job(s, k)) {
+            if (job_has_bytes(k) && issue_for_job(s, k, now)) {
                 issued++;
                 /* The turn passes to the job after the last one served; a
                  * pass that serves nobody must not move it. */
@@ -253,6 +479,13 @@ static void unlink_job(mmad_sched_t *s, mmad_job_t *job)
     if (s->rr == job)
         s->rr = job->next;
     job->next = NULL;
+    for (mmad_plan_t **p = &s->plans; *p; p = &(*p)->next)
+        if ((*p)->job == job) {
+            mmad_plan_t *pl = *p;
+            *p = pl->next;
+            free(pl);
+            break;
+        }
 }
 
 static int job_finished(const mmad_job_t *j)
@@ -260,10 +493,79 @@ static int job_finished(const mmad_job_t *j)
     return j->inflight == 0 && (j->landed == j->total || j->status != MMA_OK);
 }
 
+/* Chunk c ended on path p at `now`: count it in the path's rate and decide
+ * whether a relay yields or, after its probe, resumes. Under stats_lock. */
+static void path_rate_update(mmad_sched_t *s, mmad_path_stat_t *p, const mmad_chunk_t *c, uint64_t now)
+{
+    /* A path runs its chunks in order: this one's service began when it was
+     * issued or when the one before it ended, whichever was later. */
+    uint64_t start = c->t_issue > p->last_done ? c->t_issue : p->last_done;
+    int cold = c->t_issue >= p->last_done; /* issued to an idle path */
+    int probe = p->probing;
+    int relay = c->via != c->target;
+    p->last_done = now;
+    p->probing = 0;
+    if (c->status != MMA_OK || c->len < s->rate_min_len) {
+        if (probe) /* it told nothing: probe again later */
+            p->probe_at = now + s->yield_probe_ns;
+        return;
+    }
+    double ns = now > start ? (double)(now - start) : 0.0;
+    /* A relay chunk issued to an idle path also waited out the relay's
+     * fixed latency, which is not its link's rate. */
+    if (cold && relay)
+        ns = ns - s->relay_overhead_ns > ns / 2 ? ns - s->relay_overhead_ns : ns / 2;
+    double len = (double)c->len, sample = ns > 0 ? len / ns : 0.0;
+    /* The reference: the best rate a path of this direction has shown
+     * lately; a relay below yield_frac of it yields. */
+    double ref = mmad_sched_ref_rate(s, c->dir, now);
+    double limit = s->yield_frac * ref;
+    /* For judging, one slow chunk (the machine stalled, the engine looked
+     * late) counts as a little below the limit and no lower: alone it cannot
+     * make a path yield, while a path whose chunks are mostly slow still
+     * does. */
+    double judged_ns = ns > 0 && limit > 0 && sample < 0.9 * limit ? len / (0.9 * limit) : ns;
+    /* Sums, not an average of rates: the engine sees chunks end late by a
+     * varying amount, and two reaped together give one a long service and
+     * the next almost none; their sum is right. */
+    double keep = s->rate_window / (s->rate_window + len);
+    p->ew_bytes = p->ew_bytes * keep + len;
+    p->ew_ns = p->ew_ns * keep + ns;
+    p->ew_judged_ns = p->ew_judged_ns * keep + judged_ns;
+    p->samples++;
+    if (p->ew_ns <= 0)
+        return; /* nothing timed yet */
+    p->rate = p->ew_bytes / p->ew_ns;
+    if (p->samples >= RATE_REF_SAMPLES && p->rate > ref)
+        s->ref[c->dir] = p->rate;
+    if (!relay || limit <= 0)
+        return;
+    if (probe) {
+        if (sample >= PROBE_ALLOWANCE * limit) {
+            /* Back: the estimate starts over from the probe. */
+            p->yielding = 0;
+            p->ew_bytes = len;
+            p->ew_ns = p->ew_judged_ns = ns;
+            p->samples = 1;
+            p->rate = sample;
+            MMA_DEBUG("relay gpu%d->gpu%d %s resumes: probe ran at %.3f GB/s (limit %.3f)", c->via, c->target,
+                      c->dir == MMA_DIR_H2D ? "h2d" : "d2h", sample, limit);
+        } else {
+            p->probe_at = now + s->yield_probe_ns;
+        }
+    } else if (!p->yielding && p->samples >= RATE_MIN_SAMPLES && p->ew_bytes < limit * p->ew_judged_ns) {
+        p->yielding = 1;
+        p->probe_at = now + s->yield_probe_ns;
+        MMA_DEBUG("relay gpu%d->gpu%d %s yields: %.3f GB/s (%.3f judged) < %.2f x %.3f", c->via, c->target,
+                  c->dir == MMA_DIR_H2D ? "h2d" : "d2h", p->rate, p->ew_bytes / p->ew_judged_ns, s->yield_frac,
+                  ref);
+    }
+}
+
 mmad_job_t *mmad_sched_chunk_done(mmad_sched_t *s, mmad_chunk_t *c)
 {
     mmad_job_t *j = c->job;
-    uint64_t now = mma_now_ns();
+    uint64_t now = s->now();
     j->inflight--;
     s->chunks_inflight--;
     s->bytes_inflight -= c->len;
@@ -277,6 +579,7 @@ mmad_job_t *mmad_sched_chunk_done(mmad_sched_t *s, mmad_chunk_t *c)
         p->bytes += c->len;
         p->chunks++;
     }
+    path_rate_update(s, p, c, now);
     pthread_mutex_unlock(&s->stats_lock);
     if (c->status == MMA_OK) {
         j->landed += c->len;

@@ -54,6 +54,17 @@ START_TEST(defaults)
     ck_assert_int_eq(cfg.max_clients, 256);
     ck_assert_int_eq(cfg.sim_fail_via, -1);
     ck_assert_str_eq(cfg.log_level, "info");
+    /* Yielding and planned splits on; their costs the backend's. */
+    ck_assert_double_eq_tol(cfg.yield_frac, 0.6, 1e-12);
+    ck_assert_double_eq_tol(cfg.yield_probe_ms, 20, 1e-12);
+    ck_assert_double_eq_tol(cfg.link_gbps, 45, 1e-12);
+    ck_assert_int_eq(cfg.plan_split, 1);
+    ck_assert_double_lt(cfg.issue_cost_us, 0);
+    ck_assert_double_lt(cfg.relay_overhead_us, 0);
+    ck_assert_str_eq(cfg.sim_busy_gpus, "");
+    ck_assert_double_eq_tol(cfg.sim_busy_share, 0.4, 1e-12);
+    ck_assert_str_eq(cfg.sim_busy_file, "");
+    ck_assert_double_eq_tol(cfg.sim_relay_latency_us, 0, 1e-12);
     /* No arguments: the defaults stand. */
     char *argv[] = {"mmad", NULL};
     ck_assert_int_eq(mmad_config_parse(&cfg, 1, argv), 0);
@@ -95,6 +106,33 @@ START_TEST(size_suffixes)
     ck_assert_double_eq_tol(cfg.sim_scale, 0.5, 1e-12);
     ck_assert_int_eq(PARSE("--sim-fail-via=2"), 0);
     ck_assert_int_eq(cfg.sim_fail_via, 2);
+}
+END_TEST
+
+START_TEST(yield_and_plan_options)
+{
+    ck_assert_int_eq(PARSE("--yield-frac=0", "--yield-probe-ms=5", "--link-gbps=25", "--plan-split=0",
+                           "--issue-cost-us=4.7", "--relay-overhead-us", "12", "--sim-busy-gpus=1,3",
+                           "--sim-busy-share=0.5", "--sim-busy-file=/tmp/busy", "--sim-relay-latency-us=15"),
+                     0);
+    ck_assert_double_eq_tol(cfg.yield_frac, 0, 1e-12);
+    ck_assert_double_eq_tol(cfg.yield_probe_ms, 5, 1e-12);
+    ck_assert_double_eq_tol(cfg.link_gbps, 25, 1e-12);
+    ck_assert_int_eq(cfg.plan_split, 0);
+    ck_assert_double_eq_tol(cfg.issue_cost_us, 4.7, 1e-12);
+    ck_assert_double_eq_tol(cfg.relay_overhead_us, 12, 1e-12);
+    ck_assert_str_eq(cfg.sim_busy_gpus, "1,3");
+    ck_assert_double_eq_tol(cfg.sim_busy_share, 0.5, 1e-12);
+    ck_assert_str_eq(cfg.sim_busy_file, "/tmp/busy");
+    ck_assert_double_eq_tol(cfg.sim_relay_latency_us, 15, 1e-12);
+    const char *bad[] = {"--yield-frac=1.5", "--yield-frac=-0.1", "--yield-probe-ms=0", "--link-gbps=0",
+                         "--plan-split=2",   "--issue-cost-us=-2", "--relay-overhead-us=-1.5",
+                         "--sim-busy-share=0", "--sim-busy-share=1.1"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        mmad_config_defaults(&cfg);
+        char *argv[] = {"mmad", (char *)bad[i], NULL};
+        ck_assert_msg(parse_quiet(2, argv) < 0, "%s was accepted", bad[i]);
+    }
 }
 END_TEST
 
@@ -210,6 +248,7 @@ int main(void)
     tcase_add_test(tc, defaults);
     tcase_add_test(tc, equals_and_space_spellings);
     tcase_add_test(tc, size_suffixes);
+    tcase_add_test(tc, yield_and_plan_options);
     tcase_add_test(tc, min_chunk_never_above_chunk_size);
     tcase_add_test(tc, bad_numbers_refused);
     tcase_add_test(tc, out_of_range_refused);

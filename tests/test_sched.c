@@ -2,7 +2,9 @@
  * each chunk and keeps it "in flight" until the test completes it, so the
  * test decides when and in which order chunks land (or fail) and can check
  * routing, backpressure, fairness and the byte accounting exactly, with no
- * threads and no timing. */
+ * threads and no timing. The yielding tests add a fake clock: each path of
+ * the fake box then runs its chunks in order at a rate the test sets, and
+ * chunks land when that rate says (run_timed). */
 #include <check.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -27,14 +29,26 @@ typedef struct fake_be {
     struct { /* every accepted submit, in order */
         mmad_job_t *job;
         int via;
+        uint64_t len;
     } log[8192];
     int nlog;
     int fail_submit_via; /* submit() refuses relays through this GPU */
+    /* timed runs: bytes/ns of each path (0: untimed), when each path is free
+     * again, and when each chunk in flight lands (in step with inflight[]) */
+    double rate[NGPU][NGPU][2];
+    uint64_t path_free[NGPU][NGPU][2];
+    uint64_t fin[MAXC];
 } fake_be_t;
 
 static fake_be_t fb;
 static mmad_sched_t s;
 static mmad_conn_t conn_x, conn_y;
+static uint64_t fake_ns; /* the fake clock of timed runs */
+
+static uint64_t fake_now(void)
+{
+    return fake_ns;
+}
 
 static int fake_submit(mmad_backend_t *be, mmad_chunk_t *c)
 {
@@ -44,9 +58,17 @@ static int fake_submit(mmad_backend_t *be, mmad_chunk_t *c)
     ck_assert_int_lt(f->ninflight, MAXC);
     ck_assert_int_lt(f->nlog, 8192);
     c->status = MMA_OK;
+    double rate = f->rate[c->target][c->via][c->dir];
+    if (rate > 0) {
+        uint64_t *free_at = &f->path_free[c->target][c->via][c->dir];
+        uint64_t start = *free_at > fake_ns ? *free_at : fake_ns;
+        *free_at = start + (uint64_t)((double)c->len / rate);
+        f->fin[f->ninflight] = *free_at;
+    }
     f->inflight[f->ninflight++] = c;
     f->log[f->nlog].job = c->job;
     f->log[f->nlog].via = c->via;
+    f->log[f->nlog].len = c->len;
     f->nlog++;
     return MMA_OK;
 }
@@ -82,6 +104,11 @@ static void start(uint64_t chunk, uint64_t min_chunk, int depth, int staging, in
     cfg.chunk_rounds = 1; /* these tests count chunks per path against depth */
     cfg.staging_slots = staging;
     cfg.max_paths = max_paths;
+    /* These tests count chunks against equal splits and complete chunks in
+     * no time: planned splits and yielding are off unless a test turns them
+     * on. */
+    cfg.plan_split = 0;
+    cfg.yield_frac = 0;
     ck_assert_int_eq(mmad_sched_init(&s, &fb.base, &cfg), MMA_OK);
     atomic_init(&conn_x.refs, 1);
     atomic_init(&conn_y.refs, 1);
@@ -148,6 +175,7 @@ static mmad_job_t *complete(int i, int status)
     ck_assert_int_lt(i, fb.ninflight);
     mmad_chunk_t *c = fb.inflight[i];
     c->status = status;
+    fb.fin[i] = fb.fin[fb.ninflight - 1];
     fb.inflight[i] = fb.inflight[--fb.ninflight];
     fb.done[fb.ndone++] = c;
     mmad_chunk_t *got[4];
@@ -770,6 +798,461 @@ START_TEST(not_runnable_waits)
 }
 END_TEST
 
+/* ---- planned splits ---- */
+
+/* The defaults: 5 us to issue a chunk, 15 us more for a relay, 45 GB/s. */
+#define PLAN_DEFAULTS 5000.0, 15000.0, 45.0, 512u << 10, 8u << 20
+
+START_TEST(plan_split_function)
+{
+    /* Every size from 4 KiB to 32 MiB (and odd ones), 1 to 4 paths: the
+     * lens sum to the total exactly, the direct path has the most, relays
+     * are whole pages of at least min_chunk, later relays get no more than
+     * earlier ones, and no share needs a second chunk while one per path
+     * can carry the copy. */
+    for (uint64_t total = 4096; total <= (32u << 20); total = total * 3 / 2 + 4093) {
+        for (int np = 1; np <= 4; np++) {
+            uint64_t lens[MMAD_MAX_GPUS];
+            int n = mmad_sched_plan_split(total, np, PLAN_DEFAULTS, lens);
+            ck_assert_int_ge(n, 1);
+            ck_assert_int_le(n, np);
+            uint64_t sum = 0;
+            for (int p = 0; p < MMAD_MAX_GPUS; p++) {
+                sum += lens[p];
+                if (p >= n) {
+                    ck_assert_uint_eq(lens[p], 0);
+                    continue;
+                }
+                ck_assert_uint_ge(lens[0], lens[p]);
+                if (p > 0) {
+                    ck_assert_uint_ge(lens[p], 512u << 10);
+                    ck_assert_uint_le(lens[p], 8u << 20);
+                    ck_assert_uint_le(lens[p], lens[p - 1]);
+                    if (lens[0] < (8u << 20))
+                        ck_assert_uint_eq(lens[p] % 4096, 0);
+                }
+            }
+            ck_assert_msg(sum == total, "total %llu over %d paths: lens sum to %llu", (unsigned long long)total, np,
+                          (unsigned long long)sum);
+            if (total <= (uint64_t)np * (8u << 20))
+                ck_assert_uint_le(lens[0], 8u << 20);
+        }
+    }
+}
+END_TEST
+
+START_TEST(plan_split_small_copies_go_direct)
+{
+    uint64_t lens[MMAD_MAX_GPUS];
+    /* A relay starts 20 us after the direct path (issue + relay latency):
+     * ~900 KB at 45 GB/s. Below ~2 MiB no relay could finish sooner. */
+    ck_assert_int_eq(mmad_sched_plan_split(64u << 10, 4, PLAN_DEFAULTS, lens), 1);
+    ck_assert_uint_eq(lens[0], 64u << 10);
+    ck_assert_uint_eq(lens[1], 0);
+    ck_assert_int_eq(mmad_sched_plan_split(1u << 20, 4, PLAN_DEFAULTS, lens), 1);
+    ck_assert_uint_eq(lens[0], 1u << 20);
+    ck_assert_int_eq(mmad_sched_plan_split(4096, 4, PLAN_DEFAULTS, lens), 1);
+    ck_assert_int_eq(mmad_sched_plan_split(1, 4, PLAN_DEFAULTS, lens), 1);
+    ck_assert_uint_eq(lens[0], 1);
+    /* Each relay joins once its share reaches min_chunk: 2 MiB two paths,
+     * 3 MiB three, 4 MiB all four. */
+    ck_assert_int_eq(mmad_sched_plan_split(2u << 20, 4, PLAN_DEFAULTS, lens), 2);
+    ck_assert_int_eq(mmad_sched_plan_split(3u << 20, 4, PLAN_DEFAULTS, lens), 3);
+    ck_assert_int_eq(mmad_sched_plan_split(4u << 20, 4, PLAN_DEFAULTS, lens), 4);
+    /* Without costs every path gets a quarter (to the page). */
+    ck_assert_int_eq(mmad_sched_plan_split(8u << 20, 4, 0, 0, 45.0, 512u << 10, 8u << 20, lens), 4);
+    for (int p = 0; p < 4; p++)
+        ck_assert_uint_eq(lens[p], 2u << 20);
+    /* A rate of 0 (nothing known, no floor) also means no costs. */
+    ck_assert_int_eq(mmad_sched_plan_split(8u << 20, 4, 5000, 15000, 0, 512u << 10, 8u << 20, lens), 4);
+}
+END_TEST
+
+START_TEST(plan_split_finishes_together)
+{
+    /* 6..27 MiB over 4 paths (no share at the 8 MiB cap): each path's end
+     * (start + latency + len / rate) is the same to within a few pages' time
+     * at 45 GB/s (the relays are rounded down to pages). */
+    uint64_t lens[MMAD_MAX_GPUS];
+    const double issue = 5000, relay = 15000, rate = 45.0;
+    for (uint64_t total = 6u << 20; total <= (27u << 20); total += 3u << 20) {
+        int n = mmad_sched_plan_split(total, 4, issue, relay, rate, 512u << 10, 8u << 20, lens);
+        ck_assert_int_eq(n, 4);
+        double end0 = (double)lens[0] / rate;
+        for (int p = 1; p < n; p++) {
+            double end = p * issue + relay + (double)lens[p] / rate;
+            ck_assert_msg(end - end0 < 4096 / rate + 1 && end0 - end < 4 * 4096 / rate + 1,
+                          "total %llu: path %d ends at %.0f ns, the direct one at %.0f", (unsigned long long)total,
+                          p, end, end0);
+        }
+        ck_assert_uint_gt(lens[0], lens[1]);
+        ck_assert_uint_gt(lens[1], lens[2]);
+        ck_assert_uint_gt(lens[2], lens[3]);
+    }
+}
+END_TEST
+
+START_TEST(plan_split_caps_at_chunk_size)
+{
+    /* 4 x 1 MiB over 4 paths of 1 MiB chunks, with large lags: all at cap. */
+    uint64_t lens[MMAD_MAX_GPUS];
+    ck_assert_int_eq(mmad_sched_plan_split(4u << 20, 4, 5000, 15000, 45.0, 64u << 10, 1u << 20, lens), 4);
+    for (int p = 0; p < 4; p++)
+        ck_assert_uint_eq(lens[p], 1u << 20);
+    /* 2 MiB: the direct share is held at cap and the relays split the rest
+     * (what rounding the relays left goes to them, not to a second direct
+     * chunk). */
+    ck_assert_int_eq(mmad_sched_plan_split(2u << 20, 4, 5000, 15000, 45.0, 64u << 10, 1u << 20, lens), 4);
+    ck_assert_uint_eq(lens[0], 1u << 20);
+    ck_assert_uint_eq(lens[1] + lens[2] + lens[3], 1u << 20);
+    ck_assert_uint_gt(lens[1], lens[2]);
+    ck_assert_uint_gt(lens[2], lens[3]);
+    /* More than one chunk per path can carry: the direct path takes the
+     * rest (several chunks). */
+    ck_assert_int_eq(mmad_sched_plan_split(5u << 20, 4, 5000, 15000, 45.0, 64u << 10, 1u << 20, lens), 4);
+    ck_assert_uint_eq(lens[0], 2u << 20);
+    for (int p = 1; p < 4; p++)
+        ck_assert_uint_eq(lens[p], 1u << 20);
+}
+END_TEST
+
+START_TEST(planned_job_one_chunk_per_path)
+{
+    mmad_sched_destroy(&s);
+    start(8u << 20, 512u << 10, 2, 4, 0);
+    s.plan_split = 1;
+    /* The fake box is not simulated: the CUDA costs and --link-gbps. */
+    ck_assert_double_eq_tol(s.issue_cost_ns, 5000, 1e-9);
+    ck_assert_double_eq_tol(s.relay_overhead_ns, 15000, 1e-9);
+    ck_assert_double_eq_tol(mmad_sched_ref_rate(&s, MMA_DIR_H2D, 1), 45.0, 1e-9);
+    uint64_t want[MMAD_MAX_GPUS];
+    ck_assert_int_eq(mmad_sched_plan_split(4u << 20, 4, 5000, 15000, 45.0, 512u << 10, 8u << 20, want), 4);
+    mmad_job_t *a = job_simple(&conn_x, 1, 0, 4u << 20, 0);
+    mmad_sched_add(&s, a);
+    ck_assert_uint_eq(a->chunk_len, want[0]);
+    /* One chunk per path, in issue order: direct, then the ring. */
+    ck_assert_int_eq(mmad_sched_fill(&s), 4);
+    const int order[4] = {1, 2, 3, 0};
+    for (int p = 0; p < 4; p++) {
+        ck_assert_int_eq(fb.log[p].via, order[p]);
+        ck_assert_uint_eq(fb.log[p].len, want[p]);
+    }
+    check_limits();
+    ck_assert_int_eq(mmad_sched_fill(&s), 0);
+    mmad_job_t *f = NULL;
+    while (fb.ninflight > 0)
+        f = complete(0, MMA_OK);
+    ck_assert_ptr_eq(f, a);
+    ck_assert_uint_eq(a->landed, a->total);
+    ck_assert_ptr_null(s.plans); /* the plan went with the job */
+    job_free(a);
+    /* 64 KiB: the direct path only, one chunk. */
+    mmad_job_t *b = job_simple(&conn_x, 1, 0, 64u << 10, 0);
+    mmad_sched_add(&s, b);
+    ck_assert_int_eq(mmad_sched_fill(&s), 1);
+    ck_assert_int_eq(fb.log[4].via, 1);
+    ck_assert_uint_eq(fb.log[4].len, 64u << 10);
+    ck_assert_ptr_eq(complete(0, MMA_OK), b);
+    job_free(b);
+    /* Larger than one chunk per path: equal chunks, as without a plan. */
+    mmad_job_t *c = job_simple(&conn_x, 1, 0, 4u << 20, 0);
+    mmad_sched_destroy(&s);
+    start(512u << 10, 64u << 10, 2, 4, 0);
+    s.plan_split = 1;
+    mmad_sched_add(&s, c);
+    ck_assert_ptr_null(s.plans);
+    ck_assert_uint_eq(c->chunk_len, 512u << 10);
+    ck_assert_int_eq(mmad_sched_fill(&s), 8);
+    while (fb.ninflight > 0) {
+        f = complete(0, MMA_OK);
+        mmad_sched_fill(&s);
+    }
+    ck_assert_ptr_eq(f, c);
+    job_free(c);
+}
+END_TEST
+
+START_TEST(planned_job_skips_yielding_relay)
+{
+    mmad_sched_destroy(&s);
+    start(8u << 20, 512u << 10, 2, 4, 0);
+    s.plan_split = 1;
+    s.paths[1][3][MMA_DIR_H2D].yielding = 1; /* its probe is due: probe_at 0 */
+    uint64_t want[MMAD_MAX_GPUS];
+    ck_assert_int_eq(mmad_sched_plan_split(4u << 20, 3, 5000, 15000, 45.0, 512u << 10, 8u << 20, want), 3);
+    mmad_job_t *a = job_simple(&conn_x, 1, 0, 4u << 20, 0);
+    mmad_sched_add(&s, a);
+    ck_assert_int_eq(mmad_sched_fill(&s), 3);
+    const int order[3] = {1, 2, 0};
+    for (int p = 0; p < 3; p++) {
+        ck_assert_int_eq(fb.log[p].via, order[p]);
+        ck_assert_uint_eq(fb.log[p].len, want[p]);
+    }
+    while (fb.ninflight > 0)
+        complete(0, MMA_OK);
+    ck_assert_uint_eq(a->landed, a->total);
+    ck_assert_uint_eq(s.paths[1][3][MMA_DIR_H2D].bytes, 0);
+    job_free(a);
+}
+END_TEST
+
+START_TEST(planned_chunks_cover_every_byte_once)
+{
+    /* Small chunks and small costs, so plans spread over every path; odd
+     * segments, random completion order, then a relay that fails: its share
+     * goes again over the direct path. */
+    for (int fail = -1; fail <= 2; fail += 3) {
+        mmad_sched_destroy(&s);
+        start(64 << 10, 16 << 10, 2, 4, 0);
+        s.plan_split = 1;
+        s.issue_cost_ns = 100;
+        s.relay_overhead_ns = 200;
+        const uint64_t lens[] = {1, 4095, 70001, 12345, 65536 + 7, 4096, 2};
+        mmad_job_t *h2d = job_new(&conn_x, 2, MMA_DIR_H2D, 0, lens, sizeof lens / sizeof lens[0], 5, 0);
+        const uint64_t lens2[] = {199999};
+        mmad_job_t *d2h = job_new(&conn_y, 2, MMA_DIR_D2H, 0, lens2, 1, 2u << 20, 1u << 20);
+        mmad_job_t *jobs[2] = {h2d, d2h};
+        run_and_check_coverage(jobs, 2, 4242 + (uint64_t)fail, fail);
+        int relays = 0;
+        for (int i = 0; i < fb.nlog; i++)
+            relays += fb.log[i].via != 2;
+        ck_assert_int_ge(relays, 3);
+        ck_assert_ptr_null(s.plans);
+        job_free(h2d);
+        job_free(d2h);
+    }
+}
+END_TEST
+
+/* ---- yielding ---- */
+
+/* A scheduler with yielding on over the timed fake box: chunks of 256 KiB
+ * (all of which count toward rates), probes every 20 ms, reference floor
+ * (--link-gbps) 0.9 bytes/ns; every path at 1 byte/ns unless a test says
+ * otherwise. A 4 MiB copy takes ~1.4 ms. */
+static void start_timed(void)
+{
+    mmad_sched_destroy(&s);
+    start(256u << 10, 64u << 10, 2, 4, 0);
+    s.now = fake_now;
+    fake_ns = 1000;
+    s.yield_frac = 0.6;
+    s.yield_probe_ns = 20000000;
+    s.ref_floor = 0.9;
+    s.relay_overhead_ns = 0;
+    for (int t = 0; t < NGPU; t++)
+        for (int v = 0; v < NGPU; v++)
+            for (int d = 0; d < 2; d++)
+                fb.rate[t][v][d] = 1.0;
+}
+
+/* Run one 4 MiB H2D copy into GPU 0 on the timed fake box: the chunk that
+ * lands first is always the next completed. Returns the chunks each path
+ * got. A yielding path never has more than one chunk in flight (its probe). */
+static void run_timed(int chunks[NGPU])
+{
+    int n0 = fb.nlog;
+    mmad_job_t *a = job_simple(&conn_x, 0, 0, 4u << 20, 0);
+    mmad_sched_add(&s, a);
+    mmad_sched_fill(&s);
+    mmad_job_t *f = NULL;
+    while (fb.ninflight > 0) {
+        int first = 0;
+        for (int i = 1; i < fb.ninflight; i++)
+            if (fb.fin[i] < fb.fin[first])
+                first = i;
+        ck_assert_uint_ge(fb.fin[first], fake_ns);
+        fake_ns = fb.fin[first];
+        f = complete(first, MMA_OK);
+        mmad_sched_fill(&s);
+        check_limits();
+        for (int v = 0; v < NGPU; v++)
+            if (s.paths[0][v][MMA_DIR_H2D].yielding)
+                ck_assert_int_le(s.paths[0][v][MMA_DIR_H2D].inflight, 1);
+    }
+    ck_assert_ptr_eq(f, a);
+    ck_assert_uint_eq(a->landed, a->total);
+    job_free(a);
+    for (int v = 0; v < NGPU; v++)
+        chunks[v] = 0;
+    for (int i = n0; i < fb.nlog; i++)
+        chunks[fb.log[i].via]++;
+}
+
+START_TEST(slow_relay_yields_and_probes)
+{
+    start_timed();
+    fb.rate[0][1][MMA_DIR_H2D] = 0.3; /* GPU 1's link is busy with its own work */
+    fb.rate[0][2][MMA_DIR_H2D] = 0.9;
+    int ch[NGPU], via1 = 0;
+    const mmad_path_stat_t *p1 = &s.paths[0][1][MMA_DIR_H2D];
+    /* It is judged once it has RATE_MIN_SAMPLES (4) chunks: a copy or two. */
+    for (int k = 0; k < 3 && !p1->yielding; k++) {
+        run_timed(ch);
+        via1 += ch[1];
+    }
+    ck_assert_msg(p1->yielding, "via 1 at %.3f bytes/ns does not yield (reference %.3f)", p1->rate,
+                  mmad_sched_ref_rate(&s, MMA_DIR_H2D, fake_ns));
+    ck_assert_double_eq_tol(p1->rate, 0.3, 0.01);
+    ck_assert_int_le(via1, 4 + s.path_depth); /* the chunks that judged it, and no more */
+    for (int v = 0; v < NGPU; v++)
+        if (v != 1)
+            ck_assert_int_eq(s.paths[0][v][MMA_DIR_H2D].yielding, 0);
+    /* The next copy (~1.4 ms) comes before the probe is due: nothing on 1. */
+    run_timed(ch);
+    ck_assert_int_eq(ch[1], 0);
+    ck_assert_int_gt(ch[0], 0);
+    ck_assert_int_gt(ch[2], 0);
+    ck_assert_int_gt(ch[3], 0);
+    /* 25 ms later the probe is due: exactly one chunk, still slow. */
+    fake_ns += 25000000;
+    run_timed(ch);
+    ck_assert_int_eq(ch[1], 1);
+    ck_assert_int_eq(p1->yielding, 1);
+    /* Another 25 ms, and GPU 1's link is free again: the probe runs fast,
+     * the relay resumes and takes its share of the same copy. */
+    fake_ns += 25000000;
+    fb.rate[0][1][MMA_DIR_H2D] = 1.0;
+    run_timed(ch);
+    ck_assert_int_eq(p1->yielding, 0);
+    ck_assert_int_ge(ch[1], 3);
+    run_timed(ch);
+    ck_assert_int_eq(p1->yielding, 0);
+    ck_assert_int_ge(ch[1], 4);
+}
+END_TEST
+
+START_TEST(shared_host_side_does_not_yield)
+{
+    /* An uncontended multipath copy on 4x H200: every link ~45 GB/s H2D and
+     * ~38 D2H while one link alone did 55 (0.82 and 0.69 of it). */
+    start_timed();
+    for (int v = 1; v < NGPU; v++)
+        fb.rate[0][v][MMA_DIR_H2D] = 0.69;
+    int ch[NGPU];
+    for (int k = 0; k < 4; k++) {
+        run_timed(ch);
+        for (int v = 0; v < NGPU; v++) {
+            ck_assert_int_eq(s.paths[0][v][MMA_DIR_H2D].yielding, 0);
+            ck_assert_int_ge(ch[v], 3);
+        }
+    }
+}
+END_TEST
+
+START_TEST(direct_path_never_yields)
+{
+    start_timed();
+    fb.rate[0][0][MMA_DIR_H2D] = 0.1;
+    int ch[NGPU];
+    for (int k = 0; k < 3; k++) {
+        run_timed(ch);
+        ck_assert_int_eq(s.paths[0][0][MMA_DIR_H2D].yielding, 0);
+        ck_assert_int_ge(ch[0], 1);
+    }
+    ck_assert_double_eq_tol(s.paths[0][0][MMA_DIR_H2D].rate, 0.1, 0.01);
+}
+END_TEST
+
+START_TEST(yield_frac_zero_never_yields)
+{
+    start_timed();
+    s.yield_frac = 0;
+    fb.rate[0][1][MMA_DIR_H2D] = 0.2;
+    int ch[NGPU];
+    for (int k = 0; k < 3; k++) {
+        run_timed(ch);
+        ck_assert_int_eq(s.paths[0][1][MMA_DIR_H2D].yielding, 0);
+        ck_assert_int_ge(ch[1], 1);
+    }
+    /* The estimate is kept all the same. */
+    ck_assert_double_eq_tol(s.paths[0][1][MMA_DIR_H2D].rate, 0.2, 0.01);
+}
+END_TEST
+
+START_TEST(small_chunks_do_not_count)
+{
+    /* Chunks under rate_min_len are mostly latency: a slow relay seen only
+     * through them is not judged. */
+    start_timed();
+    s.rate_min_len = 512u << 10;
+    fb.rate[0][1][MMA_DIR_H2D] = 0.2;
+    int ch[NGPU];
+    run_timed(ch);
+    ck_assert_int_eq(s.paths[0][1][MMA_DIR_H2D].samples, 0);
+    ck_assert_int_eq(s.paths[0][1][MMA_DIR_H2D].yielding, 0);
+    ck_assert_double_eq_tol(s.paths[0][1][MMA_DIR_H2D].rate, 0, 1e-12);
+}
+END_TEST
+
+START_TEST(reference_decays_to_floor)
+{
+    start_timed();
+    s.ref_half_life_ns = 10e9;
+    s.ref_floor = 0.5;
+    fb.rate[0][0][MMA_DIR_H2D] = 0.8; /* the best path */
+    for (int v = 1; v < NGPU; v++)
+        fb.rate[0][v][MMA_DIR_H2D] = 0.7;
+    int ch[NGPU];
+    run_timed(ch);
+    /* A rate sets the reference once measured over 8 chunks. */
+    ck_assert_double_eq_tol(mmad_sched_ref_rate(&s, MMA_DIR_H2D, fake_ns), 0.5, 1e-12);
+    run_timed(ch);
+    run_timed(ch);
+    double r0 = mmad_sched_ref_rate(&s, MMA_DIR_H2D, fake_ns);
+    ck_assert_double_eq_tol(r0, 0.8, 0.01);
+    ck_assert_double_eq_tol(mmad_sched_ref_rate(&s, MMA_DIR_D2H, fake_ns), 0.5, 1e-12); /* nothing seen */
+    fake_ns += 5000000000ull;
+    ck_assert_double_eq_tol(mmad_sched_ref_rate(&s, MMA_DIR_H2D, fake_ns), r0 / 1.41421356, 0.01);
+    fake_ns += 60000000000ull;
+    ck_assert_double_eq_tol(mmad_sched_ref_rate(&s, MMA_DIR_H2D, fake_ns), 0.5, 1e-12);
+}
+END_TEST
+
+START_TEST(one_stall_does_not_yield)
+{
+    /* A relay on a 0.7 link (not slow) whose third chunk stalls for 20
+     * chunk-times, the machine busy elsewhere: it is judged at its fourth
+     * and the stall counts as a little below the limit, no more. A relay
+     * whose chunks are all slow still yields (slow_relay_yields_and_probes). */
+    start_timed();
+    for (int v = 1; v < NGPU; v++)
+        fb.rate[0][v][MMA_DIR_H2D] = 0.7;
+    int ch[NGPU];
+    mmad_job_t *a = job_simple(&conn_x, 0, 0, 4u << 20, 0);
+    mmad_sched_add(&s, a);
+    mmad_sched_fill(&s);
+    int via1_done = 0;
+    mmad_job_t *f = NULL;
+    while (fb.ninflight > 0) {
+        int first = 0;
+        for (int i = 1; i < fb.ninflight; i++)
+            if (fb.fin[i] < fb.fin[first])
+                first = i;
+        fake_ns = fb.fin[first];
+        if (fb.inflight[first]->via == 1 && ++via1_done == 3) {
+            /* This one lands 20 chunk-times late; the ones behind it too. */
+            uint64_t late = 20 * (uint64_t)((256u << 10) / 0.7);
+            for (int i = 0; i < fb.ninflight; i++)
+                if (fb.inflight[i]->via == 1)
+                    fb.fin[i] += late;
+            fb.path_free[0][1][MMA_DIR_H2D] += late;
+            continue;
+        }
+        f = complete(first, MMA_OK);
+        mmad_sched_fill(&s);
+    }
+    ck_assert_ptr_eq(f, a);
+    job_free(a);
+    run_timed(ch);
+    ck_assert_int_ge(s.paths[0][1][MMA_DIR_H2D].samples, 4);
+    ck_assert_int_eq(s.paths[0][1][MMA_DIR_H2D].yielding, 0);
+    ck_assert_int_ge(ch[1], 3);
+    /* It shows: the displayed rate is the raw one. */
+    ck_assert_double_lt(s.paths[0][1][MMA_DIR_H2D].rate, 0.5);
+}
+END_TEST
+
 int main(void)
 {
     Suite *su = suite_create("sched");
@@ -793,6 +1276,28 @@ int main(void)
     tcase_add_test(tc, cancel_conn);
     tcase_add_test(tc, not_runnable_waits);
     suite_add_tcase(su, tc);
+    TCase *plan = tcase_create("plan");
+    tcase_add_checked_fixture(plan, setup, teardown);
+    tcase_set_timeout(plan, 20);
+    tcase_add_test(plan, plan_split_function);
+    tcase_add_test(plan, plan_split_small_copies_go_direct);
+    tcase_add_test(plan, plan_split_finishes_together);
+    tcase_add_test(plan, plan_split_caps_at_chunk_size);
+    tcase_add_test(plan, planned_job_one_chunk_per_path);
+    tcase_add_test(plan, planned_job_skips_yielding_relay);
+    tcase_add_test(plan, planned_chunks_cover_every_byte_once);
+    suite_add_tcase(su, plan);
+    TCase *yield = tcase_create("yield");
+    tcase_add_checked_fixture(yield, setup, teardown);
+    tcase_set_timeout(yield, 20);
+    tcase_add_test(yield, slow_relay_yields_and_probes);
+    tcase_add_test(yield, shared_host_side_does_not_yield);
+    tcase_add_test(yield, direct_path_never_yields);
+    tcase_add_test(yield, yield_frac_zero_never_yields);
+    tcase_add_test(yield, small_chunks_do_not_count);
+    tcase_add_test(yield, reference_decays_to_floor);
+    tcase_add_test(yield, one_stall_does_not_yield);
+    suite_add_tcase(su, yield);
     SRunner *sr = srunner_create(su);
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
