@@ -18,7 +18,8 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: mmactl [--socket PATH] [--json] status|paths|clients\n"
                "  status   daemon version, backend, GPUs, totals, CPU used\n"
-               "  paths    per path (target GPU, via GPU, direction): bytes, chunks, GB/s, queue depth\n"
+               "  paths    per path (target GPU, via GPU, direction): bytes, chunks, GB/s, queue depth,\n"
+               "           state (on, off, yield) and the smoothed rate of its recent chunks\n"
                "  clients  connected processes: pid, uid, regions, copies in flight\n"
                "  --socket PATH  default $MMA_SOCKET, else /run/mma/mmad.sock\n");
 }
@@ -119,19 +120,23 @@ static void print_paths(const Mma__PathsReply *p, int json)
         const char *kind = s->target == s->via ? "direct" : "relay";
         if (json) {
             printf("%s{\"target\":%u,\"via\":%u,\"kind\":\"%s\",\"dir\":\"%s\",\"bytes\":%llu,\"chunks\":%llu,"
-                   "\"active_ns\":%llu,\"gbps\":%.3f,\"inflight\":%u,\"depth\":%u,\"enabled\":%s,\"note\":\"%s\"}",
+                   "\"active_ns\":%llu,\"gbps\":%.3f,\"inflight\":%u,\"depth\":%u,\"enabled\":%s,\"yielding\":%s,"
+                   "\"rate_gbps\":%.3f,\"note\":\"%s\"}",
                    i ? "," : "", s->target, s->via, kind, dir_name(s->dir), (unsigned long long)s->bytes,
                    (unsigned long long)s->chunks, (unsigned long long)s->active_ns, gbps(s->bytes, s->active_ns),
-                   s->inflight, s->depth, s->enabled ? "true" : "false", s->note ? s->note : "");
+                   s->inflight, s->depth, s->enabled ? "true" : "false", s->yielding ? "true" : "false",
+                   s->rate_gbps, s->note ? s->note : "");
             continue;
         }
         if (s->target == s->via)
             printf("gpu%u.%s.direct:", s->target, dir_name(s->dir));
         else
             printf("gpu%u.%s.via_gpu%u:", s->target, dir_name(s->dir), s->via);
-        printf("bytes=%llu,chunks=%llu,gbps=%.3f,inflight=%u,depth=%u,state=%s", (unsigned long long)s->bytes,
-               (unsigned long long)s->chunks, gbps(s->bytes, s->active_ns), s->inflight, s->depth,
-               s->enabled ? "on" : "off");
+        /* state: on, off (set aside; the note says why) or yield (a relay
+         * on a busy link: only probes go until one runs fast again) */
+        printf("bytes=%llu,chunks=%llu,gbps=%.3f,inflight=%u,depth=%u,state=%s,rate=%.3f",
+               (unsigned long long)s->bytes, (unsigned long long)s->chunks, gbps(s->bytes, s->active_ns), s->inflight,
+               s->depth, !s->enabled ? "off" : s->yielding ? "yield" : "on", s->rate_gbps);
         if (s->note && *s->note)
             printf(",note=%s", s->note);
         printf("\n");

@@ -363,6 +363,9 @@ static void handle_paths(srv_client_t *cl, const Mma__Request *req)
                 o->inflight = (uint32_t)p->inflight;
                 o->depth = (uint32_t)sc->path_depth;
                 o->enabled = p->enabled;
+                o->has_yielding = o->has_rate_gbps = 1;
+                o->yielding = p->yielding;
+                o->rate_gbps = p->rate;
                 if (p->note[0]) {
                     memcpy(notes[k], p->note, 48);
                     o->note = notes[k];

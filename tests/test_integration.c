@@ -1197,6 +1197,10 @@ START_TEST(mmactl_reports)
             ck_assert_ptr_nonnull(strstr(line_of(out, key), "state=on"));
         }
         ck_assert_msg(relays >= 2, "%s: only %d relays carried bytes\n%s", dirs[di], relays, out);
+        /* Each path's smoothed rate is shown; at 8 MiB it has been measured. */
+        snprintf(key, sizeof key, "gpu0.%s.direct:", dirs[di]);
+        const char *rate = strstr(line_of(out, key), ",rate=");
+        ck_assert_msg(rate && strtod(rate + 6, NULL) > 0, "%s\n%s", key, out);
         ck_assert_int_eq(sum, (int64_t)n); /* every byte over exactly one path */
     }
     /* Nothing went to the other GPUs. */
@@ -1214,6 +1218,8 @@ START_TEST(mmactl_reports)
     ck_assert_ptr_nonnull(strstr(out, "\"paths\""));
     ck_assert_msg(json_valid(out), "invalid JSON: %s", out);
     ck_assert_int_eq(count_substr(out, "\"target\":"), NGPU * NGPU * 2);
+    ck_assert_int_eq(count_substr(out, "\"yielding\":false"), NGPU * NGPU * 2); /* --yield-frac=0 */
+    ck_assert_int_eq(count_substr(out, "\"rate_gbps\":"), NGPU * NGPU * 2);
     free(out);
     out = mmactl(&d, "status", 1, &rc);
     ck_assert_int_eq(rc, 0);
