@@ -16,7 +16,11 @@
  *               second daemon on a live socket, a stale socket file
  *   mmactl      status/paths/clients output, --json, errors
  *   faults      --sim-fail-via: relays that fail are set aside, bytes arrive
- *   api_errors  every libmma refusal a caller can run into */
+ *   api_errors  every libmma refusal a caller can run into
+ *   yield       --sim-busy-gpus: relays over links busy with their own GPU's
+ *               work step aside (state=yield) and come back when it stops;
+ *               on an idle box they do not
+ *   plan        planned splits: copies of 4 KiB..32 MiB, every byte checked */
 #define _GNU_SOURCE
 #include <check.h>
 #include <errno.h>
@@ -1120,6 +1124,11 @@ START_TEST(command_line)
     ck_assert_ptr_nonnull(strstr(err, "16gpu"));
     free(out);
     free(err);
+    const char *busy[] = {MMAD_PATH, "--sim", "--sim-busy-gpus=1,4", "--socket=/tmp/mma-never.sock", NULL};
+    ck_assert_int_eq(tool_run(busy, &out, &err), 1);
+    ck_assert_msg(strstr(err, "--sim-busy-gpus") && strstr(err, "1,4"), "stderr: %s", err);
+    free(out);
+    free(err);
 }
 END_TEST
 
@@ -1422,6 +1431,257 @@ START_TEST(api_errors)
 }
 END_TEST
 
+/* ======================================================================
+ * i. yielding: relays over busy links step aside
+ * ==================================================================== */
+
+/* Bytes each path into `gpu` in `dir` ("h2d", "d2h") has carried, by via
+ * GPU (bytes[gpu]: the direct path), and how many of its relays are in
+ * `state`. The mmactl output goes to *text (caller frees) when asked. */
+static int gpu_paths(const mmad_proc_t *d, int gpu, const char *dir, int64_t bytes[NGPU], const char *state,
+                     char **text)
+{
+    int rc, n = 0;
+    char *out = mmactl(d, "paths", 0, &rc);
+    ck_assert_int_eq(rc, 0);
+    char want[32];
+    snprintf(want, sizeof want, "state=%s,", state);
+    for (int v = 0; v < NGPU; v++) {
+        char key[64];
+        if (v == gpu)
+            snprintf(key, sizeof key, "gpu%d.%s.direct:", gpu, dir);
+        else
+            snprintf(key, sizeof key, "gpu%d.%s.via_gpu%d:", gpu, dir, v);
+        bytes[v] = field(out, key, "bytes=");
+        ck_assert_msg(bytes[v] >= 0, "no %s in\n%s", key, out);
+        if (v != gpu && strstr(line_of(out, key), want))
+            n++;
+    }
+    if (text)
+        *text = out;
+    else
+        free(out);
+    return n;
+}
+
+/* The simulated native loads: GPUs 1-3 busy while a file exists. At scale
+ * 0.01 the simulated links, not the CPU, set the rates (README). */
+START_TEST(busy_relays_yield)
+{
+    char busy[200], opt[240];
+    snprintf(busy, sizeof busy, "%s/busy", scratch_mkdtemp("busy"));
+    FILE *f = fopen(busy, "w");
+    ck_assert_ptr_nonnull(f);
+    fclose(f);
+    snprintf(opt, sizeof opt, "--sim-busy-file=%s", busy);
+    /* Probes every 1 ms of the real box: 100 ms here. */
+    const char *extra[] = {"--sim-scale=0.01", "--chunk-size=1M",   "--min-chunk=256K", "--sim-busy-gpus=1,2,3",
+                           opt,                "--yield-probe-ms=1", NULL};
+    mmad_proc_t d;
+    mmad_start(&d, extra);
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(d.sock, &c), MMA_OK);
+    const size_t n = 32 * MIB, half = 16 * MIB;
+    uint8_t *h, *back, *dv;
+    ck_assert_int_eq(mma_host_alloc(c, n, (void **)&h), MMA_OK);
+    ck_assert_int_eq(mma_host_alloc(c, n, (void **)&back), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, 0, n, (void **)&dv), MMA_OK);
+    mma_copy_opts_t routed = {.flags = MMA_COPY_NO_BYPASS};
+
+    /* 1. The relays' chunks run at 40% of their links: once each has been
+     *    judged over its first few chunks (4 counted) it yields, each way.
+     *    The direct path does not. */
+    int64_t b0[NGPU], b1[NGPU];
+    char *out;
+    int yield_h2d = 0, yield_d2h = 0;
+    for (uint64_t round = 1; round <= 8 && (yield_h2d < 3 || yield_d2h < 3); round++) {
+        fill_random(h, half, round);
+        copy_verified(c, dv, h, half, &routed);
+        memset(back, 0, half);
+        copy_verified(c, back, dv, half, &routed);
+        yield_h2d = gpu_paths(&d, 0, "h2d", b0, "yield", NULL);
+        yield_d2h = gpu_paths(&d, 0, "d2h", b0, "yield", NULL);
+    }
+    const char *dirs[2] = {"h2d", "d2h"};
+    for (int di = 0; di < 2; di++) {
+        int yielding = gpu_paths(&d, 0, dirs[di], b0, "yield", &out);
+        ck_assert_msg(yielding == 3, "%s: %d relays yield\n%s", dirs[di], yielding, out);
+        char key[32];
+        snprintf(key, sizeof key, "gpu0.%s.direct:", dirs[di]);
+        ck_assert_ptr_nonnull(strstr(line_of(out, key), "state=on,"));
+        for (int v = 1; v < NGPU; v++) /* the first few chunks: 5 to 8 of 1 MiB, a few more on a busy machine */
+            ck_assert_msg(b0[v] <= (int64_t)(12 * MIB), "%s via gpu%d carried %" PRId64 " before yielding\n%s",
+                          dirs[di], v, b0[v], out);
+        free(out);
+    }
+    gpu_paths(&d, 0, "h2d", b0, "yield", NULL);
+
+    /* 2. While they yield a copy goes (nearly) all over the direct path: a
+     *    relay gets a probe every 100 ms, and the copy takes ~60 ms. */
+    fill_random(h, n, 2);
+    copy_verified(c, dv, h, n, &routed);
+    int yielding = gpu_paths(&d, 0, "h2d", b1, "yield", &out);
+    int64_t relays = 0;
+    for (int v = 1; v < NGPU; v++)
+        relays += b1[v] - b0[v];
+    ck_assert_int_eq(relays + b1[0] - b0[0], (int64_t)n);
+    ck_assert_msg(relays <= (int64_t)(6 * MIB), "relays carried %" PRId64 " of %zu bytes while yielding\n%s", relays,
+                  n, out);
+    ck_assert_msg(yielding == 3, "h2d: %d relays yield\n%s", yielding, out);
+    free(out);
+
+    /* 3. The native loads stop: a probe finds its link fast again and the
+     *    relay takes its share once more. */
+    ck_assert_int_eq(unlink(busy), 0);
+    double t0 = now_s();
+    int on = 0;
+    for (uint64_t round = 3; on < 3 && now_s() - t0 < 30; round++) {
+        fill_random(h, n, round);
+        copy_verified(c, dv, h, n, &routed);
+        on = gpu_paths(&d, 0, "h2d", b0, "on", NULL);
+    }
+    ck_assert_msg(on == 3, "only %d relays back after %.1f s", on, now_s() - t0);
+    fill_random(h, n, 99);
+    copy_verified(c, dv, h, n, &routed);
+    on = gpu_paths(&d, 0, "h2d", b1, "on", &out);
+    relays = 0;
+    for (int v = 1; v < NGPU; v++) {
+        ck_assert_msg(b1[v] > b0[v], "via gpu%d carried nothing once back\n%s", v, out);
+        relays += b1[v] - b0[v];
+    }
+    ck_assert_msg(relays >= (int64_t)(n / 4), "relays carried %" PRId64 " of %zu bytes once back\n%s", relays, n,
+                  out);
+    free(out);
+    mma_disconnect(c);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
+/* The contrast: on an idle box every link shares the host side (~45 of 55
+ * GB/s H2D, ~38 D2H, as on 4x H200) and no relay yields: each carries about
+ * its quarter. (Were they to yield, they would stop after ~5 chunks.) At
+ * scale 0.005 the simulation needs half the CPU of 0.01: its rates stay the
+ * model's on a small machine that is busy with other work too. */
+START_TEST(idle_box_relays_do_not_yield)
+{
+    const char *extra[] = {"--sim-scale=0.005", "--chunk-size=1M", "--min-chunk=256K", "--yield-probe-ms=0.5", NULL};
+    mmad_proc_t d;
+    mmad_start(&d, extra);
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(d.sock, &c), MMA_OK);
+    const size_t n = 32 * MIB;
+    uint8_t *h, *back, *dv;
+    ck_assert_int_eq(mma_host_alloc(c, n, (void **)&h), MMA_OK);
+    ck_assert_int_eq(mma_host_alloc(c, n, (void **)&back), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, 0, n, (void **)&dv), MMA_OK);
+    mma_copy_opts_t routed = {.flags = MMA_COPY_NO_BYPASS};
+    const char *dirs[2] = {"h2d", "d2h"};
+    int rounds = 0, on[2] = {0, 0};
+    /* Three rounds; a few more only while a relay shows state=yield: the
+     * D2H relays run at 0.69 of a lone link against a limit of 0.6, and a
+     * stall of a small machine can push one under for a moment. Its next
+     * probe (100 ms here) brings it back. */
+    while (rounds < 3 || ((on[0] < 3 || on[1] < 3) && rounds < 7)) {
+        fill_random(h, n, (uint64_t)rounds + 10);
+        copy_verified(c, dv, h, n, &routed);
+        memset(back, 0, n);
+        copy_verified(c, back, dv, n, &routed);
+        rounds++;
+        int64_t b[NGPU];
+        for (int di = 0; di < 2; di++)
+            on[di] = gpu_paths(&d, 0, dirs[di], b, "on", NULL);
+    }
+    for (int di = 0; di < 2; di++) {
+        int64_t b[NGPU];
+        char *out;
+        on[di] = gpu_paths(&d, 0, dirs[di], b, "on", &out);
+        ck_assert_msg(on[di] == 3, "%s: %d relays on\n%s", dirs[di], on[di], out);
+        for (int v = 1; v < NGPU; v++)
+            ck_assert_msg(b[v] >= (int64_t)((size_t)rounds * n / 8), "%s via gpu%d carried %" PRId64 " of %zu\n%s",
+                          dirs[di], v, b[v], (size_t)rounds * n, out);
+        free(out);
+    }
+    mma_disconnect(c);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
+/* ======================================================================
+ * j. planned splits
+ * ==================================================================== */
+
+START_TEST(planned_copies_every_size)
+{
+    /* The engine costs of the real box (5 us a chunk, 15 us more a relay):
+     * plans put less on the relays, and nothing below ~2 MiB. */
+    const char *extra[] = {"--sim-scale=0.01", "--sim-chunk-cost-us=5", "--sim-relay-latency-us=15", NULL};
+    mmad_proc_t d;
+    mmad_start(&d, extra);
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(d.sock, &c), MMA_OK);
+    const int gpu = 1;
+    const size_t n = 32 * MIB + 8192;
+    uint8_t *h, *dv;
+    ck_assert_int_eq(mma_host_alloc(c, n, (void **)&h), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, gpu, n, (void **)&dv), MMA_OK);
+    /* The reference of both buffers: copied bytes and untouched ones. */
+    uint8_t *mh = malloc(n), *md = malloc(n);
+    ck_assert(mh && md);
+    fill_random(h, n, 5);
+    fill_random(dv, n, 6);
+    memcpy(mh, h, n);
+    memcpy(md, dv, n);
+    uint64_t r = 77;
+    int sizes = 0;
+    for (size_t base = 4096; base <= 32 * MIB; base *= 2) {
+        for (int odd = 0; odd < 2; odd++) {
+            size_t len = odd ? base - 4096 + 1 + rnd_next(&r) % 4096 : base;
+            size_t hoff = rnd_next(&r) % (n - len + 1), doff = rnd_next(&r) % (n - len + 1);
+            int64_t b0[NGPU], b1[NGPU];
+            gpu_paths(&d, gpu, "h2d", b0, "on", NULL);
+            fill_random(h + hoff, len, r);
+            memcpy(mh + hoff, h + hoff, len);
+            mma_segment_t seg = {dv + doff, h + hoff, len};
+            mma_copy_t t;
+            ck_assert_int_eq(mma_memcpy_sg_async(c, &seg, 1, NULL, NULL, &t), MMA_OK);
+            ck_assert_int_eq(mma_wait(c, t), MMA_OK);
+            memcpy(md + doff, mh + hoff, len);
+            long off;
+            ck_assert_msg((off = first_diff(dv, md, n)) < 0, "H2D %zu: gpu buffer differs at %ld", len, off);
+            char *out;
+            gpu_paths(&d, gpu, "h2d", b1, "on", &out);
+            int64_t direct = b1[gpu] - b0[gpu], sum = direct;
+            for (int v = 0; v < NGPU; v++)
+                if (v != gpu) {
+                    int64_t relay = b1[v] - b0[v];
+                    sum += relay;
+                    if (len == 64 * 1024) /* a relay could not finish sooner */
+                        ck_assert_msg(relay == 0, "64 KiB: via gpu%d carried %" PRId64 "\n%s", v, relay, out);
+                    if (len == 8 * MIB) /* every path, the direct one most */
+                        ck_assert_msg(relay > 0 && relay < direct, "8 MiB: via gpu%d %" PRId64 ", direct %" PRId64
+                                      "\n%s", v, relay, direct, out);
+                }
+            ck_assert_int_eq(sum, (int64_t)len);
+            free(out);
+            /* And back, to another place. */
+            hoff = rnd_next(&r) % (n - len + 1);
+            doff = rnd_next(&r) % (n - len + 1);
+            seg = (mma_segment_t){h + hoff, dv + doff, len};
+            ck_assert_int_eq(mma_memcpy_sg_async(c, &seg, 1, NULL, NULL, &t), MMA_OK);
+            ck_assert_int_eq(mma_wait(c, t), MMA_OK);
+            memcpy(mh + hoff, md + doff, len);
+            ck_assert_msg((off = first_diff(h, mh, n)) < 0, "D2H %zu: host buffer differs at %ld", len, off);
+            sizes++;
+        }
+    }
+    ck_assert_int_eq(sizes, 28);
+    free(mh);
+    free(md);
+    mma_disconnect(c);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("integration");
@@ -1438,6 +1698,8 @@ int main(void)
         {"mmactl", 60, {mmactl_reports}},
         {"faults", 60, {failing_relay_is_set_aside}},
         {"api_errors", 60, {api_errors}},
+        {"yield", 120, {busy_relays_yield, idle_box_relays_do_not_yield}},
+        {"plan", 90, {planned_copies_every_size}},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         TCase *tc = tcase_create(cases[i].name);
