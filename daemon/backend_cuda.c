@@ -77,11 +77,13 @@
 #define POLL_QUERY_CAP 256
 
 /* Copies smaller than this go native (plain cudaMemcpyAsync in the client).
- * Measured with mma-bench on 4x H200 (bench/results/2026-11-27-4xH200-*):
- * through mmad, 4 MiB ran at 0.67-0.84x native, 8 MiB at 1.03-1.13x and
- * 16 MiB at 1.22-1.49x, in both directions. 12 MiB keeps every size at or
- * above native; --bypass-threshold overrides it. */
-#define DEFAULT_BYPASS_THRESHOLD (12ll << 20)
+ * Measured with mma-bench on 4x H200 with planned splits (bench/results/
+ * 2026-11-27-4xH200-submit-threads, run2, engine thread only): through mmad,
+ * 4 MiB ran at 0.99-1.04x native H2D and 1.20-1.29x D2H, 8 MiB at 1.28-1.34x
+ * and 1.63-1.70x. 6 MiB keeps 4 MiB native, where mmad gains nothing H2D,
+ * and sends 8 MiB through mmad; --bypass-threshold overrides it. (Before
+ * planned splits the crossover was ~8 MiB and this was 12 MiB.) */
+#define DEFAULT_BYPASS_THRESHOLD (6ll << 20)
 
 /* cuMemGetAddressRange_v2, fetched from the driver at run time (the daemon
  * links the runtime only, so that it starts on machines without a driver).
