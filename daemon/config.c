@@ -58,9 +58,10 @@ static const opt_t options[] = {
      "events (cudaEventQuery per chunk) | auto (flags where the GPUs support stream memory operations)"},
     {"fewest-chunks", OPT_INT, O(fewest_chunks), 0, "0", 0, 1,
      "1: no more chunks per path than chunk-size requires (up to depth x rounds): fewer submissions for mid-size copies"},
-    {"yield-frac", OPT_DOUBLE, O(yield_frac), 0, "0.6", 0, 1,
+    {"yield-frac", OPT_DOUBLE, O(yield_frac), 0, "0", 0, 1,
      "a relay whose achieved rate falls below this x the best recent rate in its direction yields its "
-     "link to other traffic (only probes go); 0: relays never yield"},
+     "link to other traffic (only probes go), e.g. 0.6; 0 (default): relays never yield (on 4x H200 the "
+     "contention is the shared host side and yielding did not protect native neighbours)"},
     {"yield-probe-ms", OPT_DOUBLE, O(yield_probe_ms), 0, "20", 0.01, 60000,
      "a yielding relay lets one chunk through this often and resumes if that chunk ran fast enough"},
     {"link-gbps", OPT_DOUBLE, O(link_gbps), 0, "45", 0.001, 10000,

@@ -1476,7 +1476,7 @@ START_TEST(busy_relays_yield)
     snprintf(opt, sizeof opt, "--sim-busy-file=%s", busy);
     /* Probes every 1 ms of the real box: 100 ms here. */
     const char *extra[] = {"--sim-scale=0.01", "--chunk-size=1M",   "--min-chunk=256K", "--sim-busy-gpus=1,2,3",
-                           opt,                "--yield-probe-ms=1", NULL};
+                           opt,                "--yield-probe-ms=1", "--yield-frac=0.6", NULL};
     mmad_proc_t d;
     mmad_start(&d, extra);
     mma_client_t *c = NULL;
@@ -1564,7 +1564,8 @@ END_TEST
  * model's on a small machine that is busy with other work too. */
 START_TEST(idle_box_relays_do_not_yield)
 {
-    const char *extra[] = {"--sim-scale=0.005", "--chunk-size=1M", "--min-chunk=256K", "--yield-probe-ms=0.5", NULL};
+    const char *extra[] = {"--sim-scale=0.005", "--chunk-size=1M", "--min-chunk=256K", "--yield-probe-ms=0.5",
+                           "--yield-frac=0.6", NULL};
     mmad_proc_t d;
     mmad_start(&d, extra);
     mma_client_t *c = NULL;
