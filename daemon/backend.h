@@ -5,6 +5,7 @@
 #ifndef MMAD_BACKEND_H
 #define MMAD_BACKEND_H
 
+#include <stdatomic.h>
 #include <stdio.h>
 
 #include "mmad.h"
@@ -44,6 +45,14 @@ struct mmad_backend {
     int staging_slots;
     int path_depth;
     int64_t bypass_threshold; /* the effective one: --bypass-threshold, else the backend's */
+    /* Traffic on each GPU's own PCIe link that is not mmad's, per direction,
+     * in MB/s of the real box, as the backend last measured it (cuda: the
+     * driver's PCIe byte counters less mmad's own bytes; sim: its simulated
+     * native loads). foreign_seq grows with every new measurement; with
+     * foreign_known 0 the backend cannot see it and nothing is judged. */
+    int foreign_known;
+    _Atomic uint32_t foreign_mbps[MMAD_MAX_GPUS][2];
+    _Atomic uint64_t foreign_seq;
     void (*wake)(void *arg);
     void *wake_arg;
 };

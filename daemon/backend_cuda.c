@@ -57,6 +57,7 @@
  * mappings, under ipc_lock. The CUDA runtime itself is thread-safe, but its
  * current device is per thread, so each thread sets the context it needs. */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -188,6 +189,8 @@ typedef struct cuda_be {
     int copy_driver;              /* --copy-api=driver: cuMemcpy*Async, else cudaMemcpyAsync */
     /* engine time by kind of call, logged at exit (what a chunk costs) */
     _Atomic uint64_t t_copy_ns, n_copy, t_hop_ns, t_mark_ns, t_ctx_ns;
+    _Atomic uint64_t own_bytes[MMAD_MAX_GPUS][2]; /* landed on each GPU's link, per direction */
+    struct monitor *monitor;
     /* --submit-threads: relay chunks are issued by their via GPU's lane */
     struct lane *lanes[MMAD_MAX_GPUS];
     int use_lanes;
@@ -836,6 +839,9 @@ static int cuda_poll(mmad_backend_t *be, mmad_chunk_t **out, int max)
             c->status = MMA_ERR_BACKEND;
         } else {
             c->status = MMA_OK;
+            /* mmad's own bytes on the link they crossed (a relay's PCIe hop
+             * is its via GPU's link), for the link monitor */
+            atomic_fetch_add_explicit(&s->own_bytes[c->via][c->dir], c->len, memory_order_relaxed);
         }
         chunk_release(s, c);
         out[n++] = c;
@@ -1012,9 +1018,173 @@ static void streams_apply(mmad_backend_t *be, cuda_gpu_t *g, cudaError_t (*fn)(c
 }
 
 /* Safe on a half-built backend: every resource is checked before release. */
+/* ---- the links' other traffic ----
+ *
+ * A relay through GPU v moves its bytes over v's PCIe link. When v's own
+ * process loads v at the same time, the relay's bytes come out of that
+ * process's share (the host side is shared too), so the scheduler stops
+ * relays through a link that carries traffic that is not mmad's
+ * (--busy-gbps). The monitor thread reads each link's traffic from NVML
+ * (nvmlDeviceGetPcieThroughput: bytes over a 20 ms window, per direction),
+ * takes off mmad's own bytes over the same span, and publishes the rest in
+ * be->foreign_mbps. libnvidia-ml comes with the driver and is opened at run
+ * time; where it or its counters are missing, nothing is judged. */
+
+typedef int (*nvml_void_fn)(void);
+typedef int (*nvml_by_bus_fn)(const char *bus_id, void **device);
+typedef int (*nvml_pcie_fn)(void *device, int counter, unsigned int *kbps);
+enum { NVML_OK = 0, NVML_PCIE_TX = 0, NVML_PCIE_RX = 1 };
+
+typedef struct monitor {
+    cuda_be_t *s;
+    void *lib;
+    nvml_void_fn shutdown;
+    nvml_pcie_fn pcie;
+    void *dev[MMAD_MAX_GPUS];
+    pthread_t thread;
+    int started;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int stop;
+} monitor_t;
+
+#define MONITOR_GAP_NS 20000000ull
+
+/* Wait up to ns; 1 when told to stop. */
+static int monitor_sleep(monitor_t *m, uint64_t ns)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t t = (uint64_t)ts.tv_nsec + ns;
+    ts.tv_sec += (time_t)(t / 1000000000ull);
+    ts.tv_nsec = (long)(t % 1000000000ull);
+    pthread_mutex_lock(&m->lock);
+    while (!m->stop && pthread_cond_timedwait(&m->cond, &m->lock, &ts) == 0)
+        ;
+    int stop = m->stop;
+    pthread_mutex_unlock(&m->lock);
+    return stop;
+}
+
+static void *monitor_main(void *arg)
+{
+    monitor_t *m = arg;
+    cuda_be_t *s = m->s;
+    mmad_backend_t *be = &s->base;
+    pthread_setname_np(pthread_self(), "mmad-links");
+    uint64_t own0[MMAD_MAX_GPUS][2];
+    for (;;) {
+        uint64_t ta = mma_now_ns();
+        for (int g = 0; g < be->gpu_count; g++)
+            for (int d = 0; d < 2; d++)
+                own0[g][d] = atomic_load_explicit(&s->own_bytes[g][d], memory_order_relaxed);
+        if (monitor_sleep(m, MONITOR_GAP_NS))
+            break;
+        for (int g = 0; g < be->gpu_count; g++)
+            for (int d = 0; d < 2; d++) {
+                unsigned int kbps = 0;
+                uint64_t before = atomic_load_explicit(&s->own_bytes[g][d], memory_order_relaxed);
+                uint64_t t0 = mma_now_ns();
+                int rc = m->pcie(m->dev[g], d == MMA_DIR_H2D ? NVML_PCIE_RX : NVML_PCIE_TX, &kbps);
+                uint64_t t1 = mma_now_ns();
+                uint64_t after = atomic_load_explicit(&s->own_bytes[g][d], memory_order_relaxed);
+                if (rc != NVML_OK)
+                    continue;
+                /* A call that took the counter's 20 ms window itself is
+                 * compared with mmad's bytes during the call; one that came
+                 * back at once (a window that had just passed) with mmad's
+                 * bytes since the last round began. */
+                double own_mbps = t1 - t0 >= MONITOR_GAP_NS * 3 / 4
+                                      ? (double)(after - before) / (double)(t1 - t0) * 1000.0
+                                      : (double)(after - own0[g][d]) / (double)(t1 - ta) * 1000.0;
+                double foreign = (double)kbps / 1000.0 - own_mbps;
+                atomic_store_explicit(&be->foreign_mbps[g][d], foreign > 0 ? (uint32_t)foreign : 0,
+                                      memory_order_relaxed);
+            }
+        atomic_fetch_add_explicit(&be->foreign_seq, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+static void monitor_stop(cuda_be_t *s)
+{
+    monitor_t *m = s->monitor;
+    if (!m)
+        return;
+    if (m->started) {
+        pthread_mutex_lock(&m->lock);
+        m->stop = 1;
+        pthread_cond_signal(&m->cond);
+        pthread_mutex_unlock(&m->lock);
+        pthread_join(m->thread, NULL);
+    }
+    if (m->shutdown)
+        (void)m->shutdown();
+    if (m->lib)
+        dlclose(m->lib);
+    pthread_mutex_destroy(&m->lock);
+    pthread_cond_destroy(&m->cond);
+    free(m);
+    s->monitor = NULL;
+    s->base.foreign_known = 0;
+}
+
+/* Start watching the links when NVML can; a warning, not an error, when not. */
+static void monitor_start(cuda_be_t *s, double busy_gbps)
+{
+    mmad_backend_t *be = &s->base;
+    if (busy_gbps <= 0)
+        return;
+    monitor_t *m = calloc(1, sizeof *m);
+    if (!m)
+        return;
+    m->s = s;
+    pthread_mutex_init(&m->lock, NULL);
+    pthread_cond_init(&m->cond, NULL);
+    s->monitor = m;
+    const char *why = NULL;
+    nvml_void_fn init = NULL;
+    nvml_by_bus_fn by_bus = NULL;
+    m->lib = dlopen("libnvidia-ml.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!m->lib)
+        why = "libnvidia-ml.so.1 cannot be opened";
+    if (!why) {
+        init = (nvml_void_fn)dlsym(m->lib, "nvmlInit_v2");
+        by_bus = (nvml_by_bus_fn)dlsym(m->lib, "nvmlDeviceGetHandleByPciBusId_v2");
+        m->pcie = (nvml_pcie_fn)dlsym(m->lib, "nvmlDeviceGetPcieThroughput");
+        if (!init || !by_bus || !m->pcie)
+            why = "libnvidia-ml lacks a function it needs";
+        else if (init() != NVML_OK)
+            why = "nvmlInit failed";
+        else
+            m->shutdown = (nvml_void_fn)dlsym(m->lib, "nvmlShutdown");
+    }
+    unsigned int kbps = 0;
+    uint64_t t0 = mma_now_ns();
+    for (int g = 0; !why && g < be->gpu_count; g++) {
+        if (by_bus(be->gpus[g].pci_bus_id, &m->dev[g]) != NVML_OK)
+            why = "NVML does not know a GPU's PCI bus id";
+        else if (m->pcie(m->dev[g], NVML_PCIE_RX, &kbps) != NVML_OK)
+            why = "NVML has no PCIe throughput counters here";
+    }
+    if (!why && pthread_create(&m->thread, NULL, monitor_main, m) != 0)
+        why = "the monitor thread cannot start";
+    if (why) {
+        MMA_WARN("cuda: %s; relays will not see other traffic on the links (--busy-gbps)", why);
+        monitor_stop(s);
+        return;
+    }
+    m->started = 1;
+    be->foreign_known = 1;
+    MMA_INFO("cuda: watching the GPUs' PCIe links through NVML (%.1f ms per reading): relays stop on a link "
+             "carrying over %.1f GB/s that is not mmad's",
+             (double)(mma_now_ns() - t0) / 1e6 / be->gpu_count, busy_gbps);
+}
+
 static void cuda_destroy(mmad_backend_t *be)
 {
     cuda_be_t *s = (cuda_be_t *)be;
+    monitor_stop(s);
     /* Lanes first: nothing may issue copies while the streams drain. */
     for (int gi = 0; gi < be->gpu_count; gi++)
         lane_stop(s, gi);
@@ -1293,6 +1463,8 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
         MMA_ERROR("cuda: --completion=flags, but a GPU here cannot do 64-bit stream memory operations");
         rc = MMA_ERR_INVAL;
     }
+    if (rc == MMA_OK)
+        monitor_start(s, cfg->busy_gbps);
     s->use_lanes = s->use_flags && cfg->submit_threads;
     for (int g = 0; rc == MMA_OK && s->use_lanes && g < n; g++)
         rc = lane_start(s, g);

@@ -63,6 +63,8 @@ typedef struct sim_be {
     char busy_file[108];    /* the native loads are on while this exists ("": always) */
     int busy_on;            /* its state when last looked at */
     uint64_t busy_checked;
+    uint64_t foreign_at;    /* when foreign_mbps was last published */
+    double native_gbps[MMAD_MAX_GPUS][2]; /* a busy link's native load, real-box GB/s */
     int socket_of[MMAD_MAX_GPUS];
     sim_res_t pcie[MMAD_MAX_GPUS][2];
     sim_res_t host[MAX_SOCKETS][2];
@@ -102,12 +104,30 @@ static int busy_now(sim_be_t *s, uint64_t now)
 }
 
 /* Reserve one quantum on `n` resources; returns when it may be over. */
+/* Publish the native loads as the traffic that is not mmad's, the way the
+ * cuda backend publishes what the driver's PCIe counters show beyond mmad's
+ * own bytes: a measurement every millisecond while copies run. Under
+ * s->lock. */
+static void foreign_publish(sim_be_t *s, uint64_t now)
+{
+    if (now - s->foreign_at < 1000000ull)
+        return;
+    s->foreign_at = now;
+    int on = busy_now(s, now);
+    for (int g = 0; g < s->base.gpu_count; g++)
+        for (int d = 0; d < 2; d++)
+            atomic_store_explicit(&s->base.foreign_mbps[g][d], on ? (uint32_t)(s->native_gbps[g][d] * 1000.0) : 0,
+                                  memory_order_relaxed);
+    atomic_fetch_add_explicit(&s->base.foreign_seq, 1, memory_order_release);
+}
+
 static uint64_t reserve(sim_be_t *s, sim_res_t **res, int n, uint64_t bytes)
 {
     uint64_t now = mma_now_ns();
     uint64_t floor = now > SLACK_NS ? now - SLACK_NS : 0;
     uint64_t finish = now;
     pthread_mutex_lock(&s->lock);
+    foreign_publish(s, now);
     for (int i = 0; i < n; i++) {
         uint64_t start = res[i]->next_ns > floor ? res[i]->next_ns : now;
         double rate = res[i]->bytes_per_ns;
@@ -393,6 +413,7 @@ int mmad_backend_sim_create(const mmad_config_t *cfg, mmad_backend_t **out)
     be->simulated = 1;
     be->event_driven = 1;
     be->sim_scale = cfg->sim_scale;
+    be->foreign_known = 1; /* the simulated native loads are all there is */
     be->gpu_count = cfg->sim_gpus > 0 ? cfg->sim_gpus : p->gpus;
     be->chunk_size = cfg->chunk_size;
     be->staging_slots = cfg->staging_slots;
@@ -437,8 +458,10 @@ int mmad_backend_sim_create(const mmad_config_t *cfg, mmad_backend_t **out)
         gi->memory = 0;
         for (int d = 0; d < 2; d++) {
             s->pcie[g][d].bytes_per_ns = p->pcie_gbps[d] * scale;
-            if (busy & (1u << g))
+            if (busy & (1u << g)) {
                 s->pcie[g][d].busy_share = cfg->sim_busy_share;
+                s->native_gbps[g][d] = p->pcie_gbps[d] * (1.0 - cfg->sim_busy_share);
+            }
         }
         s->nv_tx[g].bytes_per_ns = p->nvlink_gbps * scale;
         s->nv_rx[g].bytes_per_ns = p->nvlink_gbps * scale;

@@ -62,6 +62,10 @@ static const opt_t options[] = {
      "a relay whose achieved rate falls below this x the best recent rate in its direction yields its "
      "link to other traffic (only probes go), e.g. 0.6; 0 (default): relays never yield (on 4x H200 the "
      "contention is the shared host side and yielding did not protect native neighbours)"},
+    {"busy-gbps", OPT_DOUBLE, O(busy_gbps), 0, "10", 0, 10000,
+     "relays through a GPU stop while its PCIe link carries more than this (GB/s, per direction) of "
+     "traffic that is not mmad's, e.g. its own process loading it (cuda: NVML's PCIe counters); "
+     "they resume below half of it; 0: never"},
     {"yield-probe-ms", OPT_DOUBLE, O(yield_probe_ms), 0, "20", 0.01, 60000,
      "a yielding relay lets one chunk through this often and resumes if that chunk ran fast enough"},
     {"link-gbps", OPT_DOUBLE, O(link_gbps), 0, "45", 0.001, 10000,

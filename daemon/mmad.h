@@ -48,6 +48,7 @@ typedef struct mmad_config {
     double sim_busy_share;    /* the share of a busy link that mmad's chunks get */
     char sim_busy_file[108];  /* when set, the busy load is on only while this file exists */
     double yield_frac;        /* a relay below this x the reference rate yields (0: never) */
+    double busy_gbps;         /* relays stop on a link carrying this much traffic not mmad's (0: never) */
     double yield_probe_ms;    /* a yielding relay lets one chunk through this often */
     double link_gbps;         /* per-link rate assumed until one is measured; the reference's floor */
     int plan_split;           /* copies of at most one chunk per path get a planned split */

@@ -37,6 +37,7 @@ typedef struct mmad_path_stat {
     int enabled;
     char note[48];
     int yielding;            /* a relay running slow: only probes go (mmactl state=yield) */
+    int busy;                /* its via GPU's link carries other traffic: no chunks (mmactl state=yield) */
     double rate;             /* smoothed achieved rate, bytes/ns = GB/s (0: not measured) */
     /* the estimate's state; engine thread only */
     uint64_t last_done;      /* previous completion here: a path runs its chunks in order */
@@ -69,6 +70,11 @@ typedef struct mmad_sched {
     uint64_t ref_at[2];
     double ref_floor;            /* --link-gbps: the reference never falls below it */
     double ref_half_life_ns;
+    /* links busy with traffic that is not mmad's (backend foreign_mbps) */
+    double busy_mbps;            /* --busy-gbps x 1000; 0: off */
+    uint64_t foreign_seen;       /* the backend's foreign_seq last looked at */
+    int link_busy[MMAD_MAX_GPUS][2];
+    int link_over[MMAD_MAX_GPUS][2]; /* measurements in a row above the limit */
     /* planned splits */
     int plan_split;
     double issue_cost_ns;        /* engine time per chunk issued */

@@ -63,6 +63,7 @@ int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cf
     s->ref_floor = cfg->link_gbps * scale;
     s->ref_half_life_ns = REF_HALF_LIFE_S * 1e9 / scale;
     s->plan_split = cfg->plan_split;
+    s->busy_mbps = cfg->busy_gbps * 1000.0;
     double issue_us = cfg->issue_cost_us, relay_us = cfg->relay_overhead_us;
     if (issue_us < 0)
         issue_us = be->simulated ? cfg->sim_chunk_cost_us : CUDA_ISSUE_COST_US;
@@ -214,7 +215,42 @@ int mmad_sched_plan_split(uint64_t total, int npaths, double issue_ns, double re
 static int path_usable(const mmad_sched_t *s, int target, int via, int dir)
 {
     const mmad_path_stat_t *p = &s->paths[target][via][dir];
-    return via == target || (p->enabled && !p->yielding);
+    return via == target || (p->enabled && !p->yielding && !s->link_busy[via][dir]);
+}
+
+/* Follow the backend's view of traffic that is not mmad's. A link carrying
+ * more than --busy-gbps of it, two measurements in a row, is busy: every
+ * relay through that GPU in that direction stops taking chunks, since on a
+ * box whose host side is shared each relayed byte comes out of that
+ * traffic's share. It is free again below half the limit. */
+static void links_update(mmad_sched_t *s)
+{
+    mmad_backend_t *be = s->be;
+    if (s->busy_mbps <= 0 || !be->foreign_known)
+        return;
+    uint64_t seq = atomic_load_explicit(&be->foreign_seq, memory_order_acquire);
+    if (seq == s->foreign_seen)
+        return;
+    s->foreign_seen = seq;
+    for (int g = 0; g < s->ngpu; g++)
+        for (int d = 0; d < 2; d++) {
+            double mbps = (double)atomic_load_explicit(&be->foreign_mbps[g][d], memory_order_relaxed);
+            int was = s->link_busy[g][d];
+            s->link_over[g][d] = mbps > s->busy_mbps ? s->link_over[g][d] + 1 : 0;
+            if (!was && s->link_over[g][d] >= 2)
+                s->link_busy[g][d] = 1;
+            else if (was && mbps < s->busy_mbps / 2)
+                s->link_busy[g][d] = 0;
+            if (was == s->link_busy[g][d])
+                continue;
+            MMA_INFO("gpu%d's link carries %.1f GB/s %s that is not mmad's: relays through it %s", g, mbps / 1000.0,
+                     d == MMA_DIR_H2D ? "H2D" : "D2H", s->link_busy[g][d] ? "stop" : "resume");
+            pthread_mutex_lock(&s->stats_lock);
+            for (int t = 0; t < s->ngpu; t++)
+                if (t != g)
+                    s->paths[t][g][d].busy = s->link_busy[g][d];
+            pthread_mutex_unlock(&s->stats_lock);
+        }
 }
 
 /* The job's usable paths, in issue order (direct first). */
@@ -313,6 +349,8 @@ static int path_has_room(const mmad_sched_t *s, int target, int via, int dir, ui
 {
     const mmad_path_stat_t *p = &s->paths[target][via][dir];
     if (!p->enabled || p->inflight >= s->path_depth)
+        return 0;
+    if (via != target && s->link_busy[via][dir])
         return 0;
     /* A yielding relay takes one chunk at a time, when its probe is due. */
     if (p->yielding && (p->inflight > 0 || now < p->probe_at))
@@ -432,6 +470,7 @@ static int issue_for_job(mmad_sched_t *s, mmad_job_t *j, uint64_t now)
 
 int mmad_sched_fill(mmad_sched_t *s)
 {
+    links_update(s);
     int issued = 0;
     uint64_t now = s->now();
     /* Latency class first: each such job takes every path it can use. */

@@ -364,7 +364,7 @@ static void handle_paths(srv_client_t *cl, const Mma__Request *req)
                 o->depth = (uint32_t)sc->path_depth;
                 o->enabled = p->enabled;
                 o->has_yielding = o->has_rate_gbps = 1;
-                o->yielding = p->yielding;
+                o->yielding = p->yielding || p->busy;
                 o->rate_gbps = p->rate;
                 if (p->note[0]) {
                     memcpy(notes[k], p->note, 48);

@@ -56,6 +56,7 @@ START_TEST(defaults)
     ck_assert_str_eq(cfg.log_level, "info");
     /* Yielding and planned splits on; their costs the backend's. */
     ck_assert_double_eq_tol(cfg.yield_frac, 0, 1e-12); /* off: no help on 4x H200 */
+    ck_assert_double_eq_tol(cfg.busy_gbps, 10, 1e-12);
     ck_assert_double_eq_tol(cfg.yield_probe_ms, 20, 1e-12);
     ck_assert_double_eq_tol(cfg.link_gbps, 45, 1e-12);
     ck_assert_int_eq(cfg.plan_split, 1);
@@ -127,7 +128,7 @@ START_TEST(yield_and_plan_options)
     ck_assert_double_eq_tol(cfg.sim_relay_latency_us, 15, 1e-12);
     const char *bad[] = {"--yield-frac=1.5", "--yield-frac=-0.1", "--yield-probe-ms=0", "--link-gbps=0",
                          "--plan-split=2",   "--issue-cost-us=-2", "--relay-overhead-us=-1.5",
-                         "--sim-busy-share=0", "--sim-busy-share=1.1"};
+                         "--sim-busy-share=0", "--sim-busy-share=1.1", "--busy-gbps=-1"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         mmad_config_defaults(&cfg);
         char *argv[] = {"mmad", (char *)bad[i], NULL};

@@ -1476,7 +1476,7 @@ START_TEST(busy_relays_yield)
     snprintf(opt, sizeof opt, "--sim-busy-file=%s", busy);
     /* Probes every 1 ms of the real box: 100 ms here. */
     const char *extra[] = {"--sim-scale=0.01", "--chunk-size=1M",   "--min-chunk=256K", "--sim-busy-gpus=1,2,3",
-                           opt,                "--yield-probe-ms=1", "--yield-frac=0.6", NULL};
+                           opt,                "--yield-probe-ms=1", "--yield-frac=0.6", "--busy-gbps=0", NULL};
     mmad_proc_t d;
     mmad_start(&d, extra);
     mma_client_t *c = NULL;
@@ -1551,6 +1551,65 @@ START_TEST(busy_relays_yield)
     }
     ck_assert_msg(relays >= (int64_t)(n / 4), "relays carried %" PRId64 " of %zu bytes once back\n%s", relays, n,
                   out);
+    free(out);
+    mma_disconnect(c);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
+/* The links' own traffic, as the backend sees it (--busy-gbps; on GPUs
+ * NVML's PCIe counters less mmad's bytes, here the simulated native loads):
+ * relays through a busy link stop at once, with no rate to judge, and come
+ * back when the load goes. Yielding by rate is off (the default). */
+START_TEST(busy_links_stop_relays)
+{
+    char busy[200], opt[240];
+    snprintf(busy, sizeof busy, "%s/busy", scratch_mkdtemp("links"));
+    FILE *f = fopen(busy, "w");
+    ck_assert_ptr_nonnull(f);
+    fclose(f);
+    snprintf(opt, sizeof opt, "--sim-busy-file=%s", busy);
+    const char *extra[] = {"--sim-scale=0.01", "--chunk-size=1M", "--min-chunk=256K", "--sim-busy-gpus=1,2,3", opt, NULL};
+    mmad_proc_t d;
+    mmad_start(&d, extra);
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(d.sock, &c), MMA_OK);
+    const size_t n = 32 * MIB;
+    uint8_t *h, *dv;
+    ck_assert_int_eq(mma_host_alloc(c, n, (void **)&h), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, 0, n, (void **)&dv), MMA_OK);
+    mma_copy_opts_t routed = {.flags = MMA_COPY_NO_BYPASS};
+    int64_t b0[NGPU], b1[NGPU];
+    char *out;
+
+    /* 1. The first copy tells mmad about the loads (two readings, 1 ms of
+     *    the simulation apart); the second goes over the direct path. */
+    fill_random(h, n, 1);
+    copy_verified(c, dv, h, n, &routed);
+    gpu_paths(&d, 0, "h2d", b0, "yield", NULL);
+    fill_random(h, n, 2);
+    copy_verified(c, dv, h, n, &routed);
+    int stopped = gpu_paths(&d, 0, "h2d", b1, "yield", &out);
+    ck_assert_msg(stopped == 3, "%d relays stopped\n%s", stopped, out);
+    ck_assert_int_eq(b1[0] - b0[0], (int64_t)n);
+    free(out);
+
+    /* 2. The loads stop: the next reading frees the links. */
+    ck_assert_int_eq(unlink(busy), 0);
+    double t0 = now_s();
+    int on = 0;
+    for (uint64_t round = 3; on < 3 && now_s() - t0 < 30; round++) {
+        fill_random(h, n, round);
+        copy_verified(c, dv, h, n, &routed);
+        on = gpu_paths(&d, 0, "h2d", b0, "on", NULL);
+    }
+    ck_assert_msg(on == 3, "only %d relays back after %.1f s", on, now_s() - t0);
+    fill_random(h, n, 99);
+    copy_verified(c, dv, h, n, &routed);
+    gpu_paths(&d, 0, "h2d", b1, "on", &out);
+    for (int v = 1; v < NGPU; v++)
+        ck_assert_msg(b1[v] - b0[v] >= (int64_t)(n / 8), "via gpu%d carried %" PRId64 " once free\n%s", v,
+                      b1[v] - b0[v], out);
     free(out);
     mma_disconnect(c);
     mmad_stop_clean(&d);
@@ -1699,7 +1758,7 @@ int main(void)
         {"mmactl", 60, {mmactl_reports}},
         {"faults", 60, {failing_relay_is_set_aside}},
         {"api_errors", 60, {api_errors}},
-        {"yield", 120, {busy_relays_yield, idle_box_relays_do_not_yield}},
+        {"yield", 120, {busy_relays_yield, idle_box_relays_do_not_yield, busy_links_stop_relays}},
         {"plan", 90, {planned_copies_every_size}},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
