@@ -18,7 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def bandwidth(d):
-    rows = list(csv.reader(open(os.path.join(d, "bench.csv"))))[1:]
+    path = os.path.join(d, "bench.csv")
+    if not os.path.exists(path):  # a scenarios-only run
+        return
+    rows = list(csv.reader(open(path)))[1:]
     card = rows[0][0] if rows else "?"
     ceil = {r[2]: float(r[6]) for r in rows if r[1] == "ceiling"}
     for dirn in ("H2D", "D2H"):
