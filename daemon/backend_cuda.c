@@ -190,7 +190,6 @@ typedef struct cuda_be {
     /* engine time by kind of call, logged at exit (what a chunk costs) */
     _Atomic uint64_t t_copy_ns, n_copy, t_hop_ns, t_mark_ns, t_ctx_ns;
     _Atomic uint64_t own_bytes[MMAD_MAX_GPUS][2]; /* landed on each GPU's link, per direction */
-    _Atomic uint64_t last_submit_ns;              /* the link monitor rests while mmad is idle */
     struct monitor *monitor;
     /* --submit-threads: relay chunks are issued by their via GPU's lane */
     struct lane *lanes[MMAD_MAX_GPUS];
@@ -740,7 +739,6 @@ static int cuda_submit(mmad_backend_t *be, mmad_chunk_t *c)
         MMA_ERROR("cuda: chunk with no such path (target %d, via %d, dir %d)", c->target, c->via, c->dir);
         return MMA_ERR_INVAL;
     }
-    atomic_store_explicit(&s->last_submit_ns, c->t_issue, memory_order_relaxed);
     int rc = c->via == c->target ? submit_direct(s, c) : submit_relay(s, c);
     if (rc != MMA_OK)
         return rc;
@@ -1029,9 +1027,8 @@ static void streams_apply(mmad_backend_t *be, cuda_gpu_t *g, cudaError_t (*fn)(c
  * (--busy-gbps). The monitor thread reads each link's traffic from NVML
  * (nvmlDeviceGetPcieThroughput: bytes over a 20 ms window, per direction),
  * takes off mmad's own bytes over the same span, and publishes the rest in
- * be->foreign_mbps. It reads only while mmad has issued a chunk in the last
- * 2 s. libnvidia-ml comes with the driver and is opened at run time; where
- * it or its counters are missing, nothing is judged. */
+ * be->foreign_mbps. libnvidia-ml comes with the driver and is opened at run
+ * time; where it or its counters are missing, nothing is judged. */
 
 typedef int (*nvml_void_fn)(void);
 typedef int (*nvml_by_bus_fn)(const char *bus_id, void **device);
@@ -1052,10 +1049,6 @@ typedef struct monitor {
 } monitor_t;
 
 #define MONITOR_GAP_NS 20000000ull
-/* After this long without a chunk the monitor stops reading (mmad is idle
- * and nothing needs judging) and forgets what it saw, so that no link stays
- * marked busy from a load that may be long gone. */
-#define MONITOR_IDLE_NS 2000000000ull
 
 /* Wait up to ns; 1 when told to stop. */
 static int monitor_sleep(monitor_t *m, uint64_t ns)
@@ -1080,22 +1073,8 @@ static void *monitor_main(void *arg)
     mmad_backend_t *be = &s->base;
     pthread_setname_np(pthread_self(), "mmad-links");
     uint64_t own0[MMAD_MAX_GPUS][2];
-    int resting = 0;
     for (;;) {
         uint64_t ta = mma_now_ns();
-        if (ta - atomic_load_explicit(&s->last_submit_ns, memory_order_relaxed) > MONITOR_IDLE_NS) {
-            if (!resting) {
-                for (int g = 0; g < be->gpu_count; g++)
-                    for (int d = 0; d < 2; d++)
-                        atomic_store_explicit(&be->foreign_mbps[g][d], 0, memory_order_relaxed);
-                atomic_fetch_add_explicit(&be->foreign_seq, 1, memory_order_release);
-                resting = 1;
-            }
-            if (monitor_sleep(m, 5 * MONITOR_GAP_NS))
-                break;
-            continue;
-        }
-        resting = 0;
         for (int g = 0; g < be->gpu_count; g++)
             for (int d = 0; d < 2; d++)
                 own0[g][d] = atomic_load_explicit(&s->own_bytes[g][d], memory_order_relaxed);
