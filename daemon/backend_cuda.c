@@ -1053,11 +1053,7 @@ typedef struct monitor {
 /* Wait up to ns; 1 when told to stop. */
 static int monitor_sleep(monitor_t *m, uint64_t ns)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    uint64_t t = (uint64_t)ts.tv_nsec + ns;
-    ts.tv_sec += (time_t)(t / 1000000000ull);
-    ts.tv_nsec = (long)(t % 1000000000ull);
+    struct timespec ts = mma_deadline_ns(ns);
     pthread_mutex_lock(&m->lock);
     while (!m->stop && pthread_cond_timedwait(&m->cond, &m->lock, &ts) == 0)
         ;
@@ -1140,7 +1136,7 @@ static void monitor_start(cuda_be_t *s, double busy_gbps)
         return;
     m->s = s;
     pthread_mutex_init(&m->lock, NULL);
-    pthread_cond_init(&m->cond, NULL);
+    mma_cond_init_monotonic(&m->cond); /* monitor_sleep's deadlines are CLOCK_MONOTONIC */
     s->monitor = m;
     const char *why = NULL;
     nvml_void_fn init = NULL;

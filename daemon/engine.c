@@ -222,11 +222,7 @@ static void wait_for_work(mmad_engine_t *e, uint64_t timeout_ns)
         if (timeout_ns == 0) {
             pthread_cond_wait(&e->cond, &e->lock);
         } else {
-            struct timespec ts;
-            clock_gettime(CLOCK_MONOTONIC, &ts);
-            uint64_t ns = (uint64_t)ts.tv_nsec + timeout_ns;
-            ts.tv_sec += (time_t)(ns / 1000000000ull);
-            ts.tv_nsec = (long)(ns % 1000000000ull);
+            struct timespec ts = mma_deadline_ns(timeout_ns);
             pthread_cond_timedwait(&e->cond, &e->lock, &ts);
         }
     }
@@ -329,11 +325,7 @@ int mmad_engine_start(mmad_backend_t *be, const mmad_config_t *cfg, mmad_engine_
         return rc;
     }
     pthread_mutex_init(&e->lock, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&e->cond, &ca);
-    pthread_condattr_destroy(&ca);
+    mma_cond_init_monotonic(&e->cond);
     be->wake = engine_wake;
     be->wake_arg = e;
     int err = pthread_create(&e->thread, NULL, engine_main, e);
