@@ -1464,6 +1464,30 @@ static int gpu_paths(const mmad_proc_t *d, int gpu, const char *dir, int64_t byt
     return n;
 }
 
+/* The simulated native loads stop (their file goes): copy n bytes H2D into
+ * gpu0, every byte checked, until all three relays are on again (30 s at
+ * most), then once more. b0/b1: each path's bytes before and after that
+ * last copy; returns its mmactl output (caller frees). */
+static char *relays_come_back(const mmad_proc_t *d, mma_client_t *c, const char *busy, uint8_t *dv, uint8_t *h,
+                              size_t n, int64_t b0[NGPU], int64_t b1[NGPU])
+{
+    mma_copy_opts_t routed = {.flags = MMA_COPY_NO_BYPASS};
+    ck_assert_int_eq(unlink(busy), 0);
+    double t0 = now_s();
+    int on = 0;
+    for (uint64_t round = 3; on < 3 && now_s() - t0 < 30; round++) {
+        fill_random(h, n, round);
+        copy_verified(c, dv, h, n, &routed);
+        on = gpu_paths(d, 0, "h2d", b0, "on", NULL);
+    }
+    ck_assert_msg(on == 3, "only %d relays back after %.1f s", on, now_s() - t0);
+    fill_random(h, n, 99);
+    copy_verified(c, dv, h, n, &routed);
+    char *out;
+    gpu_paths(d, 0, "h2d", b1, "on", &out);
+    return out;
+}
+
 /* The simulated native loads: GPUs 1-3 busy while a file exists. At scale
  * 0.01 the simulated links, not the CPU, set the rates (README). */
 START_TEST(busy_relays_yield)
@@ -1532,18 +1556,7 @@ START_TEST(busy_relays_yield)
 
     /* 3. The native loads stop: a probe finds its link fast again and the
      *    relay takes its share once more. */
-    ck_assert_int_eq(unlink(busy), 0);
-    double t0 = now_s();
-    int on = 0;
-    for (uint64_t round = 3; on < 3 && now_s() - t0 < 30; round++) {
-        fill_random(h, n, round);
-        copy_verified(c, dv, h, n, &routed);
-        on = gpu_paths(&d, 0, "h2d", b0, "on", NULL);
-    }
-    ck_assert_msg(on == 3, "only %d relays back after %.1f s", on, now_s() - t0);
-    fill_random(h, n, 99);
-    copy_verified(c, dv, h, n, &routed);
-    on = gpu_paths(&d, 0, "h2d", b1, "on", &out);
+    out = relays_come_back(&d, c, busy, dv, h, n, b0, b1);
     relays = 0;
     for (int v = 1; v < NGPU; v++) {
         ck_assert_msg(b1[v] > b0[v], "via gpu%d carried nothing once back\n%s", v, out);
@@ -1595,18 +1608,7 @@ START_TEST(busy_links_stop_relays)
     free(out);
 
     /* 2. The loads stop: the next reading frees the links. */
-    ck_assert_int_eq(unlink(busy), 0);
-    double t0 = now_s();
-    int on = 0;
-    for (uint64_t round = 3; on < 3 && now_s() - t0 < 30; round++) {
-        fill_random(h, n, round);
-        copy_verified(c, dv, h, n, &routed);
-        on = gpu_paths(&d, 0, "h2d", b0, "on", NULL);
-    }
-    ck_assert_msg(on == 3, "only %d relays back after %.1f s", on, now_s() - t0);
-    fill_random(h, n, 99);
-    copy_verified(c, dv, h, n, &routed);
-    gpu_paths(&d, 0, "h2d", b1, "on", &out);
+    out = relays_come_back(&d, c, busy, dv, h, n, b0, b1);
     for (int v = 1; v < NGPU; v++)
         ck_assert_msg(b1[v] - b0[v] >= (int64_t)(n / 8), "via gpu%d carried %" PRId64 " once free\n%s", v,
                       b1[v] - b0[v], out);
