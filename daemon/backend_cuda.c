@@ -510,10 +510,6 @@ static int issue_relay(cuda_be_t *s, mmad_chunk_t *c)
 {
     int v = c->via, slot = c->staging;
     cuda_gpu_t *g = &s->gpu[v];
-    cudaEvent_t hop = NULL;
-    int rc = event_get(&g->events, &hop);
-    if (rc != MMA_OK)
-        return rc;
     /* H2D: host -> staging on the PCIe stream, then staging -> target on the
      * NVLink stream. D2H: target -> staging on the NVLink stream, then
      * staging -> host on the PCIe stream. --relay-per-slot: both hops in
@@ -526,10 +522,16 @@ static int issue_relay(cuda_be_t *s, mmad_chunk_t *c)
         first = c->dir == MMA_DIR_H2D ? g->pcie[MMA_DIR_H2D] : g->nvlink[MMA_DIR_D2H];
         second = c->dir == MMA_DIR_H2D ? g->nvlink[MMA_DIR_H2D] : g->pcie[MMA_DIR_D2H];
     }
+    /* Only hops on two streams need an event between them. */
+    cudaEvent_t hop = NULL;
+    int rc = second != first ? event_get(&g->events, &hop) : MMA_OK;
+    if (rc != MMA_OK)
+        return rc;
     int queued = 0;
     rc = queue_relay(s, c, g->staging[slot], hop, first, second, &queued);
     /* The second stream's wait has captured `hop`; it may be reused now. */
-    event_put(&g->events, hop);
+    if (hop)
+        event_put(&g->events, hop);
     if (rc != MMA_OK && queued) {
         drain(first);
         drain(second);
