@@ -62,6 +62,9 @@ static const opt_t options[] = {
      "a relay whose achieved rate falls below this x the best recent rate in its direction yields its "
      "link to other traffic (only probes go), e.g. 0.6; 0 (default): relays never yield (on 4x H200 the "
      "contention is the shared host side and yielding did not protect native neighbours)"},
+    {"trace", OPT_STR, O(trace_path), S(trace_path), "", 0, 0,
+     "diagnosis: keep one record per chunk (copy, path, bytes; queued, runnable, issue, submitted, done times in ns) "
+     "and write them as CSV to this file when mmad stops (at most 1M chunks)"},
     {"busy-gbps", OPT_DOUBLE, O(busy_gbps), 0, "10", 0, 10000,
      "relays through a GPU stop while its PCIe link carries more than this (GB/s, per direction) of "
      "traffic that is not mmad's, e.g. its own process loading it (cuda: NVML's PCIe counters); "

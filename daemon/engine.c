@@ -136,7 +136,9 @@ static int take_intake(mmad_engine_t *e)
                 if (e->be->ops->prepare)
                     e->be->ops->prepare(e->be, j->target);
                 j->runnable = slot_reached(j);
-                if (!j->runnable)
+                if (j->runnable)
+                    j->t_runnable = mma_now_ns();
+                else
                     e->waiting_reached++;
                 mmad_sched_add(&e->sched, j);
             }
@@ -163,6 +165,7 @@ static int check_reached(mmad_engine_t *e)
     for (mmad_job_t *j = e->sched.jobs; j && e->waiting_reached > 0; j = j->next)
         if (!j->runnable && slot_reached(j)) {
             j->runnable = 1;
+            j->t_runnable = mma_now_ns();
             e->waiting_reached--;
             n++;
         }

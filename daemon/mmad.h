@@ -49,6 +49,7 @@ typedef struct mmad_config {
     char sim_busy_file[108];  /* when set, the busy load is on only while this file exists */
     double yield_frac;        /* a relay below this x the reference rate yields (0: never) */
     double busy_gbps;         /* relays stop on a link carrying this much traffic not mmad's (0: never) */
+    char trace_path[256];     /* chunk trace CSV written at exit (empty: none) */
     double yield_probe_ms;    /* a yielding relay lets one chunk through this often */
     double link_gbps;         /* per-link rate assumed until one is measured; the reference's floor */
     int plan_split;           /* copies of at most one chunk per path get a planned split */
@@ -146,6 +147,8 @@ typedef struct mmad_job {
     int status;
     int runnable;            /* its slot showed `reached` */
     uint64_t t_queued;
+    uint64_t t_runnable;     /* when its slot showed `reached` (chunk trace) */
+    uint64_t trace_id;       /* the scheduler's count of jobs added (chunk trace) */
     struct mmad_job *next;
 } mmad_job_t;
 
@@ -157,6 +160,7 @@ typedef struct mmad_chunk {
     uint64_t len;
     int status;
     uint64_t t_issue;
+    uint64_t t_submitted;    /* submit() returned (chunk trace) */
     /* backend's own bookkeeping */
     int stage;
     int staging;

@@ -50,6 +50,15 @@ typedef struct mmad_path_stat {
 
 typedef struct mmad_plan mmad_plan_t;
 
+/* One finished chunk, for --trace (times in ns, CLOCK_MONOTONIC). */
+typedef struct mmad_trace_rec {
+    uint64_t job, job_bytes;
+    uint64_t t_queued, t_runnable, t_issue, t_submitted, t_done;
+    uint64_t len;
+    uint8_t target, via, dir, priority;
+    int32_t status;
+} mmad_trace_rec_t;
+
 typedef struct mmad_sched {
     mmad_backend_t *be;
     int ngpu;
@@ -94,6 +103,11 @@ typedef struct mmad_sched {
     /* engine time in the backend, for mmactl status (the cost of a chunk) */
     uint64_t submit_calls, submit_ns;
     uint64_t poll_calls, poll_ns;
+    /* --trace: finished chunks, written as CSV by mmad_sched_destroy */
+    uint64_t jobs_added;
+    mmad_trace_rec_t *trace;
+    size_t trace_n, trace_cap;
+    char trace_path[256];
 } mmad_sched_t;
 
 int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cfg);

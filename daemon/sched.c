@@ -1,6 +1,8 @@
 #include "mmad_sched.h"
 
+#include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -17,6 +19,8 @@
 /* The reference rate halves this often (real-box time): it follows the box
  * when its load changes for good, but outlives a pause between copies. */
 #define REF_HALF_LIFE_S 10.0
+/* --trace keeps at most this many chunks (56 bytes each). */
+#define TRACE_MAX (1u << 20)
 /* A path's rate is judged over at least this many chunks, and sets the
  * reference only over twice as many: a rate is measured between the moments
  * the engine sees chunks end, which it sees late by a varying amount (a
@@ -71,6 +75,15 @@ int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cf
         relay_us = be->simulated ? cfg->sim_relay_latency_us : CUDA_RELAY_OVERHEAD_US;
     s->issue_cost_ns = issue_us * 1e3 / scale;
     s->relay_overhead_ns = relay_us * 1e3 / scale;
+    if (cfg->trace_path[0]) {
+        s->trace_cap = TRACE_MAX;
+        s->trace = malloc(s->trace_cap * sizeof *s->trace);
+        if (!s->trace) {
+            MMA_ERROR("--trace: no memory for %zu records", s->trace_cap);
+            return MMA_ERR_NOMEM;
+        }
+        snprintf(s->trace_path, sizeof s->trace_path, "%s", cfg->trace_path);
+    }
     pthread_mutex_init(&s->stats_lock, NULL);
     for (int t = 0; t < s->ngpu; t++)
         for (int v = 0; v < s->ngpu; v++)
@@ -83,8 +96,36 @@ int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cf
     return MMA_OK;
 }
 
+static void trace_write(mmad_sched_t *s)
+{
+    FILE *f = fopen(s->trace_path, "w");
+    if (!f) {
+        MMA_ERROR("--trace: cannot write %s: %s", s->trace_path, strerror(errno));
+        return;
+    }
+    fprintf(f, "job,job_bytes,priority,dir,target,via,len,status,t_queued,t_runnable,t_issue,t_submitted,t_done\n");
+    for (size_t i = 0; i < s->trace_n; i++) {
+        const mmad_trace_rec_t *r = &s->trace[i];
+        fprintf(f, "%llu,%llu,%d,%s,%d,%d,%llu,%d,%llu,%llu,%llu,%llu,%llu\n", (unsigned long long)r->job,
+                (unsigned long long)r->job_bytes, r->priority, r->dir == MMA_DIR_H2D ? "h2d" : "d2h", r->target,
+                r->via, (unsigned long long)r->len, r->status, (unsigned long long)r->t_queued,
+                (unsigned long long)r->t_runnable, (unsigned long long)r->t_issue,
+                (unsigned long long)r->t_submitted, (unsigned long long)r->t_done);
+    }
+    if (fclose(f) != 0)
+        MMA_ERROR("--trace: writing %s: %s", s->trace_path, strerror(errno));
+    else
+        MMA_INFO("--trace: %zu chunks written to %s%s", s->trace_n, s->trace_path,
+                 s->trace_n == s->trace_cap ? " (full: later chunks were not kept)" : "");
+}
+
 void mmad_sched_destroy(mmad_sched_t *s)
 {
+    if (s->trace) {
+        trace_write(s);
+        free(s->trace);
+        s->trace = NULL;
+    }
     while (s->plans) {
         mmad_plan_t *pl = s->plans;
         s->plans = pl->next;
@@ -329,6 +370,7 @@ void mmad_sched_add(mmad_sched_t *s, mmad_job_t *job)
     int vias[MMAD_MAX_GPUS];
     int n = usable_paths(s, job, vias);
     job->chunk_len = mmad_sched_chunk_len(s, job->total, n);
+    job->trace_id = ++s->jobs_added;
     /* A copy of at most one chunk per path: plan it, one chunk each. */
     if (s->plan_split && job->total > 0 && job->total <= (uint64_t)n * s->chunk_size)
         plan_job(s, job, vias, n);
@@ -418,6 +460,7 @@ static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via, int npaths, uint64
     c->t_issue = s->now();
     int rc = s->be->ops->submit(s->be, c);
     uint64_t t_end = s->now();
+    c->t_submitted = t_end;
     pthread_mutex_lock(&s->stats_lock);
     s->submit_calls++;
     s->submit_ns += t_end - c->t_issue;
@@ -605,6 +648,12 @@ mmad_job_t *mmad_sched_chunk_done(mmad_sched_t *s, mmad_chunk_t *c)
 {
     mmad_job_t *j = c->job;
     uint64_t now = s->now();
+    if (s->trace && s->trace_n < s->trace_cap)
+        s->trace[s->trace_n++] = (mmad_trace_rec_t){
+            .job = j->trace_id, .job_bytes = j->total, .t_queued = j->t_queued, .t_runnable = j->t_runnable,
+            .t_issue = c->t_issue, .t_submitted = c->t_submitted, .t_done = now, .len = c->len,
+            .target = (uint8_t)c->target, .via = (uint8_t)c->via, .dir = (uint8_t)c->dir,
+            .priority = (uint8_t)j->priority, .status = c->status};
     j->inflight--;
     s->chunks_inflight--;
     s->bytes_inflight -= c->len;

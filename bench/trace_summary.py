@@ -1,0 +1,92 @@
+#!/usr/bin/python3
+"""Read an mmad --trace CSV and show where a copy's time goes.
+
+For every (direction, size) it takes the copies of that size and prints the
+medians of: when the copy became runnable, when its first and last chunks were
+issued, and per path (via GPU) when its first chunk was issued, when its last
+chunk finished, its bytes and its chunks. All times are microseconds from the
+moment mmad queued the copy.
+
+  bench/trace_summary.py trace.csv [--min-bytes N] [--skip N]
+"""
+import argparse
+import csv
+import statistics
+import sys
+from collections import defaultdict
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("csv")
+    ap.add_argument("--min-bytes", type=int, default=1 << 20)
+    ap.add_argument("--skip", type=int, default=2, help="first copies of each size left out (warm-up)")
+    a = ap.parse_args()
+    jobs = defaultdict(list)
+    with open(a.csv) as f:
+        for r in csv.DictReader(f):
+            jobs[int(r["job"])].append(r)
+    # Only copies that had mmad to themselves: a copy whose time overlaps
+    # another's (mma-bench's 4-in-flight columns, other clients) is left out.
+    span = {j: (int(rs[0]["t_queued"]), max(int(r["t_done"]) for r in rs)) for j, rs in jobs.items()}
+    order = sorted(jobs, key=lambda j: span[j][0])
+    alone = set(order)
+    for k in range(1, len(order)):
+        cur = order[k]
+        for p in order[max(0, k - 16):k]:
+            if span[cur][0] < span[p][1]:
+                alone.discard(p)
+                alone.discard(cur)
+    groups = defaultdict(list)
+    overlapped = 0
+    for jid in sorted(jobs):
+        rs = jobs[jid]
+        b = int(rs[0]["job_bytes"])
+        if b < a.min_bytes or any(int(r["status"]) != 0 for r in rs):
+            continue
+        if jid not in alone:
+            overlapped += 1
+            continue
+        groups[(rs[0]["dir"], b)].append(rs)
+    print("%d copies of at least %d bytes overlapped others and are left out" % (overlapped, a.min_bytes))
+    if not groups:
+        sys.exit("no finished copies of at least %d bytes in %s" % (a.min_bytes, a.csv))
+    for (d, b), js in sorted(groups.items()):
+        js = js[a.skip:] if len(js) > a.skip + 2 else js
+        us = lambda r, k: (int(r[k]) - int(r["t_queued"])) / 1e3
+        runnable, first, last_sub, end, sub_sum = [], [], [], [], []
+        per = defaultdict(lambda: defaultdict(list))
+        for rs in js:
+            runnable.append(us(rs[0], "t_runnable"))
+            first.append(min(us(r, "t_issue") for r in rs))
+            last_sub.append(max(us(r, "t_submitted") for r in rs))
+            end.append(max(us(r, "t_done") for r in rs))
+            sub_sum.append(sum((int(r["t_submitted"]) - int(r["t_issue"])) / 1e3 for r in rs))
+            byvia = defaultdict(list)
+            for r in rs:
+                byvia[int(r["via"])].append(r)
+            for v, cs in byvia.items():
+                per[v]["start"].append(min(us(r, "t_issue") for r in cs))
+                per[v]["end"].append(max(us(r, "t_done") for r in cs))
+                per[v]["bytes"].append(sum(int(r["len"]) for r in cs))
+                per[v]["chunks"].append(len(cs))
+                per[v]["sub"].append(med([(int(r["t_submitted"]) - int(r["t_issue"])) / 1e3 for r in cs]))
+        mib = b / 2**20
+        e = med(end)
+        print("%s %g MiB: %d copies; medians in us from queued: runnable %.1f, first issue %.1f, "
+              "last submitted %.1f, done %.1f (%.1f GB/s in mmad); submit time per copy %.1f"
+              % (d, mib, len(js), med(runnable), med(first), med(last_sub), e, b / e / 1e3, med(sub_sum)))
+        print("   via   start     end   MiB  chunks  submit-us  GB/s(start..end)")
+        for v in sorted(per):
+            p = per[v]
+            s_, e_, by = med(p["start"]), med(p["end"]), med(p["bytes"])
+            print("  %4d %7.1f %7.1f %5.1f %7.1f %10.1f %8.1f" % (v, s_, e_, by / 2**20, med(p["chunks"]),
+                                                              med(p["sub"]), by / max(e_ - s_, 1e-9) / 1e3))
+
+
+if __name__ == "__main__":
+    main()
