@@ -366,19 +366,24 @@ START_TEST(direct_path_first)
     ck_assert_int_eq(fb.log[0].via, 1);
     ck_assert_ptr_eq(complete(0, MMA_OK), a);
     job_free(a);
-    /* Three chunks: two fill the direct path, the third takes the first
-     * relay in ring order (target + 1). */
+    /* Three chunks go breadth first: the direct path, then the relays in
+     * ring order (target + 1), one chunk each before any path gets a
+     * second. */
     mmad_job_t *b = job_simple(&conn_x, 3, 0, 48u << 10, 0);
     mmad_sched_add(&s, b);
     ck_assert_uint_eq(b->chunk_len, 16u << 10);
     ck_assert_int_eq(mmad_sched_fill(&s), 3);
     ck_assert_int_eq(fb.log[1].via, 3);
-    ck_assert_int_eq(fb.log[2].via, 3);
-    ck_assert_int_eq(fb.log[3].via, 0);
-    /* When the direct path frees, the next chunk goes there again. */
+    ck_assert_int_eq(fb.log[2].via, 0);
+    ck_assert_int_eq(fb.log[3].via, 1);
+    /* The next copy first takes the idle relay, then the second slots,
+     * the direct path first among them. */
     mmad_job_t *c = job_simple(&conn_x, 3, 0, 160u << 10, 1u << 20); /* 8 chunks of 20K */
     mmad_sched_add(&s, c);
-    ck_assert_int_eq(mmad_sched_fill(&s), 5); /* relay 0 (its second slot), 1 and 2 */
+    ck_assert_int_eq(mmad_sched_fill(&s), 5);
+    ck_assert_int_eq(fb.log[4].via, 2);
+    ck_assert_int_eq(fb.log[5].via, 3);
+    ck_assert_int_eq(fb.log[6].via, 0);
     ck_assert_int_eq(s.paths[3][3][MMA_DIR_H2D].inflight, 2);
     int d = find_inflight(b, 3);
     ck_assert_int_ge(d, 0);
@@ -563,7 +568,9 @@ START_TEST(latency_job_overtakes_bulk)
     ck_assert_int_eq(mmad_sched_fill(&s), 0);
     /* As paths free up, the latency job takes them until it has no bytes
      * left, whichever path it is. */
-    int via_freed[3] = {2, 0, 1};
+    /* Breadth first, taking turns: a has the direct path and relay 2, b
+     * relays 1 and 3, each two chunks deep. */
+    int via_freed[3] = {1, 0, 2};
     for (int k = 0; k < 3; k++) {
         int i = find_inflight(k == 0 ? b : a, via_freed[k]);
         ck_assert_int_ge(i, 0);
