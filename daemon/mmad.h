@@ -52,7 +52,8 @@ typedef struct mmad_config {
     char trace_path[256];     /* chunk trace CSV written at exit (empty: none) */
     double yield_probe_ms;    /* a yielding relay lets one chunk through this often */
     double link_gbps;         /* per-link rate assumed until one is measured; the reference's floor */
-    int plan_split;           /* copies of at most one chunk per path get a planned split */
+    int plan_split;           /* 1: copies of at most one chunk per path get a planned split; 2: up to path_depth */
+    int plan_learn;           /* planned splits weight each path by the rate it showed */
     double issue_cost_us;     /* engine time per chunk issued (<0: the backend's) */
     double relay_overhead_us; /* extra latency of a relay chunk over a direct one (<0: the backend's) */
 } mmad_config_t;

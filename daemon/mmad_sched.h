@@ -85,7 +85,10 @@ typedef struct mmad_sched {
     int link_busy[MMAD_MAX_GPUS][2];
     int link_over[MMAD_MAX_GPUS][2]; /* measurements in a row above the limit */
     /* planned splits */
-    int plan_split;
+    int plan_split;              /* 1: copies of <= 1 chunk per path; 2: <= path_depth chunks */
+    int plan_learn;              /* learn plan_w from planned copies' finish times */
+    uint64_t plan_learn_min;     /* only shares of at least this teach plan_w */
+    double plan_w[MMAD_MAX_GPUS][MMAD_MAX_GPUS][2]; /* [target][via][dir]: a path's rate over the plan's */
     double issue_cost_ns;        /* engine time per chunk issued */
     double relay_overhead_ns;    /* a relay chunk's extra fixed latency */
     mmad_plan_t *plans;          /* of the planned jobs queued or running */
@@ -150,6 +153,12 @@ uint64_t mmad_sched_chunk_len(const mmad_sched_t *s, uint64_t total, int npaths)
  * the others are 0). */
 int mmad_sched_plan_split(uint64_t total, int npaths, double issue_ns, double relay_ns, double rate,
                           uint64_t min_chunk, uint64_t cap, uint64_t *lens);
+/* The same with a weight per path (NULL: all 1): path p moves rate x
+ * weight[p]. Relays left out are those whose share would be under
+ * min_chunk (with weights not always the last ones): their lens are 0, and
+ * the return value is one past the last path with a share. */
+int mmad_sched_plan_split_w(uint64_t total, int npaths, double issue_ns, double relay_ns, double rate,
+                            const double *weight, uint64_t min_chunk, uint64_t cap, uint64_t *lens);
 
 /* The reference rate of a direction at `now` (bytes/ns): the best smoothed
  * path rate seen, halving every ~10 s (real-box time), at least --link-gbps. */

@@ -37,9 +37,24 @@
 
 struct mmad_plan {
     mmad_job_t *job;
-    uint64_t left[MMAD_MAX_GPUS]; /* bytes each relay (by via) is still to carry */
+    uint64_t left[MMAD_MAX_GPUS];  /* bytes each relay (by via) is still to carry */
+    uint64_t piece[MMAD_MAX_GPUS]; /* each path's chunks: its share in equal pieces */
+    /* for --plan-learn: what the plan assumed, and what happened */
+    uint64_t share[MMAD_MAX_GPUS]; /* bytes planned per via */
+    double start_ns[MMAD_MAX_GPUS]; /* modelled start per via, from the first issue */
+    double rate;                   /* the plan's reference rate, bytes/ns */
+    uint64_t t_first;              /* the job's first chunk issued */
+    uint64_t end[MMAD_MAX_GPUS];   /* the last chunk done per via */
     struct mmad_plan *next;
 };
+
+/* --plan-learn: a path's weight moves this far toward what a finished copy
+ * showed, and only shares of at least PLAN_LEARN_MIN bytes teach it (below
+ * that the fixed latencies drown the rate). */
+#define PLAN_LEARN_GAIN 0.3
+#define PLAN_LEARN_MIN (2u << 20)
+#define PLAN_W_MIN 0.25
+#define PLAN_W_MAX 2.0
 
 int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cfg)
 {
@@ -67,6 +82,11 @@ int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cf
     s->ref_floor = cfg->link_gbps * scale;
     s->ref_half_life_ns = REF_HALF_LIFE_S * 1e9 / scale;
     s->plan_split = cfg->plan_split;
+    s->plan_learn = cfg->plan_learn;
+    s->plan_learn_min = PLAN_LEARN_MIN;
+    for (int t = 0; t < MMAD_MAX_GPUS; t++)
+        for (int v = 0; v < MMAD_MAX_GPUS; v++)
+            s->plan_w[t][v][0] = s->plan_w[t][v][1] = 1.0;
     s->busy_mbps = cfg->busy_gbps * 1000.0;
     double issue_us = cfg->issue_cost_us, relay_us = cfg->relay_overhead_us;
     if (issue_us < 0)
@@ -181,42 +201,53 @@ uint64_t mmad_sched_chunk_len(const mmad_sched_t *s, uint64_t total, int npaths)
 int mmad_sched_plan_split(uint64_t total, int npaths, double issue_ns, double relay_ns, double rate,
                           uint64_t min_chunk, uint64_t cap, uint64_t *lens)
 {
+    return mmad_sched_plan_split_w(total, npaths, issue_ns, relay_ns, rate, NULL, min_chunk, cap, lens);
+}
+
+int mmad_sched_plan_split_w(uint64_t total, int npaths, double issue_ns, double relay_ns, double rate,
+                            const double *weight, uint64_t min_chunk, uint64_t cap, uint64_t *lens)
+{
     if (npaths > MMAD_MAX_GPUS)
         npaths = MMAD_MAX_GPUS;
     if (npaths < 1)
         npaths = 1;
     if (rate < 0)
         rate = 0;
-    /* Path p's late start, in the bytes the others move meanwhile. */
-    double lag[MMAD_MAX_GPUS], share[MMAD_MAX_GPUS];
+    /* Path p starts at t[p] (ns) and moves r[p] bytes/ns; it finishes at
+     * T when its share is r[p] (T - t[p]). */
+    double t[MMAD_MAX_GPUS], r[MMAD_MAX_GPUS], share[MMAD_MAX_GPUS];
+    int in[MMAD_MAX_GPUS];
     for (int p = 0; p < MMAD_MAX_GPUS; p++) {
         lens[p] = 0;
-        lag[p] = p < npaths ? rate * ((double)p * issue_ns + (p ? relay_ns : 0.0)) : 0.0;
+        in[p] = p < npaths;
+        t[p] = (double)p * issue_ns + (p ? relay_ns : 0.0);
+        double w = weight && weight[p] > 0 ? weight[p] : 1.0;
+        /* Rate 0 (nothing known): no costs, every path alike. */
+        r[p] = rate > 0 ? rate * w : 1.0;
+        if (rate <= 0)
+            t[p] = 0;
     }
-    int n = npaths;
     for (;;) {
-        /* Paths 0..n-1 finish together at a "level" L (in bytes of one
-         * path): share_p = L - lag_p, summing to total. A share above cap is
+        /* The paths in the plan finish together at T; a share above cap is
          * fixed at cap and the rest levelled again. */
         int fixed[MMAD_MAX_GPUS] = {0};
         double rest = (double)total;
         for (;;) {
-            double sum_lag = 0;
-            int nfree = 0;
-            for (int p = 0; p < n; p++)
-                if (!fixed[p]) {
-                    sum_lag += lag[p];
-                    nfree++;
+            double sum_r = 0, sum_rt = 0;
+            for (int p = 0; p < npaths; p++)
+                if (in[p] && !fixed[p]) {
+                    sum_r += r[p];
+                    sum_rt += r[p] * t[p];
                 }
-            if (nfree == 0)
+            if (sum_r <= 0)
                 break;
-            double level = (rest + sum_lag) / nfree;
+            double T = (rest + sum_rt) / sum_r;
             int over = -1;
-            for (int p = 0; p < n; p++)
-                if (!fixed[p]) {
-                    share[p] = level - lag[p];
-                    if (over < 0 && share[p] > (double)cap)
-                        over = p; /* the earliest path has the largest share */
+            for (int p = 0; p < npaths; p++)
+                if (in[p] && !fixed[p]) {
+                    share[p] = r[p] * (T - t[p]);
+                    if (share[p] > (double)cap && (over < 0 || share[p] > share[over]))
+                        over = p;
                 }
             if (over < 0)
                 break;
@@ -224,26 +255,38 @@ int mmad_sched_plan_split(uint64_t total, int npaths, double issue_ns, double re
             share[over] = (double)cap;
             rest -= (double)cap;
         }
-        /* The last path starts latest and gets least: below min_chunk it
-         * could not finish before the others, so it goes and the rest is
-         * levelled again. */
-        if (n > 1 && share[n - 1] < (double)min_chunk)
-            n--;
+        /* The relay with the smallest share (with equal rates the one that
+         * starts last) could not finish before the others below min_chunk:
+         * it goes and the rest is levelled again. */
+        int least = -1;
+        for (int p = 1; p < npaths; p++)
+            if (in[p] && (least < 0 || share[p] < share[least]))
+                least = p;
+        if (least > 0 && share[least] < (double)min_chunk)
+            in[least] = 0;
         else
             break;
     }
     uint64_t relays = 0;
-    for (int p = 1; p < n; p++) {
+    int n = 1;
+    for (int p = 1; p < npaths; p++) {
+        if (!in[p])
+            continue;
         lens[p] = (uint64_t)share[p] & ~(uint64_t)4095;
         if (lens[p] > cap)
             lens[p] = cap;
+        if (lens[p] > total - relays)
+            lens[p] = total - relays;
         relays += lens[p];
+        n = p + 1;
     }
-    lens[0] = total - relays; /* relays' shares are below the direct path's: this stays >= 0 */
+    lens[0] = total - relays;
     /* A direct share held at cap gets back what rounding the relays down
-     * left over: relays below cap take it, so that no path needs a second
+     * left over: relays below cap take it, so that no path needs another
      * chunk (when every path is at cap the direct one takes the rest). */
-    for (int p = 1; p < n && lens[0] > cap; p++) {
+    for (int p = 1; p < npaths && lens[0] > cap; p++) {
+        if (!in[p])
+            continue;
         uint64_t more = lens[0] - cap < cap - lens[p] ? lens[0] - cap : cap - lens[p];
         lens[p] += more;
         lens[0] -= more;
@@ -324,27 +367,60 @@ static mmad_plan_t *plan_of(const mmad_sched_t *s, const mmad_job_t *j)
     return NULL;
 }
 
-/* Plan the job's split over its usable paths (the direct one is vias[0]).
- * Without memory for the plan it keeps equal chunks. */
-static void plan_job(mmad_sched_t *s, mmad_job_t *j, const int *vias, int n)
+/* Plan the job's split over its usable paths (the direct one is vias[0]):
+ * each share at most `per_path` chunks, cut into equal pieces. Without
+ * memory for the plan it keeps equal chunks. */
+static void plan_job(mmad_sched_t *s, mmad_job_t *j, const int *vias, int n, int per_path)
 {
     uint64_t lens[MMAD_MAX_GPUS];
+    double w[MMAD_MAX_GPUS];
+    for (int i = 0; i < n; i++)
+        w[i] = s->plan_learn ? s->plan_w[j->target][vias[i]][j->dir] : 1.0;
     double rate = mmad_sched_ref_rate(s, j->dir, s->now());
-    int used = mmad_sched_plan_split(j->total, n, s->issue_cost_ns, s->relay_overhead_ns, rate, s->min_chunk,
-                                     s->chunk_size, lens);
+    uint64_t cap = (uint64_t)per_path * s->chunk_size;
+    mmad_sched_plan_split_w(j->total, n, s->issue_cost_ns, s->relay_overhead_ns, rate, w, s->min_chunk, cap, lens);
     mmad_plan_t *pl = calloc(1, sizeof *pl);
     if (!pl)
         return;
     pl->job = j;
+    pl->rate = rate;
     uint64_t largest = 0;
-    for (int i = 0; i < used; i++) {
-        pl->left[vias[i]] = lens[i];
-        if (lens[i] > largest)
-            largest = lens[i];
+    for (int i = 0; i < n; i++) {
+        int v = vias[i];
+        pl->left[v] = lens[i];
+        pl->share[v] = lens[i];
+        pl->start_ns[v] = (double)i * s->issue_cost_ns + (i ? s->relay_overhead_ns : 0.0);
+        if (!lens[i])
+            continue;
+        uint64_t k = (lens[i] + s->chunk_size - 1) / s->chunk_size;
+        uint64_t piece = ((lens[i] + k - 1) / k + 4095) & ~(uint64_t)4095;
+        pl->piece[v] = piece < s->chunk_size ? piece : s->chunk_size;
+        if (pl->piece[v] > largest)
+            largest = pl->piece[v];
     }
     j->chunk_len = largest < s->chunk_size ? largest : s->chunk_size;
     pl->next = s->plans;
     s->plans = pl;
+}
+
+/* A planned job finished: move each path's weight toward the rate it
+ * showed against the plan's (its share over the time from its modelled
+ * start to its last chunk's end). */
+static void plan_learn(mmad_sched_t *s, const mmad_plan_t *pl, const mmad_job_t *j)
+{
+    if (!s->plan_learn || j->status != MMA_OK || !pl->t_first || pl->rate <= 0)
+        return;
+    for (int v = 0; v < s->ngpu; v++) {
+        if (pl->share[v] < s->plan_learn_min || !pl->end[v])
+            continue;
+        double dur = (double)(pl->end[v] - pl->t_first) - pl->start_ns[v];
+        if (dur <= 0)
+            continue;
+        double ratio = (double)pl->share[v] / dur / pl->rate;
+        ratio = ratio < PLAN_W_MIN ? PLAN_W_MIN : ratio > PLAN_W_MAX ? PLAN_W_MAX : ratio;
+        double *w = &s->plan_w[j->target][v][j->dir];
+        *w += PLAN_LEARN_GAIN * (ratio - *w);
+    }
 }
 
 /* How many bytes a planned job wants on `via` now: a relay its share, the
@@ -371,9 +447,11 @@ void mmad_sched_add(mmad_sched_t *s, mmad_job_t *job)
     int n = usable_paths(s, job, vias);
     job->chunk_len = mmad_sched_chunk_len(s, job->total, n);
     job->trace_id = ++s->jobs_added;
-    /* A copy of at most one chunk per path: plan it, one chunk each. */
-    if (s->plan_split && job->total > 0 && job->total <= (uint64_t)n * s->chunk_size)
-        plan_job(s, job, vias, n);
+    /* A copy of at most one chunk per path: plan it, one chunk each; with
+     * --plan-split=2 also one of at most path_depth chunks per path. */
+    int per_path = s->plan_split >= 2 ? s->path_depth : 1;
+    if (s->plan_split && job->total > 0 && job->total <= (uint64_t)n * (uint64_t)per_path * s->chunk_size)
+        plan_job(s, job, vias, n, per_path);
     job->next = NULL;
     /* Latency jobs go after the last latency job; bulk jobs at the end. */
     mmad_job_t **p = &s->jobs;
@@ -437,7 +515,9 @@ static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via, int npaths, uint64
         return 0;
     const mmad_seg_t *seg = &j->segs[j->cur_seg];
     uint64_t len = seg->len - j->cur_off;
-    uint64_t cap = j->chunk_len < want ? j->chunk_len : want;
+    uint64_t cap = pl && pl->piece[via] ? pl->piece[via] : j->chunk_len;
+    if (cap > want)
+        cap = want;
     if (s->tail_split && !pl) {
         /* Guided self-scheduling: near its end a copy's chunks shrink, so
          * every path finishes at about the same time. */
@@ -484,6 +564,8 @@ static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via, int npaths, uint64
         if (pl)
             pl->left[via] -= len < pl->left[via] ? len : pl->left[via];
     }
+    if (pl && !pl->t_first)
+        pl->t_first = c->t_issue;
     pthread_mutex_lock(&s->stats_lock);
     mmad_path_stat_t *p = &s->paths[j->target][via][j->dir];
     if (p->inflight++ == 0)
@@ -699,9 +781,14 @@ mmad_job_t *mmad_sched_chunk_done(mmad_sched_t *s, mmad_chunk_t *c)
     } else if (j->status == MMA_OK) {
         j->status = c->status;
     }
+    mmad_plan_t *pl = s->plans ? plan_of(s, j) : NULL;
+    if (pl && now > pl->end[c->via])
+        pl->end[c->via] = now;
     chunk_put(s, c);
     if (!job_finished(j))
         return NULL;
+    if (pl)
+        plan_learn(s, pl, j);
     unlink_job(s, j);
     s->jobs_done++;
     if (j->status == MMA_OK)

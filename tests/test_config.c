@@ -112,14 +112,15 @@ END_TEST
 
 START_TEST(yield_and_plan_options)
 {
-    ck_assert_int_eq(PARSE("--yield-frac=0", "--yield-probe-ms=5", "--link-gbps=25", "--plan-split=0",
-                           "--issue-cost-us=4.7", "--relay-overhead-us", "12", "--sim-busy-gpus=1,3",
+    ck_assert_int_eq(PARSE("--yield-frac=0", "--yield-probe-ms=5", "--link-gbps=25", "--plan-split=2",
+                           "--plan-learn=1", "--issue-cost-us=4.7", "--relay-overhead-us", "12", "--sim-busy-gpus=1,3",
                            "--sim-busy-share=0.5", "--sim-busy-file=/tmp/busy", "--sim-relay-latency-us=15"),
                      0);
     ck_assert_double_eq_tol(cfg.yield_frac, 0, 1e-12);
     ck_assert_double_eq_tol(cfg.yield_probe_ms, 5, 1e-12);
     ck_assert_double_eq_tol(cfg.link_gbps, 25, 1e-12);
-    ck_assert_int_eq(cfg.plan_split, 0);
+    ck_assert_int_eq(cfg.plan_split, 2);
+    ck_assert_int_eq(cfg.plan_learn, 1);
     ck_assert_double_eq_tol(cfg.issue_cost_us, 4.7, 1e-12);
     ck_assert_double_eq_tol(cfg.relay_overhead_us, 12, 1e-12);
     ck_assert_str_eq(cfg.sim_busy_gpus, "1,3");
@@ -127,7 +128,7 @@ START_TEST(yield_and_plan_options)
     ck_assert_str_eq(cfg.sim_busy_file, "/tmp/busy");
     ck_assert_double_eq_tol(cfg.sim_relay_latency_us, 15, 1e-12);
     const char *bad[] = {"--yield-frac=1.5", "--yield-frac=-0.1", "--yield-probe-ms=0", "--link-gbps=0",
-                         "--plan-split=2",   "--issue-cost-us=-2", "--relay-overhead-us=-1.5",
+                         "--plan-split=3",   "--plan-learn=2", "--issue-cost-us=-2", "--relay-overhead-us=-1.5",
                          "--sim-busy-share=0", "--sim-busy-share=1.1", "--busy-gbps=-1"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         mmad_config_defaults(&cfg);

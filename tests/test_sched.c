@@ -6,6 +6,7 @@
  * the fake box then runs its chunks in order at a rate the test sets, and
  * chunks land when that rate says (run_timed). */
 #include <check.h>
+#include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -979,6 +980,141 @@ START_TEST(planned_job_one_chunk_per_path)
 }
 END_TEST
 
+START_TEST(plan_split_weighted_paths_finish_together)
+{
+    /* Paths at 1, 0.8, 0.6 and 0.5 of the rate: each one's end (start +
+     * latency + len / its rate) is the same to within a few pages' time,
+     * and slower paths get less. */
+    uint64_t lens[MMAD_MAX_GPUS];
+    const double w[4] = {1.0, 0.8, 0.6, 0.5}, issue = 5000, relay = 15000, rate = 45.0;
+    for (uint64_t total = 8u << 20; total <= (20u << 20); total += 4u << 20) {
+        int n = mmad_sched_plan_split_w(total, 4, issue, relay, rate, w, 512u << 10, 8u << 20, lens);
+        ck_assert_int_eq(n, 4);
+        ck_assert_uint_eq(lens[0] + lens[1] + lens[2] + lens[3], total);
+        double end0 = (double)lens[0] / rate;
+        for (int p = 1; p < n; p++) {
+            double end = p * issue + relay + (double)lens[p] / (rate * w[p]);
+            ck_assert_msg(fabs(end - end0) < 4 * 4096 / (rate * w[p]) + 1, "total %llu: path %d ends at %.0f ns, the direct one at %.0f",
+                          (unsigned long long)total, p, end, end0);
+            ck_assert_uint_lt(lens[p], lens[p - 1]);
+        }
+    }
+    /* A middle relay too slow for min_chunk is left out, not the last. */
+    const double w2[4] = {1.0, 1.0, 0.02, 1.0};
+    int n = mmad_sched_plan_split_w(4u << 20, 4, 0, 0, 45.0, w2, 512u << 10, 8u << 20, lens);
+    ck_assert_int_eq(n, 4);
+    ck_assert_uint_eq(lens[2], 0);
+    ck_assert_uint_eq(lens[0] + lens[1] + lens[3], 4u << 20);
+    ck_assert_uint_gt(lens[3], 512u << 10);
+}
+END_TEST
+
+START_TEST(plan_split_mid_size_equal_pieces)
+{
+    /* --plan-split=2: a copy of up to path_depth chunks per path is planned
+     * too; each path's share is cut into equal pieces of at most a chunk. */
+    mmad_sched_destroy(&s);
+    start(512u << 10, 64u << 10, 2, 4, 0);
+    s.plan_split = 2;
+    uint64_t want[MMAD_MAX_GPUS];
+    const uint64_t total = 3u << 20; /* 4 paths x 2 x 512K = 4M >= 3M > 2M */
+    ck_assert_int_eq(mmad_sched_plan_split(total, 4, s.issue_cost_ns, s.relay_overhead_ns,
+                                           mmad_sched_ref_rate(&s, MMA_DIR_H2D, s.now()), 64u << 10, 1u << 20, want),
+                     4);
+    mmad_job_t *a = job_simple(&conn_x, 1, 0, total, 0);
+    mmad_sched_add(&s, a);
+    ck_assert_ptr_nonnull(s.plans);
+    mmad_sched_fill(&s);
+    while (fb.ninflight > 0) {
+        complete(0, MMA_OK);
+        mmad_sched_fill(&s);
+    }
+    ck_assert_uint_eq(a->landed, total);
+    const int order[4] = {1, 2, 3, 0};
+    for (int p = 0; p < 4; p++) {
+        uint64_t sum = 0, first = 0;
+        int pieces = 0;
+        for (int i = 0; i < fb.nlog; i++)
+            if (fb.log[i].via == order[p]) {
+                if (!pieces)
+                    first = fb.log[i].len;
+                sum += fb.log[i].len;
+                pieces++;
+                ck_assert_uint_le(fb.log[i].len, 512u << 10);
+                /* equal pieces: the last may be short by its rounding */
+                ck_assert_uint_le(fb.log[i].len, first);
+                ck_assert_uint_ge(fb.log[i].len + 4096 * (uint64_t)pieces, first);
+            }
+        ck_assert_uint_eq(sum, want[p]);
+        ck_assert_int_eq(pieces, (int)((want[p] + (512u << 10) - 1) / (512u << 10)));
+    }
+    ck_assert_uint_gt(want[0], want[3]);
+    job_free(a);
+}
+END_TEST
+
+/* One H2D copy of `total` into GPU 0 on the timed fake box; its time. */
+static uint64_t run_timed_copy(uint64_t total)
+{
+    uint64_t t0 = fake_ns;
+    mmad_job_t *a = job_simple(&conn_x, 0, 0, total, 0);
+    mmad_sched_add(&s, a);
+    mmad_sched_fill(&s);
+    mmad_job_t *f = NULL;
+    while (fb.ninflight > 0) {
+        int first = 0;
+        for (int i = 1; i < fb.ninflight; i++)
+            if (fb.fin[i] < fb.fin[first])
+                first = i;
+        fake_ns = fb.fin[first];
+        f = complete(first, MMA_OK);
+        mmad_sched_fill(&s);
+    }
+    ck_assert_ptr_eq(f, a);
+    ck_assert_uint_eq(a->landed, total);
+    job_free(a);
+    for (int v = 0; v < NGPU; v++) /* the next copy starts on idle links */
+        fb.path_free[0][v][MMA_DIR_H2D] = fake_ns;
+    return fake_ns - t0;
+}
+
+START_TEST(plan_learn_gives_slow_path_less)
+{
+    /* Relay 3 runs at half the others' rate. Equal shares wait for it; with
+     * --plan-learn its weight falls toward 0.5 and the copies get faster,
+     * toward total / (3.5 x rate). Without learning nothing changes. */
+    for (int learn = 0; learn <= 1; learn++) {
+        mmad_sched_destroy(&s);
+        start(1u << 20, 64u << 10, 2, 4, 0);
+        s.now = fake_now;
+        fake_ns = 1000;
+        s.plan_split = 2;
+        s.plan_learn = learn;
+        s.plan_learn_min = 256u << 10;
+        s.issue_cost_ns = 0;
+        s.relay_overhead_ns = 0;
+        s.ref_floor = 1.0;
+        for (int v = 0; v < NGPU; v++)
+            fb.rate[0][v][MMA_DIR_H2D] = v == 3 ? 0.5 : 1.0;
+        const uint64_t total = 4u << 20;
+        uint64_t first = run_timed_copy(total), last = first;
+        for (int k = 0; k < 12; k++)
+            last = run_timed_copy(total);
+        if (!learn) {
+            ck_assert_uint_eq(last, first);
+            ck_assert_double_eq_tol(s.plan_w[0][3][MMA_DIR_H2D], 1.0, 1e-12);
+            continue;
+        }
+        ck_assert_msg(last < first * 3 / 4, "learning: %llu ns per copy, first %llu", (unsigned long long)last,
+                      (unsigned long long)first);
+        ck_assert_double_le(last, (double)total / 3.5 * 1.1);
+        ck_assert_double_eq_tol(s.plan_w[0][3][MMA_DIR_H2D], 0.5, 0.1);
+        for (int v = 0; v < 3; v++)
+            ck_assert_double_eq_tol(s.plan_w[0][v][MMA_DIR_H2D], 1.0, 0.15);
+    }
+}
+END_TEST
+
 START_TEST(planned_job_skips_yielding_relay)
 {
     mmad_sched_destroy(&s);
@@ -1292,6 +1428,9 @@ int main(void)
     tcase_add_test(plan, plan_split_caps_at_chunk_size);
     tcase_add_test(plan, planned_job_one_chunk_per_path);
     tcase_add_test(plan, planned_job_skips_yielding_relay);
+    tcase_add_test(plan, plan_split_weighted_paths_finish_together);
+    tcase_add_test(plan, plan_split_mid_size_equal_pieces);
+    tcase_add_test(plan, plan_learn_gives_slow_path_less);
     tcase_add_test(plan, planned_chunks_cover_every_byte_once);
     suite_add_tcase(su, plan);
     TCase *yield = tcase_create("yield");
