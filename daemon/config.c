@@ -79,6 +79,9 @@ static const opt_t options[] = {
     {"plan-learn", OPT_INT, O(plan_learn), 0, "0", 0, 1,
      "1: planned splits weight each path by the rate it showed in earlier planned copies (from when their "
      "chunks ended), so paths that run slower (a relay, a link the host side serves less) get less"},
+    {"relay-edge", OPT_SIZE, O(relay_edge), 0, "0", 0, 1u << 30,
+     "planned relays of at least 3x this end (H2D) or start (D2H) with a piece this small, so the NVLink hops "
+     "that no PCIe transfer hides are short (they queue at the target's NVLink ports); 0: equal pieces"},
     {"issue-cost-us", OPT_DOUBLE, O(issue_cost_us), 0, "-1", -1, 1000,
      "engine time to issue one chunk, for planned splits (-1: 5 on cuda, --sim-chunk-cost-us simulated)"},
     {"relay-overhead-us", OPT_DOUBLE, O(relay_overhead_us), 0, "-1", -1, 10000,

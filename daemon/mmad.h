@@ -54,6 +54,7 @@ typedef struct mmad_config {
     double link_gbps;         /* per-link rate assumed until one is measured; the reference's floor */
     int plan_split;           /* 1: copies of at most one chunk per path get a planned split; 2: up to path_depth */
     int plan_learn;           /* planned splits weight each path by the rate it showed */
+    uint64_t relay_edge;      /* planned relays end (H2D) / start (D2H) with a piece this small; 0: off */
     double issue_cost_us;     /* engine time per chunk issued (<0: the backend's) */
     double relay_overhead_us; /* extra latency of a relay chunk over a direct one (<0: the backend's) */
 } mmad_config_t;

@@ -88,6 +88,7 @@ typedef struct mmad_sched {
     int plan_split;              /* 1: copies of <= 1 chunk per path; 2: <= path_depth chunks */
     int plan_learn;              /* learn plan_w from planned copies' finish times */
     uint64_t plan_learn_min;     /* only shares of at least this teach plan_w */
+    uint64_t relay_edge;         /* a planned relay's small last (H2D) / first (D2H) piece; 0: none */
     double plan_w[MMAD_MAX_GPUS][MMAD_MAX_GPUS][2]; /* [target][via][dir]: a path's rate over the plan's */
     double issue_cost_ns;        /* engine time per chunk issued */
     double relay_overhead_ns;    /* a relay chunk's extra fixed latency */

@@ -39,6 +39,7 @@ struct mmad_plan {
     mmad_job_t *job;
     uint64_t left[MMAD_MAX_GPUS];  /* bytes each relay (by via) is still to carry */
     uint64_t piece[MMAD_MAX_GPUS]; /* each path's chunks: its share in equal pieces */
+    uint64_t edge[MMAD_MAX_GPUS];  /* a relay's small piece (--relay-edge), else 0 */
     /* for --plan-learn: what the plan assumed, and what happened */
     uint64_t share[MMAD_MAX_GPUS]; /* bytes planned per via */
     double start_ns[MMAD_MAX_GPUS]; /* modelled start per via, from the first issue */
@@ -84,6 +85,7 @@ int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cf
     s->plan_split = cfg->plan_split;
     s->plan_learn = cfg->plan_learn;
     s->plan_learn_min = PLAN_LEARN_MIN;
+    s->relay_edge = cfg->relay_edge < s->chunk_size ? (cfg->relay_edge + 4095) & ~(uint64_t)4095 : 0;
     for (int t = 0; t < MMAD_MAX_GPUS; t++)
         for (int v = 0; v < MMAD_MAX_GPUS; v++)
             s->plan_w[t][v][0] = s->plan_w[t][v][1] = 1.0;
@@ -392,8 +394,17 @@ static void plan_job(mmad_sched_t *s, mmad_job_t *j, const int *vias, int n, int
         pl->start_ns[v] = (double)i * s->issue_cost_ns + (i ? s->relay_overhead_ns : 0.0);
         if (!lens[i])
             continue;
-        uint64_t k = (lens[i] + s->chunk_size - 1) / s->chunk_size;
-        uint64_t piece = ((lens[i] + k - 1) / k + 4095) & ~(uint64_t)4095;
+        /* The hops of relays that end together queue at the target's NVLink
+         * ports (H2D; D2H: they start together at its ports): a relay share
+         * of at least 3 edges ends (starts) with a piece of one edge, so
+         * that hop is short. */
+        uint64_t body = lens[i];
+        if (i > 0 && s->relay_edge && lens[i] >= 3 * s->relay_edge) {
+            pl->edge[v] = s->relay_edge;
+            body -= s->relay_edge;
+        }
+        uint64_t k = (body + s->chunk_size - 1) / s->chunk_size;
+        uint64_t piece = ((body + k - 1) / k + 4095) & ~(uint64_t)4095;
         pl->piece[v] = piece < s->chunk_size ? piece : s->chunk_size;
         if (pl->piece[v] > largest)
             largest = pl->piece[v];
@@ -516,6 +527,15 @@ static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via, int npaths, uint64
     const mmad_seg_t *seg = &j->segs[j->cur_seg];
     uint64_t len = seg->len - j->cur_off;
     uint64_t cap = pl && pl->piece[via] ? pl->piece[via] : j->chunk_len;
+    if (pl && pl->edge[via] && via != j->target) {
+        /* The relay's small piece: its last for H2D, its first for D2H,
+         * the one whose NVLink hop no PCIe transfer of its own hides. */
+        uint64_t left = pl->left[via];
+        if (j->dir == MMA_DIR_H2D)
+            cap = left > pl->edge[via] ? (cap < left - pl->edge[via] ? cap : left - pl->edge[via]) : left;
+        else if (left == pl->share[via])
+            cap = pl->edge[via];
+    }
     if (cap > want)
         cap = want;
     if (s->tail_split && !pl) {

@@ -3,6 +3,7 @@
 # mmad with --trace, the size sweep (native vs mma) from MIN to MAX in DIRS,
 # stop mmad, and summarize its chunk trace (bench/trace_summary.py).
 # Output under $OUT/trace/.
+# BENCH_ARGS (e.g. "--gpu 3") go to mma-bench.
 #   MIN=16M MAX=256M DIRS=h2d scripts/gpu-trace.sh [BUILD_DIR] "CONFIG 1" "CONFIG 2" ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,8 @@ for cfg in "$@"; do
   for _ in $(seq 600); do [ -S "$SOCK" ] && break; sleep 0.05; done
   echo "### config $i: ${cfg:-(defaults)}" | tee "$OUT/trace/bench-$i.txt"
   for d in ${DIRS:-h2d d2h}; do
-    "$B/mma-bench" --socket "$SOCK" --sections sizes --dir "$d" --min "${MIN:-16M}" --max "${MAX:-256M}" --quick 2>&1 |
+    # shellcheck disable=SC2086
+    "$B/mma-bench" --socket "$SOCK" --sections sizes --dir "$d" --min "${MIN:-16M}" --max "${MAX:-256M}" --quick ${BENCH_ARGS:-} 2>&1 |
       tee -a "$OUT/trace/bench-$i.txt"
   done
   kill "$M"; wait "$M"

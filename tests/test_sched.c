@@ -1053,6 +1053,44 @@ START_TEST(plan_split_mid_size_equal_pieces)
 }
 END_TEST
 
+START_TEST(relay_edge_piece_last_h2d_first_d2h)
+{
+    /* --relay-edge: a planned relay share of at least 3 edges is cut into
+     * equal pieces plus one edge, issued last for H2D (its hop ends the copy)
+     * and first for D2H (its hop starts it); the direct path has none. */
+    for (int dir = 0; dir < 2; dir++) {
+        mmad_sched_destroy(&s);
+        start(1u << 20, 64u << 10, 2, 4, 0);
+        s.plan_split = 2;
+        s.relay_edge = 128u << 10;
+        const uint64_t total = 4u << 20;
+        mmad_job_t *a = job_new(&conn_x, 1, dir, 0, &total, 1, 0, 0);
+        mmad_sched_add(&s, a);
+        mmad_sched_fill(&s);
+        while (fb.ninflight > 0) {
+            complete(0, MMA_OK);
+            mmad_sched_fill(&s);
+        }
+        ck_assert_uint_eq(a->landed, total);
+        for (int v = 0; v < NGPU; v++) {
+            uint64_t lens[8];
+            int k = 0;
+            for (int i = 0; i < fb.nlog; i++)
+                if (fb.log[i].via == v && k < 8)
+                    lens[k++] = fb.log[i].len;
+            if (v != 1)
+                ck_assert_msg(k >= 2, "dir %d via %d: %d chunks, first %llu", dir, v, k, (unsigned long long)(k ? lens[0] : 0));
+            uint64_t edge = dir == MMA_DIR_H2D ? lens[k - 1] : lens[0];
+            if (v == 1)
+                ck_assert_uint_ne(edge, 128u << 10);
+            else
+                ck_assert_msg(edge == 128u << 10, "dir %d via %d: edge piece %llu", dir, v, (unsigned long long)edge);
+        }
+        job_free(a);
+    }
+}
+END_TEST
+
 /* One H2D copy of `total` into GPU 0 on the timed fake box; its time. */
 static uint64_t run_timed_copy(uint64_t total)
 {
@@ -1431,6 +1469,7 @@ int main(void)
     tcase_add_test(plan, plan_split_weighted_paths_finish_together);
     tcase_add_test(plan, plan_split_mid_size_equal_pieces);
     tcase_add_test(plan, plan_learn_gives_slow_path_less);
+    tcase_add_test(plan, relay_edge_piece_last_h2d_first_d2h);
     tcase_add_test(plan, planned_chunks_cover_every_byte_once);
     suite_add_tcase(su, plan);
     TCase *yield = tcase_create("yield");
