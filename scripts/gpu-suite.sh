@@ -6,6 +6,8 @@
 #   bench.txt    mma-bench's table           bench.csv     the same as CSV
 #   mmad.log     the daemon's log            paths.txt     mmactl status + paths
 #   scenarios.txt/.csv  contention, fairness and priority (mma-bench --scenarios)
+#   trace_summary.txt   where the time of the bench's copies went inside
+#                       mmad (mmad --trace, bench/trace_summary.py)
 #   scripts/gpu-suite.sh [BUILD_DIR] [extra mma-bench args...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +31,8 @@ test_rc=${PIPESTATUS[0]}
 
 echo "== benchmark"
 SOCK=/tmp/mma-bench-$$.sock
-"$B/mmad" --backend=cuda --socket="$SOCK" >"$OUT/mmad.log" 2>&1 &
+TRACE=/tmp/mma-trace-$$.csv
+"$B/mmad" --backend=cuda --socket="$SOCK" --trace="$TRACE" >"$OUT/mmad.log" 2>&1 &
 MMAD=$!
 for _ in $(seq 600); do [ -S "$SOCK" ] && break; sleep 0.05; done
 "$B/mma-bench" --socket "$SOCK" --csv "$OUT/bench.csv" "$@" 2>&1 | tee "$OUT/bench.txt"
@@ -40,6 +43,8 @@ scen_rc=${PIPESTATUS[0]}
 { "$B/mmactl" --socket "$SOCK" status; echo; "$B/mmactl" --socket "$SOCK" paths; } >"$OUT/paths.txt" 2>&1
 kill "$MMAD"; wait "$MMAD"
 echo "mmad exit: $?" >>"$OUT/mmad.log"
+python3 bench/trace_summary.py "$TRACE" >"$OUT/trace_summary.txt" 2>&1 || echo "no trace summary (python3?)"
+rm -f "$TRACE"
 grep -v 'bytes=0,' "$OUT/paths.txt"
 echo "gpu tests rc=$test_rc, bench rc=$bench_rc, scenarios rc=$scen_rc"
 [ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$scen_rc" -eq 0 ]

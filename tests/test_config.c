@@ -59,7 +59,9 @@ START_TEST(defaults)
     ck_assert_double_eq_tol(cfg.busy_gbps, 10, 1e-12);
     ck_assert_double_eq_tol(cfg.yield_probe_ms, 20, 1e-12);
     ck_assert_double_eq_tol(cfg.link_gbps, 45, 1e-12);
-    ck_assert_int_eq(cfg.plan_split, 1);
+    ck_assert_int_eq(cfg.plan_split, 2);
+    ck_assert_int_eq(cfg.plan_learn, 1);
+    ck_assert_uint_eq(cfg.relay_edge, 2u << 20);
     ck_assert_double_lt(cfg.issue_cost_us, 0);
     ck_assert_double_lt(cfg.relay_overhead_us, 0);
     ck_assert_str_eq(cfg.sim_busy_gpus, "");

@@ -109,6 +109,8 @@ static void start(uint64_t chunk, uint64_t min_chunk, int depth, int staging, in
      * no time: planned splits and yielding are off unless a test turns them
      * on. */
     cfg.plan_split = 0;
+    cfg.plan_learn = 0;
+    cfg.relay_edge = 0;
     cfg.yield_frac = 0;
     ck_assert_int_eq(mmad_sched_init(&s, &fb.base, &cfg), MMA_OK);
     atomic_init(&conn_x.refs, 1);
