@@ -102,6 +102,18 @@ typedef struct ctx {
     const char *card;
 } ctx_t;
 
+/* After a native phase of n-byte copies: mmad's link monitor (NVML, a
+ * reading round every ~0.25 s on 4 GPUs) sees the bench's own native copies
+ * as a neighbour loading the target's link and stops relays through it until
+ * a reading shows the link quiet. Give it that reading before measuring mma,
+ * as a neighbour that stopped would. Small copies never reach the limit. */
+#define SETTLE_US 500000
+static void after_native(size_t n)
+{
+    if (n >= (1u << 20))
+        usleep(SETTLE_US);
+}
+
 int mma_bench_scenarios(const char *sock, double secs, FILE *csv);
 
 /* 4K..256K and 64M..4G in steps of 4; 1M..64M in steps of 2, where native
@@ -457,6 +469,7 @@ int main(int argc, char **argv)
         if (sec_sizes) {
         printf("\n## %s into gpu%d: native cudaMemcpyAsync vs mma, median of reps\n"
                "## mma = through mmad on every path; auto = what a user gets (native below the bypass threshold)\n"
+               "## from 1 MiB, mma waits 0.5 s after native, so mmad's link monitor does not take the bench's own native copies for a neighbour's\n"
                "## nat-q, mma-q = %d copies in flight into distinct ranges, then wait for all, repeated: total bytes /"
                " total time (from 1 MiB; mma-q without bypass); %%ceil-q = mma-q / %s ceiling\n",
                dn[d], gpu, QDEPTH, dn[d]);
@@ -468,6 +481,7 @@ int main(int argc, char **argv)
         for (size_t n = minsz; n <= maxsz && nsz < 64; n = next_size(n)) {
             int reps = quick ? (reps_for(n) + 1) / 2 : reps_for(n);
             double tn = time_copy(&x, d, n, 0, 0, samples, reps);
+            after_native(n);
             prepare(&x, d, 0, n);
             double tm = time_copy(&x, d, n, 1, 0, samples, reps);
             int ok_n = check(&x, d, 0, n);
@@ -479,6 +493,7 @@ int main(int argc, char **argv)
             double gnq = -1, gmq = -1;
             if (n >= (1u << 20) && n <= x.cap / QDEPTH) {
                 gnq = time_queued(&x, d, n, 0, reps);
+                after_native(n);
                 prepare(&x, d, 0, n * QDEPTH);
                 gmq = time_queued(&x, d, n, 1, reps);
                 ok_n &= check(&x, d, 0, n * QDEPTH);
@@ -567,6 +582,7 @@ int main(int argc, char **argv)
             int r = quick ? lat_reps / 4 : lat_reps;
             time_copy(&x, d, s, 0, 0, samples, r);
             double n50 = pct(samples, r, 0.5) * 1e6, n99 = pct(samples, r, 0.99) * 1e6;
+            after_native(s);
             time_copy(&x, d, s, 1, 0, samples, r);
             double m50 = pct(samples, r, 0.5) * 1e6, m99 = pct(samples, r, 0.99) * 1e6;
             char hs[16];

@@ -1095,9 +1095,8 @@ static void *monitor_main(void *arg)
                 double own_mbps = t1 - t0 >= MONITOR_GAP_NS * 3 / 4
                                       ? (double)(after - before) / (double)(t1 - t0) * 1000.0
                                       : (double)(after - own0[g][d]) / (double)(t1 - ta) * 1000.0;
-                double foreign = (double)kbps / 1000.0 - own_mbps;
-                atomic_store_explicit(&be->foreign_mbps[g][d], foreign > 0 ? (uint32_t)foreign : 0,
-                                      memory_order_relaxed);
+                double foreign = mmad_foreign_mbps((double)kbps / 1000.0, own_mbps);
+                atomic_store_explicit(&be->foreign_mbps[g][d], (uint32_t)foreign, memory_order_relaxed);
             }
         atomic_fetch_add_explicit(&be->foreign_seq, 1, memory_order_release);
     }

@@ -813,6 +813,22 @@ END_TEST
 /* The defaults: 5 us to issue a chunk, 15 us more for a relay, 45 GB/s. */
 #define PLAN_DEFAULTS 5000.0, 15000.0, 45.0, 512u << 10, 8u << 20
 
+START_TEST(foreign_traffic_from_counter)
+{
+    /* 4x H200: mmad alone filling gpu0's link (55.3 GB/s of payload) read
+     * 59.6 GB/s on NVML's counter: that is no other traffic, and must stay
+     * under half of --busy-gbps (5 GB/s), or relays stopped by a neighbour
+     * would never resume while mmad runs. */
+    ck_assert_double_lt(mmad_foreign_mbps(59600, 55300), 1000);
+    ck_assert_double_lt(mmad_foreign_mbps(60000, 55300), 1000);
+    /* A neighbour's 15 GB/s next to mmad's 40 is seen. */
+    ck_assert_double_gt(mmad_foreign_mbps((15000 + 40000) * 1.08, 40000), 10000);
+    /* A neighbour alone is all other traffic; never below 0. */
+    ck_assert_double_eq_tol(mmad_foreign_mbps(59600, 0), 59600, 1e-9);
+    ck_assert_double_eq_tol(mmad_foreign_mbps(1000, 5000), 0, 1e-9);
+}
+END_TEST
+
 START_TEST(plan_split_function)
 {
     /* Every size from 4 KiB to 32 MiB (and odd ones), 1 to 4 paths: the
@@ -1472,6 +1488,7 @@ int main(void)
     tcase_add_test(plan, plan_split_mid_size_equal_pieces);
     tcase_add_test(plan, plan_learn_gives_slow_path_less);
     tcase_add_test(plan, relay_edge_piece_last_h2d_first_d2h);
+    tcase_add_test(plan, foreign_traffic_from_counter);
     tcase_add_test(plan, planned_chunks_cover_every_byte_once);
     suite_add_tcase(su, plan);
     TCase *yield = tcase_create("yield");
