@@ -15,11 +15,18 @@
  * every yield_probe_ns, and resumes when a probe runs fast again. The direct
  * path never yields.
  *
- * Planned splits. A copy small enough for one chunk per path is cut into one
- * chunk per path whose lengths make the paths finish together, allowing for
- * the engine issuing chunks one after another (direct first) and the extra
- * latency of a relay: later and slower-starting paths get less, and below
- * ~2 MiB (4x H200 figures) the direct path gets everything. */
+ * Planned splits. A copy small enough for one chunk per path (plan_split 1),
+ * or for path_depth chunks per path (plan_split 2), gets a share per path
+ * whose lengths make the paths finish together, allowing for the engine
+ * issuing chunks one after another (direct first) and the extra latency of a
+ * relay: later and slower-starting paths get less, and below ~2 MiB (4x H200
+ * figures) the direct path gets everything. Each share is cut into equal
+ * pieces; a relay's may end (H2D) or start (D2H) with a short edge piece,
+ * whose NVLink hop is the one no PCIe transfer hides. With plan_learn, each
+ * path's rate is weighted by what it showed in earlier planned copies.
+ *
+ * Issue order: breadth first, the path with the fewest chunks in flight,
+ * the direct one first among equals. */
 #ifndef MMAD_SCHED_H
 #define MMAD_SCHED_H
 
