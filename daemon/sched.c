@@ -223,7 +223,7 @@ int mmad_sched_plan_split_w(uint64_t total, int npaths, double issue_ns, double 
         lens[p] = 0;
         in[p] = p < npaths;
         t[p] = (double)p * issue_ns + (p ? relay_ns : 0.0);
-        double w = weight && weight[p] > 0 ? weight[p] : 1.0;
+        double w = weight && p < npaths && weight[p] > 0 ? weight[p] : 1.0;
         /* Rate 0 (nothing known): no costs, every path alike. */
         r[p] = rate > 0 ? rate * w : 1.0;
         if (rate <= 0)
