@@ -129,6 +129,7 @@ typedef struct cuda_gpu {
     cudaStream_t direct[2];
     cudaStream_t pcie[2];
     cudaStream_t nvlink[2];
+    cudaStream_t pull[MMAD_MAX_GPUS][2]; /* --hop-side=target: this GPU's NVLink hop of relays via each peer */
     void **staging;          /* staging_slots buffers of chunk_size bytes */
     cudaStream_t *slot_stream; /* --relay-per-slot: one stream per staging buffer */
     unsigned char *slot_used;
@@ -199,6 +200,7 @@ typedef struct cuda_be {
     ipc_map_t *ipc_maps;
     addr_range_fn addr_range;
     int relay_per_slot;
+    int hop_target;          /* --hop-side=target: the NVLink hop runs on the target's stream */
 } cuda_be_t;
 
 /* ---- error discipline ---- */
@@ -502,6 +504,48 @@ static int queue_relay(cuda_be_t *s, mmad_chunk_t *c, char *stage, cudaEvent_t h
     return mark_done(s, c, c->via, second);
 }
 
+/* --hop-side=target: the NVLink hop on the target's stream for this via
+ * (H2D: the target pulls from staging; D2H: it pushes into staging), the
+ * PCIe hop on the via GPU's. Engine thread only (it switches contexts). */
+static int issue_relay_target_hop(cuda_be_t *s, mmad_chunk_t *c)
+{
+    int v = c->via, t = c->target, h2d = c->dir == MMA_DIR_H2D;
+    char *stage = s->gpu[v].staging[c->staging];
+    cudaStream_t tst = s->gpu[t].pull[v][c->dir];
+    int d1 = h2d ? v : t, d2 = h2d ? t : v;
+    cudaStream_t first = h2d ? s->gpu[v].pcie[MMA_DIR_H2D] : tst;
+    cudaStream_t second = h2d ? tst : s->gpu[v].pcie[MMA_DIR_D2H];
+    ev_pool_t *pool = &s->gpu[d1].events;
+    cudaEvent_t hop;
+    int rc = use_dev(s, d1); /* the pool may grow: d1's context must be current */
+    if (rc == MMA_OK)
+        rc = event_get(pool, &hop);
+    if (rc != MMA_OK)
+        return rc;
+    int queued = 0;
+    if (rc == MMA_OK) {
+        rc = h2d ? copy_on(s, stage, 0, c->host, 1, c->len, first) : copy_on(s, stage, 0, c->dev, 0, c->len, first);
+        queued = rc == MMA_OK;
+    }
+    if (rc == MMA_OK) {
+        uint64_t t0 = mma_now_ns();
+        rc = DRV(s->drv.ev_record((CUevent)hop, (CUstream)first));
+        if (rc == MMA_OK && (rc = use_dev(s, d2)) == MMA_OK)
+            rc = DRV(s->drv.wait_event((CUstream)second, (CUevent)hop, 0));
+        s->t_hop_ns += mma_now_ns() - t0;
+    }
+    if (rc == MMA_OK)
+        rc = h2d ? copy_on(s, c->dev, 0, stage, 0, c->len, second) : copy_on(s, c->host, 1, stage, 0, c->len, second);
+    if (rc == MMA_OK)
+        rc = mark_done(s, c, d2, second);
+    event_put(pool, hop);
+    if (rc != MMA_OK && queued) {
+        drain(first);
+        drain(second);
+    }
+    return rc;
+}
+
 /* Queue a relay chunk's copies and mark; its staging slot (c->staging) and
  * completion word are reserved. Runs where the via GPU's context is
  * current: on its lane, or on the engine thread without lanes. On failure
@@ -522,6 +566,8 @@ static int issue_relay(cuda_be_t *s, mmad_chunk_t *c)
         first = c->dir == MMA_DIR_H2D ? g->pcie[MMA_DIR_H2D] : g->nvlink[MMA_DIR_D2H];
         second = c->dir == MMA_DIR_H2D ? g->nvlink[MMA_DIR_H2D] : g->pcie[MMA_DIR_D2H];
     }
+    if (s->hop_target && !s->relay_per_slot)
+        return issue_relay_target_hop(s, c);
     /* Only hops on two streams need an event between them. */
     cudaEvent_t hop = NULL;
     int rc = second != first ? event_get(&g->events, &hop) : MMA_OK;
@@ -780,7 +826,7 @@ static cudaError_t chunk_stream_error(cuda_be_t *s, const mmad_chunk_t *c)
         st[n++] = g->slot_stream[c->staging];
     } else {
         st[n++] = g->pcie[c->dir];
-        st[n++] = g->nvlink[c->dir];
+        st[n++] = s->hop_target ? s->gpu[c->target].pull[c->via][c->dir] : g->nvlink[c->dir];
     }
     for (int i = 0; i < n; i++) {
         cudaError_t err = cudaStreamQuery(st[i]);
@@ -1017,6 +1063,10 @@ static void streams_apply(mmad_backend_t *be, cuda_gpu_t *g, cudaError_t (*fn)(c
     for (int i = 0; g->slot_stream && i < be->staging_slots; i++)
         if (g->slot_stream[i])
             (void)cuda_status(fn(g->slot_stream[i]), name, __func__, MMA_LOG_ERROR);
+    for (int p = 0; p < MMAD_MAX_GPUS; p++)
+        for (int d = 0; d < 2; d++)
+            if (g->pull[p][d])
+                (void)cuda_status(fn(g->pull[p][d]), name, __func__, MMA_LOG_ERROR);
 }
 
 /* Safe on a half-built backend: every resource is checked before release. */
@@ -1312,6 +1362,9 @@ static int gpu_setup(cuda_be_t *s, int gi)
         CU_CHECK(cudaStreamCreateWithFlags(&g->direct[d], cudaStreamNonBlocking));
         CU_CHECK(cudaStreamCreateWithFlags(&g->pcie[d], cudaStreamNonBlocking));
         CU_CHECK(cudaStreamCreateWithFlags(&g->nvlink[d], cudaStreamNonBlocking));
+        for (int p = 0; s->hop_target && p < be->gpu_count; p++)
+            if (p != gi)
+                CU_CHECK(cudaStreamCreateWithFlags(&g->pull[p][d], cudaStreamNonBlocking));
     }
     g->staging = calloc((size_t)be->staging_slots, sizeof *g->staging);
     g->slot_used = calloc((size_t)be->staging_slots, 1);
@@ -1406,6 +1459,10 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
         MMA_ERROR("cuda: chunk size, staging slots and path depth must be positive");
         return MMA_ERR_INVAL;
     }
+    if (strcmp(cfg->hop_side, "via") != 0 && strcmp(cfg->hop_side, "target") != 0) {
+        MMA_ERROR("cuda: --hop-side=%s: expected via or target", cfg->hop_side);
+        return MMA_ERR_INVAL;
+    }
     if (strcmp(cfg->copy_api, "driver") != 0 && strcmp(cfg->copy_api, "runtime") != 0) {
         MMA_ERROR("cuda: --copy-api=%s: expected runtime or driver", cfg->copy_api);
         return MMA_ERR_INVAL;
@@ -1436,6 +1493,7 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
     be->gpu_count = n;
     be->chunk_size = cfg->chunk_size;
     s->relay_per_slot = cfg->relay_per_slot;
+    s->hop_target = strcmp(cfg->hop_side, "target") == 0;
     s->copy_driver = strcmp(cfg->copy_api, "driver") == 0;
     be->staging_slots = cfg->staging_slots;
     be->path_depth = cfg->path_depth;
@@ -1463,6 +1521,10 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
     if (rc == MMA_OK)
         monitor_start(s, cfg->busy_gbps);
     s->use_lanes = s->use_flags && cfg->submit_threads;
+    if (s->use_lanes && s->hop_target) {
+        MMA_WARN("cuda: --hop-side=target needs the engine thread to issue relays: --submit-threads=1 is off");
+        s->use_lanes = 0;
+    }
     for (int g = 0; rc == MMA_OK && s->use_lanes && g < n; g++)
         rc = lane_start(s, g);
     if (rc == MMA_OK)

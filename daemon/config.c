@@ -48,6 +48,9 @@ static const opt_t options[] = {
      "1: a chunk is at most what is left of its copy over paths x depth, so paths finish together"},
     {"relay-per-slot", OPT_INT, O(relay_per_slot), 0, "0", 0, 1,
      "cuda: 1 puts both hops of a relay on its staging slot's own stream (3 CUDA calls, not 5)"},
+    {"hop-side", OPT_STR, O(hop_side), S(hop_side), "via", 0, 0,
+     "cuda: whose stream runs a relay's NVLink hop: via (the staging GPU pushes H2D, pulls D2H) | target "
+     "(the target pulls H2D, pushes D2H; not with --submit-threads=1)"},
     {"copy-api", OPT_STR, O(copy_api), S(copy_api), "runtime", 0, 0,
      "cuda: runtime (cudaMemcpyAsync) | driver (cuMemcpy*Async) for the chunk copies"},
     {"submit-threads", OPT_INT, O(submit_threads), 0, "0", 0, 1,
@@ -244,9 +247,25 @@ int mmad_config_parse(mmad_config_t *cfg, int argc, char **argv)
         if (set_opt(cfg, o, val) != 0)
             return -1;
     }
-    if (strcmp(cfg->backend, "auto") && strcmp(cfg->backend, "cuda") && strcmp(cfg->backend, "sim")) {
-        fprintf(stderr, "mmad: --backend must be auto, cuda or sim, not '%s'\n", cfg->backend);
-        return -1;
+    /* Options that take one of a few words. */
+    const struct {
+        const char *name, *val, *a, *b, *c;
+    } words[] = {
+        {"backend", cfg->backend, "auto", "cuda", "sim"},
+        {"completion", cfg->completion, "auto", "flags", "events"},
+        {"copy-api", cfg->copy_api, "runtime", "driver", NULL},
+        {"hop-side", cfg->hop_side, "via", "target", NULL},
+    };
+    for (size_t k = 0; k < sizeof words / sizeof words[0]; k++) {
+        const char *v = words[k].val;
+        if (strcmp(v, words[k].a) && strcmp(v, words[k].b) && (!words[k].c || strcmp(v, words[k].c))) {
+            if (words[k].c)
+                fprintf(stderr, "mmad: --%s must be %s, %s or %s, not '%s'\n", words[k].name, words[k].a, words[k].b,
+                        words[k].c, v);
+            else
+                fprintf(stderr, "mmad: --%s must be %s or %s, not '%s'\n", words[k].name, words[k].a, words[k].b, v);
+            return -1;
+        }
     }
     if (cfg->min_chunk > cfg->chunk_size)
         cfg->min_chunk = cfg->chunk_size;

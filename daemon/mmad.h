@@ -34,6 +34,7 @@ typedef struct mmad_config {
     int relay_per_slot;     /* cuda: both hops of a relay on its staging slot's own stream */
     char completion[8];     /* cuda: how chunks signal the end: auto | flags | events */
     char copy_api[8];       /* cuda: runtime | driver */
+    char hop_side[8];       /* cuda: via | target: whose stream runs a relay's NVLink hop */
     int submit_threads;     /* cuda: 1 issues relays from one thread per GPU */
     int fewest_chunks;      /* cut a copy into no more chunks per path than chunk_size requires */
     int64_t bypass_threshold; /* -1: measured/derived at start */

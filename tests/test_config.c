@@ -172,14 +172,20 @@ START_TEST(out_of_range_refused)
                          "--staging-slots=0", "--sim-scale=0",      "--sim-scale=1.5",    "--sim-gpus=17",
                          "--max-clients=0",   "--sim-fail-via=-2",  "--bypass-threshold=-2", "--max-paths=-1",
                          "--chunk-size=1e30", "--chunk-size=-4K",     "--chunk-size=nan",   "--chunk-size=inf",
-                         "--path-depth=-1e300"};
+                         "--path-depth=-1e300", "--hop-side=peer", "--copy-api=fast", "--completion=poll",
+                         "--backend=gpu"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         mmad_config_defaults(&cfg);
         char *argv[] = {"mmad", (char *)bad[i], NULL};
         ck_assert_msg(parse_quiet(2, argv) < 0, "%s was accepted", bad[i]);
     }
     /* The bounds themselves are fine. */
+    mmad_config_defaults(&cfg);
     ck_assert_int_eq(PARSE("--path-depth=1", "--staging-slots=64", "--sim-scale=1.0", "--chunk-size=4K"), 0);
+    /* And every word of the word options. */
+    ck_assert_int_eq(PARSE("--hop-side=target", "--copy-api=driver", "--completion=events", "--backend=cuda"), 0);
+    ck_assert_str_eq(cfg.hop_side, "target");
+    ck_assert_int_eq(PARSE("--hop-side=via", "--copy-api=runtime", "--completion=flags", "--backend=sim"), 0);
 }
 END_TEST
 
