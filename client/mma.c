@@ -25,10 +25,12 @@
 #define SPIN_BEFORE_NS 150000ull
 /* ... to this long after it, then sleeps. */
 #define SPIN_AFTER_NS 2000000ull
-/* The expected end assumes this rate (bytes per ns = GB/s): about what a
- * 4-GPU box gives one copy; a slower copy costs at most SPIN_AFTER_NS of
- * spinning. */
-#define EXPECTED_GBPS 120ull
+/* The expected end first assumes this rate (bytes per ns = GB/s), then
+ * what this client's copies showed (mma_expect_update); a slower copy costs
+ * at most SPIN_AFTER_NS of spinning. */
+#define EXPECTED_GBPS 120.0
+/* Copies from this size on teach the expected rate. */
+#define EXPECT_LEARN_MIN (8u << 20)
 #define SEQ_MASK ((1ull << SEQ_BITS) - 1)
 
 typedef struct region {
@@ -53,6 +55,10 @@ struct mma_client {
     int flags_pinned;
     uint64_t *slot_seq; /* last seq issued on each slot */
     uint64_t *slot_due; /* when each slot's copy should be done (ns, monotonic) */
+    uint64_t *slot_start; /* when it was submitted */
+    uint64_t *slot_bytes; /* its bytes */
+    unsigned char *slot_dir;
+    double expect[2];     /* mma_wait's expected rate per direction, bytes/ns (under lock) */
     uint64_t seq;
     uint32_t cursor;
     region_t *regions;
@@ -191,7 +197,11 @@ int mma_connect(const char *socket_path, mma_client_t **out)
     }
     c->slot_seq = calloc(c->nslots, sizeof *c->slot_seq);
     c->slot_due = calloc(c->nslots, sizeof *c->slot_due);
-    if (!c->slot_seq || !c->slot_due) {
+    c->slot_start = calloc(c->nslots, sizeof *c->slot_start);
+    c->slot_bytes = calloc(c->nslots, sizeof *c->slot_bytes);
+    c->slot_dir = calloc(c->nslots, 1);
+    c->expect[0] = c->expect[1] = EXPECTED_GBPS;
+    if (!c->slot_seq || !c->slot_due || !c->slot_start || !c->slot_bytes || !c->slot_dir) {
         rc = MMA_ERR_NOMEM;
         goto fail;
     }
@@ -254,6 +264,9 @@ fail:
         munmap(c->flags, flen);
     free(c->slot_seq);
     free(c->slot_due);
+    free(c->slot_start);
+    free(c->slot_bytes);
+    free(c->slot_dir);
     free(c->pending);
     pthread_mutex_destroy(&c->lock);
     pthread_cond_destroy(&c->wd_cond);
@@ -548,6 +561,21 @@ int mma_query(mma_client_t *c, mma_copy_t t)
     return MMA_PENDING;
 }
 
+/* A copy waited for in mma_wait ended; phase 0: seen before the spin began,
+ * 1: while spinning, 2: after. Its slot may be taken again by now (another
+ * thread's copy): then the time is not this copy's and nothing is learned. */
+static void learn_rate(mma_client_t *c, uint32_t slot, uint64_t seq, int phase)
+{
+    uint64_t now = mma_now_ns();
+    pthread_mutex_lock(&c->lock);
+    uint64_t bytes = c->slot_bytes[slot];
+    if (c->slot_seq[slot] == seq && bytes >= EXPECT_LEARN_MIN && now > c->slot_start[slot]) {
+        int dir = c->slot_dir[slot];
+        c->expect[dir] = mma_expect_update(c->expect[dir], bytes, now - c->slot_start[slot], phase);
+    }
+    pthread_mutex_unlock(&c->lock);
+}
+
 int mma_wait(mma_client_t *c, mma_copy_t t)
 {
     int st = mma_query(c, t);
@@ -563,19 +591,27 @@ int mma_wait(mma_client_t *c, mma_copy_t t)
     uint64_t due = c->slot_due[slot];
     while (due) {
         uint64_t now = mma_now_ns();
+        int phase;
         if (due > now + SPIN_BEFORE_NS) {
+            phase = 0;
             mma_flag_sleep(&c->flags[slot], seq, due - now - SPIN_BEFORE_NS);
         } else if (now < due + SPIN_AFTER_NS) {
+            phase = 1;
             __builtin_ia32_pause();
         } else {
             break;
         }
-        if ((st = mma_query(c, t)) != MMA_PENDING)
+        if ((st = mma_query(c, t)) != MMA_PENDING) {
+            learn_rate(c, slot, seq, phase);
             return st;
+        }
     }
     for (;;) {
-        if (mma_flag_sleep(&c->flags[slot], seq, 50000000ull))
+        if (mma_flag_sleep(&c->flags[slot], seq, 50000000ull)) {
+            if (due)
+                learn_rate(c, slot, seq, 2);
             return mma_query(c, t);
+        }
         /* 50 ms without news: is mmad still there? If not, finish what can
          * be finished natively (real GPUs); on the simulated box nothing can. */
         pthread_mutex_lock(&c->lock);
@@ -701,7 +737,11 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
     c->slot_seq[slot] = seq;
     /* On the simulated box a waiter just sleeps: microseconds do not matter
      * there, and spinning would take a core from the simulation. */
-    c->slot_due[slot] = c->info.simulated ? 0 : mma_now_ns() + total / EXPECTED_GBPS + 20000;
+    uint64_t start = mma_now_ns();
+    c->slot_start[slot] = start;
+    c->slot_bytes[slot] = total;
+    c->slot_dir[slot] = (unsigned char)dir;
+    c->slot_due[slot] = c->info.simulated ? 0 : mma_expect_due(start, total, c->expect[dir]);
     if (c->cuda)
         remember(c, slot, segs, nsegs, gpu);
     Mma__Copy cp = MMA__COPY__INIT;
@@ -837,6 +877,9 @@ void mma_disconnect(mma_client_t *c)
     munmap(c->flags, (size_t)c->nslots * sizeof(mma_flag_slot_t));
     free(c->slot_seq);
     free(c->slot_due);
+    free(c->slot_start);
+    free(c->slot_bytes);
+    free(c->slot_dir);
     for (uint32_t i = 0; c->pending && i < c->nslots; i++)
         free(c->pending[i].segs);
     free(c->pending);

@@ -38,6 +38,32 @@ static inline struct timespec mma_deadline_ns(uint64_t ns)
 }
 
 /* Add a and b into *out; 1 on overflow. */
+/* mma_wait's expected rate of one copy (bytes/ns = GB/s), per direction:
+ * it sleeps until shortly before a copy should end, then spins, because a
+ * sleeping thread's wake-up costs up to hundreds of µs on a VM. After a copy
+ * of `bytes` that took `ns` from submission until its end was seen: seen
+ * before the spin began (phase 0), the copy beat the estimate by an unknown
+ * amount and it grows by a quarter; seen while spinning or after (phases 1,
+ * 2), `ns` is its time and the estimate moves a quarter of the way there. */
+#define MMA_EXPECT_MIN 5.0
+#define MMA_EXPECT_MAX 1000.0
+static inline double mma_expect_update(double rate, uint64_t bytes, uint64_t ns, int phase)
+{
+    double r = phase == 0 ? rate * 1.25 : ns ? 0.75 * rate + 0.25 * (double)bytes / (double)ns : rate;
+    return r < MMA_EXPECT_MIN ? MMA_EXPECT_MIN : r > MMA_EXPECT_MAX ? MMA_EXPECT_MAX : r;
+}
+
+/* When mma_wait starts spinning for a copy of `bytes` submitted at `start`,
+ * expected at `rate`: a tenth of its expected time early (at most 1 ms), so
+ * that a copy a little faster than the estimate is still met spinning, and
+ * 20 µs late for the request's fixed costs. */
+static inline uint64_t mma_expect_due(uint64_t start, uint64_t bytes, double rate)
+{
+    double t = (double)bytes / (rate > 0 ? rate : MMA_EXPECT_MIN);
+    double early = t / 10 < 1e6 ? t / 10 : 1e6;
+    return start + (uint64_t)(t - early) + 20000;
+}
+
 static inline int mma_add_overflows(uint64_t a, uint64_t b, uint64_t *out)
 {
     return __builtin_add_overflow(a, b, out);

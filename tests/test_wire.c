@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "mma.h"
+#include "util.h"
 #include "wire.h"
 
 #define RXCAP 65536
@@ -669,6 +670,50 @@ START_TEST(pb_response_and_required_fields)
 }
 END_TEST
 
+/* ---- mma_wait's expected rate (common/util.h) ---- */
+
+START_TEST(expect_rate_learns_a_faster_box)
+{
+    /* mmad gives one copy 165 GB/s; the estimate starts at 120. Copies seen
+     * before the spin began raise it a quarter at a time; then spinning sees
+     * their true time and it settles there. */
+    double rate = 120.0;
+    const uint64_t bytes = 256u << 20;
+    const double truth = 165.0;
+    int early = 0;
+    for (int k = 0; k < 40; k++) {
+        uint64_t took = (uint64_t)((double)bytes / truth) + 15000; /* plus fixed costs */
+        uint64_t due = mma_expect_due(0, bytes, rate);
+        /* mma_wait spins from 150 us before due: ended before that? */
+        int phase = took + 150000 < due ? 0 : 1;
+        early += phase == 0;
+        rate = mma_expect_update(rate, bytes, took, phase);
+    }
+    ck_assert_int_ge(early, 1);
+    ck_assert_double_eq_tol(rate, (double)bytes / ((double)bytes / truth + 15000), 2.0);
+    /* Then a copy at that rate starts being spun for before it ends, and
+     * not more than ~10% of its time (+150 us) before. */
+    uint64_t took = (uint64_t)((double)bytes / truth) + 15000;
+    uint64_t due = mma_expect_due(0, bytes, rate);
+    ck_assert_uint_le(due, took + 150000);
+    ck_assert_uint_ge(due + 150000 + took / 10 + 50000, took);
+}
+END_TEST
+
+START_TEST(expect_rate_bounds)
+{
+    ck_assert_double_eq_tol(mma_expect_update(900.0, 1, 1, 0), MMA_EXPECT_MAX, 1e-9);
+    ck_assert_double_eq_tol(mma_expect_update(6.0, 1, 1000000000, 1), MMA_EXPECT_MIN, 1e-9);
+    ck_assert_double_eq_tol(mma_expect_update(50.0, 1u << 20, 0, 1), 50.0, 1e-9);
+    /* A copy slower than expected (seen after the spin) lowers it. */
+    ck_assert_double_lt(mma_expect_update(120.0, 1u << 30, 20000000, 2), 120.0);
+    /* The spin starts at most 1 ms early, and 20 us late for tiny copies. */
+    ck_assert_uint_eq(mma_expect_due(1000, 0, 100.0), 21000);
+    uint64_t big = 10ull << 30; /* 10 GiB at 100 GB/s: 107 ms */
+    ck_assert_uint_eq(mma_expect_due(0, big, 100.0), (uint64_t)((double)big / 100.0) - 1000000 + 20000);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("wire");
@@ -691,6 +736,10 @@ int main(void)
     tcase_add_test(pb, pb_admin_messages);
     tcase_add_test(pb, pb_response_and_required_fields);
     suite_add_tcase(s, pb);
+    TCase *ex = tcase_create("expect");
+    tcase_add_test(ex, expect_rate_learns_a_faster_box);
+    tcase_add_test(ex, expect_rate_bounds);
+    suite_add_tcase(s, ex);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
