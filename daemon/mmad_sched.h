@@ -57,6 +57,13 @@ typedef struct mmad_path_stat {
 
 typedef struct mmad_plan mmad_plan_t;
 
+/* --plan-learn=2: a path's finish time, learned as start + bytes / rate
+ * from its planned copies (decaying least squares around the plan's own
+ * model, which counts as one copy at 1 MiB and one at 16 MiB). */
+typedef struct mmad_path_fit {
+    double s1, sx, sy, sxx, sxy;
+} mmad_path_fit_t;
+
 /* One finished chunk, for --trace (times in ns, CLOCK_MONOTONIC). */
 typedef struct mmad_trace_rec {
     uint64_t job, job_bytes;
@@ -93,10 +100,11 @@ typedef struct mmad_sched {
     int link_over[MMAD_MAX_GPUS][2]; /* measurements in a row above the limit */
     /* planned splits */
     int plan_split;              /* 1: copies of <= 1 chunk per path; 2: <= path_depth chunks */
-    int plan_learn;              /* learn plan_w from planned copies' finish times */
+    int plan_learn;              /* 1: learn plan_w (rate weights); 2: plan_fit (start + rate) */
     uint64_t plan_learn_min;     /* only shares of at least this teach plan_w */
     uint64_t relay_edge;         /* a planned relay's small last (H2D) / first (D2H) piece; 0: none */
     double plan_w[MMAD_MAX_GPUS][MMAD_MAX_GPUS][2]; /* [target][via][dir]: a path's rate over the plan's */
+    mmad_path_fit_t plan_fit[MMAD_MAX_GPUS][MMAD_MAX_GPUS][2]; /* --plan-learn=2 */
     double issue_cost_ns;        /* engine time per chunk issued */
     double relay_overhead_ns;    /* a relay chunk's extra fixed latency */
     mmad_plan_t *plans;          /* of the planned jobs queued or running */
@@ -167,6 +175,19 @@ int mmad_sched_plan_split(uint64_t total, int npaths, double issue_ns, double re
  * the return value is one past the last path with a share. */
 int mmad_sched_plan_split_w(uint64_t total, int npaths, double issue_ns, double relay_ns, double rate,
                             const double *weight, uint64_t min_chunk, uint64_t cap, uint64_t *lens);
+
+/* The same from each path's start t[p] (ns after the first chunk's issue)
+ * and rate r[p] (bytes/ns); the direct path (0) always takes part. */
+int mmad_sched_plan_split_tr(uint64_t total, int npaths, const double *t, const double *r, uint64_t min_chunk,
+                             uint64_t cap, uint64_t *lens);
+
+
+
+/* The fit's start (ns) and rate (bytes/ns) for a path whose model is
+ * (t0, r0). */
+void mmad_path_fit_get(const mmad_path_fit_t *f, double t0, double r0, double *t, double *r);
+/* One planned copy: `bytes` ended `ns` after the copy's first issue. */
+void mmad_path_fit_add(mmad_path_fit_t *f, double bytes, double ns);
 
 /* The reference rate of a direction at `now` (bytes/ns): the best smoothed
  * path rate seen, halving every ~10 s (real-box time), at least --link-gbps. */

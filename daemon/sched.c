@@ -215,20 +215,34 @@ int mmad_sched_plan_split_w(uint64_t total, int npaths, double issue_ns, double 
         npaths = 1;
     if (rate < 0)
         rate = 0;
-    /* Path p starts at t[p] (ns) and moves r[p] bytes/ns; it finishes at
-     * T when its share is r[p] (T - t[p]). */
-    double t[MMAD_MAX_GPUS], r[MMAD_MAX_GPUS], share[MMAD_MAX_GPUS];
-    int in[MMAD_MAX_GPUS];
-    for (int p = 0; p < MMAD_MAX_GPUS; p++) {
-        lens[p] = 0;
-        in[p] = p < npaths;
+    double t[MMAD_MAX_GPUS], r[MMAD_MAX_GPUS];
+    for (int p = 0; p < npaths; p++) {
         t[p] = (double)p * issue_ns + (p ? relay_ns : 0.0);
-        double w = weight && p < npaths && weight[p] > 0 ? weight[p] : 1.0;
+        double w = weight && weight[p] > 0 ? weight[p] : 1.0;
         /* Rate 0 (nothing known): no costs, every path alike. */
         r[p] = rate > 0 ? rate * w : 1.0;
         if (rate <= 0)
             t[p] = 0;
     }
+    return mmad_sched_plan_split_tr(total, npaths, t, r, min_chunk, cap, lens);
+}
+
+int mmad_sched_plan_split_tr(uint64_t total, int npaths, const double *t, const double *r, uint64_t min_chunk,
+                             uint64_t cap, uint64_t *lens)
+{
+    if (npaths > MMAD_MAX_GPUS)
+        npaths = MMAD_MAX_GPUS;
+    if (npaths < 1)
+        npaths = 1;
+    /* Path p starts at t[p] (ns) and moves r[p] bytes/ns; it finishes at
+     * T when its share is r[p] (T - t[p]). */
+    double share[MMAD_MAX_GPUS] = {0};
+    int in[MMAD_MAX_GPUS];
+    for (int p = 0; p < MMAD_MAX_GPUS; p++) {
+        lens[p] = 0;
+        in[p] = p < npaths && r[p] > 0;
+    }
+    in[0] = 1;
     for (;;) {
         /* The paths in the plan finish together at T; a share above cap is
          * fixed at cap and the rest levelled again. */
@@ -369,6 +383,45 @@ static mmad_plan_t *plan_of(const mmad_sched_t *s, const mmad_job_t *j)
     return NULL;
 }
 
+/* --plan-learn=2. Each finished planned copy adds (bytes, ns) with weight
+ * 1 after the older ones are decayed by FIT_DECAY. Start and rate are the
+ * least-squares line through them, its slope held toward the plan's own
+ * model (t0 + bytes / r0) as if by a spread of 1 MiB of weight FIT_PRIOR
+ * (ridge): with copies of one size only, the line keeps the model's slope
+ * and moves its start, exactly what that size needs; copies of several
+ * sizes set the slope. The rate stays within [0.25, 2] of r0, the start
+ * within [0, FIT_T_MAX]. */
+#define FIT_DECAY 0.8
+#define FIT_PRIOR 0.05
+#define FIT_T_MAX 500000.0
+
+void mmad_path_fit_add(mmad_path_fit_t *f, double bytes, double ns)
+{
+    f->s1 = f->s1 * FIT_DECAY + 1;
+    f->sx = f->sx * FIT_DECAY + bytes;
+    f->sy = f->sy * FIT_DECAY + ns;
+    f->sxx = f->sxx * FIT_DECAY + bytes * bytes;
+    f->sxy = f->sxy * FIT_DECAY + bytes * ns;
+}
+
+void mmad_path_fit_get(const mmad_path_fit_t *f, double t0, double r0, double *t, double *r)
+{
+    if (f->s1 < 1e-9 || r0 <= 0) {
+        *t = t0;
+        *r = r0;
+        return;
+    }
+    const double spread = 1048576.0;
+    double var = f->sxx - f->sx * f->sx / f->s1, cov = f->sxy - f->sx * f->sy / f->s1;
+    double lambda = FIT_PRIOR * spread * spread;
+    double slope = (cov + lambda / r0) / (var + lambda);
+    double lo = 1.0 / (2.0 * r0), hi = 1.0 / (0.25 * r0);
+    slope = slope < lo ? lo : slope > hi ? hi : slope;
+    double start = (f->sy - slope * f->sx) / f->s1;
+    *t = start < 0 ? 0 : start > FIT_T_MAX ? FIT_T_MAX : start;
+    *r = 1.0 / slope;
+}
+
 /* Plan the job's split over its usable paths (the direct one is vias[0]):
  * each share at most `per_path` chunks, cut into equal pieces. Without
  * memory for the plan it keeps equal chunks. */
@@ -377,10 +430,19 @@ static void plan_job(mmad_sched_t *s, mmad_job_t *j, const int *vias, int n, int
     uint64_t lens[MMAD_MAX_GPUS];
     double w[MMAD_MAX_GPUS];
     for (int i = 0; i < n; i++)
-        w[i] = s->plan_learn ? s->plan_w[j->target][vias[i]][j->dir] : 1.0;
+        w[i] = s->plan_learn == 1 ? s->plan_w[j->target][vias[i]][j->dir] : 1.0;
     double rate = mmad_sched_ref_rate(s, j->dir, s->now());
     uint64_t cap = (uint64_t)per_path * s->chunk_size;
-    mmad_sched_plan_split_w(j->total, n, s->issue_cost_ns, s->relay_overhead_ns, rate, w, s->min_chunk, cap, lens);
+    if (s->plan_learn == 2 && rate > 0) {
+        double t[MMAD_MAX_GPUS], r[MMAD_MAX_GPUS];
+        for (int i = 0; i < n; i++)
+            mmad_path_fit_get(&s->plan_fit[j->target][vias[i]][j->dir],
+                              (double)i * s->issue_cost_ns + (i ? s->relay_overhead_ns : 0.0), rate, &t[i], &r[i]);
+        mmad_sched_plan_split_tr(j->total, n, t, r, s->min_chunk, cap, lens);
+    } else {
+        mmad_sched_plan_split_w(j->total, n, s->issue_cost_ns, s->relay_overhead_ns, rate, w, s->min_chunk, cap,
+                                lens);
+    }
     mmad_plan_t *pl = calloc(1, sizeof *pl);
     if (!pl)
         return;
@@ -422,8 +484,13 @@ static void plan_learn(mmad_sched_t *s, const mmad_plan_t *pl, const mmad_job_t 
     if (!s->plan_learn || j->status != MMA_OK || !pl->t_first || pl->rate <= 0)
         return;
     for (int v = 0; v < s->ngpu; v++) {
-        if (pl->share[v] < s->plan_learn_min || !pl->end[v])
+        if (pl->share[v] < s->plan_learn_min || !pl->end[v] || pl->end[v] <= pl->t_first)
             continue;
+        if (s->plan_learn == 2) {
+            mmad_path_fit_add(&s->plan_fit[j->target][v][j->dir], (double)pl->share[v],
+                              (double)(pl->end[v] - pl->t_first));
+            continue;
+        }
         double dur = (double)(pl->end[v] - pl->t_first) - pl->start_ns[v];
         if (dur <= 0)
             continue;

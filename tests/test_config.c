@@ -131,7 +131,7 @@ START_TEST(yield_and_plan_options)
     ck_assert_str_eq(cfg.sim_busy_file, "/tmp/busy");
     ck_assert_double_eq_tol(cfg.sim_relay_latency_us, 15, 1e-12);
     const char *bad[] = {"--yield-frac=1.5", "--yield-frac=-0.1", "--yield-probe-ms=0", "--link-gbps=0",
-                         "--plan-split=3",   "--plan-learn=2", "--issue-cost-us=-2", "--relay-overhead-us=-1.5",
+                         "--plan-split=3",   "--plan-learn=3", "--issue-cost-us=-2", "--relay-overhead-us=-1.5",
                          "--sim-busy-share=0", "--sim-busy-share=1.1", "--busy-gbps=-1"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         mmad_config_defaults(&cfg);

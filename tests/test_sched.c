@@ -37,6 +37,7 @@ typedef struct fake_be {
     /* timed runs: bytes/ns of each path (0: untimed), when each path is free
      * again, and when each chunk in flight lands (in step with inflight[]) */
     double rate[NGPU][NGPU][2];
+    uint64_t lat[NGPU][NGPU][2]; /* a chunk lands this long after its path moved it */
     uint64_t path_free[NGPU][NGPU][2];
     uint64_t fin[MAXC];
 } fake_be_t;
@@ -64,7 +65,7 @@ static int fake_submit(mmad_backend_t *be, mmad_chunk_t *c)
         uint64_t *free_at = &f->path_free[c->target][c->via][c->dir];
         uint64_t start = *free_at > fake_ns ? *free_at : fake_ns;
         *free_at = start + (uint64_t)((double)c->len / rate);
-        f->fin[f->ninflight] = *free_at;
+        f->fin[f->ninflight] = *free_at + f->lat[c->target][c->via][c->dir];
     }
     f->inflight[f->ninflight++] = c;
     f->log[f->nlog].job = c->job;
@@ -1134,6 +1135,75 @@ static uint64_t run_timed_copy(uint64_t total)
     return fake_ns - t0;
 }
 
+START_TEST(plan_fit_line)
+{
+    /* Copies of 1, 2 and 4 MiB that each end 300 us + bytes / 0.5 after
+     * they start: the fit finds that line, whatever the model said. */
+    mmad_path_fit_t f = {0};
+    for (int k = 0; k < 30; k++) {
+        double x = (double)(1u << 20) * (double)(1 << (k % 3));
+        mmad_path_fit_add(&f, x, 300000.0 + x / 0.5);
+    }
+    double t, r;
+    mmad_path_fit_get(&f, 0, 1.0, &t, &r);
+    ck_assert_double_eq_tol(r, 0.5, 0.05);
+    ck_assert_double_eq_tol(t, 300000.0, 30000.0);
+    /* Nothing learned: the model. */
+    mmad_path_fit_t z = {0};
+    mmad_path_fit_get(&z, 15000.0, 45.0, &t, &r);
+    ck_assert_double_eq_tol(r, 45.0, 1e-6);
+    ck_assert_double_eq_tol(t, 15000.0, 1e-3);
+    /* One size only: the start moves to fit it, the rate stays near the
+     * model's. */
+    mmad_path_fit_t o = {0};
+    for (int k = 0; k < 30; k++)
+        mmad_path_fit_add(&o, 4u << 20, 40000.0 + (double)(4u << 20) / 45.0);
+    mmad_path_fit_get(&o, 15000.0, 45.0, &t, &r);
+    ck_assert_double_eq_tol(r, 45.0, 5.0);
+    ck_assert_double_eq_tol(t + (double)(4u << 20) / r, 40000.0 + (double)(4u << 20) / 45.0, 3000.0);
+}
+END_TEST
+
+START_TEST(plan_fit_learns_a_late_relay)
+{
+    /* Relay 3 moves bytes as fast as the others but its chunks land 0.6 ms
+     * late (the others' 0), a latency, not a rate. Copies of 2 and 4 MiB in
+     * turn. Rate weights (--plan-learn=1) read the latency as a slow rate,
+     * which is wrong for one of the two sizes; the fit (2) learns both and
+     * its copies end sooner. */
+    uint64_t spent[3] = {0, 0, 0};
+    for (int learn = 0; learn <= 2; learn++) {
+        mmad_sched_destroy(&s);
+        start(1u << 20, 64u << 10, 2, 4, 0);
+        s.now = fake_now;
+        fake_ns = 1000;
+        s.plan_split = 2;
+        s.plan_learn = learn;
+        s.plan_learn_min = 128u << 10;
+        s.issue_cost_ns = 0;
+        s.relay_overhead_ns = 0;
+        s.ref_floor = 1.0;
+        for (int v = 0; v < NGPU; v++) {
+            fb.rate[0][v][MMA_DIR_H2D] = 1.0;
+            fb.lat[0][v][MMA_DIR_H2D] = v == 3 ? 600000 : 0;
+        }
+        for (int k = 0; k < 40; k++) {
+            uint64_t took = run_timed_copy(k % 2 ? 4u << 20 : 2u << 20);
+            if (k >= 20)
+                spent[learn] += took;
+        }
+    }
+    ck_assert_msg(spent[2] < spent[0] * 9 / 10, "fit %llu ns, model %llu", (unsigned long long)spent[2],
+                  (unsigned long long)spent[0]);
+    ck_assert_msg(spent[2] <= spent[1], "fit %llu ns, rate weights %llu", (unsigned long long)spent[2],
+                  (unsigned long long)spent[1]);
+    double t, r;
+    mmad_path_fit_get(&s.plan_fit[0][3][MMA_DIR_H2D], 0, 1.0, &t, &r);
+    ck_assert_double_eq_tol(t, 600000.0, 120000.0);
+    ck_assert_double_eq_tol(r, 1.0, 0.2);
+}
+END_TEST
+
 START_TEST(plan_learn_gives_slow_path_less)
 {
     /* Relay 3 runs at half the others' rate. Equal shares wait for it; with
@@ -1488,6 +1558,8 @@ int main(void)
     tcase_add_test(plan, plan_split_mid_size_equal_pieces);
     tcase_add_test(plan, plan_learn_gives_slow_path_less);
     tcase_add_test(plan, relay_edge_piece_last_h2d_first_d2h);
+    tcase_add_test(plan, plan_fit_line);
+    tcase_add_test(plan, plan_fit_learns_a_late_relay);
     tcase_add_test(plan, foreign_traffic_from_counter);
     tcase_add_test(plan, planned_chunks_cover_every_byte_once);
     suite_add_tcase(su, plan);
