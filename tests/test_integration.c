@@ -20,7 +20,8 @@
  *   yield       --sim-busy-gpus: relays over links busy with their own GPU's
  *               work step aside (state=yield) and come back when it stops;
  *               on an idle box they do not
- *   plan        planned splits: copies of 4 KiB..32 MiB, every byte checked */
+ *   plan        planned splits: copies of 4 KiB..32 MiB, every byte checked;
+ *               --trace writes one row per chunk that covers each copy */
 #define _GNU_SOURCE
 #include <check.h>
 #include <errno.h>
@@ -1744,6 +1745,68 @@ START_TEST(planned_copies_every_size)
 }
 END_TEST
 
+/* mmad --trace: one CSV row per chunk, written when mmad stops. */
+START_TEST(trace_rows_per_chunk)
+{
+    char path[160];
+    snprintf(path, sizeof path, "%s/trace.csv", scratch_mkdtemp("trace"));
+    char opt[200];
+    snprintf(opt, sizeof opt, "--trace=%s", path);
+    const char *extra[] = {"--sim-scale=0.25", "--chunk-size=1M", "--min-chunk=64K", opt, NULL};
+    mmad_proc_t d;
+    mmad_start(&d, extra);
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(d.sock, &c), MMA_OK);
+    const size_t sizes[] = {64 * 1024, 3 * MIB + 4096, 8 * MIB};
+    const size_t n = 8 * MIB;
+    uint8_t *h, *dv;
+    ck_assert_int_eq(mma_host_alloc(c, n, (void **)&h), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, 2, n, (void **)&dv), MMA_OK);
+    fill_random(h, n, 9);
+    for (int k = 0; k < 3; k++) {
+        mma_segment_t seg = {dv, h, sizes[k]};
+        mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
+        mma_copy_t t;
+        ck_assert_int_eq(mma_memcpy_sg_async(c, &seg, 1, NULL, &o, &t), MMA_OK);
+        ck_assert_int_eq(mma_wait(c, t), MMA_OK);
+        ck_assert_int_eq(memcmp(dv, h, sizes[k]), 0);
+    }
+    mma_disconnect(c);
+    mmad_stop_clean(&d);
+    FILE *f = fopen(path, "r");
+    ck_assert_msg(f != NULL, "no trace at %s", path);
+    char line[512];
+    ck_assert_ptr_nonnull(fgets(line, sizeof line, f));
+    ck_assert_str_eq(line, "job,job_bytes,priority,dir,target,via,len,status,t_queued,t_runnable,t_issue,"
+                           "t_submitted,t_done\n");
+    uint64_t bytes[4] = {0}, total[4] = {0};
+    int rows = 0;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long long job, jb, len, tq, tr, ti, ts, td;
+        int prio, target, via, status;
+        char dir[8];
+        ck_assert_int_eq(sscanf(line, "%llu,%llu,%d,%3[a-z2],%d,%d,%llu,%d,%llu,%llu,%llu,%llu,%llu", &job, &jb,
+                                &prio, dir, &target, &via, &len, &status, &tq, &tr, &ti, &ts, &td),
+                         13);
+        ck_assert_uint_ge(job, 1);
+        ck_assert_uint_le(job, 3);
+        ck_assert_str_eq(dir, "h2d");
+        ck_assert_int_eq(target, 2);
+        ck_assert_int_eq(status, 0);
+        ck_assert_msg(tq <= tr && tr <= ti && ti <= ts && ts <= td, "times out of order: %s", line);
+        bytes[job] += len;
+        total[job] = jb;
+        rows++;
+    }
+    fclose(f);
+    for (int k = 1; k <= 3; k++) {
+        ck_assert_uint_eq(total[k], sizes[k - 1]);
+        ck_assert_uint_eq(bytes[k], sizes[k - 1]); /* the chunks cover each copy */
+    }
+    ck_assert_int_gt(rows, 3); /* the larger copies went over several paths */
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("integration");
@@ -1761,7 +1824,7 @@ int main(void)
         {"faults", 60, {failing_relay_is_set_aside}},
         {"api_errors", 60, {api_errors}},
         {"yield", 120, {busy_relays_yield, idle_box_relays_do_not_yield, busy_links_stop_relays}},
-        {"plan", 90, {planned_copies_every_size}},
+        {"plan", 90, {planned_copies_every_size, trace_rows_per_chunk}},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         TCase *tc = tcase_create(cases[i].name);
