@@ -141,7 +141,10 @@ int mma_memcpy_async(mma_client_t *client, void *dst, const void *src, size_t n,
 int mma_memcpy_sg_async(mma_client_t *client, const mma_segment_t *segs, size_t nsegs,
                         mma_stream_t stream, const mma_copy_opts_t *opts, mma_copy_t *out);
 
-/* Block until the copy completes; returns its status. */
+/* Block until the copy completes; returns its status. On real GPUs it
+ * sleeps until shortly before the copy should end (at the rate this
+ * client's earlier copies in that direction showed), then spins: a
+ * sleeping thread's wake-up can cost hundreds of microseconds on a VM. */
 int mma_wait(mma_client_t *client, mma_copy_t copy);
 
 /* MMA_PENDING while in flight, else the copy's final status. */
