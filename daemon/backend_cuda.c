@@ -1537,7 +1537,11 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
     be->gpu_count = n;
     be->chunk_size = cfg->chunk_size;
     s->relay_per_slot = cfg->relay_per_slot;
-    s->hop_target = strcmp(cfg->hop_side, "target") == 0;
+    /* The target-side hop switches contexts on the engine thread; relays
+     * issued by lanes (--submit-threads=1) keep the via GPU's. */
+    s->hop_target = strcmp(cfg->hop_side, "target") == 0 && !cfg->submit_threads;
+    if (cfg->submit_threads && strcmp(cfg->hop_side, "target") == 0)
+        MMA_INFO("cuda: --submit-threads=1: relays' NVLink hops run on the via GPU (as --hop-side=via)");
     s->copy_driver = strcmp(cfg->copy_api, "driver") == 0;
     be->staging_slots = cfg->staging_slots;
     be->path_depth = cfg->path_depth;
@@ -1565,10 +1569,6 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
     if (rc == MMA_OK)
         monitor_start(s, cfg->busy_gbps);
     s->use_lanes = s->use_flags && cfg->submit_threads;
-    if (s->use_lanes && s->hop_target) {
-        MMA_WARN("cuda: --hop-side=target needs the engine thread to issue relays: --submit-threads=1 is off");
-        s->use_lanes = 0;
-    }
     for (int g = 0; rc == MMA_OK && s->use_lanes && g < n; g++)
         rc = lane_start(s, g);
     if (rc == MMA_OK)
