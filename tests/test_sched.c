@@ -1110,7 +1110,10 @@ START_TEST(relay_edge_piece_last_h2d_first_d2h)
 }
 END_TEST
 
-/* One H2D copy of `total` into GPU 0 on the timed fake box; its time. */
+/* One H2D copy of `total` into GPU 0 on the timed fake box: the chunk that
+ * lands first is always the next completed, the scheduler's limits hold
+ * throughout, and a yielding path never has more than one chunk in flight
+ * (its probe). Returns the copy's time. */
 static uint64_t run_timed_copy(uint64_t total)
 {
     uint64_t t0 = fake_ns;
@@ -1123,15 +1126,18 @@ static uint64_t run_timed_copy(uint64_t total)
         for (int i = 1; i < fb.ninflight; i++)
             if (fb.fin[i] < fb.fin[first])
                 first = i;
+        ck_assert_uint_ge(fb.fin[first], fake_ns);
         fake_ns = fb.fin[first];
         f = complete(first, MMA_OK);
         mmad_sched_fill(&s);
+        check_limits();
+        for (int v = 0; v < NGPU; v++)
+            if (s.paths[0][v][MMA_DIR_H2D].yielding)
+                ck_assert_int_le(s.paths[0][v][MMA_DIR_H2D].inflight, 1);
     }
     ck_assert_ptr_eq(f, a);
     ck_assert_uint_eq(a->landed, total);
     job_free(a);
-    for (int v = 0; v < NGPU; v++) /* the next copy starts on idle links */
-        fb.path_free[0][v][MMA_DIR_H2D] = fake_ns;
     return fake_ns - t0;
 }
 
@@ -1315,33 +1321,11 @@ static void start_timed(void)
                 fb.rate[t][v][d] = 1.0;
 }
 
-/* Run one 4 MiB H2D copy into GPU 0 on the timed fake box: the chunk that
- * lands first is always the next completed. Returns the chunks each path
- * got. A yielding path never has more than one chunk in flight (its probe). */
+/* run_timed_copy of 4 MiB; returns the chunks each path got. */
 static void run_timed(int chunks[NGPU])
 {
     int n0 = fb.nlog;
-    mmad_job_t *a = job_simple(&conn_x, 0, 0, 4u << 20, 0);
-    mmad_sched_add(&s, a);
-    mmad_sched_fill(&s);
-    mmad_job_t *f = NULL;
-    while (fb.ninflight > 0) {
-        int first = 0;
-        for (int i = 1; i < fb.ninflight; i++)
-            if (fb.fin[i] < fb.fin[first])
-                first = i;
-        ck_assert_uint_ge(fb.fin[first], fake_ns);
-        fake_ns = fb.fin[first];
-        f = complete(first, MMA_OK);
-        mmad_sched_fill(&s);
-        check_limits();
-        for (int v = 0; v < NGPU; v++)
-            if (s.paths[0][v][MMA_DIR_H2D].yielding)
-                ck_assert_int_le(s.paths[0][v][MMA_DIR_H2D].inflight, 1);
-    }
-    ck_assert_ptr_eq(f, a);
-    ck_assert_uint_eq(a->landed, a->total);
-    job_free(a);
+    run_timed_copy(4u << 20);
     for (int v = 0; v < NGPU; v++)
         chunks[v] = 0;
     for (int i = n0; i < fb.nlog; i++)
