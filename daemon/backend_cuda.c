@@ -480,12 +480,14 @@ static int submit_direct(cuda_be_t *s, mmad_chunk_t *c)
     return MMA_OK;
 }
 
-/* Queue the relay's two hops on via's streams; `first` fills the staging
- * buffer, `second` empties it once `hop` (recorded after the first) is
- * reached; second == first needs no event. Returns 1 in *queued once any
- * copy was queued. */
+/* Queue the relay's two hops: `first` (GPU d1's stream) fills the staging
+ * buffer, `second` (GPU d2's) empties it once `hop` (recorded after the
+ * first) is reached; second == first needs no event. With `ctx` the engine
+ * thread makes each stream's GPU current before using it (the hops are on
+ * two GPUs); without, the via GPU's context is current throughout. Returns 1
+ * in *queued once any copy was queued. */
 static int queue_relay(cuda_be_t *s, mmad_chunk_t *c, char *stage, cudaEvent_t hop, cudaStream_t first,
-                       cudaStream_t second, int *queued)
+                       cudaStream_t second, int d2, int ctx, int *queued)
 {
     int h2d = c->dir == MMA_DIR_H2D;
     int rc = h2d ? copy_on(s, stage, 0, c->host, 1, c->len, first) : copy_on(s, stage, 0, c->dev, 0, c->len, first);
@@ -495,55 +497,15 @@ static int queue_relay(cuda_be_t *s, mmad_chunk_t *c, char *stage, cudaEvent_t h
     if (second != first) {
         uint64_t t0 = mma_now_ns();
         DRV_CHECK(s->drv.ev_record((CUevent)hop, (CUstream)first));
+        if (ctx && (rc = use_dev(s, d2)) != MMA_OK)
+            return rc;
         DRV_CHECK(s->drv.wait_event((CUstream)second, (CUevent)hop, 0));
         s->t_hop_ns += mma_now_ns() - t0;
     }
     rc = h2d ? copy_on(s, c->dev, 0, stage, 0, c->len, second) : copy_on(s, c->host, 1, stage, 0, c->len, second);
     if (rc != MMA_OK)
         return rc;
-    return mark_done(s, c, c->via, second);
-}
-
-/* --hop-side=target: the NVLink hop on the target's stream for this via
- * (H2D: the target pulls from staging; D2H: it pushes into staging), the
- * PCIe hop on the via GPU's. Engine thread only (it switches contexts). */
-static int issue_relay_target_hop(cuda_be_t *s, mmad_chunk_t *c)
-{
-    int v = c->via, t = c->target, h2d = c->dir == MMA_DIR_H2D;
-    char *stage = s->gpu[v].staging[c->staging];
-    cudaStream_t tst = s->gpu[t].pull[v][c->dir];
-    int d1 = h2d ? v : t, d2 = h2d ? t : v;
-    cudaStream_t first = h2d ? s->gpu[v].pcie[MMA_DIR_H2D] : tst;
-    cudaStream_t second = h2d ? tst : s->gpu[v].pcie[MMA_DIR_D2H];
-    ev_pool_t *pool = &s->gpu[d1].events;
-    cudaEvent_t hop;
-    int rc = use_dev(s, d1); /* the pool may grow: d1's context must be current */
-    if (rc == MMA_OK)
-        rc = event_get(pool, &hop);
-    if (rc != MMA_OK)
-        return rc;
-    int queued = 0;
-    if (rc == MMA_OK) {
-        rc = h2d ? copy_on(s, stage, 0, c->host, 1, c->len, first) : copy_on(s, stage, 0, c->dev, 0, c->len, first);
-        queued = rc == MMA_OK;
-    }
-    if (rc == MMA_OK) {
-        uint64_t t0 = mma_now_ns();
-        rc = DRV(s->drv.ev_record((CUevent)hop, (CUstream)first));
-        if (rc == MMA_OK && (rc = use_dev(s, d2)) == MMA_OK)
-            rc = DRV(s->drv.wait_event((CUstream)second, (CUevent)hop, 0));
-        s->t_hop_ns += mma_now_ns() - t0;
-    }
-    if (rc == MMA_OK)
-        rc = h2d ? copy_on(s, c->dev, 0, stage, 0, c->len, second) : copy_on(s, c->host, 1, stage, 0, c->len, second);
-    if (rc == MMA_OK)
-        rc = mark_done(s, c, d2, second);
-    event_put(pool, hop);
-    if (rc != MMA_OK && queued) {
-        drain(first);
-        drain(second);
-    }
-    return rc;
+    return mark_done(s, c, d2, second);
 }
 
 /* Queue a relay chunk's copies and mark; its staging slot (c->staging) and
@@ -552,32 +514,45 @@ static int issue_relay_target_hop(cuda_be_t *s, mmad_chunk_t *c)
  * nothing of it is left running. */
 static int issue_relay(cuda_be_t *s, mmad_chunk_t *c)
 {
-    int v = c->via, slot = c->staging;
+    int v = c->via, t = c->target, slot = c->staging, h2d = c->dir == MMA_DIR_H2D;
     cuda_gpu_t *g = &s->gpu[v];
     /* H2D: host -> staging on the PCIe stream, then staging -> target on the
      * NVLink stream. D2H: target -> staging on the NVLink stream, then
-     * staging -> host on the PCIe stream. --relay-per-slot: both hops in
-     * order on the slot's own stream (the slot is this chunk's alone until
-     * it completes, so that stream is idle now). */
+     * staging -> host on the PCIe stream. The NVLink stream is the via
+     * GPU's, or with --hop-side=target the target's for this via (H2D: the
+     * target pulls from staging; D2H: it pushes into staging; engine thread
+     * only, as it switches contexts). --relay-per-slot: both hops in order
+     * on the slot's own stream (the slot is this chunk's alone until it
+     * completes, so that stream is idle now). */
+    int ctx = s->hop_target && !s->relay_per_slot;
+    int nvdev = ctx ? t : v;
+    cudaStream_t nvlink = ctx ? s->gpu[t].pull[v][c->dir] : g->nvlink[c->dir];
     cudaStream_t first, second;
+    int d1, d2;
     if (s->relay_per_slot) {
         first = second = g->slot_stream[slot];
+        d1 = d2 = v;
     } else {
-        first = c->dir == MMA_DIR_H2D ? g->pcie[MMA_DIR_H2D] : g->nvlink[MMA_DIR_D2H];
-        second = c->dir == MMA_DIR_H2D ? g->nvlink[MMA_DIR_H2D] : g->pcie[MMA_DIR_D2H];
+        first = h2d ? g->pcie[MMA_DIR_H2D] : nvlink;
+        second = h2d ? nvlink : g->pcie[MMA_DIR_D2H];
+        d1 = h2d ? v : nvdev;
+        d2 = h2d ? nvdev : v;
     }
-    if (s->hop_target && !s->relay_per_slot)
-        return issue_relay_target_hop(s, c);
-    /* Only hops on two streams need an event between them. */
+    /* Only hops on two streams need an event between them; it comes from
+     * the first stream's GPU, whose context must be current (the pool may
+     * grow). */
+    ev_pool_t *pool = &s->gpu[d1].events;
     cudaEvent_t hop = NULL;
-    int rc = second != first ? event_get(&g->events, &hop) : MMA_OK;
+    int rc = ctx ? use_dev(s, d1) : MMA_OK;
+    if (rc == MMA_OK && second != first)
+        rc = event_get(pool, &hop);
     if (rc != MMA_OK)
         return rc;
     int queued = 0;
-    rc = queue_relay(s, c, g->staging[slot], hop, first, second, &queued);
+    rc = queue_relay(s, c, g->staging[slot], hop, first, second, d2, ctx, &queued);
     /* The second stream's wait has captured `hop`; it may be reused now. */
     if (hop)
-        event_put(&g->events, hop);
+        event_put(pool, hop);
     if (rc != MMA_OK && queued) {
         drain(first);
         drain(second);
