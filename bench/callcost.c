@@ -24,14 +24,8 @@
 #include <sys/mman.h>
 #include <time.h>
 
-#define CK(x)                                                                                  \
-    do {                                                                                       \
-        cudaError_t e_ = (x);                                                                  \
-        if (e_ != cudaSuccess) {                                                               \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-            exit(1);                                                                           \
-        }                                                                                      \
-    } while (0)
+#include "cuda_check.h"
+
 #define DK(x)                                                                   \
     do {                                                                        \
         CUresult r_ = (x);                                                      \
