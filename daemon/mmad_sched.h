@@ -177,9 +177,10 @@ int mmad_sched_plan_split_w(uint64_t total, int npaths, double issue_ns, double 
                             const double *weight, uint64_t min_chunk, uint64_t cap, uint64_t *lens);
 
 /* The same from each path's start t[p] (ns after the first chunk's issue)
- * and rate r[p] (bytes/ns); the direct path (0) always takes part. */
+ * and rate r[p] (bytes/ns), relays' shares at most cap and the direct
+ * path's at most direct_cap; the direct path (0) always takes part. */
 int mmad_sched_plan_split_tr(uint64_t total, int npaths, const double *t, const double *r, uint64_t min_chunk,
-                             uint64_t cap, uint64_t *lens);
+                             uint64_t cap, uint64_t direct_cap, uint64_t *lens);
 
 
 

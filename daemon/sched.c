@@ -206,6 +206,19 @@ int mmad_sched_plan_split(uint64_t total, int npaths, double issue_ns, double re
     return mmad_sched_plan_split_w(total, npaths, issue_ns, relay_ns, rate, NULL, min_chunk, cap, lens);
 }
 
+/* The plan's model of each path: path p starts p * issue_ns after the
+ * first, a relay relay_ns later still, and moves rate x weight[p] bytes/ns
+ * (rate 0, nothing known: no costs, every path alike). */
+static void plan_model(int npaths, double issue_ns, double relay_ns, double rate, const double *weight, double *t,
+                       double *r)
+{
+    for (int p = 0; p < npaths; p++) {
+        double w = weight && weight[p] > 0 ? weight[p] : 1.0;
+        t[p] = rate > 0 ? (double)p * issue_ns + (p ? relay_ns : 0.0) : 0.0;
+        r[p] = rate > 0 ? rate * w : 1.0;
+    }
+}
+
 int mmad_sched_plan_split_w(uint64_t total, int npaths, double issue_ns, double relay_ns, double rate,
                             const double *weight, uint64_t min_chunk, uint64_t cap, uint64_t *lens)
 {
@@ -213,22 +226,13 @@ int mmad_sched_plan_split_w(uint64_t total, int npaths, double issue_ns, double 
         npaths = MMAD_MAX_GPUS;
     if (npaths < 1)
         npaths = 1;
-    if (rate < 0)
-        rate = 0;
     double t[MMAD_MAX_GPUS], r[MMAD_MAX_GPUS];
-    for (int p = 0; p < npaths; p++) {
-        t[p] = (double)p * issue_ns + (p ? relay_ns : 0.0);
-        double w = weight && weight[p] > 0 ? weight[p] : 1.0;
-        /* Rate 0 (nothing known): no costs, every path alike. */
-        r[p] = rate > 0 ? rate * w : 1.0;
-        if (rate <= 0)
-            t[p] = 0;
-    }
-    return mmad_sched_plan_split_tr(total, npaths, t, r, min_chunk, cap, lens);
+    plan_model(npaths, issue_ns, relay_ns, rate < 0 ? 0 : rate, weight, t, r);
+    return mmad_sched_plan_split_tr(total, npaths, t, r, min_chunk, cap, cap, lens);
 }
 
 int mmad_sched_plan_split_tr(uint64_t total, int npaths, const double *t, const double *r, uint64_t min_chunk,
-                             uint64_t cap, uint64_t *lens)
+                             uint64_t cap, uint64_t direct_cap, uint64_t *lens)
 {
     if (npaths > MMAD_MAX_GPUS)
         npaths = MMAD_MAX_GPUS;
@@ -259,17 +263,21 @@ int mmad_sched_plan_split_tr(uint64_t total, int npaths, const double *t, const 
                 break;
             double T = (rest + sum_rt) / sum_r;
             int over = -1;
+            double over_cap = 0;
             for (int p = 0; p < npaths; p++)
                 if (in[p] && !fixed[p]) {
                     share[p] = r[p] * (T - t[p]);
-                    if (share[p] > (double)cap && (over < 0 || share[p] > share[over]))
+                    double pcap = (double)(p ? cap : direct_cap);
+                    if (share[p] > pcap && (over < 0 || share[p] - pcap > share[over] - over_cap)) {
                         over = p;
+                        over_cap = pcap;
+                    }
                 }
             if (over < 0)
                 break;
             fixed[over] = 1;
-            share[over] = (double)cap;
-            rest -= (double)cap;
+            share[over] = over_cap;
+            rest -= over_cap;
         }
         /* The relay with the smallest share (with equal rates the one that
          * starts last) could not finish before the others below min_chunk:
@@ -300,10 +308,10 @@ int mmad_sched_plan_split_tr(uint64_t total, int npaths, const double *t, const 
     /* A direct share held at cap gets back what rounding the relays down
      * left over: relays below cap take it, so that no path needs another
      * chunk (when every path is at cap the direct one takes the rest). */
-    for (int p = 1; p < npaths && lens[0] > cap; p++) {
-        if (!in[p])
+    for (int p = 1; p < npaths && lens[0] > direct_cap; p++) {
+        if (!in[p] || lens[p] >= cap)
             continue;
-        uint64_t more = lens[0] - cap < cap - lens[p] ? lens[0] - cap : cap - lens[p];
+        uint64_t more = lens[0] - direct_cap < cap - lens[p] ? lens[0] - direct_cap : cap - lens[p];
         lens[p] += more;
         lens[0] -= more;
     }
@@ -432,17 +440,17 @@ static void plan_job(mmad_sched_t *s, mmad_job_t *j, const int *vias, int n, int
     for (int i = 0; i < n; i++)
         w[i] = s->plan_learn == 1 ? s->plan_w[j->target][vias[i]][j->dir] : 1.0;
     double rate = mmad_sched_ref_rate(s, j->dir, s->now());
+    /* A relay's share is at most per_path chunks (each takes a staging
+     * buffer); the direct path's is not capped: its pieces queue on its own
+     * link, and at the top of the planned range the relays' later start
+     * leaves it more than its per_path chunks to carry. */
     uint64_t cap = (uint64_t)per_path * s->chunk_size;
-    if (s->plan_learn == 2 && rate > 0) {
-        double t[MMAD_MAX_GPUS], r[MMAD_MAX_GPUS];
+    double t[MMAD_MAX_GPUS], r[MMAD_MAX_GPUS];
+    plan_model(n, s->issue_cost_ns, s->relay_overhead_ns, rate, w, t, r);
+    if (s->plan_learn == 2 && rate > 0)
         for (int i = 0; i < n; i++)
-            mmad_path_fit_get(&s->plan_fit[j->target][vias[i]][j->dir],
-                              (double)i * s->issue_cost_ns + (i ? s->relay_overhead_ns : 0.0), rate, &t[i], &r[i]);
-        mmad_sched_plan_split_tr(j->total, n, t, r, s->min_chunk, cap, lens);
-    } else {
-        mmad_sched_plan_split_w(j->total, n, s->issue_cost_ns, s->relay_overhead_ns, rate, w, s->min_chunk, cap,
-                                lens);
-    }
+            mmad_path_fit_get(&s->plan_fit[j->target][vias[i]][j->dir], t[i], rate, &t[i], &r[i]);
+    mmad_sched_plan_split_tr(j->total, n, t, r, s->min_chunk, cap, j->total, lens);
     mmad_plan_t *pl = calloc(1, sizeof *pl);
     if (!pl)
         return;

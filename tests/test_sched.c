@@ -940,6 +940,30 @@ START_TEST(plan_split_caps_at_chunk_size)
     ck_assert_uint_eq(lens[0], 2u << 20);
     for (int p = 1; p < 4; p++)
         ck_assert_uint_eq(lens[p], 1u << 20);
+    /* The direct path's own cap: 64 MiB over 4 paths of at most 2 x 8 MiB,
+     * relays starting later (4x H200 figures). Capped alike, every path
+     * takes 16 MiB and the direct one ends first; with the direct path
+     * uncapped it takes more, the relays less, and all end together. */
+    const uint64_t total = 64u << 20, cap = 16u << 20;
+    double t[4], r[4];
+    for (int p = 0; p < 4; p++) {
+        t[p] = p * 5000.0 + (p ? 15000.0 : 0);
+        r[p] = 41.0;
+    }
+    ck_assert_int_eq(mmad_sched_plan_split_tr(total, 4, t, r, 512u << 10, cap, cap, lens), 4);
+    for (int p = 0; p < 4; p++)
+        ck_assert_uint_eq(lens[p], cap);
+    ck_assert_int_eq(mmad_sched_plan_split_tr(total, 4, t, r, 512u << 10, cap, total, lens), 4);
+    ck_assert_uint_gt(lens[0], cap);
+    uint64_t sum = lens[0];
+    for (int p = 1; p < 4; p++) {
+        ck_assert_uint_lt(lens[p], cap);
+        ck_assert_uint_eq(lens[p] % 4096, 0);
+        sum += lens[p];
+        double end0 = t[0] + (double)lens[0] / r[0], end = t[p] + (double)lens[p] / r[p];
+        ck_assert(fabs(end - end0) < 4096 * 4 / r[p]);
+    }
+    ck_assert_uint_eq(sum, total);
 }
 END_TEST
 
@@ -1037,9 +1061,18 @@ START_TEST(plan_split_mid_size_equal_pieces)
     s.plan_split = 2;
     uint64_t want[MMAD_MAX_GPUS];
     const uint64_t total = 3u << 20; /* 4 paths x 2 x 512K = 4M >= 3M > 2M */
-    ck_assert_int_eq(mmad_sched_plan_split(total, 4, s.issue_cost_ns, s.relay_overhead_ns,
-                                           mmad_sched_ref_rate(&s, MMA_DIR_H2D, s.now()), 64u << 10, 1u << 20, want),
-                     4);
+    /* The model: relays start later; relays' shares are at most 2 chunks,
+     * the direct path's is not capped. */
+    double t[4], r[4], rate = mmad_sched_ref_rate(&s, MMA_DIR_H2D, s.now());
+    for (int p = 0; p < 4; p++) {
+        t[p] = p * s.issue_cost_ns + (p ? s.relay_overhead_ns : 0);
+        r[p] = rate;
+    }
+    ck_assert_int_eq(mmad_sched_plan_split_tr(total, 4, t, r, 64u << 10, 1u << 20, total, want), 4);
+    /* Here the direct path takes more than 2 chunks' worth. */
+    ck_assert_uint_gt(want[0], 1u << 20);
+    for (int p = 1; p < 4; p++)
+        ck_assert_uint_le(want[p], 1u << 20);
     mmad_job_t *a = job_simple(&conn_x, 1, 0, total, 0);
     mmad_sched_add(&s, a);
     ck_assert_ptr_nonnull(s.plans);
@@ -1066,6 +1099,7 @@ START_TEST(plan_split_mid_size_equal_pieces)
             }
         ck_assert_uint_eq(sum, want[p]);
         ck_assert_int_eq(pieces, (int)((want[p] + (512u << 10) - 1) / (512u << 10)));
+        ck_assert_uint_le(sum, p ? 1u << 20 : total);
     }
     ck_assert_uint_gt(want[0], want[3]);
     job_free(a);
