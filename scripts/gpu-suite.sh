@@ -8,14 +8,15 @@
 #   scenarios.txt/.csv  contention, fairness and priority (mma-bench --scenarios)
 #   trace_summary.txt   where the time of the bench's copies went inside
 #                       mmad (mmad --trace, bench/trace_summary.py)
+# MMAD_ARGS (e.g. "--plan-learn=2") go to the bench's mmad.
 #   scripts/gpu-suite.sh [BUILD_DIR] [extra mma-bench args...]
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 B=${1:-build-gpu}
 shift || true
 OUT=${OUT:-/tmp/mma-out}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+. scripts/gpu-lib.sh
 
 {
   date -u
@@ -32,17 +33,15 @@ test_rc=${PIPESTATUS[0]}
 echo "== benchmark"
 SOCK=/tmp/mma-bench-$$.sock
 TRACE=/tmp/mma-trace-$$.csv
-"$B/mmad" --backend=cuda --socket="$SOCK" --trace="$TRACE" >"$OUT/mmad.log" 2>&1 &
-MMAD=$!
-for _ in $(seq 600); do [ -S "$SOCK" ] && break; sleep 0.05; done
+# shellcheck disable=SC2086
+mmad_start "$OUT/mmad.log" "$SOCK" --trace="$TRACE" ${MMAD_ARGS:-} || exit 1
 "$B/mma-bench" --socket "$SOCK" --csv "$OUT/bench.csv" "$@" 2>&1 | tee "$OUT/bench.txt"
 bench_rc=${PIPESTATUS[0]}
 echo "== scenarios"
 "$B/mma-bench" --socket "$SOCK" --scenarios --csv "$OUT/scenarios.csv" 2>&1 | tee "$OUT/scenarios.txt"
 scen_rc=${PIPESTATUS[0]}
 { "$B/mmactl" --socket "$SOCK" status; echo; "$B/mmactl" --socket "$SOCK" paths; } >"$OUT/paths.txt" 2>&1
-kill "$MMAD"; wait "$MMAD"
-echo "mmad exit: $?" >>"$OUT/mmad.log"
+mmad_stop
 python3 bench/trace_summary.py "$TRACE" >"$OUT/trace_summary.txt" 2>&1 || echo "no trace summary (python3?)"
 rm -f "$TRACE"
 grep -v 'bytes=0,' "$OUT/paths.txt"

@@ -6,12 +6,12 @@
 # BENCH_ARGS (e.g. "--gpu 3") go to mma-bench.
 #   MIN=16M MAX=256M DIRS=h2d scripts/gpu-trace.sh [BUILD_DIR] "CONFIG 1" "CONFIG 2" ...
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 B=${1:-gpu-bin}
 shift || true
 OUT=${OUT:-/tmp/mma-out}
 mkdir -p "$OUT/trace"
-export NCCL_NVLS_ENABLE=0
+. scripts/gpu-lib.sh
 [ $# -gt 0 ] || set -- ""
 i=0
 for cfg in "$@"; do
@@ -19,16 +19,14 @@ for cfg in "$@"; do
   SOCK=/tmp/mma-trace-$$-$i.sock
   T="$OUT/trace/trace-$i.csv"
   # shellcheck disable=SC2086
-  "$B/mmad" --backend=cuda --socket="$SOCK" --trace="$T" $cfg >"$OUT/trace/mmad-$i.log" 2>&1 &
-  M=$!
-  for _ in $(seq 600); do [ -S "$SOCK" ] && break; sleep 0.05; done
+  mmad_start "$OUT/trace/mmad-$i.log" "$SOCK" --trace="$T" $cfg || continue
   echo "### config $i: ${cfg:-(defaults)}" | tee "$OUT/trace/bench-$i.txt"
   for d in ${DIRS:-h2d d2h}; do
     # shellcheck disable=SC2086
     "$B/mma-bench" --socket "$SOCK" --sections sizes --dir "$d" --min "${MIN:-16M}" --max "${MAX:-256M}" --quick ${BENCH_ARGS:-} 2>&1 |
       tee -a "$OUT/trace/bench-$i.txt"
   done
-  kill "$M"; wait "$M"
+  mmad_stop
   tail -3 "$OUT/trace/mmad-$i.log"
   /usr/bin/python3 bench/trace_summary.py "$T" | tee "$OUT/trace/summary-$i.txt"
   gzip -f "$T"

@@ -5,22 +5,20 @@
 # (default 1M) pass to mma-bench.
 #   scripts/gpu-tune.sh [BUILD_DIR] "CONFIG 1" "CONFIG 2" ...
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 B=${1:-gpu-bin}
 shift || true
 OUT=${OUT:-/tmp/mma-out}
 mkdir -p "$OUT/tune"
-export NCCL_NVLS_ENABLE=0
+. scripts/gpu-lib.sh
 i=0
 for cfg in "$@"; do
   i=$((i + 1))
   SOCK=/tmp/mma-tune-$$-$i.sock
   # shellcheck disable=SC2086
-  "$B/mmad" --backend=cuda --socket="$SOCK" $cfg >"$OUT/tune/mmad-$i.log" 2>&1 &
-  M=$!
-  for _ in $(seq 600); do [ -S "$SOCK" ] && break; sleep 0.05; done
+  mmad_start "$OUT/tune/mmad-$i.log" "$SOCK" $cfg || continue
   echo "### config $i: $cfg" | tee "$OUT/tune/bench-$i.txt"
   "$B/mma-bench" --socket "$SOCK" --sections "${SECTIONS:-ceiling,sizes}" --min "${MIN:-1M}" --max 1G --quick 2>&1 | tee -a "$OUT/tune/bench-$i.txt"
   "$B/mmactl" --socket "$SOCK" status 2>&1 | sed -n '/# Engine/,$p' | tee -a "$OUT/tune/bench-$i.txt"
-  kill "$M"; wait "$M"
+  mmad_stop
 done
