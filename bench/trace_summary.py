@@ -5,7 +5,9 @@ For every (direction, size) it takes the copies of that size and prints the
 medians of: when the copy became runnable, when its first and last chunks were
 issued, and per path (via GPU) when its first chunk was issued, when its last
 chunk finished, its bytes and its chunks. All times are microseconds from the
-moment mmad queued the copy.
+moment mmad queued the copy. Where the client stamped its send time (t_sent,
+libmma does), "sent" is how long the request took from the client's send
+call to mmad's queue (the same host's CLOCK_MONOTONIC).
 
   bench/trace_summary.py trace.csv [--min-bytes N] [--skip N]
 """
@@ -18,6 +20,11 @@ from collections import defaultdict
 
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
 def main():
@@ -58,10 +65,12 @@ def main():
     for (d, b), js in sorted(groups.items()):
         js = js[a.skip:] if len(js) > a.skip + 2 else js
         us = lambda r, k: (int(r[k]) - int(r["t_queued"])) / 1e3
-        runnable, first, last_sub, end, sub_sum = [], [], [], [], []
+        runnable, first, last_sub, end, sub_sum, sent = [], [], [], [], [], []
         per = defaultdict(lambda: defaultdict(list))
         for rs in js:
             runnable.append(us(rs[0], "t_runnable"))
+            if int(rs[0].get("t_sent") or 0):
+                sent.append(-us(rs[0], "t_sent"))
             first.append(min(us(r, "t_issue") for r in rs))
             last_sub.append(max(us(r, "t_submitted") for r in rs))
             end.append(max(us(r, "t_done") for r in rs))
@@ -78,8 +87,9 @@ def main():
         mib = b / 2**20
         e = med(end)
         print("%s %g MiB: %d copies; medians in us from queued: runnable %.1f, first issue %.1f, "
-              "last submitted %.1f, done %.1f (%.1f GB/s in mmad); submit time per copy %.1f"
-              % (d, mib, len(js), med(runnable), med(first), med(last_sub), e, b / e / 1e3, med(sub_sum)))
+              "last submitted %.1f, done %.1f (%.1f GB/s in mmad); submit time per copy %.1f%s"
+              % (d, mib, len(js), med(runnable), med(first), med(last_sub), e, b / e / 1e3, med(sub_sum),
+                 "; sent %.1f before queued (p90 %.1f)" % (med(sent), pct(sent, 0.9)) if sent else ""))
         print("   via   start     end   MiB  chunks  submit-us  GB/s(start..end)")
         for v in sorted(per):
             p = per[v]

@@ -758,6 +758,8 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
     req.copy = &cp;
     req.has_id = 1;
     req.id = ++c->next_id;
+    cp.has_sent_ns = 1;
+    cp.sent_ns = mma_now_ns();
     rc = mma_wire_send(c->fd, &req.base, NULL, 0);
     if (rc != MMA_OK) {
         c->dead = 1;

@@ -40,6 +40,7 @@ typedef struct mmad_config {
     int64_t bypass_threshold; /* -1: measured/derived at start */
     int max_paths;          /* 0: all */
     int max_clients;
+    double loop_spin_us;      /* the socket thread polls this long after a copy request */
     int flag_slots_max;
     char log_level[16];
     int sim_fail_via;       /* fault injection: relays through this GPU fail (-1 none) */
@@ -150,6 +151,7 @@ typedef struct mmad_job {
     int status;
     int runnable;            /* its slot showed `reached` */
     uint64_t t_queued;
+    uint64_t t_sent;         /* the client's send time (0: not given) */
     uint64_t t_runnable;     /* when its slot showed `reached` (chunk trace) */
     uint64_t trace_id;       /* the scheduler's count of jobs added (chunk trace) */
     struct mmad_job *next;

@@ -68,6 +68,7 @@ typedef struct mmad_path_fit {
 typedef struct mmad_trace_rec {
     uint64_t job, job_bytes;
     uint64_t t_queued, t_runnable, t_issue, t_submitted, t_done;
+    uint64_t t_sent; /* the client's send time, 0 when not known */
     uint64_t len;
     uint8_t target, via, dir, priority;
     int32_t status;

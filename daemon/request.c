@@ -90,6 +90,9 @@ int mmad_request_build_job(mmad_conn_t *conn, const Mma__Copy *cp, int gpu_count
     job->max_paths = cp->has_max_paths ? (int)cp->max_paths : 0;
     job->status = MMA_OK;
     job->t_queued = mma_now_ns();
+    /* The client's send time, where it is this host's clock (the same
+     * CLOCK_MONOTONIC) and not in the future: for --trace. */
+    job->t_sent = cp->has_sent_ns && cp->sent_ns <= job->t_queued ? cp->sent_ns : 0;
     mmad_conn_ref(conn);
     job->conn = conn;
     *out = job;

@@ -46,6 +46,7 @@ struct mmad_server {
     uint64_t start_ns;
     int stopping;
     uint8_t *rxbuf;
+    uint64_t last_copy_ns; /* when the last copy request came (--loop-spin-us) */
 };
 
 static void notify(const char *state)
@@ -267,6 +268,7 @@ static void handle_copy(srv_client_t *cl, const Mma__Request *req)
     }
     atomic_fetch_add_explicit(&cl->conn->inflight, 1, memory_order_relaxed);
     mmad_engine_submit(s->engine, job);
+    s->last_copy_ns = mma_now_ns();
 }
 
 static uint64_t uptime_ms(mmad_server_t *s)
@@ -665,7 +667,15 @@ int mmad_server_run(mmad_server_t *s)
              s->be->ops->name, s->be->gpu_count, s->be->simulated ? ", simulated" : "");
     notify(st);
     MMA_INFO("serving %s", s->cfg->socket_path);
-    uv_run(&s->loop, UV_RUN_DEFAULT);
+    /* Copies often come back to back (a client waits for one, then sends
+     * the next). With --loop-spin-us this thread polls its sockets for that
+     * long after a copy request instead of sleeping in epoll, so the next
+     * request does not pay a thread wake-up. */
+    uint64_t spin_ns = (uint64_t)(s->cfg->loop_spin_us * 1000.0);
+    while (uv_run(&s->loop, UV_RUN_ONCE))
+        while (spin_ns && !s->stopping && mma_now_ns() - s->last_copy_ns < spin_ns)
+            if (!uv_run(&s->loop, UV_RUN_NOWAIT))
+                return MMA_OK;
     return MMA_OK;
 }
 
