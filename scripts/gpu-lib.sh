@@ -4,13 +4,14 @@
 #   mmad_start LOG SOCK [mmad options...]  start mmad, wait for its socket
 #   mmad_stop                              stop it; its exit line goes to LOG
 # MMAD_BACKEND (default cuda) picks the backend: sim tries a script here.
+# MMAD_BIN (default $B/mmad) runs another mmad binary (an A/B of builds).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 mmad_start() {
   MMAD_LOG=$1 MMAD_SOCK=$2
   shift 2
   rm -f "$MMAD_SOCK"
-  "$B/mmad" --backend="${MMAD_BACKEND:-cuda}" --socket="$MMAD_SOCK" "$@" >"$MMAD_LOG" 2>&1 &
+  "${MMAD_BIN:-$B/mmad}" --backend="${MMAD_BACKEND:-cuda}" --socket="$MMAD_SOCK" "$@" >"$MMAD_LOG" 2>&1 &
   MMAD_PID=$!
   for _ in $(seq 600); do
     [ -S "$MMAD_SOCK" ] && return 0

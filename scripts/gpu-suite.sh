@@ -3,6 +3,7 @@
 # installed: run over a build made elsewhere with -DMMA_STATIC_DEPS=ON
 # (scripts/build-gpu.sh) and carried along. Writes everything under $OUT:
 #   machine.txt  GPUs, topology, driver      gpu_test.log  the gpu test suite
+#   gpu_test_via.log  the same with mmad --hop-side=via
 #   bench.txt    mma-bench's table           bench.csv     the same as CSV
 #   mmad.log     the daemon's log            paths.txt     mmactl status + paths
 #   scenarios.txt/.csv  contention, fairness and priority (mma-bench --scenarios)
@@ -29,6 +30,9 @@ cat "$OUT/machine.txt"
 echo "== gpu tests"
 "$B/tests/gpu/gpu_test" 2>&1 | tee "$OUT/gpu_test.log"
 test_rc=${PIPESTATUS[0]}
+echo "== gpu tests, relays' hops on the via GPU (--hop-side=via)"
+MMAD_EXTRA=--hop-side=via "$B/tests/gpu/gpu_test" 2>&1 | tee "$OUT/gpu_test_via.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || test_rc=1
 
 echo "== benchmark"
 SOCK=/tmp/mma-bench-$$.sock
