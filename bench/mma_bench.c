@@ -128,35 +128,54 @@ static int reps_for(size_t n)
     return n <= (1u << 20) ? 200 : n <= (64u << 20) ? 20 : n <= (1u << 30) ? 7 : 4;
 }
 
-/* Median seconds of one copy. mode 0 native, 1 mma host-ordered through
- * mmad, 2 mma on a stream, 3 mma as a user gets it (bypass allowed). */
-static double time_copy(ctx_t *x, int dir, size_t n, int mode, int paths, double *samples, int reps)
+/* Seconds of one copy. mode 0 native, 1 mma host-ordered through mmad, 2
+ * mma on a stream, 3 mma as a user gets it (bypass allowed). */
+static double one_copy(ctx_t *x, int dir, size_t n, int mode, int paths)
 {
     void *dst = dir == 0 ? (void *)x->dev : (void *)x->back;
     const void *src = dir == 0 ? (const void *)x->host : (const void *)x->dev;
-    double *t = samples;
-    for (int r = -1; r < reps; r++) { /* r = -1: warm-up */
-        double t0 = now_s();
-        if (mode == 0) {
-            CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDefault, x->stream));
-            CK(cudaStreamSynchronize(x->stream));
+    double t0 = now_s();
+    if (mode == 0) {
+        CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDefault, x->stream));
+        CK(cudaStreamSynchronize(x->stream));
+    } else {
+        mma_segment_t s = {dst, src, n};
+        mma_copy_opts_t o = {.flags = mode == 3 ? 0u : MMA_COPY_NO_BYPASS, .max_paths = paths};
+        mma_copy_t tk;
+        if (mode == 1 || mode == 3) {
+            MK(mma_memcpy_sg_async(x->c, &s, 1, NULL, &o, &tk));
+            MK(mma_wait(x->c, tk));
         } else {
-            mma_segment_t s = {dst, src, n};
-            mma_copy_opts_t o = {.flags = mode == 3 ? 0u : MMA_COPY_NO_BYPASS, .max_paths = paths};
-            mma_copy_t tk;
-            if (mode == 1 || mode == 3) {
-                MK(mma_memcpy_sg_async(x->c, &s, 1, NULL, &o, &tk));
-                MK(mma_wait(x->c, tk));
-            } else {
-                MK(mma_memcpy_sg_async(x->c, &s, 1, (mma_stream_t)x->stream, &o, &tk));
-                CK(cudaStreamSynchronize(x->stream));
-                MK(mma_query(x->c, tk));
-            }
+            MK(mma_memcpy_sg_async(x->c, &s, 1, (mma_stream_t)x->stream, &o, &tk));
+            CK(cudaStreamSynchronize(x->stream));
+            MK(mma_query(x->c, tk));
         }
-        if (r >= 0)
-            t[r] = now_s() - t0;
     }
-    return pct(t, reps, 0.5);
+    return now_s() - t0;
+}
+
+/* Median seconds of one copy (modes as one_copy), after one warm-up. */
+static double time_copy(ctx_t *x, int dir, size_t n, int mode, int paths, double *samples, int reps)
+{
+    for (int r = -1; r < reps; r++) {
+        double t = one_copy(x, dir, n, mode, paths);
+        if (r >= 0)
+            samples[r] = t;
+    }
+    return pct(samples, reps, 0.5);
+}
+
+/* Modes a and b taken in turns, copy by copy, so drift on the box (other
+ * threads, clocks) falls on both alike: their samples in sa and sb. */
+static void time_pair(ctx_t *x, int dir, size_t n, int a, int b, double *sa, double *sb, int reps)
+{
+    for (int r = -1; r < reps; r++) {
+        double ta = one_copy(x, dir, n, a, 0), tb = one_copy(x, dir, n, b, 0);
+        if (r >= 0) {
+            sa[r] = ta;
+            sb[r] = tb;
+        }
+    }
 }
 
 /* GB/s with QDEPTH copies in flight: copy k goes to [k*n, (k+1)*n) of the
@@ -463,6 +482,11 @@ int main(int argc, char **argv)
 
     int verified = 1; /* every size's mma copies matched */
     double *samples = malloc(sizeof(double) * (size_t)(lat_reps > 200 ? lat_reps : 200));
+    double *samples2 = malloc(sizeof(double) * (size_t)(lat_reps > 200 ? lat_reps : 200));
+    if (!samples || !samples2) {
+        fprintf(stderr, "mma-bench: out of memory\n");
+        return 1;
+    }
     for (int d = 0; d < 2; d++) {
         if (!do_dir[d])
             continue;
@@ -574,23 +598,27 @@ int main(int argc, char **argv)
         if (!sec_lat)
             continue;
 
-        printf("\n## %s latency, %d copies each (us): native vs mma through mmad (no bypass)\n", dn[d], lat_reps);
-        printf("%8s %10s %10s %10s %10s\n", "size", "nat p50", "nat p99", "mma p50", "mma p99");
+        printf("\n## %s latency, %d copies each (us): native vs mma through mmad (no bypass)\n"
+               "## auto = mma as a user gets it (native below the bypass), taken in turns with native, copy by copy\n",
+               dn[d], lat_reps);
+        printf("%8s %10s %10s %10s %10s %10s %10s\n", "size", "nat p50", "nat p99", "mma p50", "mma p99", "auto p50",
+               "auto/nat");
         size_t lat_sizes[] = {4096, 65536, 1u << 20, 4u << 20};
         for (size_t i = 0; i < sizeof lat_sizes / sizeof lat_sizes[0]; i++) {
             size_t s = lat_sizes[i];
             int r = quick ? lat_reps / 4 : lat_reps;
-            time_copy(&x, d, s, 0, 0, samples, r);
+            time_pair(&x, d, s, 0, 3, samples, samples2, r);
             double n50 = pct(samples, r, 0.5) * 1e6, n99 = pct(samples, r, 0.99) * 1e6;
+            double a50 = pct(samples2, r, 0.5) * 1e6;
             after_native(s);
             time_copy(&x, d, s, 1, 0, samples, r);
             double m50 = pct(samples, r, 0.5) * 1e6, m99 = pct(samples, r, 0.99) * 1e6;
             char hs[16];
             human(s, hs, sizeof hs);
-            printf("%8s %10.1f %10.1f %10.1f %10.1f\n", hs, n50, n99, m50, m99);
+            printf("%8s %10.1f %10.1f %10.1f %10.1f %10.1f %9.2fx\n", hs, n50, n99, m50, m99, a50, a50 / n50);
             if (x.csv)
-                fprintf(x.csv, "%s,latency,%s,%zu,0,%.2f,%.2f,,p99 %.2f/%.2f,,,\n", x.card, dn[d], s, n50, m50, n99,
-                        m99);
+                fprintf(x.csv, "%s,latency,%s,%zu,0,%.2f,%.2f,,p99 %.2f/%.2f auto %.2f,,,\n", x.card, dn[d], s, n50, m50,
+                        n99, m99, a50);
         }
     }
 
@@ -611,6 +639,7 @@ int main(int argc, char **argv)
     if (x.csv)
         fclose(x.csv);
     free(samples);
+    free(samples2);
     mma_free(x.c, x.dev);
     mma_free(x.c, x.back);
     mma_free(x.c, x.host);

@@ -94,7 +94,7 @@ static const opt_t options[] = {
      "copies below this go native in libmma (-1: the backend's measured default)"},
     {"max-paths", OPT_INT, O(max_paths), 0, "0", 0, MMAD_MAX_GPUS, "paths per copy (0: all)"},
     {"max-clients", OPT_INT, O(max_clients), 0, "256", 1, 65536, "connections served at once"},
-    {"loop-spin-us", OPT_DOUBLE, O(loop_spin_us), 0, "0", 0, 100000,
+    {"loop-spin-us", OPT_DOUBLE, O(loop_spin_us), 0, "100", 0, 100000,
      "after a copy request, the socket thread polls for the next one this long instead of sleeping (0: off)"},
     {"sim-chunk-cost-us", OPT_DOUBLE, O(sim_chunk_cost_us), 0, "0", 0, 1000,
      "simulated engine time to issue one chunk, in real-box microseconds (4x H200 measured 8), scaled like the rates"},
