@@ -51,9 +51,11 @@ struct mmad_plan {
 
 /* --plan-learn: a path's weight moves this far toward what a finished copy
  * showed, and only shares of at least PLAN_LEARN_MIN bytes teach it (below
- * that the fixed latencies drown the rate). */
+ * that the fixed latencies drown the rate). --plan-learn=2 learns those
+ * latencies too, so smaller shares teach it (PLAN_FIT_MIN). */
 #define PLAN_LEARN_GAIN 0.3
 #define PLAN_LEARN_MIN (2u << 20)
+#define PLAN_FIT_MIN (256u << 10)
 #define PLAN_W_MIN 0.25
 #define PLAN_W_MAX 2.0
 
@@ -84,7 +86,7 @@ int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cf
     s->ref_half_life_ns = REF_HALF_LIFE_S * 1e9 / scale;
     s->plan_split = cfg->plan_split;
     s->plan_learn = cfg->plan_learn;
-    s->plan_learn_min = PLAN_LEARN_MIN;
+    s->plan_learn_min = s->plan_learn == 2 ? PLAN_FIT_MIN : PLAN_LEARN_MIN;
     s->relay_edge = cfg->relay_edge < s->chunk_size ? (cfg->relay_edge + 4095) & ~(uint64_t)4095 : 0;
     for (int t = 0; t < MMAD_MAX_GPUS; t++)
         for (int v = 0; v < MMAD_MAX_GPUS; v++)

@@ -1244,6 +1244,23 @@ START_TEST(plan_fit_learns_a_late_relay)
 }
 END_TEST
 
+START_TEST(plan_fit_learns_from_small_shares)
+{
+    /* Rate weights learn only from shares of 2 MiB and more (below that the
+     * fixed latencies drown the rate); the fit learns those latencies, so
+     * shares from 256 KiB teach it. */
+    for (int learn = 1; learn <= 2; learn++) {
+        mmad_sched_t t;
+        mmad_config_t cfg;
+        mmad_config_defaults(&cfg);
+        cfg.plan_learn = learn;
+        ck_assert_int_eq(mmad_sched_init(&t, &fb.base, &cfg), MMA_OK);
+        ck_assert_uint_eq(t.plan_learn_min, learn == 2 ? 256u << 10 : 2u << 20);
+        mmad_sched_destroy(&t);
+    }
+}
+END_TEST
+
 START_TEST(plan_learn_gives_slow_path_less)
 {
     /* Relay 3 runs at half the others' rate. Equal shares wait for it; with
@@ -1567,6 +1584,7 @@ int main(void)
     tcase_add_checked_fixture(plan, setup, teardown);
     tcase_set_timeout(plan, 20);
     tcase_add_test(plan, plan_split_function);
+    tcase_add_test(plan, plan_fit_learns_from_small_shares);
     tcase_add_test(plan, plan_split_small_copies_go_direct);
     tcase_add_test(plan, plan_split_finishes_together);
     tcase_add_test(plan, plan_split_caps_at_chunk_size);
