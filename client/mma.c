@@ -31,6 +31,7 @@
 #define EXPECTED_GBPS 120.0
 /* Copies from this size on teach the expected rate. */
 #define EXPECT_LEARN_MIN (8u << 20)
+#define SUBMIT_SHARED (1ull << 63)
 #define SEQ_MASK ((1ull << SEQ_BITS) - 1)
 
 typedef struct region {
@@ -58,7 +59,12 @@ struct mma_client {
     uint64_t *slot_start; /* when it was submitted */
     uint64_t *slot_bytes; /* its bytes */
     unsigned char *slot_dir;
-    double expect[2];     /* mma_wait's expected rate per direction, bytes/ns (under lock) */
+    double expect[2][MMA_EXPECT_CLASSES]; /* mma_wait's expected rate per direction and size class,
+                                           * bytes/ns, 0 until learned (under lock) */
+    uint64_t submits;     /* copies sent to mmad */
+    uint64_t *slot_submit; /* which of them each slot's is; SUBMIT_SHARED: it began with another pending */
+    uint32_t last_slot;   /* the copy sent last: its slot and seq */
+    uint64_t last_seq;
     uint64_t seq;
     uint32_t cursor;
     region_t *regions;
@@ -200,8 +206,8 @@ int mma_connect(const char *socket_path, mma_client_t **out)
     c->slot_start = calloc(c->nslots, sizeof *c->slot_start);
     c->slot_bytes = calloc(c->nslots, sizeof *c->slot_bytes);
     c->slot_dir = calloc(c->nslots, 1);
-    c->expect[0] = c->expect[1] = EXPECTED_GBPS;
-    if (!c->slot_seq || !c->slot_due || !c->slot_start || !c->slot_bytes || !c->slot_dir) {
+    c->slot_submit = calloc(c->nslots, sizeof *c->slot_submit);
+    if (!c->slot_seq || !c->slot_due || !c->slot_start || !c->slot_bytes || !c->slot_dir || !c->slot_submit) {
         rc = MMA_ERR_NOMEM;
         goto fail;
     }
@@ -267,6 +273,7 @@ fail:
     free(c->slot_start);
     free(c->slot_bytes);
     free(c->slot_dir);
+    free(c->slot_submit);
     free(c->pending);
     pthread_mutex_destroy(&c->lock);
     pthread_cond_destroy(&c->wd_cond);
@@ -563,15 +570,20 @@ int mma_query(mma_client_t *c, mma_copy_t t)
 
 /* A copy waited for in mma_wait ended; phase 0: seen before the spin began,
  * 1: while spinning, 2: after. Its slot may be taken again by now (another
- * thread's copy): then the time is not this copy's and nothing is learned. */
+ * thread's copy): then the time is not this copy's and nothing is learned.
+ * Nor is it from a copy that shared mmad with others of this client (one
+ * of 4 in flight takes ~4 times as long as alone): it began while the copy
+ * sent before it was pending, or another was sent before it ended. */
 static void learn_rate(mma_client_t *c, uint32_t slot, uint64_t seq, int phase)
 {
     uint64_t now = mma_now_ns();
     pthread_mutex_lock(&c->lock);
     uint64_t bytes = c->slot_bytes[slot];
-    if (c->slot_seq[slot] == seq && bytes >= EXPECT_LEARN_MIN && now > c->slot_start[slot]) {
-        int dir = c->slot_dir[slot];
-        c->expect[dir] = mma_expect_update(c->expect[dir], bytes, now - c->slot_start[slot], phase);
+    if (c->slot_seq[slot] == seq && bytes >= EXPECT_LEARN_MIN && now > c->slot_start[slot] &&
+        c->slot_submit[slot] == c->submits) {
+        double *r = c->expect[c->slot_dir[slot]];
+        int k = mma_expect_class(bytes);
+        r[k] = mma_expect_update(mma_expect_pick(r, k, EXPECTED_GBPS), bytes, now - c->slot_start[slot], phase);
     }
     pthread_mutex_unlock(&c->lock);
 }
@@ -725,6 +737,9 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
     uint32_t slot;
     if ((rc = take_slot(c, &slot)) != MMA_OK)
         goto out;
+    /* Did the copy sent before this one still run? (mma_wait learns only
+     * from copies that had mmad to themselves.) */
+    int shared = c->submits && slot_busy(c, c->last_slot) && c->slot_seq[c->last_slot] == c->last_seq;
     uint64_t seq = ++c->seq & SEQ_MASK;
     mma_flag_slot_t *fl = &c->flags[slot];
     if (stream) {
@@ -741,7 +756,13 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
     c->slot_start[slot] = start;
     c->slot_bytes[slot] = total;
     c->slot_dir[slot] = (unsigned char)dir;
-    c->slot_due[slot] = c->info.simulated ? 0 : mma_expect_due(start, total, c->expect[dir]);
+    c->slot_due[slot] = c->info.simulated
+                            ? 0
+                            : mma_expect_due(start, total,
+                                             mma_expect_pick(c->expect[dir], mma_expect_class(total), EXPECTED_GBPS));
+    c->slot_submit[slot] = ++c->submits | (shared ? SUBMIT_SHARED : 0);
+    c->last_slot = slot;
+    c->last_seq = seq;
     if (c->cuda)
         remember(c, slot, segs, nsegs, gpu);
     Mma__Copy cp = MMA__COPY__INIT;
@@ -882,6 +903,7 @@ void mma_disconnect(mma_client_t *c)
     free(c->slot_start);
     free(c->slot_bytes);
     free(c->slot_dir);
+    free(c->slot_submit);
     for (uint32_t i = 0; c->pending && i < c->nslots; i++)
         free(c->pending[i].segs);
     free(c->pending);

@@ -53,6 +53,33 @@ static inline double mma_expect_update(double rate, uint64_t bytes, uint64_t ns,
     return r < MMA_EXPECT_MIN ? MMA_EXPECT_MIN : r > MMA_EXPECT_MAX ? MMA_EXPECT_MAX : r;
 }
 
+/* The estimate is kept per size class: copies under 16 MiB, under 32 MiB,
+ * ... 4 GiB and more (a copy's fixed costs weigh more the smaller it is: on
+ * 4x H200 8 MiB ran at ~80 GB/s and 1 GiB at ~165, so one rate for all sizes
+ * had the waiter asleep when a large copy ended after small ones). */
+#define MMA_EXPECT_CLASSES 10
+static inline int mma_expect_class(uint64_t bytes)
+{
+    int k = 0;
+    while (k < MMA_EXPECT_CLASSES - 1 && bytes >= (16ull << 20) << k)
+        k++;
+    return k;
+}
+
+/* The rate to expect in class k: its own once learned (non-zero), else the
+ * fastest learned class's and at least `dflt`: a guess on the fast side
+ * costs some spinning, one on the slow side a wake-up. */
+static inline double mma_expect_pick(const double *rates, int k, double dflt)
+{
+    if (rates[k] > 0)
+        return rates[k];
+    double best = dflt;
+    for (int i = 0; i < MMA_EXPECT_CLASSES; i++)
+        if (rates[i] > best)
+            best = rates[i];
+    return best;
+}
+
 /* When mma_wait starts spinning for a copy of `bytes` submitted at `start`,
  * expected at `rate`: a tenth of its expected time early (at most 1 ms), so
  * that a copy a little faster than the estimate is still met spinning, and

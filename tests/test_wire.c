@@ -714,6 +714,37 @@ START_TEST(expect_rate_bounds)
 }
 END_TEST
 
+START_TEST(expect_rate_per_size_class)
+{
+    /* Classes: under 16 MiB, under 32 MiB, ... 4 GiB and more. */
+    ck_assert_int_eq(mma_expect_class(0), 0);
+    ck_assert_int_eq(mma_expect_class(8u << 20), 0);
+    ck_assert_int_eq(mma_expect_class((16u << 20) - 1), 0);
+    ck_assert_int_eq(mma_expect_class(16u << 20), 1);
+    ck_assert_int_eq(mma_expect_class(256u << 20), 5);
+    ck_assert_int_eq(mma_expect_class(1u << 30), 7);
+    ck_assert_int_eq(mma_expect_class(4ull << 30), MMA_EXPECT_CLASSES - 1);
+    ck_assert_int_eq(mma_expect_class(1ull << 40), MMA_EXPECT_CLASSES - 1);
+    /* Nothing learned: the default. */
+    double r[MMA_EXPECT_CLASSES] = {0};
+    ck_assert_double_eq(mma_expect_pick(r, 3, 120.0), 120.0);
+    /* 8 MiB copies ran at 80 GB/s: their class expects 80; a class not
+     * seen yet keeps the default, which is faster... */
+    r[0] = 80.0;
+    ck_assert_double_eq(mma_expect_pick(r, 0, 120.0), 80.0);
+    ck_assert_double_eq(mma_expect_pick(r, 7, 120.0), 120.0);
+    /* ... or the fastest class learned, when that is faster still. */
+    r[5] = 165.0;
+    ck_assert_double_eq(mma_expect_pick(r, 7, 120.0), 165.0);
+    ck_assert_double_eq(mma_expect_pick(r, 0, 120.0), 80.0);
+    /* So a 1 GiB copy after many of 8 MiB is not expected at 8 MiB's rate:
+     * the waiter spins from before it ends instead of sleeping past it. */
+    uint64_t took = (uint64_t)((double)(1u << 30) / 165.0);
+    ck_assert_uint_le(mma_expect_due(0, 1u << 30, mma_expect_pick(r, 7, 120.0)), took + 150000);
+    ck_assert_uint_gt(mma_expect_due(0, 1u << 30, 80.0), took + 150000);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("wire");
@@ -739,6 +770,7 @@ int main(void)
     TCase *ex = tcase_create("expect");
     tcase_add_test(ex, expect_rate_learns_a_faster_box);
     tcase_add_test(ex, expect_rate_bounds);
+    tcase_add_test(ex, expect_rate_per_size_class);
     suite_add_tcase(s, ex);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

@@ -143,7 +143,7 @@ int mma_memcpy_sg_async(mma_client_t *client, const mma_segment_t *segs, size_t 
 
 /* Block until the copy completes; returns its status. On real GPUs it
  * sleeps until shortly before the copy should end (at the rate this
- * client's earlier copies in that direction showed), then spins: a
+ * client's earlier copies of that direction and size class showed), then spins: a
  * sleeping thread's wake-up can cost hundreds of microseconds on a VM. */
 int mma_wait(mma_client_t *client, mma_copy_t copy);
 
