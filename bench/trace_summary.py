@@ -87,8 +87,9 @@ def main():
         mib = b / 2**20
         e = med(end)
         print("%s %g MiB: %d copies; medians in us from queued: runnable %.1f, first issue %.1f, "
-              "last submitted %.1f, done %.1f (%.1f GB/s in mmad); submit time per copy %.1f%s"
-              % (d, mib, len(js), med(runnable), med(first), med(last_sub), e, b / e / 1e3, med(sub_sum),
+              "last submitted %.1f, done %.1f (p10 %.1f, p90 %.1f; %.1f GB/s in mmad); submit time per copy %.1f%s"
+              % (d, mib, len(js), med(runnable), med(first), med(last_sub), e, pct(end, 0.1), pct(end, 0.9),
+                 b / e / 1e3, med(sub_sum),
                  "; sent %.1f before queued (p90 %.1f)" % (med(sent), pct(sent, 0.9)) if sent else ""))
         print("   via   start     end   MiB  chunks  submit-us  GB/s(start..end)")
         for v in sorted(per):
