@@ -96,6 +96,8 @@ static const opt_t options[] = {
     {"max-clients", OPT_INT, O(max_clients), 0, "256", 1, 65536, "connections served at once"},
     {"loop-spin-us", OPT_DOUBLE, O(loop_spin_us), 0, "100", 0, 100000,
      "after a copy request, the socket thread polls for the next one this long instead of sleeping (0: off)"},
+    {"tail-spin", OPT_INT, O(tail_spin), 0, "1", 0, 1,
+     "1: with --loop-spin-us, the socket thread also polls while a copy is on its last chunks, and that long after"},
     {"sim-chunk-cost-us", OPT_DOUBLE, O(sim_chunk_cost_us), 0, "0", 0, 1000,
      "simulated engine time to issue one chunk, in real-box microseconds (4x H200 measured 8), scaled like the rates"},
     {"sim-relay-latency-us", OPT_DOUBLE, O(sim_relay_latency_us), 0, "0", 0, 10000,

@@ -26,6 +26,10 @@ struct mmad_engine {
     int kicked;
     int stop;
     int waiting_reached; /* jobs whose slot has not shown `reached` */
+    void (*tail_hook)(void *arg, int tail); /* under lock */
+    void *tail_arg;
+    _Atomic int hooked;
+    int tail_state;      /* what the hook was last told (engine thread) */
 };
 
 static void engine_wake(void *arg)
@@ -71,6 +75,15 @@ void mmad_engine_submit(mmad_engine_t *e, mmad_job_t *job)
 void mmad_engine_conn_closed(mmad_engine_t *e, mmad_conn_t *conn)
 {
     push(e, 1, conn);
+}
+
+void mmad_engine_set_tail_hook(mmad_engine_t *e, void (*hook)(void *arg, int tail), void *arg)
+{
+    pthread_mutex_lock(&e->lock);
+    e->tail_hook = hook;
+    e->tail_arg = arg;
+    atomic_store(&e->hooked, hook != NULL);
+    pthread_mutex_unlock(&e->lock);
 }
 
 mmad_sched_t *mmad_engine_sched(mmad_engine_t *e)
@@ -249,6 +262,33 @@ static int tail_pending(const mmad_engine_t *e)
     return 0;
 }
 
+/* 1 when a copy is on its last chunks: all issued, and no more in flight
+ * than it has paths (each path on its last one). */
+static int near_end(const mmad_engine_t *e)
+{
+    int vias[MMAD_MAX_GPUS];
+    for (const mmad_job_t *j = e->sched.jobs; j; j = j->next)
+        if (j->inflight > 0 && j->issued >= j->total &&
+            j->inflight <= mmad_sched_paths_for(&e->sched, j->target, j->max_paths, vias))
+            return 1;
+    return 0;
+}
+
+/* Tell the tail hook when near_end changes. */
+static void tail_update(mmad_engine_t *e)
+{
+    if (!atomic_load_explicit(&e->hooked, memory_order_relaxed))
+        return;
+    int t = near_end(e);
+    if (t == e->tail_state)
+        return;
+    e->tail_state = t;
+    pthread_mutex_lock(&e->lock);
+    if (e->tail_hook)
+        e->tail_hook(e->tail_arg, t);
+    pthread_mutex_unlock(&e->lock);
+}
+
 static void *engine_main(void *arg)
 {
     mmad_engine_t *e = arg;
@@ -267,6 +307,7 @@ static void *engine_main(void *arg)
         progress += check_reached(e);
         progress += mmad_sched_fill(&e->sched);
         progress += reap(e);
+        tail_update(e);
         if (stopping && !e->sched.jobs && e->sched.chunks_inflight == 0)
             break;
         if (progress) {

@@ -19,6 +19,12 @@ void mmad_engine_submit(mmad_engine_t *e, mmad_job_t *job);
 /* The client is gone: drop its queued chunks; the engine takes over the
  * caller's reference to conn and drops it when its last chunk has landed. */
 void mmad_engine_conn_closed(mmad_engine_t *e, mmad_conn_t *conn);
+/* `hook(arg, 1)` from the engine thread when a copy is on its last chunks
+ * (all issued, at most one per path still in flight), `hook(arg, 0)` when
+ * none is: a client that waits for a copy sends its next request right
+ * after it ends. The hook runs under the engine's lock; NULL unhooks, and
+ * once this returns the old hook is not called again. */
+void mmad_engine_set_tail_hook(mmad_engine_t *e, void (*hook)(void *arg, int tail), void *arg);
 /* Statistics, for mmactl (read under s->stats_lock). */
 mmad_sched_t *mmad_engine_sched(mmad_engine_t *e);
 

@@ -41,6 +41,7 @@ typedef struct mmad_config {
     int max_paths;          /* 0: all */
     int max_clients;
     double loop_spin_us;      /* the socket thread polls this long after a copy request */
+    int tail_spin;            /* ... and through copies' last chunks */
     int flag_slots_max;
     char log_level[16];
     int sim_fail_via;       /* fault injection: relays through this GPU fail (-1 none) */

@@ -47,7 +47,16 @@ struct mmad_server {
     int stopping;
     uint8_t *rxbuf;
     uint64_t last_copy_ns; /* when the last copy request came (--loop-spin-us) */
+    /* --tail-spin: the engine says when a copy is on its last chunks */
+    uv_async_t kick;             /* wakes this thread for such a tail */
+    _Atomic int tail;            /* a copy is on its last chunks */
+    _Atomic uint64_t tail_off_ns; /* when the last such tail ended */
+    _Atomic int polling;         /* this thread polls: no kick needed */
 };
+
+/* Polling through one tail stops after this long (many clients can keep
+ * some copy's tail going all the time). */
+#define TAIL_SPIN_MAX_NS 2000000ull
 
 static void notify(const char *state)
 {
@@ -554,11 +563,31 @@ static void on_accept(uv_poll_t *h, int status, int events)
     }
 }
 
+/* Engine thread, under the engine's lock. */
+static void engine_tail(void *arg, int tail)
+{
+    mmad_server_t *s = arg;
+    if (!tail)
+        atomic_store(&s->tail_off_ns, mma_now_ns());
+    atomic_store(&s->tail, tail);
+    if (tail && !atomic_load(&s->polling))
+        uv_async_send(&s->kick);
+}
+
+static void on_kick(uv_async_t *h)
+{
+    (void)h; /* waking this thread was the point */
+}
+
 static void stop_serving(mmad_server_t *s)
 {
     if (s->stopping)
         return;
     s->stopping = 1;
+    /* No more kicks: once this returns the engine no longer calls
+     * engine_tail, so the handle can close. */
+    mmad_engine_set_tail_hook(s->engine, NULL, NULL);
+    uv_close((uv_handle_t *)&s->kick, NULL);
     notify("STOPPING=1");
     MMA_INFO("shutting down: closing %d clients", s->nclients);
     uv_close((uv_handle_t *)&s->listen_poll, NULL);
@@ -656,8 +685,28 @@ int mmad_server_create(const mmad_config_t *cfg, mmad_backend_t *be, mmad_engine
     s->sigint.data = s->sigterm.data = s;
     uv_signal_start(&s->sigint, on_signal, SIGINT);
     uv_signal_start(&s->sigterm, on_signal, SIGTERM);
+    uv_async_init(&s->loop, &s->kick, on_kick);
+    if (cfg->loop_spin_us > 0 && cfg->tail_spin)
+        mmad_engine_set_tail_hook(engine, engine_tail, s);
     *out = s;
     return MMA_OK;
+}
+
+/* Whether the socket thread keeps polling (--loop-spin-us, --tail-spin):
+ * within spin_ns of a copy request; through a copy's tail, for at most
+ * TAIL_SPIN_MAX_NS since it began polling; and spin_ns after the tail. */
+static int keep_polling(mmad_server_t *s, uint64_t spin_ns, uint64_t since)
+{
+    if (!spin_ns || s->stopping)
+        return 0;
+    uint64_t now = mma_now_ns();
+    if (now - s->last_copy_ns < spin_ns)
+        return 1;
+    if (!s->cfg->tail_spin)
+        return 0;
+    if (atomic_load(&s->tail))
+        return now - since < TAIL_SPIN_MAX_NS;
+    return now - atomic_load(&s->tail_off_ns) < spin_ns;
 }
 
 int mmad_server_run(mmad_server_t *s)
@@ -672,10 +721,22 @@ int mmad_server_run(mmad_server_t *s)
      * long after a copy request instead of sleeping in epoll, so the next
      * request does not pay a thread wake-up. */
     uint64_t spin_ns = (uint64_t)(s->cfg->loop_spin_us * 1000.0);
-    while (uv_run(&s->loop, UV_RUN_ONCE))
-        while (spin_ns && !s->stopping && mma_now_ns() - s->last_copy_ns < spin_ns)
-            if (!uv_run(&s->loop, UV_RUN_NOWAIT))
-                return MMA_OK;
+    while (uv_run(&s->loop, UV_RUN_ONCE)) {
+        uint64_t since = mma_now_ns();
+        for (;;) {
+            atomic_store(&s->polling, 1);
+            while (keep_polling(s, spin_ns, since))
+                if (!uv_run(&s->loop, UV_RUN_NOWAIT)) {
+                    atomic_store(&s->polling, 0);
+                    return MMA_OK;
+                }
+            atomic_store(&s->polling, 0);
+            /* A tail that began as this thread stopped polling did not kick
+             * it: look once more before sleeping. */
+            if (!keep_polling(s, spin_ns, since))
+                break;
+        }
+    }
     return MMA_OK;
 }
 
