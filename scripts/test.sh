@@ -36,7 +36,7 @@ run_ctest build-asan ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
   UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 || status=1
 
 echo "== unit tests under valgrind"
-for t in build/tests/test_status build/tests/test_wire build/tests/test_config build/tests/test_request build/tests/test_sched; do
+for t in build/tests/test_status build/tests/test_wire build/tests/test_config build/tests/test_request build/tests/test_sched build/tests/test_engine; do
   [ -x "$t" ] || continue
   if CK_FORK=no valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite "$t" >"$t.valgrind.log" 2>&1; then
     echo "valgrind clean: $(basename "$t")"; passed=$((passed + 1))

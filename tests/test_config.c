@@ -69,6 +69,10 @@ START_TEST(defaults)
     ck_assert_double_eq_tol(cfg.sim_busy_share, 0.4, 1e-12);
     ck_assert_str_eq(cfg.sim_busy_file, "");
     ck_assert_double_eq_tol(cfg.sim_relay_latency_us, 0, 1e-12);
+    /* The socket thread polls 100 us after a copy request and through
+     * copies' tails (4x H200: the request's way in from 22-68 us to 8-25). */
+    ck_assert_double_eq_tol(cfg.loop_spin_us, 100, 1e-12);
+    ck_assert_int_eq(cfg.tail_spin, 1);
     /* No arguments: the defaults stand. */
     char *argv[] = {"mmad", NULL};
     ck_assert_int_eq(mmad_config_parse(&cfg, 1, argv), 0);
@@ -130,7 +134,10 @@ START_TEST(yield_and_plan_options)
     ck_assert_double_eq_tol(cfg.sim_busy_share, 0.5, 1e-12);
     ck_assert_str_eq(cfg.sim_busy_file, "/tmp/busy");
     ck_assert_double_eq_tol(cfg.sim_relay_latency_us, 15, 1e-12);
-    const char *bad[] = {"--yield-frac=1.5", "--yield-frac=-0.1", "--yield-probe-ms=0", "--link-gbps=0",
+    ck_assert_int_eq(PARSE("--loop-spin-us=0", "--tail-spin=0"), 0);
+    ck_assert_double_eq_tol(cfg.loop_spin_us, 0, 1e-12);
+    ck_assert_int_eq(cfg.tail_spin, 0);
+    const char *bad[] = {"--loop-spin-us=-1", "--loop-spin-us=200000", "--tail-spin=2", "--yield-frac=1.5", "--yield-frac=-0.1", "--yield-probe-ms=0", "--link-gbps=0",
                          "--plan-split=3",   "--plan-learn=3", "--issue-cost-us=-2", "--relay-overhead-us=-1.5",
                          "--sim-busy-share=0", "--sim-busy-share=1.1", "--busy-gbps=-1"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
