@@ -25,6 +25,7 @@
 #include <time.h>
 
 #include "cuda_check.h"
+#include "util.h"
 
 #define DK(x)                                                                   \
     do {                                                                        \
@@ -78,13 +79,6 @@ static cudaEvent_t ev_hop[8], ev_done[8];
 static volatile uint64_t *flags; /* host-mapped, one per via */
 static CUcontext ctx[8];
 
-static double now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
-}
-
 static void issue(int variant, int v, uint64_t seq)
 {
     switch (variant) {
@@ -136,7 +130,7 @@ static void *run_job(void *arg)
         pthread_barrier_wait(j->bar);
     uint64_t seq = 1;
     for (int r = 0; r < REPS / BATCH; r++) {
-        double t0 = now_us();
+        double t0 = mma_now_us();
         for (int b = 0; b < BATCH; b++) {
             int v = j->vias[b % j->nvia];
             if (j->variant > 0 && j->nvia > 1)
@@ -144,7 +138,7 @@ static void *run_job(void *arg)
             issue(j->variant, v, seq++);
             j->count++;
         }
-        j->us += now_us() - t0;
+        j->us += mma_now_us() - t0;
         for (int i = 0; i < j->nvia; i++)
             drain_via(j->vias[i]);
     }
@@ -217,7 +211,7 @@ int main(void)
         job_t js[8];
         pthread_barrier_t bar;
         pthread_barrier_init(&bar, NULL, (unsigned)nvia);
-        double t0 = now_us();
+        double t0 = mma_now_us();
         for (int i = 0; i < nvia; i++) {
             js[i] = (job_t){.variant = variant, .nvia = 1, .bar = &bar};
             js[i].vias[0] = i + 1;
@@ -252,7 +246,7 @@ int main(void)
                 double us = 0;
                 int count = 0;
                 for (int r = 0; r < 40; r++) {
-                    double t0 = now_us();
+                    double t0 = mma_now_us();
                     for (int b = 0; b < 6; b++) {
                         int v = one.vias[b % nvia];
                         if (variant > 0)
@@ -261,7 +255,7 @@ int main(void)
                         count++;
                     }
                     if (r > 0)
-                        us += now_us() - t0;
+                        us += mma_now_us() - t0;
                     else
                         count = 0;
                     for (int i = 0; i < nvia; i++)
@@ -278,27 +272,27 @@ int main(void)
     CK(cudaSetDevice(1));
     CK(cudaEventRecord(ev_done[1], s_b[1]));
     CK(cudaEventSynchronize(ev_done[1]));
-    double t0 = now_us();
+    double t0 = mma_now_us();
     for (int i = 0; i < 100000; i++) {
         CK(cudaSetDevice(1 + i % nvia));
         CK(cudaEventQuery(ev_done[1 + i % nvia]));
     }
-    double t1 = now_us();
+    double t1 = mma_now_us();
     volatile uint64_t sink = 0;
     for (int i = 0; i < 100000; i++)
         sink += flags[1 + i % nvia];
-    double t2 = now_us();
+    double t2 = mma_now_us();
     printf("poll: setDevice+cudaEventQuery %.3f us, host flag read %.4f us\n", (t1 - t0) / 1e5, (t2 - t1) / 1e5);
     /* GPU-side latency of a flag write: issue a tiny chain, spin on the flag */
     double lat[200];
     for (int i = 0; i < 200; i++) {
         uint64_t want = 1000000 + (uint64_t)i;
         DK(p_ctxset(ctx[1]));
-        double a = now_us();
+        double a = mma_now_us();
         issue(2, 1, want);
         while (flags[1] != want)
             ;
-        lat[i] = now_us() - a;
+        lat[i] = mma_now_us() - a;
     }
     for (int i = 1; i < 200; i++)
         for (int k = i; k > 0 && lat[k] < lat[k - 1]; k--) {

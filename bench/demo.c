@@ -13,13 +13,7 @@
 #include <time.h>
 
 #include "mma.h"
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
+#include "util.h"
 
 static void fill(uint8_t *p, size_t n, uint64_t seed)
 {
@@ -46,7 +40,7 @@ static double timed(mma_client_t *c, void *dst, const void *src, size_t n, int p
 {
     double best[16];
     for (int r = 0; r < reps; r++) {
-        double t0 = now_s();
+        double t0 = mma_now_s();
         if (native) {
             if (cudaMemcpy(dst, src, n, cudaMemcpyDefault) != cudaSuccess) {
                 fprintf(stderr, "mma-demo: cudaMemcpy failed\n");
@@ -59,7 +53,7 @@ static double timed(mma_client_t *c, void *dst, const void *src, size_t n, int p
             CHECK(mma_memcpy_sg_async(c, &s, 1, NULL, &o, &t));
             CHECK(mma_wait(c, t));
         }
-        best[r] = now_s() - t0;
+        best[r] = mma_now_s() - t0;
     }
     for (int i = 0; i < reps; i++) /* median */
         for (int j = i + 1; j < reps; j++)

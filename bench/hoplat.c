@@ -24,21 +24,9 @@
 #include <time.h>
 
 #include "cuda_check.h"
+#include "util.h"
 
 #define MAXG 8
-
-static double now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec / 1e3;
-}
-
-static int cmp(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
 
 typedef struct {
     int ngpu;
@@ -85,7 +73,7 @@ static void run(box_t *b, const char *name, int kind, size_t n, int reps)
         exit(1);
     for (int r = -3; r < reps; r++) {
         sync_all(b);
-        double t0 = now_us();
+        double t0 = mma_now_us();
         switch (kind) {
         case 0:
             CK(cudaSetDevice(0));
@@ -112,9 +100,9 @@ static void run(box_t *b, const char *name, int kind, size_t n, int reps)
         }
         sync_all(b);
         if (r >= 0)
-            t[r] = now_us() - t0;
+            t[r] = mma_now_us() - t0;
     }
-    qsort(t, (size_t)reps, sizeof *t, cmp);
+    qsort(t, (size_t)reps, sizeof *t, mma_cmp_double);
     printf("%-13s %8zu KiB %9.1f %9.1f\n", name, n >> 10, t[reps / 2], t[reps * 9 / 10]);
     free(t);
 }

@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "mma.h"
+#include "util.h"
 
 #define CK(call)                                                                          \
     do {                                                                                  \
@@ -45,13 +46,6 @@
             exit(1);                                                                      \
         }                                                                                 \
     } while (0)
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static size_t parse_size(const char *s)
 {
@@ -76,15 +70,9 @@ static void human(size_t n, char *out, size_t len)
         snprintf(out, len, "%zuK", n >> 10);
 }
 
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
 static double pct(double *v, int n, double p)
 {
-    qsort(v, (size_t)n, sizeof *v, cmp_d);
+    qsort(v, (size_t)n, sizeof *v, mma_cmp_double);
     int i = (int)(p * (n - 1) + 0.5);
     return v[i];
 }
@@ -134,7 +122,7 @@ static double one_copy(ctx_t *x, int dir, size_t n, int mode, int paths)
 {
     void *dst = dir == 0 ? (void *)x->dev : (void *)x->back;
     const void *src = dir == 0 ? (const void *)x->host : (const void *)x->dev;
-    double t0 = now_s();
+    double t0 = mma_now_s();
     if (mode == 0) {
         CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDefault, x->stream));
         CK(cudaStreamSynchronize(x->stream));
@@ -151,7 +139,7 @@ static double one_copy(ctx_t *x, int dir, size_t n, int mode, int paths)
             MK(mma_query(x->c, tk));
         }
     }
-    return now_s() - t0;
+    return mma_now_s() - t0;
 }
 
 /* Median seconds of one copy (modes as one_copy), after one warm-up. */
@@ -188,10 +176,10 @@ static double time_queued(ctx_t *x, int dir, size_t n, int mode, int rounds)
     char *dst = dir == 0 ? x->dev : x->back;
     const char *src = dir == 0 ? x->host : x->dev;
     mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
-    double t0 = now_s();
+    double t0 = mma_now_s();
     for (int r = -1; r < rounds; r++) { /* r = -1: warm-up */
         if (r == 0)
-            t0 = now_s();
+            t0 = mma_now_s();
         if (mode == 0) {
             for (int k = 0; k < QDEPTH; k++)
                 CK(cudaMemcpyAsync(dst + (size_t)k * n, src + (size_t)k * n, n, cudaMemcpyDefault, x->stream));
@@ -206,7 +194,7 @@ static double time_queued(ctx_t *x, int dir, size_t n, int mode, int rounds)
                 MK(mma_wait(x->c, tk[k]));
         }
     }
-    return (double)n * QDEPTH * rounds / (now_s() - t0) / 1e9;
+    return (double)n * QDEPTH * rounds / (mma_now_s() - t0) / 1e9;
 }
 
 /* Before copies in direction `dir` into [off, off+len) that check() is to
@@ -267,7 +255,7 @@ static double ceiling(ctx_t *x, int dir, size_t per_gpu)
     for (int r = 0; r < 5; r++) {
         for (int g = 0; g < n; g++)
             CK(cudaStreamSynchronize(st[g]));
-        double t0 = now_s(), end[16];
+        double t0 = mma_now_s(), end[16];
         int done[16] = {0};
         for (int g = 0; g < n; g++) {
             CK(cudaSetDevice(g));
@@ -288,7 +276,7 @@ static double ceiling(ctx_t *x, int dir, size_t per_gpu)
                     continue;
                 }
                 CK(q);
-                end[g] = now_s() - t0;
+                end[g] = mma_now_s() - t0;
                 done[g] = 1;
                 left--;
             }
@@ -577,13 +565,13 @@ int main(int argc, char **argv)
         printf("queued break-even (mma-q >= nat-q at this size and every larger one measured): %s\n", beq);
         /* The daemon's CPU while it sustains large copies back to back. */
         size_t big = maxsz >= (1u << 30) ? (1u << 30) : maxsz;
-        double cpu0 = cpu_seconds(dpid), t0 = now_s();
+        double cpu0 = cpu_seconds(dpid), t0 = mma_now_s();
         int nb = 0;
-        while (now_s() - t0 < 2.0 || nb < 3) {
+        while (mma_now_s() - t0 < 2.0 || nb < 3) {
             time_copy(&x, d, big, 1, 0, samples, 1);
             nb += 2;
         }
-        double wall = now_s() - t0, cpu1 = cpu_seconds(dpid);
+        double wall = mma_now_s() - t0, cpu1 = cpu_seconds(dpid);
         if (dpid > 0 && cpu0 >= 0)
             printf("mmad CPU while sustaining %s %zu MiB copies for %.1f s: %.0f%% of one core (user+sys)\n", dn[d],
                    big >> 20, wall, 100.0 * (cpu1 - cpu0) / wall);

@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "mma.h"
+#include "util.h"
 
 enum { W_NATIVE, W_MMA, W_LAT, W_LAT_BULK };
 
@@ -41,19 +42,6 @@ typedef struct worker {
     int to_child, from_child;
     result_t res;
 } worker_t;
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
 
 static void fill(unsigned char *p, size_t n, unsigned seed)
 {
@@ -84,10 +72,10 @@ static void worker_main(int kind, int gpu, const char *sock, double secs, int rf
         _exit(4);
     double *lat = malloc(sizeof(double) * 100000);
     int nl = 0;
-    double t0 = now_s(), bytes = 0;
+    double t0 = mma_now_s(), bytes = 0;
     mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS | (kind == W_LAT ? MMA_COPY_LATENCY : 0u)};
-    while (now_s() - t0 < secs) {
-        double t1 = now_s();
+    while (mma_now_s() - t0 < secs) {
+        double t1 = mma_now_s();
         int rc;
         if (kind == W_NATIVE) {
             rc = cudaMemcpy(d, h, n, cudaMemcpyHostToDevice) == cudaSuccess ? MMA_OK : MMA_ERR_CUDA;
@@ -102,18 +90,18 @@ static void worker_main(int kind, int gpu, const char *sock, double secs, int rf
             _exit(5);
         bytes += (double)n;
         if (nl < 100000)
-            lat[nl++] = now_s() - t1;
+            lat[nl++] = mma_now_s() - t1;
         if (kind == W_LAT || kind == W_LAT_BULK)
             usleep(2000); /* a request now and then, like a KV fetch */
     }
-    double el = now_s() - t0;
+    double el = mma_now_s() - t0;
     /* last copy: check it came through whole */
     if (kind == W_NATIVE)
         r.ok = cudaMemcpy(back, d, n, cudaMemcpyDeviceToHost) == cudaSuccess && memcmp(h, back, n) == 0;
     else
         r.ok = mma_memcpy(c, back, d, n) == MMA_OK && memcmp(h, back, n) == 0;
     r.gbps = bytes / el / 1e9;
-    qsort(lat, (size_t)nl, sizeof *lat, cmp_d);
+    qsort(lat, (size_t)nl, sizeof *lat, mma_cmp_double);
     r.p50_us = nl ? lat[nl / 2] * 1e6 : 0;
     r.p99_us = nl ? lat[(int)((nl - 1) * 0.99)] * 1e6 : 0;
     if (write(wfd, &r, sizeof r) != (ssize_t)sizeof r)
@@ -181,10 +169,10 @@ static int run(const char *name, worker_t *w, int nw, const char *sock, double s
     for (int i = 0; i < nw; i++)
         if (write(w[i].to_child, "G", 1) != 1)
             return -1;
-    double t0 = now_s();
+    double t0 = mma_now_s();
     if (sample)
-        while (now_s() - t0 < secs + 0.2) {
-            sample_paths(csv, name, now_s() - t0, sock);
+        while (mma_now_s() - t0 < secs + 0.2) {
+            sample_paths(csv, name, mma_now_s() - t0, sock);
             usleep(100000);
         }
     int bad = 0;

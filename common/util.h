@@ -13,6 +13,24 @@ static inline uint64_t mma_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* The same clock in seconds and microseconds, for the bench tools' tables. */
+static inline double mma_now_s(void)
+{
+    return (double)mma_now_ns() * 1e-9;
+}
+
+static inline double mma_now_us(void)
+{
+    return (double)mma_now_ns() * 1e-3;
+}
+
+/* qsort's order for doubles, ascending. */
+static inline int mma_cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
 static inline void mma_sleep_ns(uint64_t ns)
 {
     struct timespec ts = {.tv_sec = (time_t)(ns / 1000000000ull), .tv_nsec = (long)(ns % 1000000000ull)};
