@@ -691,19 +691,25 @@ static int lane_start(cuda_be_t *s, int gpu)
     return MMA_OK;
 }
 
+/* Tell a worker thread (a lane, the link monitor) to stop, through the
+ * flag its loop checks under `lock`, wake it, and wait for it to end. */
+static void worker_stop(pthread_mutex_t *lock, pthread_cond_t *cond, int *stop, pthread_t thread)
+{
+    pthread_mutex_lock(lock);
+    *stop = 1;
+    pthread_cond_signal(cond);
+    pthread_mutex_unlock(lock);
+    pthread_join(thread, NULL);
+}
+
 /* Safe on a lane that never started. */
 static void lane_stop(cuda_be_t *s, int gpu)
 {
     lane_t *L = s->lanes[gpu];
     if (!L)
         return;
-    if (L->started) {
-        pthread_mutex_lock(&L->lock);
-        L->stop = 1;
-        pthread_cond_signal(&L->cond);
-        pthread_mutex_unlock(&L->lock);
-        pthread_join(L->thread, NULL);
-    }
+    if (L->started)
+        worker_stop(&L->lock, &L->cond, &L->stop, L->thread);
     pthread_mutex_destroy(&L->lock);
     pthread_cond_destroy(&L->cond);
     free(L->ring);
@@ -1177,13 +1183,8 @@ static void monitor_stop(cuda_be_t *s)
     monitor_t *m = s->monitor;
     if (!m)
         return;
-    if (m->started) {
-        pthread_mutex_lock(&m->lock);
-        m->stop = 1;
-        pthread_cond_signal(&m->cond);
-        pthread_mutex_unlock(&m->lock);
-        pthread_join(m->thread, NULL);
-    }
+    if (m->started)
+        worker_stop(&m->lock, &m->cond, &m->stop, m->thread);
     if (m->shutdown)
         (void)m->shutdown();
     if (m->lib)
