@@ -251,35 +251,31 @@ static void wait_for_work(mmad_engine_t *e, uint64_t timeout_ns)
  * 2026-11-27-4xH200-callcost), so this is cheap; a sleep costs a wake-up. */
 #define SPIN_NS 20000ull
 
-/* 1 when a copy has all its chunks on paths and waits only for them to
- * land: its completion is then due any moment, and late noticing is pure
- * added latency. */
-static int tail_pending(const mmad_engine_t *e)
+/* Where the copies' tails stand, in one pass over the jobs:
+ * TAIL_PENDING when a copy has all its chunks on paths and waits only for
+ * them to land (its completion is due any moment, and late noticing is pure
+ * added latency); TAIL_NEAR_END when a copy is, moreover, on its last
+ * chunks: no more in flight than it has paths (each path on its last one). */
+enum { TAIL_NONE, TAIL_PENDING, TAIL_NEAR_END };
+static int tail_scan(const mmad_engine_t *e)
 {
-    for (const mmad_job_t *j = e->sched.jobs; j; j = j->next)
-        if (j->inflight > 0 && j->issued >= j->total)
-            return 1;
-    return 0;
+    int tail = TAIL_NONE, vias[MMAD_MAX_GPUS];
+    for (const mmad_job_t *j = e->sched.jobs; j; j = j->next) {
+        if (j->inflight == 0 || j->issued < j->total)
+            continue;
+        if (j->inflight <= mmad_sched_paths_for(&e->sched, j->target, j->max_paths, vias))
+            return TAIL_NEAR_END;
+        tail = TAIL_PENDING;
+    }
+    return tail;
 }
 
-/* 1 when a copy is on its last chunks: all issued, and no more in flight
- * than it has paths (each path on its last one). */
-static int near_end(const mmad_engine_t *e)
-{
-    int vias[MMAD_MAX_GPUS];
-    for (const mmad_job_t *j = e->sched.jobs; j; j = j->next)
-        if (j->inflight > 0 && j->issued >= j->total &&
-            j->inflight <= mmad_sched_paths_for(&e->sched, j->target, j->max_paths, vias))
-            return 1;
-    return 0;
-}
-
-/* Tell the tail hook when near_end changes. */
-static void tail_update(mmad_engine_t *e)
+/* Tell the tail hook when "a copy is near its end" changes. */
+static void tail_update(mmad_engine_t *e, int tail)
 {
     if (!atomic_load_explicit(&e->hooked, memory_order_relaxed))
         return;
-    int t = near_end(e);
+    int t = tail == TAIL_NEAR_END;
     if (t == e->tail_state)
         return;
     e->tail_state = t;
@@ -307,7 +303,8 @@ static void *engine_main(void *arg)
         progress += check_reached(e);
         progress += mmad_sched_fill(&e->sched);
         progress += reap(e);
-        tail_update(e);
+        int tail = tail_scan(e);
+        tail_update(e, tail);
         if (stopping && !e->sched.jobs && e->sched.chunks_inflight == 0)
             break;
         if (progress) {
@@ -329,7 +326,7 @@ static void *engine_main(void *arg)
             backoff = 0;
         } else if (e->be->event_driven && e->waiting_reached == 0) {
             wait_for_work(e, 50 * 1000000ull); /* the backend wakes us */
-        } else if (spins < 16 || mma_now_ns() - last_progress < SPIN_NS || tail_pending(e)) {
+        } else if (spins < 16 || mma_now_ns() - last_progress < SPIN_NS || tail != TAIL_NONE) {
             /* Polling the GPU or a `reached` flag: spin for a while after
              * the last progress, since completions often come within
              * microseconds, and all the while a copy waits only for its
