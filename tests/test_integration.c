@@ -1469,6 +1469,17 @@ static int gpu_paths(const mmad_proc_t *d, int gpu, const char *dir, int64_t byt
  * gpu0, every byte checked, until all three relays are on again (30 s at
  * most), then once more. b0/b1: each path's bytes before and after that
  * last copy; returns its mmactl output (caller frees). */
+/* The simulated native loads run while a file exists: create it in a
+ * scratch folder named after `tag` and write mmad's option for it. */
+static void busy_file(char busy[200], char opt[240], const char *tag)
+{
+    snprintf(busy, 200, "%s/busy", scratch_mkdtemp(tag));
+    FILE *f = fopen(busy, "w");
+    ck_assert_ptr_nonnull(f);
+    fclose(f);
+    snprintf(opt, 240, "--sim-busy-file=%s", busy);
+}
+
 static char *relays_come_back(const mmad_proc_t *d, mma_client_t *c, const char *busy, uint8_t *dv, uint8_t *h,
                               size_t n, int64_t b0[NGPU], int64_t b1[NGPU])
 {
@@ -1494,11 +1505,7 @@ static char *relays_come_back(const mmad_proc_t *d, mma_client_t *c, const char 
 START_TEST(busy_relays_yield)
 {
     char busy[200], opt[240];
-    snprintf(busy, sizeof busy, "%s/busy", scratch_mkdtemp("busy"));
-    FILE *f = fopen(busy, "w");
-    ck_assert_ptr_nonnull(f);
-    fclose(f);
-    snprintf(opt, sizeof opt, "--sim-busy-file=%s", busy);
+    busy_file(busy, opt, "busy");
     /* Probes every 1 ms of the real box: 100 ms here. */
     const char *extra[] = {"--sim-scale=0.01", "--chunk-size=1M",   "--min-chunk=256K", "--sim-busy-gpus=1,2,3",
                            opt,                "--yield-probe-ms=1", "--yield-frac=0.6", "--busy-gbps=0", NULL};
@@ -1578,11 +1585,7 @@ END_TEST
 START_TEST(busy_links_stop_relays)
 {
     char busy[200], opt[240];
-    snprintf(busy, sizeof busy, "%s/busy", scratch_mkdtemp("links"));
-    FILE *f = fopen(busy, "w");
-    ck_assert_ptr_nonnull(f);
-    fclose(f);
-    snprintf(opt, sizeof opt, "--sim-busy-file=%s", busy);
+    busy_file(busy, opt, "links");
     const char *extra[] = {"--sim-scale=0.01", "--chunk-size=1M", "--min-chunk=256K", "--sim-busy-gpus=1,2,3", opt, NULL};
     mmad_proc_t d;
     mmad_start(&d, extra);
