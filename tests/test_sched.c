@@ -1444,33 +1444,33 @@ START_TEST(shared_host_side_does_not_yield)
 }
 END_TEST
 
-START_TEST(direct_path_never_yields)
+/* Path via of GPU 0 runs at `rate`: over three timed copies it keeps
+ * taking chunks and never yields, and its rate estimate is kept. */
+static void slow_path_never_yields(int via, double rate)
 {
-    start_timed();
-    fb.rate[0][0][MMA_DIR_H2D] = 0.1;
+    fb.rate[0][via][MMA_DIR_H2D] = rate;
     int ch[NGPU];
     for (int k = 0; k < 3; k++) {
         run_timed(ch);
-        ck_assert_int_eq(s.paths[0][0][MMA_DIR_H2D].yielding, 0);
-        ck_assert_int_ge(ch[0], 1);
+        ck_assert_int_eq(s.paths[0][via][MMA_DIR_H2D].yielding, 0);
+        ck_assert_int_ge(ch[via], 1);
     }
-    ck_assert_double_eq_tol(s.paths[0][0][MMA_DIR_H2D].rate, 0.1, 0.01);
+    ck_assert_double_eq_tol(s.paths[0][via][MMA_DIR_H2D].rate, rate, 0.01);
+}
+
+START_TEST(direct_path_never_yields)
+{
+    start_timed();
+    slow_path_never_yields(0, 0.1);
 }
 END_TEST
 
 START_TEST(yield_frac_zero_never_yields)
 {
+    /* A slow relay with yielding off (the estimate is kept all the same). */
     start_timed();
     s.yield_frac = 0;
-    fb.rate[0][1][MMA_DIR_H2D] = 0.2;
-    int ch[NGPU];
-    for (int k = 0; k < 3; k++) {
-        run_timed(ch);
-        ck_assert_int_eq(s.paths[0][1][MMA_DIR_H2D].yielding, 0);
-        ck_assert_int_ge(ch[1], 1);
-    }
-    /* The estimate is kept all the same. */
-    ck_assert_double_eq_tol(s.paths[0][1][MMA_DIR_H2D].rate, 0.2, 0.01);
+    slow_path_never_yields(1, 0.2);
 }
 END_TEST
 
