@@ -1204,6 +1204,23 @@ START_TEST(plan_fit_line)
 }
 END_TEST
 
+/* A fresh box of 1 MiB chunks on the fake clock, for plans that learn
+ * (--plan-learn=learn, from shares of learn_min): no issue or relay costs
+ * in the model, a reference rate of 1 byte/ns. */
+static void start_learning(int learn, uint64_t learn_min)
+{
+    mmad_sched_destroy(&s);
+    start(1u << 20, 64u << 10, 2, 4, 0);
+    s.now = fake_now;
+    fake_ns = 1000;
+    s.plan_split = 2;
+    s.plan_learn = learn;
+    s.plan_learn_min = learn_min;
+    s.issue_cost_ns = 0;
+    s.relay_overhead_ns = 0;
+    s.ref_floor = 1.0;
+}
+
 START_TEST(plan_fit_learns_a_late_relay)
 {
     /* Relay 3 moves bytes as fast as the others but its chunks land 0.6 ms
@@ -1213,16 +1230,7 @@ START_TEST(plan_fit_learns_a_late_relay)
      * its copies end sooner. */
     uint64_t spent[3] = {0, 0, 0};
     for (int learn = 0; learn <= 2; learn++) {
-        mmad_sched_destroy(&s);
-        start(1u << 20, 64u << 10, 2, 4, 0);
-        s.now = fake_now;
-        fake_ns = 1000;
-        s.plan_split = 2;
-        s.plan_learn = learn;
-        s.plan_learn_min = 128u << 10;
-        s.issue_cost_ns = 0;
-        s.relay_overhead_ns = 0;
-        s.ref_floor = 1.0;
+        start_learning(learn, 128u << 10);
         for (int v = 0; v < NGPU; v++) {
             fb.rate[0][v][MMA_DIR_H2D] = 1.0;
             fb.lat[0][v][MMA_DIR_H2D] = v == 3 ? 600000 : 0;
@@ -1267,16 +1275,7 @@ START_TEST(plan_learn_gives_slow_path_less)
      * --plan-learn its weight falls toward 0.5 and the copies get faster,
      * toward total / (3.5 x rate). Without learning nothing changes. */
     for (int learn = 0; learn <= 1; learn++) {
-        mmad_sched_destroy(&s);
-        start(1u << 20, 64u << 10, 2, 4, 0);
-        s.now = fake_now;
-        fake_ns = 1000;
-        s.plan_split = 2;
-        s.plan_learn = learn;
-        s.plan_learn_min = 256u << 10;
-        s.issue_cost_ns = 0;
-        s.relay_overhead_ns = 0;
-        s.ref_floor = 1.0;
+        start_learning(learn, 256u << 10);
         for (int v = 0; v < NGPU; v++)
             fb.rate[0][v][MMA_DIR_H2D] = v == 3 ? 0.5 : 1.0;
         const uint64_t total = 4u << 20;
