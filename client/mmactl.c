@@ -19,7 +19,8 @@ static void usage(FILE *f)
     fprintf(f, "usage: mmactl [--socket PATH] [--json] status|paths|clients\n"
                "  status   daemon version, backend, GPUs, totals, CPU used\n"
                "  paths    per path (target GPU, via GPU, direction): bytes, chunks, GB/s, queue depth,\n"
-               "           state (on, off, yield) and the smoothed rate of its recent chunks\n"
+               "           state (on, off, yield), the smoothed rate of its recent chunks and how many\n"
+               "           relay chunks a copy kernel on the via GPU moved in one hop (one_hop)\n"
                "  clients  connected processes: pid, uid, regions, copies in flight\n"
                "  --socket PATH  default $MMA_SOCKET, else /run/mma/mmad.sock\n");
 }
@@ -120,11 +121,11 @@ static void print_paths(const Mma__PathsReply *p, int json)
         const char *kind = s->target == s->via ? "direct" : "relay";
         if (json) {
             printf("%s{\"target\":%u,\"via\":%u,\"kind\":\"%s\",\"dir\":\"%s\",\"bytes\":%llu,\"chunks\":%llu,"
-                   "\"active_ns\":%llu,\"gbps\":%.3f,\"inflight\":%u,\"depth\":%u,\"enabled\":%s,\"yielding\":%s,"
+                   "\"one_hop_chunks\":%llu,\"active_ns\":%llu,\"gbps\":%.3f,\"inflight\":%u,\"depth\":%u,\"enabled\":%s,\"yielding\":%s,"
                    "\"rate_gbps\":%.3f,\"note\":\"%s\"}",
                    i ? "," : "", s->target, s->via, kind, dir_name(s->dir), (unsigned long long)s->bytes,
-                   (unsigned long long)s->chunks, (unsigned long long)s->active_ns, gbps(s->bytes, s->active_ns),
-                   s->inflight, s->depth, s->enabled ? "true" : "false", s->yielding ? "true" : "false",
+                   (unsigned long long)s->chunks, (unsigned long long)s->one_hop_chunks,
+                   (unsigned long long)s->active_ns, gbps(s->bytes, s->active_ns), s->inflight, s->depth, s->enabled ? "true" : "false", s->yielding ? "true" : "false",
                    s->rate_gbps, s->note ? s->note : "");
             continue;
         }
@@ -137,6 +138,8 @@ static void print_paths(const Mma__PathsReply *p, int json)
         printf("bytes=%llu,chunks=%llu,gbps=%.3f,inflight=%u,depth=%u,state=%s,rate=%.3f",
                (unsigned long long)s->bytes, (unsigned long long)s->chunks, gbps(s->bytes, s->active_ns), s->inflight,
                s->depth, !s->enabled ? "off" : s->yielding ? "yield" : "on", s->rate_gbps);
+        if (s->one_hop_chunks)
+            printf(",one_hop=%llu", (unsigned long long)s->one_hop_chunks);
         if (s->note && *s->note)
             printf(",note=%s", s->note);
         printf("\n");

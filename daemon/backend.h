@@ -45,6 +45,11 @@ struct mmad_backend {
     int staging_slots;
     int path_depth;
     int64_t bypass_threshold; /* the effective one: --bypass-threshold, else the backend's */
+    /* Relays of copies smaller than this take one hop (a copy kernel on the
+     * via GPU; cuda only, 0: none), with this fixed latency over a direct
+     * chunk instead of the staged relay's. */
+    uint64_t relay_kernel_below;
+    double relay_kernel_overhead_us;
     /* Traffic on each GPU's own PCIe link that is not mmad's, per direction,
      * in MB/s of the real box, as the backend last measured it (cuda: the
      * driver's PCIe byte counters less mmad's own bytes; sim: its simulated

@@ -69,6 +69,7 @@
 #include "backend.h"
 #include "log.h"
 #include "mma.h"
+#include "relay_kernel.h"
 #include "topo.h"
 #include "util.h"
 
@@ -85,6 +86,13 @@
  * and sends 8 MiB through mmad; --bypass-threshold overrides it. (Before
  * planned splits the crossover was ~8 MiB and this was 12 MiB.) */
 #define DEFAULT_BYPASS_THRESHOLD (6ll << 20)
+/* With one-hop relays (--relay-kernel) mmad gains from smaller copies:
+ * bench/kcopy.cu on 4x H200 moved 2 MiB in 45 us H2D and 30 us D2H over
+ * four paths, against 51 and 50 us native. */
+#define KERNEL_BYPASS_THRESHOLD (2ll << 20)
+/* A one-hop relay's fixed latency over a direct chunk: its kernel's launch
+ * on another GPU, where a staged relay waits for a second copy. */
+#define KERNEL_RELAY_OVERHEAD_US 5.0
 
 /* cuMemGetAddressRange_v2, fetched from the driver at run time (the daemon
  * links the runtime only, so that it starts on machines without a driver).
@@ -143,6 +151,10 @@ typedef struct ipc_map {
     int gpu;
     unsigned char handle[sizeof(cudaIpcMemHandle_t)];
     char *ptr;               /* where the allocation starts in this process */
+    /* The same allocation opened with GPU v current, for one-hop relays
+     * through v: a kernel on v cannot reach the mapping opened on the owner
+     * (bench/access.cu measured it), only one opened on v. NULL: none. */
+    char *via_ptr[MMAD_MAX_GPUS];
     uint64_t size;           /* bytes mapped at ptr; 0 when the driver could not say */
     int refs;                /* regions using it */
     struct ipc_map *next;
@@ -200,6 +212,14 @@ typedef struct cuda_be {
     ipc_map_t *ipc_maps;
     addr_range_fn addr_range;
     int relay_per_slot;
+    /* --relay-kernel: relays of copies below kernel_below run as a copy
+     * kernel on a via GPU where kernel_ok (it can use a registered host
+     * pointer as is); kernel_off once host memory could not be mapped. */
+    uint64_t kernel_below;
+    int kernel_blocks;
+    unsigned char kernel_ok[MMAD_MAX_GPUS];
+    _Atomic int kernel_off;
+    _Atomic uint64_t n_kernel;
     int hop_target;          /* --hop-side=target: the NVLink hop runs on the target's stream */
 } cuda_be_t;
 
@@ -508,6 +528,27 @@ static int queue_relay(cuda_be_t *s, mmad_chunk_t *c, char *stage, cudaEvent_t h
     return mark_done(s, c, d2, second);
 }
 
+/* A one-hop relay: the via GPU's copy kernel on its PCIe stream of the
+ * direction, then the mark on the same stream. Host memory is registered
+ * mapped and the target's memory is reachable by peer access, so the
+ * kernel takes both pointers as they are. */
+static int issue_kernel_relay(cuda_be_t *s, mmad_chunk_t *c)
+{
+    cudaStream_t st = s->gpu[c->via].pcie[c->dir];
+    int h2d = c->dir == MMA_DIR_H2D;
+    uint64_t t0 = mma_now_ns();
+    int rc = CU(mmad_relay_kernel_launch(h2d ? c->kernel_dev : c->host, h2d ? c->host : c->kernel_dev, c->len,
+                                         s->kernel_blocks, st));
+    s->t_copy_ns += mma_now_ns() - t0;
+    s->n_copy++;
+    if (rc != MMA_OK)
+        return rc;
+    s->n_kernel++;
+    if ((rc = mark_done(s, c, c->via, st)) != MMA_OK)
+        drain(st);
+    return rc;
+}
+
 /* Queue a relay chunk's copies and mark; its staging slot (c->staging) and
  * completion word are reserved. Runs where the via GPU's context is
  * current: on its lane, or on the engine thread without lanes. On failure
@@ -516,6 +557,8 @@ static int issue_relay(cuda_be_t *s, mmad_chunk_t *c)
 {
     int v = c->via, t = c->target, slot = c->staging, h2d = c->dir == MMA_DIR_H2D;
     cuda_gpu_t *g = &s->gpu[v];
+    if (c->kernel_dev)
+        return issue_kernel_relay(s, c);
     /* H2D: host -> staging on the PCIe stream, then staging -> target on the
      * NVLink stream. D2H: target -> staging on the NVLink stream, then
      * staging -> host on the PCIe stream. The NVLink stream is the via
@@ -717,6 +760,23 @@ static void lane_stop(cuda_be_t *s, int gpu)
     s->lanes[gpu] = NULL;
 }
 
+/* Where a one-hop relay kernel on the via GPU finds the chunk's device
+ * bytes, or NULL where the relay must stage: the copy is not small enough,
+ * the via GPU cannot take host pointers as they are or has no mapping of
+ * the allocation, or an end is not 16-byte aligned. (The job holds its
+ * regions, so the mapping outlives the chunk.) */
+static char *kernel_dev(cuda_be_t *s, const mmad_chunk_t *c)
+{
+    if (!s->kernel_below || !c->job || c->job->total >= s->kernel_below || !s->kernel_ok[c->via] ||
+        atomic_load_explicit(&s->kernel_off, memory_order_relaxed) || !c->dev_region)
+        return NULL;
+    const ipc_map_t *m = c->dev_region->be_priv;
+    if (!m || !m->via_ptr[c->via])
+        return NULL;
+    char *d = m->via_ptr[c->via] + (c->dev - m->ptr);
+    return ((uintptr_t)d | (uintptr_t)c->host) & 15 ? NULL : d;
+}
+
 static int submit_relay(cuda_be_t *s, mmad_chunk_t *c)
 {
     int t = c->target, v = c->via;
@@ -735,6 +795,7 @@ static int submit_relay(cuda_be_t *s, mmad_chunk_t *c)
         return MMA_ERR_BACKEND;
     }
     c->staging = slot;
+    c->kernel_dev = kernel_dev(s, c);
     int rc = s->use_flags ? flag_reserve(s, c) : MMA_OK;
     if (rc == MMA_OK && s->use_lanes) {
         c->stage = LANE_QUEUED;
@@ -761,6 +822,7 @@ static int cuda_submit(mmad_backend_t *be, mmad_chunk_t *c)
     cuda_be_t *s = (cuda_be_t *)be;
     c->status = MMA_OK;
     c->staging = -1;
+    c->kernel_dev = NULL;
     c->stage = 0; /* copies queued: 1 for a direct chunk, 2 for a relay */
     c->be_priv = NULL;
     if (c->target < 0 || c->target >= be->gpu_count || c->via < 0 || c->via >= be->gpu_count ||
@@ -881,15 +943,28 @@ static int cuda_poll(mmad_backend_t *be, mmad_chunk_t **out, int max)
 
 /* ---- regions ---- */
 
-static int host_register(mmad_region_t *r)
+static int host_register(cuda_be_t *s, mmad_region_t *r)
 {
     /* Portable: the pages are pinned for every GPU's context, since any GPU
      * may carry a chunk of this region (relays use the via GPU's streams),
      * so the current device does not matter here. Registering is slow (138
      * ms for 256 MiB in HARDWARE.md), which is why it happens once per
      * region, not per copy. */
+    /* Mapped as well: one-hop relays' kernels read and write it. Where
+     * mapping fails it is pinned alone and relays stage from then on. */
     uint64_t t0 = mma_now_ns();
-    CU_CHECK(cudaHostRegister(r->base, (size_t)r->size, cudaHostRegisterPortable));
+    cudaError_t err = cudaErrorNotMapped;
+    if (s->kernel_below && !atomic_load(&s->kernel_off)) {
+        err = cudaHostRegister(r->base, (size_t)r->size, cudaHostRegisterPortable | cudaHostRegisterMapped);
+        if (err != cudaSuccess) {
+            (void)cudaGetLastError();
+            atomic_store(&s->kernel_off, 1);
+            MMA_WARN("cuda: cannot map host memory for the GPUs (%s); relays stage from now on "
+                     "(as --relay-kernel=0)", cudaGetErrorString(err));
+        }
+    }
+    if (err != cudaSuccess)
+        CU_CHECK(cudaHostRegister(r->base, (size_t)r->size, cudaHostRegisterPortable));
     MMA_DEBUG("cuda: pinned %llu bytes of host memory in %.1f ms", (unsigned long long)r->size,
               (double)(mma_now_ns() - t0) / 1e6);
     return MMA_OK;
@@ -907,7 +982,32 @@ static void ipc_release_locked(cuda_be_t *s, ipc_map_t *m)
         }
     if (CU(cudaSetDevice(m->gpu)) == MMA_OK)
         (void)CU(cudaIpcCloseMemHandle(m->ptr));
+    for (int v = 0; v < MMAD_MAX_GPUS; v++)
+        if (m->via_ptr[v] && CU(cudaSetDevice(v)) == MMA_OK)
+            (void)CU(cudaIpcCloseMemHandle(m->via_ptr[v]));
     free(m);
+}
+
+/* One-hop relays through v write and read the allocation through a
+ * mapping opened with v current (~2 ms each, once per allocation). Where
+ * one cannot be opened, relays through v stage for it. */
+static void ipc_open_vias(cuda_be_t *s, ipc_map_t *m, const cudaIpcMemHandle_t *h)
+{
+    for (int v = 0; s->kernel_below && v < s->base.gpu_count; v++) {
+        if (v == m->gpu || !s->base.relay_ok[m->gpu][v] || !s->kernel_ok[v])
+            continue;
+        void *p = NULL;
+        cudaError_t err = cudaSetDevice(v);
+        if (err == cudaSuccess)
+            err = cudaIpcOpenMemHandle(&p, *h, cudaIpcMemLazyEnablePeerAccess);
+        if (err != cudaSuccess) {
+            (void)cudaGetLastError();
+            MMA_WARN("cuda: cannot map gpu%d's allocation on gpu%d (%s); its relays through gpu%d stage", m->gpu, v,
+                     cudaGetErrorString(err), v);
+            continue;
+        }
+        m->via_ptr[v] = p;
+    }
 }
 
 /* Open a handle not in the cache yet. ipc_lock held, so the same handle is
@@ -959,6 +1059,7 @@ static int ipc_open_new(cuda_be_t *s, int gpu, const uint8_t *handle, ipc_map_t 
     m->gpu = gpu;
     memcpy(m->handle, handle, sizeof m->handle);
     m->ptr = p;
+    ipc_open_vias(s, m, &h);
     m->refs = 1;
     m->next = s->ipc_maps;
     s->ipc_maps = m;
@@ -999,7 +1100,7 @@ static int cuda_region_open(mmad_backend_t *be, mmad_region_t *r, const uint8_t 
 {
     cuda_be_t *s = (cuda_be_t *)be;
     if (r->kind == MMAD_REGION_HOST)
-        return host_register(r);
+        return host_register(s, r);
     if (r->gpu < 0 || r->gpu >= be->gpu_count)
         return MMA_ERR_NO_GPU;
     if (!ipc) {
@@ -1261,6 +1362,8 @@ static void cuda_destroy(mmad_backend_t *be)
                  (unsigned long long)s->n_copy, s->t_copy_ns / 1e3 / (double)s->n_copy,
                  s->t_hop_ns / 1e3 / (double)s->n_copy, s->t_mark_ns / 1e3 / (double)s->n_copy,
                  s->t_ctx_ns / 1e3 / (double)s->n_copy, s->copy_driver ? "driver" : "runtime");
+    if (s->n_kernel)
+        MMA_INFO("cuda: %llu of those were one-hop relay kernels", (unsigned long long)s->n_kernel);
     for (int gi = 0; gi < be->gpu_count; gi++) {
         cuda_gpu_t *g = &s->gpu[gi];
         if (CU(cudaSetDevice(gi)) != MMA_OK)
@@ -1376,6 +1479,13 @@ static int gpu_setup(cuda_be_t *s, int gi)
     int memops = 0;
     if (DRV(s->drv.dev_attr(&memops, CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS, dev)) != MMA_OK || !memops)
         s->use_flags = 0;
+    /* One-hop relay kernels on gi take registered host pointers as they are. */
+    int host_ptr = 0;
+    if (s->kernel_below &&
+        CU_WARN(cudaDeviceGetAttribute(&host_ptr, cudaDevAttrCanUseHostPointerForRegisteredMem, gi)) == MMA_OK)
+        s->kernel_ok[gi] = host_ptr != 0;
+    if (s->kernel_below && !s->kernel_ok[gi])
+        MMA_WARN("cuda: gpu%d cannot use registered host pointers; relays through it stage", gi);
     /* Non-blocking: the copies must not synchronize with the legacy default
      * stream, which nothing here uses but a library in the process might. */
     for (int d = 0; d < 2; d++) {
@@ -1521,7 +1631,13 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
     s->copy_driver = strcmp(cfg->copy_api, "driver") == 0;
     be->staging_slots = cfg->staging_slots;
     be->path_depth = cfg->path_depth;
-    be->bypass_threshold = cfg->bypass_threshold >= 0 ? cfg->bypass_threshold : DEFAULT_BYPASS_THRESHOLD;
+    s->kernel_below = cfg->relay_kernel;
+    s->kernel_blocks = cfg->relay_kernel_blocks > 0 ? cfg->relay_kernel_blocks : 16;
+    be->relay_kernel_below = s->kernel_below;
+    be->relay_kernel_overhead_us = KERNEL_RELAY_OVERHEAD_US;
+    be->bypass_threshold = cfg->bypass_threshold >= 0 ? cfg->bypass_threshold
+                           : s->kernel_below        ? KERNEL_BYPASS_THRESHOLD
+                                                    : DEFAULT_BYPASS_THRESHOLD;
 
     s->cur_dev = -1;
     s->use_flags = strcmp(cfg->completion, "events") != 0; /* gpu_setup clears it where unsupported */
@@ -1548,8 +1664,10 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
     for (int g = 0; rc == MMA_OK && s->use_lanes && g < n; g++)
         rc = lane_start(s, g);
     if (rc == MMA_OK)
-        MMA_INFO("cuda: chunks complete by %s; relays issued by %s", s->use_flags ? "stream-written flags" : "events",
-                 s->use_lanes ? "one thread per GPU" : "the engine thread");
+        MMA_INFO("cuda: chunks complete by %s; relays issued by %s; %s", s->use_flags ? "stream-written flags" : "events",
+                 s->use_lanes ? "one thread per GPU" : "the engine thread",
+                 s->kernel_below ? "copies below --relay-kernel relay in one hop (a copy kernel on the via GPU)"
+                                 : "relays stage");
     if (rc != MMA_OK) {
         MMA_ERROR("cuda: cannot set up the GPUs: %s", rc == MMA_ERR_NOMEM ? "out of memory" : "CUDA error");
         cuda_destroy(be);

@@ -53,6 +53,12 @@ static const opt_t options[] = {
      "4-32 MiB 6-15% faster than via; --submit-threads=1 turns it off) | via (the staging GPU pushes H2D, pulls D2H)"},
     {"copy-api", OPT_STR, O(copy_api), S(copy_api), "runtime", 0, 0,
      "cuda: runtime (cudaMemcpyAsync) | driver (cuMemcpy*Async) for the chunk copies"},
+    {"relay-kernel", OPT_SIZE, O(relay_kernel), 0, "64M", 0, 1099511627776.0,
+     "cuda: copies smaller than this relay in one hop: a copy kernel on the via GPU reads host memory over "
+     "its PCIe link and writes the target over NVLink (no staging, no second copy); it takes "
+     "--relay-kernel-blocks of the via GPU's SMs while it runs; 0: relays always stage"},
+    {"relay-kernel-blocks", OPT_INT, O(relay_kernel_blocks), 0, "16", 1, 1024,
+     "cuda: blocks of 512 threads per relay kernel (on 4x H200 4 already filled one link)"},
     {"submit-threads", OPT_INT, O(submit_threads), 0, "0", 0, 1,
      "cuda: 1 issues each GPU's relay chunks from a thread of its own (needs completion flags); on 4x H200 "
      "the driver serialized them (8.7 us per copy call, not 5.7) and mmad passed one core; 0: the engine thread issues every chunk"},

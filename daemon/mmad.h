@@ -36,6 +36,8 @@ typedef struct mmad_config {
     char copy_api[8];       /* cuda: runtime | driver */
     char hop_side[8];       /* cuda: via | target: whose stream runs a relay's NVLink hop */
     int submit_threads;     /* cuda: 1 issues relays from one thread per GPU */
+    uint64_t relay_kernel;  /* cuda: copies below this relay through a copy kernel on the via GPU (0: never) */
+    int relay_kernel_blocks; /* cuda: blocks per relay kernel */
     int fewest_chunks;      /* cut a copy into no more chunks per path than chunk_size requires */
     int64_t bypass_threshold; /* -1: measured/derived at start */
     int max_paths;          /* 0: all */
@@ -126,6 +128,7 @@ void mmad_registry_clear(mmad_conn_t *c);
 typedef struct mmad_seg {
     char *host;
     char *dev;
+    const struct mmad_region *dev_region; /* the device region dev lies in */
     uint64_t len;
 } mmad_seg_t;
 
@@ -163,6 +166,7 @@ typedef struct mmad_chunk {
     int target, via, dir;
     char *host;
     char *dev;
+    const struct mmad_region *dev_region; /* its segment's */
     uint64_t len;
     int status;
     uint64_t t_issue;
@@ -170,6 +174,7 @@ typedef struct mmad_chunk {
     /* backend's own bookkeeping */
     int stage;
     int staging;
+    char *kernel_dev;        /* cuda: a one-hop relay (a copy kernel on the via GPU): dev as that GPU maps it */
     void *be_priv;
     struct mmad_chunk *next;
 } mmad_chunk_t;

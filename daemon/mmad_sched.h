@@ -38,6 +38,7 @@
 typedef struct mmad_path_stat {
     uint64_t bytes;
     uint64_t chunks;
+    uint64_t one_hop_chunks;  /* of those, relays moved by a copy kernel on the via GPU */
     uint64_t active_ns;
     uint64_t active_since;
     int inflight;

@@ -71,6 +71,7 @@ int mmad_request_build_job(mmad_conn_t *conn, const Mma__Copy *cp, int gpu_count
             FAIL(MMA_ERR_RANGE, "total length overflows");
         mmad_seg_t *s = &job->segs[i];
         s->len = sg->length;
+        s->dev_region = dev;
         if (dir == MMA_DIR_H2D) {
             s->dev = dst->base + sg->dst_offset;
             s->host = src->base + sg->src_offset;

@@ -447,8 +447,12 @@ static void plan_job(mmad_sched_t *s, mmad_job_t *j, const int *vias, int n, int
      * link, and at the top of the planned range the relays' later start
      * leaves it more than its per_path chunks to carry. */
     uint64_t cap = (uint64_t)per_path * s->chunk_size;
+    /* Relays of a copy below the backend's one-hop size are one kernel on
+     * the via GPU: a shorter fixed latency, and no NVLink hop to shorten. */
+    int one_hop = j->total < s->be->relay_kernel_below;
+    double relay_ns = one_hop ? s->be->relay_kernel_overhead_us * 1e3 : s->relay_overhead_ns;
     double t[MMAD_MAX_GPUS], r[MMAD_MAX_GPUS];
-    plan_model(n, s->issue_cost_ns, s->relay_overhead_ns, rate, w, t, r);
+    plan_model(n, s->issue_cost_ns, relay_ns, rate, w, t, r);
     if (s->plan_learn == 2 && rate > 0)
         for (int i = 0; i < n; i++)
             mmad_path_fit_get(&s->plan_fit[j->target][vias[i]][j->dir], t[i], rate, &t[i], &r[i]);
@@ -463,7 +467,7 @@ static void plan_job(mmad_sched_t *s, mmad_job_t *j, const int *vias, int n, int
         int v = vias[i];
         pl->left[v] = lens[i];
         pl->share[v] = lens[i];
-        pl->start_ns[v] = (double)i * s->issue_cost_ns + (i ? s->relay_overhead_ns : 0.0);
+        pl->start_ns[v] = (double)i * s->issue_cost_ns + (i ? relay_ns : 0.0);
         if (!lens[i])
             continue;
         /* The hops of relays that end together queue at the target's NVLink
@@ -471,7 +475,7 @@ static void plan_job(mmad_sched_t *s, mmad_job_t *j, const int *vias, int n, int
          * of at least 3 edges ends (starts) with a piece of one edge, so
          * that hop is short. */
         uint64_t body = lens[i];
-        if (i > 0 && s->relay_edge && lens[i] >= 3 * s->relay_edge) {
+        if (i > 0 && s->relay_edge && !one_hop && lens[i] >= 3 * s->relay_edge) {
             pl->edge[v] = s->relay_edge;
             body -= s->relay_edge;
         }
@@ -633,6 +637,7 @@ static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via, int npaths, uint64
     c->dir = j->dir;
     c->host = seg->host + j->cur_off;
     c->dev = seg->dev + j->cur_off;
+    c->dev_region = seg->dev_region;
     c->len = len;
     c->t_issue = s->now();
     int rc = s->be->ops->submit(s->be, c);
@@ -855,6 +860,7 @@ mmad_job_t *mmad_sched_chunk_done(mmad_sched_t *s, mmad_chunk_t *c)
     if (c->status == MMA_OK) {
         p->bytes += c->len;
         p->chunks++;
+        p->one_hop_chunks += c->kernel_dev != NULL;
     }
     path_rate_update(s, p, c, now);
     pthread_mutex_unlock(&s->stats_lock);

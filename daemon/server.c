@@ -370,6 +370,8 @@ static void handle_paths(srv_client_t *cl, const Mma__Request *req)
                 o->has_depth = o->has_enabled = 1;
                 o->bytes = p->bytes;
                 o->chunks = p->chunks;
+                o->has_one_hop_chunks = 1;
+                o->one_hop_chunks = p->one_hop_chunks;
                 o->active_ns = p->active_ns + (p->inflight ? now - p->active_since : 0);
                 o->inflight = (uint32_t)p->inflight;
                 o->depth = (uint32_t)sc->path_depth;

@@ -247,6 +247,68 @@ START_TEST(many_clients)
 END_TEST
 
 /* Below the bypass threshold libmma copies natively on the stream. */
+/* Relay chunks the private mmad's copy kernels moved in one hop, summed
+ * over its paths (mmactl paths, next to mmad). */
+static long long one_hop_chunks(void)
+{
+    char cmd[4300];
+    snprintf(cmd, sizeof cmd, "%.4000s", mmad);
+    char *slash = strrchr(cmd, '/');
+    ck_assert(slash);
+    snprintf(slash + 1, sizeof cmd - (size_t)(slash + 1 - cmd), "mmactl --socket %s paths", sock_path);
+    FILE *f = popen(cmd, "r");
+    ck_assert_msg(f, "cannot run %s", cmd);
+    long long sum = 0;
+    char line[512];
+    while (fgets(line, sizeof line, f)) {
+        const char *p = strstr(line, "one_hop=");
+        if (p)
+            sum += atoll(p + 8);
+    }
+    ck_assert_msg(pclose(f) == 0, "%s failed", cmd);
+    return sum;
+}
+
+/* Relays of copies below --relay-kernel whose ends are 16-byte aligned go
+ * in one hop (a copy kernel on the via GPU); odd sizes leave a tail for
+ * the kernel's last thread. Every byte lands, and mmactl counts one-hop
+ * chunks, unless MMAD_EXTRA turned them off (--relay-kernel=0). */
+START_TEST(one_hop_relays)
+{
+    if (ngpu < 2) {
+        printf("one_hop_relays: one GPU, no relays to test\n");
+        return;
+    }
+    mma_client_t *c;
+    MM(mma_connect(sock_path, &c));
+    size_t cap = (48u << 20) + 8192;
+    uint8_t *h, *back;
+    MM(mma_host_alloc(c, cap, (void **)&h));
+    MM(mma_host_alloc(c, cap, (void **)&back));
+    size_t sizes[] = {16, 1000000, (2u << 20) + 16, 8u << 20, (8u << 20) + 5, 48u << 20};
+    size_t offs[][2] = {{0, 0}, {64, 4096}, {4096, 48}};
+    long long before = one_hop_chunks();
+    for (int g = 0; g < ngpu; g++) {
+        uint8_t *d;
+        MM(mma_device_alloc(c, g, cap, (void **)&d));
+        for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+            for (size_t k = 0; k < sizeof offs / sizeof offs[0]; k++)
+                round_trip(c, h, back, d, sizes[i], offs[k][0], offs[k][1]);
+        MM(mma_free(c, d));
+    }
+    long long hops = one_hop_chunks() - before;
+    const char *extra = getenv("MMAD_EXTRA");
+    if (extra && strstr(extra, "--relay-kernel=0"))
+        ck_assert_msg(hops == 0, "%lld one-hop chunks with --relay-kernel=0", hops);
+    else
+        ck_assert_msg(hops > 0, "no relay chunk went in one hop");
+    printf("one_hop_relays: %lld relay chunks in one hop\n", hops);
+    MM(mma_free(c, back));
+    MM(mma_free(c, h));
+    mma_disconnect(c);
+}
+END_TEST
+
 START_TEST(bypass_small)
 {
     mma_client_t *c;
@@ -388,12 +450,17 @@ int main(void)
     }
     char arg[160];
     snprintf(arg, sizeof arg, "--socket=%s", sock_path);
-    /* $MMAD_EXTRA: one more option for the private mmad (to test a setting) */
-    const char *extra = getenv("MMAD_EXTRA");
+    /* $MMAD_EXTRA: more options for the private mmad (to test a setting),
+     * separated by spaces */
+    char extra[512], *argv_m[16] = {"mmad", "--backend=cuda", arg, "--log=warn"};
+    int argc_m = 4;
+    snprintf(extra, sizeof extra, "%s", getenv("MMAD_EXTRA") ? getenv("MMAD_EXTRA") : "");
+    for (char *save = NULL, *tok = strtok_r(extra, " ", &save); tok && argc_m < 15; tok = strtok_r(NULL, " ", &save))
+        argv_m[argc_m++] = tok;
+    argv_m[argc_m] = NULL;
     mmad_pid = fork();
     if (mmad_pid == 0) {
-        execl(mmad, "mmad", "--backend=cuda", arg, "--log=warn", extra && *extra ? extra : (char *)NULL,
-              (char *)NULL);
+        execv(mmad, argv_m);
         _exit(127);
     }
     if (wait_socket() != 0) {
@@ -411,6 +478,7 @@ int main(void)
     tcase_add_test(tc, one_gib);
     tcase_add_test(tc, many_clients);
     tcase_add_test(tc, bypass_small);
+    tcase_add_test(tc, one_hop_relays);
     tcase_add_test(tc, daemon_dies);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
