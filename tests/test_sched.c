@@ -1144,6 +1144,45 @@ START_TEST(relay_edge_piece_last_h2d_first_d2h)
 }
 END_TEST
 
+START_TEST(one_hop_relays_plan_no_edge_and_more_share)
+{
+    /* Relays of a copy below the backend's one-hop size are one kernel:
+     * they get no edge piece (no NVLink hop to shorten), and with their
+     * shorter fixed latency the plan gives them more than staged relays. */
+    uint64_t relay_bytes[2] = {0, 0};
+    for (int one_hop = 0; one_hop < 2; one_hop++) {
+        mmad_sched_destroy(&s);
+        start(1u << 20, 64u << 10, 2, 4, 0);
+        s.plan_split = 2;
+        s.relay_edge = 128u << 10;
+        s.be->relay_kernel_below = one_hop ? 8u << 20 : 0;
+        s.be->relay_kernel_overhead_us = 1.0;
+        s.relay_overhead_ns = 200e3; /* staged: 200 us, so the two plans differ */
+        s.issue_cost_ns = 0;
+        const uint64_t total = 4u << 20;
+        mmad_job_t *a = job_new(&conn_x, 1, MMA_DIR_H2D, 0, &total, 1, 0, 0);
+        mmad_sched_add(&s, a);
+        mmad_sched_fill(&s);
+        while (fb.ninflight > 0) {
+            complete(0, MMA_OK);
+            mmad_sched_fill(&s);
+        }
+        ck_assert_uint_eq(a->landed, total);
+        for (int i = 0; i < fb.nlog; i++) {
+            if (fb.log[i].via == a->target)
+                continue;
+            relay_bytes[one_hop] += fb.log[i].len;
+            if (one_hop)
+                ck_assert_msg(fb.log[i].len != 128u << 10, "one-hop relay via %d got an edge piece", fb.log[i].via);
+        }
+        job_free(a);
+        s.be->relay_kernel_below = 0;
+    }
+    ck_assert_msg(relay_bytes[1] > relay_bytes[0], "one-hop relays carried %llu bytes, staged %llu",
+                  (unsigned long long)relay_bytes[1], (unsigned long long)relay_bytes[0]);
+}
+END_TEST
+
 /* One H2D copy of `total` into GPU 0 on the timed fake box: the chunk that
  * lands first is always the next completed, the scheduler's limits hold
  * throughout, and a yielding path never has more than one chunk in flight
@@ -1593,6 +1632,7 @@ int main(void)
     tcase_add_test(plan, plan_split_mid_size_equal_pieces);
     tcase_add_test(plan, plan_learn_gives_slow_path_less);
     tcase_add_test(plan, relay_edge_piece_last_h2d_first_d2h);
+    tcase_add_test(plan, one_hop_relays_plan_no_edge_and_more_share);
     tcase_add_test(plan, plan_fit_line);
     tcase_add_test(plan, plan_fit_learns_a_late_relay);
     tcase_add_test(plan, foreign_traffic_from_counter);
