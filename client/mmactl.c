@@ -83,10 +83,11 @@ static void print_status(const Mma__StatusReply *s, int json)
                (unsigned long long)s->cpu_sys_us, (unsigned long long)s->submit_calls,
                (unsigned long long)s->submit_ns, (unsigned long long)s->poll_calls, (unsigned long long)s->poll_ns);
         for (size_t i = 0; i < s->n_gpus; i++)
-            printf("%s{\"index\":%u,\"name\":\"%s\",\"pci_bus_id\":\"%s\",\"numa_node\":%d,\"memory\":%llu}",
+            printf("%s{\"index\":%u,\"name\":\"%s\",\"pci_bus_id\":\"%s\",\"numa_node\":%d,\"memory\":%llu,"
+                   "\"one_hop\":%s}",
                    i ? "," : "", s->gpus[i]->index, s->gpus[i]->name ? s->gpus[i]->name : "",
                    s->gpus[i]->pci_bus_id ? s->gpus[i]->pci_bus_id : "", s->gpus[i]->numa_node,
-                   (unsigned long long)s->gpus[i]->memory);
+                   (unsigned long long)s->gpus[i]->memory, s->gpus[i]->one_hop ? "true" : "false");
         printf("]}\n");
         return;
     }
@@ -105,9 +106,9 @@ static void print_status(const Mma__StatusReply *s, int json)
            (unsigned long long)s->poll_calls, s->poll_calls ? (double)s->poll_ns / 1e3 / (double)s->poll_calls : 0.0);
     printf("\n# GPUs\ngpus:%zu\n", s->n_gpus);
     for (size_t i = 0; i < s->n_gpus; i++)
-        printf("gpu%u:name=%s,pci=%s,numa=%d,memory=%llu\n", s->gpus[i]->index,
+        printf("gpu%u:name=%s,pci=%s,numa=%d,memory=%llu,one_hop=%s\n", s->gpus[i]->index,
                s->gpus[i]->name ? s->gpus[i]->name : "", s->gpus[i]->pci_bus_id ? s->gpus[i]->pci_bus_id : "",
-               s->gpus[i]->numa_node, (unsigned long long)s->gpus[i]->memory);
+               s->gpus[i]->numa_node, (unsigned long long)s->gpus[i]->memory, s->gpus[i]->one_hop ? "yes" : "no");
 }
 
 static void print_paths(const Mma__PathsReply *p, int json)

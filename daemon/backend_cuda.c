@@ -62,6 +62,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cuda.h> /* driver API types only: its functions are fetched at run time */
 #include <cuda_runtime_api.h>
@@ -93,6 +94,7 @@
 /* A one-hop relay's fixed latency over a direct chunk: its kernel's launch
  * on another GPU, where a staged relay waits for a second copy. */
 #define KERNEL_RELAY_OVERHEAD_US 5.0
+#define KERNEL_QUIET_NS 1000000000ull
 
 /* cuMemGetAddressRange_v2, fetched from the driver at run time (the daemon
  * links the runtime only, so that it starts on machines without a driver).
@@ -761,7 +763,8 @@ static void lane_stop(cuda_be_t *s, int gpu)
 }
 
 /* Where a one-hop relay kernel on the via GPU finds the chunk's device
- * bytes, or NULL where the relay must stage: the copy is not small enough,
+ * bytes, or NULL where the relay must stage: another process ran kernels
+ * on the via GPU within the last second, the copy is not small enough,
  * the via GPU cannot take host pointers as they are or has no mapping of
  * the allocation, or an end is not 16-byte aligned. (The job holds its
  * regions, so the mapping outlives the chunk.) */
@@ -769,6 +772,8 @@ static char *kernel_dev(cuda_be_t *s, const mmad_chunk_t *c)
 {
     if (!s->kernel_below || !c->job || c->job->total >= s->kernel_below || !s->kernel_ok[c->via] ||
         atomic_load_explicit(&s->kernel_off, memory_order_relaxed) || !c->dev_region)
+        return NULL;
+    if (!atomic_load_explicit(&s->base.relay_kernel_now[c->via], memory_order_relaxed))
         return NULL;
     const ipc_map_t *m = c->dev_region->be_priv;
     if (!m || !m->via_ptr[c->via])
@@ -1167,13 +1172,30 @@ static void streams_apply(mmad_backend_t *be, cuda_gpu_t *g, cudaError_t (*fn)(c
 typedef int (*nvml_void_fn)(void);
 typedef int (*nvml_by_bus_fn)(const char *bus_id, void **device);
 typedef int (*nvml_pcie_fn)(void *device, int counter, unsigned int *kbps);
+/* nvmlProcessUtilizationSample_t */
+typedef struct nvml_proc_sample {
+    unsigned int pid;
+    unsigned long long ts_us;
+    unsigned int sm, mem, enc, dec;
+} nvml_proc_sample_t;
+typedef int (*nvml_proc_util_fn)(void *device, nvml_proc_sample_t *samples, unsigned int *count,
+                                 unsigned long long since_us);
 enum { NVML_OK = 0, NVML_PCIE_TX = 0, NVML_PCIE_RX = 1 };
+#define NVML_PROC_SAMPLES 64
 
 typedef struct monitor {
     cuda_be_t *s;
     void *lib;
     nvml_void_fn shutdown;
     nvml_pcie_fn pcie;
+    nvml_proc_util_fn proc_util;           /* NULL: NVML cannot say; relay kernels run regardless */
+    unsigned long long proc_since[MMAD_MAX_GPUS]; /* newest sample seen per GPU */
+    /* When NVML last showed another process's kernels on each GPU (0:
+     * never). A one-hop relay kernel there would share the GPU with them
+     * (contexts of different processes take turns), so relays through it
+     * stage until it has been quiet for KERNEL_QUIET_NS. */
+    uint64_t compute_seen_ns[MMAD_MAX_GPUS];
+    int compute_busy[MMAD_MAX_GPUS];       /* last verdict */
     void *dev[MMAD_MAX_GPUS];
     pthread_t thread;
     int started;
@@ -1205,6 +1227,43 @@ typedef struct monitor_read {
     uint64_t own0[2];     /* mmad's bytes on this link then */
 } monitor_read_t;
 
+/* Did another process run kernels on GPU g since the last look (NVML's
+ * per-process SM samples)? Then one-hop relays through g stage for a
+ * while; the log says when that starts and ends. */
+static void monitor_compute(monitor_t *m, int g)
+{
+    cuda_be_t *s = m->s;
+    if (!m->proc_util || !s->kernel_below)
+        return;
+    nvml_proc_sample_t smp[NVML_PROC_SAMPLES];
+    unsigned int n = NVML_PROC_SAMPLES;
+    unsigned int other = 0, sm = 0;
+    if (m->proc_util(m->dev[g], smp, &n, m->proc_since[g]) == NVML_OK) {
+        for (unsigned int i = 0; i < n && i < NVML_PROC_SAMPLES; i++) {
+            if (smp[i].ts_us > m->proc_since[g])
+                m->proc_since[g] = smp[i].ts_us;
+            if (smp[i].pid != (unsigned int)getpid() && smp[i].sm > 0) {
+                other = smp[i].pid;
+                sm = smp[i].sm;
+            }
+        }
+    }
+    uint64_t now = mma_now_ns();
+    if (other)
+        m->compute_seen_ns[g] = now;
+    int busy = m->compute_seen_ns[g] && now - m->compute_seen_ns[g] < KERNEL_QUIET_NS;
+    if (busy != m->compute_busy[g]) {
+        atomic_store_explicit(&s->base.relay_kernel_now[g], !busy && s->kernel_ok[g], memory_order_relaxed);
+        if (busy)
+            MMA_INFO("cuda: gpu%d runs another process's kernels (pid %u, %u%% SM): relays through it stage", g,
+                     other, sm);
+        else
+            MMA_INFO("cuda: gpu%d has been free of other processes' kernels for %.1f s: relays through it go in one hop again",
+                     g, KERNEL_QUIET_NS / 1e9);
+        m->compute_busy[g] = busy;
+    }
+}
+
 static void *monitor_read_gpu(void *arg)
 {
     monitor_read_t *r = arg;
@@ -1231,6 +1290,7 @@ static void *monitor_read_gpu(void *arg)
         double foreign = mmad_foreign_mbps((double)kbps / 1000.0, own_mbps);
         atomic_store_explicit(&be->foreign_mbps[g][d], (uint32_t)foreign, memory_order_relaxed);
     }
+    monitor_compute(m, g);
     return NULL;
 }
 
@@ -1320,6 +1380,7 @@ static void monitor_start(cuda_be_t *s, double busy_gbps)
         init = (nvml_void_fn)dlsym(m->lib, "nvmlInit_v2");
         by_bus = (nvml_by_bus_fn)dlsym(m->lib, "nvmlDeviceGetHandleByPciBusId_v2");
         m->pcie = (nvml_pcie_fn)dlsym(m->lib, "nvmlDeviceGetPcieThroughput");
+        m->proc_util = (nvml_proc_util_fn)dlsym(m->lib, "nvmlDeviceGetProcessUtilization");
         if (!init || !by_bus || !m->pcie)
             why = "libnvidia-ml lacks a function it needs";
         else if (init() != NVML_OK)
@@ -1347,6 +1408,11 @@ static void monitor_start(cuda_be_t *s, double busy_gbps)
     MMA_INFO("cuda: watching the GPUs' PCIe links through NVML (%.1f ms per reading): relays stop on a link "
              "carrying over %.1f GB/s that is not mmad's",
              (double)(mma_now_ns() - t0) / 1e6 / be->gpu_count, busy_gbps);
+    if (s->kernel_below)
+        MMA_INFO("cuda: %s", m->proc_util ? "one-hop relays stage through a GPU where NVML shows another process's "
+                                            "kernels (per-process SM samples)"
+                                          : "NVML has no per-process SM samples; one-hop relays run whatever "
+                                            "else runs on their GPUs");
 }
 
 static void cuda_destroy(mmad_backend_t *be)
@@ -1484,6 +1550,7 @@ static int gpu_setup(cuda_be_t *s, int gi)
     if (s->kernel_below &&
         CU_WARN(cudaDeviceGetAttribute(&host_ptr, cudaDevAttrCanUseHostPointerForRegisteredMem, gi)) == MMA_OK)
         s->kernel_ok[gi] = host_ptr != 0;
+    atomic_store(&be->relay_kernel_now[gi], s->kernel_ok[gi]);
     if (s->kernel_below && !s->kernel_ok[gi])
         MMA_WARN("cuda: gpu%d cannot use registered host pointers; relays through it stage", gi);
     /* Non-blocking: the copies must not synchronize with the legacy default

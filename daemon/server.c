@@ -305,6 +305,8 @@ static void handle_status(srv_client_t *cl, const Mma__Request *req)
         gi[g].numa_node = s->be->gpus[g].numa_node;
         gi[g].has_memory = 1;
         gi[g].memory = s->be->gpus[g].memory;
+        gi[g].has_one_hop = 1;
+        gi[g].one_hop = atomic_load_explicit(&s->be->relay_kernel_now[g], memory_order_relaxed) != 0;
         gp[g] = &gi[g];
     }
     st.n_gpus = (size_t)s->be->gpu_count;

@@ -247,27 +247,89 @@ START_TEST(many_clients)
 END_TEST
 
 /* Below the bypass threshold libmma copies natively on the stream. */
-/* Relay chunks the private mmad's copy kernels moved in one hop, summed
- * over its paths (mmactl paths, next to mmad). */
-static long long one_hop_chunks(void)
+/* The lines of `mmactl <what>` (mmactl next to mmad) about the private
+ * mmad that contain `key`, concatenated into out. */
+static void mmactl_grep(const char *what, const char *key, char *out, size_t cap)
 {
     char cmd[4300];
     snprintf(cmd, sizeof cmd, "%.4000s", mmad);
     char *slash = strrchr(cmd, '/');
     ck_assert(slash);
-    snprintf(slash + 1, sizeof cmd - (size_t)(slash + 1 - cmd), "mmactl --socket %s paths", sock_path);
+    snprintf(slash + 1, sizeof cmd - (size_t)(slash + 1 - cmd), "mmactl --socket %s %s", sock_path, what);
     FILE *f = popen(cmd, "r");
     ck_assert_msg(f, "cannot run %s", cmd);
-    long long sum = 0;
     char line[512];
-    while (fgets(line, sizeof line, f)) {
-        const char *p = strstr(line, "one_hop=");
-        if (p)
-            sum += atoll(p + 8);
-    }
+    size_t len = 0;
+    out[0] = 0;
+    while (fgets(line, sizeof line, f))
+        if (strstr(line, key) && len + strlen(line) < cap) {
+            strcpy(out + len, line);
+            len += strlen(line);
+        }
     ck_assert_msg(pclose(f) == 0, "%s failed", cmd);
+}
+
+/* Relay chunks the private mmad's copy kernels moved in one hop, summed
+ * over its paths. */
+static long long one_hop_chunks(void)
+{
+    char buf[16384];
+    mmactl_grep("paths", "one_hop=", buf, sizeof buf);
+    long long sum = 0;
+    for (const char *p = buf; (p = strstr(p, "one_hop=")) != NULL; p += 8)
+        sum += atoll(p + 8);
     return sum;
 }
+
+/* Whether mmactl status shows one-hop relays through gpu g allowed now. */
+static int one_hop_allowed(int g)
+{
+    char key[32], buf[512];
+    snprintf(key, sizeof key, "gpu%d:name=", g);
+    mmactl_grep("status", key, buf, sizeof buf);
+    ck_assert_msg(strstr(buf, "one_hop="), "mmactl status shows no one_hop for gpu%d: %s", g, buf);
+    return strstr(buf, "one_hop=yes") != NULL;
+}
+
+/* Poll one_hop_allowed(g) until it equals want, up to secs seconds. */
+static int one_hop_becomes(int g, int want, double secs)
+{
+    for (int i = 0; i < (int)(secs * 20); i++) {
+        if (one_hop_allowed(g) == want)
+            return 1;
+        usleep(50000);
+    }
+    return 0;
+}
+
+/* Another process's kernel on gpu1: mmad's one-hop relays keep off it
+ * (contexts of different processes take turns on a GPU) while it runs,
+ * and come back within a few seconds after (NVML's per-process samples,
+ * then one second quiet). Skipped where mmad runs no relay kernels. */
+START_TEST(one_hop_keeps_off_busy_gpu)
+{
+    const char *extra = getenv("MMAD_EXTRA");
+    if (ngpu < 2 || (extra && strstr(extra, "--relay-kernel=0"))) {
+        printf("one_hop_keeps_off_busy_gpu: no relay kernels here\n");
+        return;
+    }
+    ck_assert_msg(one_hop_becomes(1, 1, 3.0), "gpu1 does not take one-hop relays while idle");
+    pid_t hog = fork();
+    if (hog == 0) {
+        /* ~4 s of one spinning thread at up to 2 GHz */
+        if (cudaSetDevice(1) != cudaSuccess || gt_spin(8000000000ll, 0) != 0 || cudaDeviceSynchronize() != cudaSuccess)
+            _exit(1);
+        _exit(0);
+    }
+    ck_assert_int_gt(hog, 0);
+    int kept_off = one_hop_becomes(1, 0, 3.0);
+    int st = 0;
+    waitpid(hog, &st, 0);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the kernel on gpu1 failed");
+    ck_assert_msg(kept_off, "mmad kept one-hop relays on gpu1 while another process's kernel ran there");
+    ck_assert_msg(one_hop_becomes(1, 1, 5.0), "one-hop relays through gpu1 did not come back");
+}
+END_TEST
 
 /* Relays of copies below --relay-kernel whose ends are 16-byte aligned go
  * in one hop (a copy kernel on the via GPU); odd sizes leave a tail for
@@ -479,6 +541,7 @@ int main(void)
     tcase_add_test(tc, many_clients);
     tcase_add_test(tc, bypass_small);
     tcase_add_test(tc, one_hop_relays);
+    tcase_add_test(tc, one_hop_keeps_off_busy_gpu);
     tcase_add_test(tc, daemon_dies);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
