@@ -1180,7 +1180,7 @@ typedef struct nvml_proc_sample {
 } nvml_proc_sample_t;
 typedef int (*nvml_proc_util_fn)(void *device, nvml_proc_sample_t *samples, unsigned int *count,
                                  unsigned long long since_us);
-enum { NVML_OK = 0, NVML_PCIE_TX = 0, NVML_PCIE_RX = 1 };
+enum { NVML_OK = 0, NVML_INSUFFICIENT_SIZE = 7, NVML_PCIE_TX = 0, NVML_PCIE_RX = 1 };
 #define NVML_PROC_SAMPLES 64
 
 typedef struct monitor {
@@ -1238,7 +1238,18 @@ static void monitor_compute(monitor_t *m, int g)
     nvml_proc_sample_t smp[NVML_PROC_SAMPLES];
     unsigned int n = NVML_PROC_SAMPLES;
     unsigned int other = 0, sm = 0;
-    if (m->proc_util(m->dev[g], smp, &n, m->proc_since[g]) == NVML_OK) {
+    /* Samples newer than proc_since only (NVML stamps them in wall-clock
+     * microseconds); the first look starts from now, since NVML may hold
+     * more old samples than fit here and would then return none. */
+    if (!m->proc_since[g]) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        m->proc_since[g] = (unsigned long long)ts.tv_sec * 1000000ull + (unsigned long long)ts.tv_nsec / 1000;
+    }
+    int rc = m->proc_util(m->dev[g], smp, &n, m->proc_since[g]);
+    if (rc == NVML_INSUFFICIENT_SIZE)
+        m->proc_since[g] = 0; /* more than fit since the last look: start again from now */
+    if (rc == NVML_OK) {
         for (unsigned int i = 0; i < n && i < NVML_PROC_SAMPLES; i++) {
             if (smp[i].ts_us > m->proc_since[g])
                 m->proc_since[g] = smp[i].ts_us;

@@ -316,9 +316,17 @@ START_TEST(one_hop_keeps_off_busy_gpu)
     ck_assert_msg(one_hop_becomes(1, 1, 3.0), "gpu1 does not take one-hop relays while idle");
     pid_t hog = fork();
     if (hog == 0) {
-        /* ~4 s of one spinning thread at up to 2 GHz */
-        if (cudaSetDevice(1) != cudaSuccess || gt_spin(8000000000ll, 0) != 0 || cudaDeviceSynchronize() != cudaSuccess)
+        /* ~4 s of kernels filling 1 GiB over and over on every SM */
+        void *buf = NULL;
+        if (cudaSetDevice(1) != cudaSuccess || cudaMalloc(&buf, 1u << 30) != cudaSuccess)
             _exit(1);
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        do {
+            if (gt_fill(buf, 1u << 30, 7, 0) != 0 || cudaDeviceSynchronize() != cudaSuccess)
+                _exit(1);
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+        } while ((double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9 < 4.0);
         _exit(0);
     }
     ck_assert_int_gt(hog, 0);
