@@ -1181,7 +1181,6 @@ typedef struct nvml_proc_sample {
 typedef int (*nvml_proc_util_fn)(void *device, nvml_proc_sample_t *samples, unsigned int *count,
                                  unsigned long long since_us);
 enum { NVML_OK = 0, NVML_INSUFFICIENT_SIZE = 7, NVML_PCIE_TX = 0, NVML_PCIE_RX = 1 };
-#define NVML_PROC_SAMPLES 64
 
 typedef struct monitor {
     cuda_be_t *s;
@@ -1190,6 +1189,8 @@ typedef struct monitor {
     nvml_pcie_fn pcie;
     nvml_proc_util_fn proc_util;           /* NULL: NVML cannot say; relay kernels run regardless */
     unsigned long long proc_since[MMAD_MAX_GPUS]; /* newest sample seen per GPU */
+    nvml_proc_sample_t *proc_buf[MMAD_MAX_GPUS];   /* per GPU: each is read by a thread of its own */
+    unsigned int proc_cap[MMAD_MAX_GPUS];
     /* When NVML last showed another process's kernels on each GPU (0:
      * never). A one-hop relay kernel there would share the GPU with them
      * (contexts of different processes take turns), so relays through it
@@ -1235,28 +1236,31 @@ static void monitor_compute(monitor_t *m, int g)
     cuda_be_t *s = m->s;
     if (!m->proc_util || !s->kernel_below)
         return;
-    nvml_proc_sample_t smp[NVML_PROC_SAMPLES];
-    unsigned int n = NVML_PROC_SAMPLES;
     unsigned int other = 0, sm = 0;
     /* Samples newer than proc_since only (NVML stamps them in wall-clock
-     * microseconds); the first look starts from now, since NVML may hold
-     * more old samples than fit here and would then return none. */
-    if (!m->proc_since[g]) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        m->proc_since[g] = (unsigned long long)ts.tv_sec * 1000000ull + (unsigned long long)ts.tv_nsec / 1000;
+     * microseconds). NVML wants room for every sample it keeps, whatever
+     * the time given (4x H200: 72), and says how many with
+     * INSUFFICIENT_SIZE: the buffer grows to that once. */
+    unsigned int n = m->proc_cap[g];
+    int rc = m->proc_util(m->dev[g], m->proc_buf[g], &n, m->proc_since[g]);
+    if (rc == NVML_INSUFFICIENT_SIZE && n > m->proc_cap[g] && n < 65536) {
+        nvml_proc_sample_t *grown = realloc(m->proc_buf[g], n * sizeof *grown);
+        if (grown) {
+            m->proc_buf[g] = grown;
+            m->proc_cap[g] = n;
+            rc = m->proc_util(m->dev[g], m->proc_buf[g], &n, m->proc_since[g]);
+        }
     }
-    int rc = m->proc_util(m->dev[g], smp, &n, m->proc_since[g]);
-    if (rc == NVML_INSUFFICIENT_SIZE)
-        m->proc_since[g] = 0; /* more than fit since the last look: start again from now */
-    if (rc == NVML_OK) {
-        for (unsigned int i = 0; i < n && i < NVML_PROC_SAMPLES; i++) {
-            if (smp[i].ts_us > m->proc_since[g])
-                m->proc_since[g] = smp[i].ts_us;
-            if (smp[i].pid != (unsigned int)getpid() && smp[i].sm > 0) {
-                other = smp[i].pid;
-                sm = smp[i].sm;
-            }
+    unsigned long long since = m->proc_since[g];
+    for (unsigned int i = 0; rc == NVML_OK && i < n && i < m->proc_cap[g]; i++) {
+        const nvml_proc_sample_t *p = &m->proc_buf[g][i];
+        if (p->ts_us <= since) /* seen last time (should NVML not filter) */
+            continue;
+        if (p->ts_us > m->proc_since[g])
+            m->proc_since[g] = p->ts_us;
+        if (p->pid != (unsigned int)getpid() && p->sm > 0) {
+            other = p->pid;
+            sm = p->sm;
         }
     }
     uint64_t now = mma_now_ns();
@@ -1361,6 +1365,8 @@ static void monitor_stop(cuda_be_t *s)
         (void)m->shutdown();
     if (m->lib)
         dlclose(m->lib);
+    for (int g = 0; g < MMAD_MAX_GPUS; g++)
+        free(m->proc_buf[g]);
     pthread_mutex_destroy(&m->lock);
     pthread_cond_destroy(&m->cond);
     free(m);
