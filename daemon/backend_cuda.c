@@ -219,6 +219,7 @@ typedef struct cuda_be {
      * pointer as is); kernel_off once host memory could not be mapped. */
     uint64_t kernel_below;
     int kernel_blocks;
+    unsigned int kernel_busy_sm;  /* --relay-kernel-busy-sm */
     unsigned char kernel_ok[MMAD_MAX_GPUS];
     _Atomic int kernel_off;
     _Atomic uint64_t n_kernel;
@@ -1234,7 +1235,7 @@ typedef struct monitor_read {
 static void monitor_compute(monitor_t *m, int g)
 {
     cuda_be_t *s = m->s;
-    if (!m->proc_util || !s->kernel_below)
+    if (!m->proc_util || !s->kernel_below || !s->kernel_busy_sm)
         return;
     unsigned int other = 0, sm = 0;
     /* Samples newer than proc_since only (NVML stamps them in wall-clock
@@ -1258,7 +1259,10 @@ static void monitor_compute(monitor_t *m, int g)
             continue;
         if (p->ts_us > m->proc_since[g])
             m->proc_since[g] = p->ts_us;
-        if (p->pid != (unsigned int)getpid() && p->sm > 0) {
+        /* At least --relay-kernel-busy-sm: on 2x H200 a client process that
+         * only copies through mmad showed 1-8% (once 45%), a kernel
+         * filling gpu1's memory on every SM far more. */
+        if (p->pid != (unsigned int)getpid() && p->sm >= s->kernel_busy_sm) {
             other = p->pid;
             sm = p->sm;
         }
@@ -1425,11 +1429,12 @@ static void monitor_start(cuda_be_t *s, double busy_gbps)
     MMA_INFO("cuda: watching the GPUs' PCIe links through NVML (%.1f ms per reading): relays stop on a link "
              "carrying over %.1f GB/s that is not mmad's",
              (double)(mma_now_ns() - t0) / 1e6 / be->gpu_count, busy_gbps);
-    if (s->kernel_below)
-        MMA_INFO("cuda: %s", m->proc_util ? "one-hop relays stage through a GPU where NVML shows another process's "
-                                            "kernels (per-process SM samples)"
-                                          : "NVML has no per-process SM samples; one-hop relays run whatever "
-                                            "else runs on their GPUs");
+    if (s->kernel_below && s->kernel_busy_sm)
+        MMA_INFO("cuda: %s %u%%", m->proc_util ? "one-hop relays stage through a GPU where NVML shows another process "
+                                                 "keeping its SMs busy, at least"
+                                               : "NVML has no per-process SM samples; one-hop relays run whatever "
+                                                 "else runs on their GPUs, ignoring --relay-kernel-busy-sm=",
+                 s->kernel_busy_sm);
 }
 
 static void cuda_destroy(mmad_backend_t *be)
@@ -1717,6 +1722,7 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
     be->path_depth = cfg->path_depth;
     s->kernel_below = cfg->relay_kernel;
     s->kernel_blocks = cfg->relay_kernel_blocks > 0 ? cfg->relay_kernel_blocks : 16;
+    s->kernel_busy_sm = cfg->relay_kernel_busy_sm > 0 ? (unsigned int)cfg->relay_kernel_busy_sm : 0;
     be->relay_kernel_below = s->kernel_below;
     be->relay_kernel_overhead_us = KERNEL_RELAY_OVERHEAD_US;
     be->bypass_threshold = cfg->bypass_threshold >= 0 ? cfg->bypass_threshold

@@ -57,6 +57,10 @@ static const opt_t options[] = {
      "cuda: copies smaller than this relay in one hop: a copy kernel on the via GPU reads host memory over "
      "its PCIe link and writes the target over NVLink (no staging, no second copy); it takes "
      "--relay-kernel-blocks of the via GPU's SMs while it runs; 0: relays always stage"},
+    {"relay-kernel-busy-sm", OPT_INT, O(relay_kernel_busy_sm), 0, "50", 0, 100,
+     "cuda: one-hop relays stage through a GPU where NVML shows another process keeping at least this % of its "
+     "SMs busy (its kernels would take turns with theirs), and go in one hop again after a second below it; "
+     "0: never judge"},
     {"relay-kernel-blocks", OPT_INT, O(relay_kernel_blocks), 0, "16", 1, 1024,
      "cuda: blocks of 512 threads per relay kernel (on 4x H200 4 already filled one link)"},
     {"submit-threads", OPT_INT, O(submit_threads), 0, "0", 0, 1,

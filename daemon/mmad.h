@@ -38,6 +38,7 @@ typedef struct mmad_config {
     int submit_threads;     /* cuda: 1 issues relays from one thread per GPU */
     uint64_t relay_kernel;  /* cuda: copies below this relay through a copy kernel on the via GPU (0: never) */
     int relay_kernel_blocks; /* cuda: blocks per relay kernel */
+    int relay_kernel_busy_sm; /* cuda: relays stage through a GPU where another process uses this % of SMs (0: never) */
     int fewest_chunks;      /* cut a copy into no more chunks per path than chunk_size requires */
     int64_t bypass_threshold; /* -1: measured/derived at start */
     int max_paths;          /* 0: all */

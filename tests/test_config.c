@@ -62,6 +62,11 @@ START_TEST(defaults)
     ck_assert_int_eq(cfg.plan_split, 2);
     ck_assert_int_eq(cfg.plan_learn, 1);
     ck_assert_uint_eq(cfg.relay_edge, 2u << 20);
+    /* One-hop relays below 64 MiB, 16 blocks, kept off GPUs whose SMs
+     * another process keeps half busy. */
+    ck_assert_uint_eq(cfg.relay_kernel, 64u << 20);
+    ck_assert_int_eq(cfg.relay_kernel_blocks, 16);
+    ck_assert_int_eq(cfg.relay_kernel_busy_sm, 50);
     ck_assert_str_eq(cfg.hop_side, "target"); /* H2D 4-32 MiB 6-15% faster on 4x H200 */
     ck_assert_double_lt(cfg.issue_cost_us, 0);
     ck_assert_double_lt(cfg.relay_overhead_us, 0);
@@ -181,7 +186,8 @@ START_TEST(out_of_range_refused)
                          "--max-clients=0",   "--sim-fail-via=-2",  "--bypass-threshold=-2", "--max-paths=-1",
                          "--chunk-size=1e30", "--chunk-size=-4K",     "--chunk-size=nan",   "--chunk-size=inf",
                          "--path-depth=-1e300", "--hop-side=peer", "--copy-api=fast", "--completion=poll",
-                         "--backend=gpu"};
+                         "--backend=gpu", "--relay-kernel=-1", "--relay-kernel-blocks=0",
+                         "--relay-kernel-blocks=1025", "--relay-kernel-busy-sm=101", "--relay-kernel-busy-sm=-1"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         mmad_config_defaults(&cfg);
         char *argv[] = {"mmad", (char *)bad[i], NULL};
