@@ -53,7 +53,7 @@ static const opt_t options[] = {
      "4-32 MiB 6-15% faster than via; --submit-threads=1 turns it off) | via (the staging GPU pushes H2D, pulls D2H)"},
     {"copy-api", OPT_STR, O(copy_api), S(copy_api), "runtime", 0, 0,
      "cuda: runtime (cudaMemcpyAsync) | driver (cuMemcpy*Async) for the chunk copies"},
-    {"relay-kernel", OPT_SIZE, O(relay_kernel), 0, "64M", 0, 1099511627776.0,
+    {"relay-kernel", OPT_SIZE, O(relay_kernel), 0, "128M", 0, 1099511627776.0,
      "cuda: copies smaller than this relay in one hop: a copy kernel on the via GPU reads host memory over "
      "its PCIe link and writes the target over NVLink (no staging, no second copy); it takes "
      "--relay-kernel-blocks of the via GPU's SMs while it runs; 0: relays always stage"},

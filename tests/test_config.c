@@ -62,9 +62,10 @@ START_TEST(defaults)
     ck_assert_int_eq(cfg.plan_split, 2);
     ck_assert_int_eq(cfg.plan_learn, 1);
     ck_assert_uint_eq(cfg.relay_edge, 2u << 20);
-    /* One-hop relays below 64 MiB, 16 blocks, kept off GPUs whose SMs
-     * another process keeps half busy. */
-    ck_assert_uint_eq(cfg.relay_kernel, 64u << 20);
+    /* One-hop relays below 128 MiB (64 MiB copies ran faster with them on
+     * 4x H200), 16 blocks, kept off GPUs whose SMs another process keeps
+     * half busy. */
+    ck_assert_uint_eq(cfg.relay_kernel, 128u << 20);
     ck_assert_int_eq(cfg.relay_kernel_blocks, 16);
     ck_assert_int_eq(cfg.relay_kernel_busy_sm, 50);
     ck_assert_str_eq(cfg.hop_side, "target"); /* H2D 4-32 MiB 6-15% faster on 4x H200 */
