@@ -5,7 +5,10 @@
  * through GPU v is two copies through one of v's staging buffers: host ->
  * staging over v's PCIe link, then staging -> target over NVLink (H2D); the
  * device -> host relay mirrors it (target -> staging over NVLink, then
- * staging -> host over v's PCIe link).
+ * staging -> host over v's PCIe link). A relay of a copy below
+ * --relay-kernel goes in one hop instead where it can (kernel_dev): a copy
+ * kernel on v (relay_kernel.cu) reads host memory over v's link and writes
+ * the target's memory over NVLink, or the reverse, on v's PCIe stream.
  *
  * Streams. Each GPU g owns six non-blocking streams, each used like one copy
  * engine queue that runs its copies in order:
@@ -765,17 +768,16 @@ static void lane_stop(cuda_be_t *s, int gpu)
 }
 
 /* Where a one-hop relay kernel on the via GPU finds the chunk's device
- * bytes, or NULL where the relay must stage: another process ran kernels
- * on the via GPU within the last second, the copy is not small enough,
- * the via GPU cannot take host pointers as they are or has no mapping of
- * the allocation, or an end is not 16-byte aligned. (The job holds its
+ * bytes, or NULL where the relay must stage: the copy is not small enough,
+ * the via GPU cannot take host pointers as they are or another process
+ * keeps its SMs busy (relay_kernel_now), it has no mapping of the
+ * allocation, or an end is not 16-byte aligned. (The job holds its
  * regions, so the mapping outlives the chunk.) */
 static char *kernel_dev(cuda_be_t *s, const mmad_chunk_t *c)
 {
-    if (!s->kernel_below || !c->job || c->job->total >= s->kernel_below || !s->kernel_ok[c->via] ||
-        atomic_load_explicit(&s->kernel_off, memory_order_relaxed) || !c->dev_region)
-        return NULL;
-    if (!atomic_load_explicit(&s->base.relay_kernel_now[c->via], memory_order_relaxed))
+    if (!s->kernel_below || !c->job || c->job->total >= s->kernel_below || !c->dev_region ||
+        !atomic_load_explicit(&s->base.relay_kernel_now[c->via], memory_order_relaxed) ||
+        atomic_load_explicit(&s->kernel_off, memory_order_relaxed))
         return NULL;
     const ipc_map_t *m = c->dev_region->be_priv;
     if (!m || !m->via_ptr[c->via])
