@@ -1242,7 +1242,9 @@ static void monitor_compute(monitor_t *m, int g)
     if (!m->proc_util || !s->kernel_below || !s->kernel_busy_sm)
         return;
     /* Every COMPUTE_LOOK_NS, not every round: with a look every round
-     * (~50 ms) mmad used ~10 points more of a core on 4x H200. */
+     * (~50 ms) mmad used 10-13 points more of a core at 1 GiB on 4x H200
+     * than with relay kernels off (bench/results/
+     * 2026-11-27-4xH200-session5-onehop/tune). */
     uint64_t t = mma_now_ns();
     if (t - m->compute_read_ns[g] < COMPUTE_LOOK_NS)
         return;
