@@ -6,7 +6,7 @@
  * NVLink. A kernel on peer k can do both at once: its loads read pinned host
  * memory (they travel k's PCIe link) and its stores land in the target's
  * memory (they travel NVLink); D2H mirrors it. No staging, no second copy,
- * no event between hops.
+ * no event between hops. The kernel is mmad's own (daemon/relay_kernel.cu).
  *
  * Every figure is the median (and p90) of --reps issue-to-sync wall times:
  *   native      one cudaMemcpyAsync host <-> gpu0
@@ -19,47 +19,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
-#define CK(x)                                                                                  \
-    do {                                                                                       \
-        cudaError_t e_ = (x);                                                                  \
-        if (e_ != cudaSuccess) {                                                               \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-            exit(1);                                                                           \
-        }                                                                                      \
-    } while (0)
+#include "cuda_check.h"
+#include "relay_kernel.h" /* the copy kernel mmad's one-hop relays run */
+#include "util.h"
 
 #define MAXG 8
-#define THREADS 512
-
-__global__ void kcopy(uint4 *__restrict__ dst, const uint4 *__restrict__ src, size_t n16)
-{
-    size_t stride = (size_t)gridDim.x * blockDim.x;
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    for (; i + 3 * stride < n16; i += 4 * stride) {
-        uint4 a = src[i], b = src[i + stride], c = src[i + 2 * stride], d = src[i + 3 * stride];
-        dst[i] = a;
-        dst[i + stride] = b;
-        dst[i + 2 * stride] = c;
-        dst[i + 3 * stride] = d;
-    }
-    for (; i < n16; i += stride)
-        dst[i] = src[i];
-}
-
-static double now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
-}
-
-static int cmpd(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
 
 typedef struct {
     int ngpu;
@@ -88,10 +53,8 @@ static void issue(box_t *b, int d, size_t n, double dshare, int npeer, int block
     for (int k = 1; k <= np; k++) {
         size_t part = k == np ? n - off : (rest / np) & ~(size_t)4095;
         CK(cudaSetDevice(k));
-        uint4 *dst = (uint4 *)(d == 0 ? b->dev + off : b->host + off);
-        const uint4 *src = (const uint4 *)(d == 0 ? b->host + off : b->dev + off);
-        kcopy<<<blocks, THREADS, 0, b->s[k]>>>(dst, src, part / 16);
-        CK(cudaGetLastError());
+        CK(mmad_relay_kernel_launch(d == 0 ? b->dev + off : b->host + off, d == 0 ? b->host + off : b->dev + off,
+                                    part, blocks, b->s[k]));
         off += part;
     }
 }
@@ -147,14 +110,14 @@ static void measure(box_t *b, int d, size_t n, double dshare, int npeer, int blo
     fill(b, d, n, salt);
     for (int r = -3; r < reps; r++) {
         sync_all(b);
-        double t0 = now_us();
+        double t0 = mma_now_us();
         issue(b, d, n, dshare, npeer, blocks, p1);
         sync_all(b);
         if (r >= 0)
-            t[r] = now_us() - t0;
+            t[r] = mma_now_us() - t0;
     }
     int ok = check(b, d, n, salt);
-    qsort(t, (size_t)reps, sizeof *t, cmpd);
+    qsort(t, (size_t)reps, sizeof *t, mma_cmp_double);
     double p50 = t[reps / 2], p90 = t[reps * 9 / 10];
     printf("%s,%s,%zu,%s,%.2f,%d,%.1f,%.1f,%.1f,%s\n", d ? "D2H" : "H2D", name, n,
            "", dshare, blocks, p50, p90, n / p50 / 1e3, ok ? "ok" : "BAD");
@@ -196,7 +159,7 @@ int main(int argc, char **argv)
     struct cudaDeviceProp p;
     CK(cudaGetDeviceProperties(&p, 0));
     printf("# mma-kcopy on %d x %s, %d SMs, %d reps, %d threads a block\n", b.ngpu, p.name,
-           p.multiProcessorCount, reps, THREADS);
+           p.multiProcessorCount, reps, MMAD_RELAY_THREADS);
     printf("dir,what,bytes,,direct_share,blocks,p50_us,p90_us,GBps,bytes_ok\n");
     int np = b.ngpu - 1;
     for (int d = 0; d < 2; d++) {

@@ -1,7 +1,5 @@
 #include "relay_kernel.h"
 
-#define RELAY_THREADS 512
-
 /* Grid-stride copy of n16 16-byte words, four loads in flight per thread
  * (a PCIe read takes ~1-2 us, so one link needs many outstanding), then the
  * last tail (< 16) bytes by one thread. */
@@ -33,9 +31,9 @@ extern "C" cudaError_t mmad_relay_kernel_launch(void *dst, const void *src, uint
     if ((((uintptr_t)dst | (uintptr_t)src) & 15) || blocks < 1)
         return cudaErrorInvalidValue;
     uint64_t n16 = len / 16;
-    uint64_t need = (n16 + RELAY_THREADS - 1) / RELAY_THREADS;
+    uint64_t need = (n16 + MMAD_RELAY_THREADS - 1) / MMAD_RELAY_THREADS;
     if (need < (uint64_t)blocks)
         blocks = need ? (int)need : 1;
-    mmad_relay_copy<<<blocks, RELAY_THREADS, 0, st>>>((uint4 *)dst, (const uint4 *)src, n16, (unsigned)(len % 16));
+    mmad_relay_copy<<<blocks, MMAD_RELAY_THREADS, 0, st>>>((uint4 *)dst, (const uint4 *)src, n16, (unsigned)(len % 16));
     return cudaGetLastError();
 }

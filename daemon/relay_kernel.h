@@ -8,6 +8,9 @@
 
 #include <cuda_runtime_api.h>
 
+/* Threads per block of the relay kernel. */
+#define MMAD_RELAY_THREADS 512
+
 #ifdef __cplusplus
 extern "C" {
 #endif
