@@ -1106,25 +1106,40 @@ START_TEST(plan_split_mid_size_equal_pieces)
 }
 END_TEST
 
+/* A fresh scheduler over the fake box that plans copies of up to two 1 MiB
+ * chunks per path and gives relays a 128 KiB edge piece. */
+static void start_planned(void)
+{
+    mmad_sched_destroy(&s);
+    start(1u << 20, 64u << 10, 2, 4, 0);
+    s.plan_split = 2;
+    s.relay_edge = 128u << 10;
+}
+
+/* One 4 MiB copy into GPU 1 in direction dir, run until it has landed
+ * (chunks complete oldest first); fb.log holds its chunks. */
+static mmad_job_t *run_planned_copy(int dir)
+{
+    const uint64_t total = 4u << 20;
+    mmad_job_t *a = job_new(&conn_x, 1, dir, 0, &total, 1, 0, 0);
+    mmad_sched_add(&s, a);
+    mmad_sched_fill(&s);
+    while (fb.ninflight > 0) {
+        complete(0, MMA_OK);
+        mmad_sched_fill(&s);
+    }
+    ck_assert_uint_eq(a->landed, total);
+    return a;
+}
+
 START_TEST(relay_edge_piece_last_h2d_first_d2h)
 {
     /* --relay-edge: a planned relay share of at least 3 edges is cut into
      * equal pieces plus one edge, issued last for H2D (its hop ends the copy)
      * and first for D2H (its hop starts it); the direct path has none. */
     for (int dir = 0; dir < 2; dir++) {
-        mmad_sched_destroy(&s);
-        start(1u << 20, 64u << 10, 2, 4, 0);
-        s.plan_split = 2;
-        s.relay_edge = 128u << 10;
-        const uint64_t total = 4u << 20;
-        mmad_job_t *a = job_new(&conn_x, 1, dir, 0, &total, 1, 0, 0);
-        mmad_sched_add(&s, a);
-        mmad_sched_fill(&s);
-        while (fb.ninflight > 0) {
-            complete(0, MMA_OK);
-            mmad_sched_fill(&s);
-        }
-        ck_assert_uint_eq(a->landed, total);
+        start_planned();
+        mmad_job_t *a = run_planned_copy(dir);
         for (int v = 0; v < NGPU; v++) {
             uint64_t lens[8];
             int k = 0;
@@ -1151,23 +1166,12 @@ START_TEST(one_hop_relays_plan_no_edge_and_more_share)
      * shorter fixed latency the plan gives them more than staged relays. */
     uint64_t relay_bytes[2] = {0, 0};
     for (int one_hop = 0; one_hop < 2; one_hop++) {
-        mmad_sched_destroy(&s);
-        start(1u << 20, 64u << 10, 2, 4, 0);
-        s.plan_split = 2;
-        s.relay_edge = 128u << 10;
+        start_planned(); /* start() clears the fake backend's one-hop fields */
         s.be->relay_kernel_below = one_hop ? 8u << 20 : 0;
         s.be->relay_kernel_overhead_us = 1.0;
         s.relay_overhead_ns = 200e3; /* staged: 200 us, so the two plans differ */
         s.issue_cost_ns = 0;
-        const uint64_t total = 4u << 20;
-        mmad_job_t *a = job_new(&conn_x, 1, MMA_DIR_H2D, 0, &total, 1, 0, 0);
-        mmad_sched_add(&s, a);
-        mmad_sched_fill(&s);
-        while (fb.ninflight > 0) {
-            complete(0, MMA_OK);
-            mmad_sched_fill(&s);
-        }
-        ck_assert_uint_eq(a->landed, total);
+        mmad_job_t *a = run_planned_copy(MMA_DIR_H2D);
         for (int i = 0; i < fb.nlog; i++) {
             if (fb.log[i].via == a->target)
                 continue;
@@ -1176,7 +1180,6 @@ START_TEST(one_hop_relays_plan_no_edge_and_more_share)
                 ck_assert_msg(fb.log[i].len != 128u << 10, "one-hop relay via %d got an edge piece", fb.log[i].via);
         }
         job_free(a);
-        s.be->relay_kernel_below = 0;
     }
     ck_assert_msg(relay_bytes[1] > relay_bytes[0], "one-hop relays carried %llu bytes, staged %llu",
                   (unsigned long long)relay_bytes[1], (unsigned long long)relay_bytes[0]);

@@ -269,6 +269,13 @@ static void mmactl_grep(const char *what, const char *key, char *out, size_t cap
     ck_assert_msg(pclose(f) == 0, "%s failed", cmd);
 }
 
+/* Whether MMAD_EXTRA turned the private mmad's relay kernels off. */
+static int relay_kernels_off(void)
+{
+    const char *extra = getenv("MMAD_EXTRA");
+    return extra && strstr(extra, "--relay-kernel=0") != NULL;
+}
+
 /* Relay chunks the private mmad's copy kernels moved in one hop, summed
  * over its paths. */
 static long long one_hop_chunks(void)
@@ -308,8 +315,7 @@ static int one_hop_becomes(int g, int want, double secs)
  * then one second quiet). Skipped where mmad runs no relay kernels. */
 START_TEST(one_hop_keeps_off_busy_gpu)
 {
-    const char *extra = getenv("MMAD_EXTRA");
-    if (ngpu < 2 || (extra && strstr(extra, "--relay-kernel=0"))) {
+    if (ngpu < 2 || relay_kernels_off()) {
         printf("one_hop_keeps_off_busy_gpu: no relay kernels here\n");
         return;
     }
@@ -367,8 +373,7 @@ START_TEST(one_hop_relays)
         MM(mma_free(c, d));
     }
     long long hops = one_hop_chunks() - before;
-    const char *extra = getenv("MMAD_EXTRA");
-    if (extra && strstr(extra, "--relay-kernel=0"))
+    if (relay_kernels_off())
         ck_assert_msg(hops == 0, "%lld one-hop chunks with --relay-kernel=0", hops);
     else
         ck_assert_msg(hops > 0, "no relay chunk went in one hop");
