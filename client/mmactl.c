@@ -122,12 +122,13 @@ static void print_paths(const Mma__PathsReply *p, int json)
         const char *kind = s->target == s->via ? "direct" : "relay";
         if (json) {
             printf("%s{\"target\":%u,\"via\":%u,\"kind\":\"%s\",\"dir\":\"%s\",\"bytes\":%llu,\"chunks\":%llu,"
-                   "\"one_hop_chunks\":%llu,\"active_ns\":%llu,\"gbps\":%.3f,\"inflight\":%u,\"depth\":%u,\"enabled\":%s,\"yielding\":%s,"
+                   "\"one_hop_chunks\":%llu,\"active_ns\":%llu,\"gbps\":%.3f,\"inflight\":%u,\"depth\":%u,"
+                   "\"enabled\":%s,\"yielding\":%s,"
                    "\"rate_gbps\":%.3f,\"note\":\"%s\"}",
                    i ? "," : "", s->target, s->via, kind, dir_name(s->dir), (unsigned long long)s->bytes,
                    (unsigned long long)s->chunks, (unsigned long long)s->one_hop_chunks,
-                   (unsigned long long)s->active_ns, gbps(s->bytes, s->active_ns), s->inflight, s->depth, s->enabled ? "true" : "false", s->yielding ? "true" : "false",
-                   s->rate_gbps, s->note ? s->note : "");
+                   (unsigned long long)s->active_ns, gbps(s->bytes, s->active_ns), s->inflight, s->depth,
+                   s->enabled ? "true" : "false", s->yielding ? "true" : "false", s->rate_gbps, s->note ? s->note : "");
             continue;
         }
         if (s->target == s->via)

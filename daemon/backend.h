@@ -51,7 +51,8 @@ struct mmad_backend {
     uint64_t relay_kernel_below;
     double relay_kernel_overhead_us;
     /* 1: one-hop relays through this GPU may run now (it can take them, and
-     * no other process ran kernels on it within the last second) */
+     * no other process kept --relay-kernel-busy-sm of its SMs busy within
+     * the last second) */
     _Atomic int relay_kernel_now[MMAD_MAX_GPUS];
     /* Traffic on each GPU's own PCIe link that is not mmad's, per direction,
      * in MB/s of the real box, as the backend last measured it (cuda: the
