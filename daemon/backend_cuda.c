@@ -98,6 +98,10 @@
  * on another GPU, where a staged relay waits for a second copy. */
 #define KERNEL_RELAY_OVERHEAD_US 5.0
 #define KERNEL_QUIET_NS 1000000000ull
+/* A resident relay kernel ends after this long even while chunks keep
+ * coming (the engine starts the next one): calls that wait for the whole
+ * GPU (cudaFree, cudaHostUnregister on the loop thread) wait no longer. */
+#define RESIDENT_LIFE_NS 2000000ull
 #define COMPUTE_LOOK_NS 250000000ull
 
 /* cuMemGetAddressRange_v2, fetched from the driver at run time (the daemon
@@ -139,6 +143,24 @@ typedef struct ev_pool {
     int cap;         /* room in ev[], always >= created */
 } ev_pool_t;
 
+/* --relay-linger-us: the resident relay kernel of one via GPU and
+ * direction (relay_kernel.h). The engine thread writes each one-hop relay
+ * into the ring and starts a kernel where none runs; the kernel ends by
+ * itself after the linger time without a chunk, and says at which sequence
+ * number in *exit_word. A descriptor posted while it was ending is taken by
+ * the next launch (resident_tend), since the ring keeps it. */
+typedef struct resident {
+    mmad_relay_desc_t *ring;        /* host-mapped, MMAD_RELAY_RING descriptors */
+    unsigned long long *exit_word;  /* host-mapped: gen:seq where the last launch ended */
+    mmad_relay_state_t *state;      /* in the via GPU's memory */
+    cudaStream_t stream;
+    uint64_t next_seq;              /* the next descriptor's sequence number (from 1) */
+    uint64_t from;                  /* the first one no ended launch took */
+    uint32_t gen;                   /* the last launch's generation (0: none yet) */
+    int alive;                      /* launched, and its end not seen yet */
+    cudaError_t err;                /* why the last launch failed (cudaSuccess: it did not) */
+} resident_t;
+
 typedef struct cuda_gpu {
     cudaStream_t direct[2];
     cudaStream_t pcie[2];
@@ -148,6 +170,7 @@ typedef struct cuda_gpu {
     cudaStream_t *slot_stream; /* --relay-per-slot: one stream per staging buffer */
     unsigned char *slot_used;
     ev_pool_t events;
+    resident_t res[2];       /* per direction; ring NULL: no resident kernels */
 } cuda_gpu_t;
 
 /* One opened cudaIpc handle. The same client allocation may be registered
@@ -227,6 +250,11 @@ typedef struct cuda_be {
     unsigned char kernel_ok[MMAD_MAX_GPUS];
     _Atomic int kernel_off;
     _Atomic uint64_t n_kernel;
+    uint64_t linger_ns;           /* --relay-linger-us; 0: a launch per one-hop relay */
+    int use_resident;             /* one-hop relays go to resident kernels */
+    void *res_host;               /* every ring and exit word, host-mapped */
+    unsigned long long *res_dummy; /* where a cancelled descriptor's kernel writes */
+    uint64_t n_res_launch;
     int hop_target;          /* --hop-side=target: the NVLink hop runs on the target's stream */
 } cuda_be_t;
 
@@ -539,8 +567,12 @@ static int queue_relay(cuda_be_t *s, mmad_chunk_t *c, char *stage, cudaEvent_t h
  * direction, then the mark on the same stream. Host memory is registered
  * mapped and the target's memory is reachable by peer access, so the
  * kernel takes both pointers as they are. */
+static int resident_post(cuda_be_t *s, mmad_chunk_t *c);
+
 static int issue_kernel_relay(cuda_be_t *s, mmad_chunk_t *c)
 {
+    if (s->use_resident)
+        return resident_post(s, c);
     cudaStream_t st = s->gpu[c->via].pcie[c->dir];
     int h2d = c->dir == MMA_DIR_H2D;
     uint64_t t0 = mma_now_ns();
@@ -608,6 +640,94 @@ static int issue_relay(cuda_be_t *s, mmad_chunk_t *c)
         drain(second);
     }
     return rc;
+}
+
+/* ---- resident relay kernels ---- */
+
+/* Start a resident kernel on r's stream that takes descriptors from
+ * r->from on; the via GPU's context is current. */
+static int resident_launch(cuda_be_t *s, resident_t *r)
+{
+    if (++r->gen == 0)
+        r->gen = 1;
+    r->err = mmad_relay_resident_launch(r->ring, r->exit_word, r->state, r->from, r->gen, s->linger_ns,
+                                        RESIDENT_LIFE_NS, s->kernel_blocks, r->stream);
+    if (r->err != cudaSuccess) {
+        (void)cuda_status(r->err, "mmad_relay_resident_launch(", __func__, MMA_LOG_ERROR);
+        return MMA_ERR_CUDA;
+    }
+    r->alive = 1;
+    s->n_res_launch++;
+    return MMA_OK;
+}
+
+/* Has r's kernel ended? Then r->from is where; and descriptors posted
+ * since need a new launch (GPU v's context is made current for it). */
+static int resident_tend(cuda_be_t *s, int v, resident_t *r)
+{
+    if (r->alive) {
+        unsigned long long w = __atomic_load_n(r->exit_word, __ATOMIC_ACQUIRE);
+        if ((uint32_t)(w >> 32) != r->gen)
+            return MMA_OK;
+        r->alive = 0;
+        r->from = r->next_seq - (uint32_t)((uint32_t)r->next_seq - (uint32_t)w);
+    }
+    if (r->from == r->next_seq)
+        return MMA_OK;
+    int rc = use_dev(s, v);
+    return rc == MMA_OK ? resident_launch(s, r) : rc;
+}
+
+/* Make a descriptor no kernel has taken copy nothing (it still has its
+ * place in the sequence): its chunk failed and goes back to the scheduler. */
+static void resident_cancel(cuda_be_t *s, resident_t *r, uint64_t seq)
+{
+    mmad_relay_desc_t *d = &r->ring[seq % MMAD_RELAY_RING];
+    d->len = 0;
+    d->flag = (uint64_t)(uintptr_t)s->res_dummy;
+}
+
+/* Hand a one-hop relay to its via GPU's resident kernel: its descriptor,
+ * seq last, then a launch if no kernel runs. The kernel writes the chunk's
+ * completion word itself. */
+static int resident_post(cuda_be_t *s, mmad_chunk_t *c)
+{
+    resident_t *r = &s->gpu[c->via].res[c->dir];
+    int h2d = c->dir == MMA_DIR_H2D, f = (int)(uintptr_t)c->be_priv - 1;
+    uint64_t seq = r->next_seq;
+    mmad_relay_desc_t *d = &r->ring[seq % MMAD_RELAY_RING];
+    uint64_t t0 = mma_now_ns();
+    d->dst = (uint64_t)(uintptr_t)(h2d ? c->kernel_dev : c->host);
+    d->src = (uint64_t)(uintptr_t)(h2d ? c->host : c->kernel_dev);
+    d->len = c->len;
+    d->flag = (uint64_t)(uintptr_t)&s->flags[f];
+    d->flag_value = s->flag_want[f];
+    __atomic_store_n(&d->seq, seq, __ATOMIC_RELEASE);
+    r->next_seq++;
+    c->kernel_seq = seq;
+    int rc = resident_tend(s, c->via, r);
+    s->t_copy_ns += mma_now_ns() - t0;
+    s->n_copy++;
+    if (rc != MMA_OK) {
+        resident_cancel(s, r, seq);
+        c->kernel_seq = 0;
+        return rc;
+    }
+    s->n_kernel++;
+    return MMA_OK;
+}
+
+/* Engine thread, each poll: relaunch where a kernel ended with
+ * descriptors left. After a failed launch the ring waits for the next post
+ * to try again, and chunk_stream_error fails the chunks left waiting. */
+static void resident_tend_all(cuda_be_t *s)
+{
+    for (int v = 0; v < s->base.gpu_count; v++)
+        for (int d = 0; d < 2; d++) {
+            resident_t *r = &s->gpu[v].res[d];
+            if (r->ring && (r->alive || r->from != r->next_seq) && r->err == cudaSuccess)
+                (void)resident_tend(s, v, r);
+        }
 }
 
 /* ---- lanes ---- */
@@ -832,6 +952,7 @@ static int cuda_submit(mmad_backend_t *be, mmad_chunk_t *c)
     c->status = MMA_OK;
     c->staging = -1;
     c->kernel_dev = NULL;
+    c->kernel_seq = 0;
     c->stage = 0; /* copies queued: 1 for a direct chunk, 2 for a relay */
     c->be_priv = NULL;
     if (c->target < 0 || c->target >= be->gpu_count || c->via < 0 || c->via >= be->gpu_count ||
@@ -872,7 +993,15 @@ static cudaError_t chunk_stream_error(cuda_be_t *s, const mmad_chunk_t *c)
     cuda_gpu_t *g = &s->gpu[c->via];
     cudaStream_t st[2];
     int n = 0;
-    if (c->via == c->target) {
+    if (c->kernel_seq) {
+        resident_t *r = &g->res[c->dir];
+        if (!r->alive && c->kernel_seq >= r->from && r->err != cudaSuccess) {
+            /* no kernel will take it: the launch keeps failing */
+            resident_cancel(s, r, c->kernel_seq);
+            return r->err;
+        }
+        st[n++] = r->stream;
+    } else if (c->via == c->target) {
         st[n++] = g->direct[c->dir];
     } else if (s->relay_per_slot) {
         st[n++] = g->slot_stream[c->staging];
@@ -902,6 +1031,8 @@ static int cuda_poll(mmad_backend_t *be, mmad_chunk_t **out, int max)
             s->stale_check_ns = now;
         }
     }
+    if (s->use_resident)
+        resident_tend_all(s);
     mmad_chunk_t *prev = NULL, *c = s->inflight_head;
     /* Chunks on different streams finish out of order: look at all of them,
      * oldest first, and take out each one that is done. */
@@ -1147,7 +1278,8 @@ static void cuda_region_close(mmad_backend_t *be, mmad_region_t *r)
  * of one GPU that was created; the caller has set that GPU current. */
 static void streams_apply(mmad_backend_t *be, cuda_gpu_t *g, cudaError_t (*fn)(cudaStream_t), const char *name)
 {
-    cudaStream_t all[] = {g->direct[0], g->direct[1], g->pcie[0], g->pcie[1], g->nvlink[0], g->nvlink[1]};
+    cudaStream_t all[] = {g->direct[0], g->direct[1], g->pcie[0],      g->pcie[1],
+                          g->nvlink[0], g->nvlink[1], g->res[0].stream, g->res[1].stream};
     for (size_t k = 0; k < sizeof all / sizeof all[0]; k++)
         if (all[k])
             (void)cuda_status(fn(all[k]), name, __func__, MMA_LOG_ERROR);
@@ -1463,7 +1595,8 @@ static void cuda_destroy(mmad_backend_t *be)
                  s->t_hop_ns / 1e3 / (double)s->n_copy, s->t_mark_ns / 1e3 / (double)s->n_copy,
                  s->t_ctx_ns / 1e3 / (double)s->n_copy, s->copy_driver ? "driver" : "runtime");
     if (s->n_kernel)
-        MMA_INFO("cuda: %llu of those were one-hop relay kernels", (unsigned long long)s->n_kernel);
+        MMA_INFO("cuda: %llu of those were one-hop relays (%llu resident kernel launches)",
+                 (unsigned long long)s->n_kernel, (unsigned long long)s->n_res_launch);
     for (int gi = 0; gi < be->gpu_count; gi++) {
         cuda_gpu_t *g = &s->gpu[gi];
         if (CU(cudaSetDevice(gi)) != MMA_OK)
@@ -1488,6 +1621,9 @@ static void cuda_destroy(mmad_backend_t *be)
                 if (g->staging[i])
                     (void)CU(cudaFree(g->staging[i]));
         free(g->slot_stream);
+        for (int d = 0; d < 2; d++)
+            if (g->res[d].state)
+                (void)CU(cudaFree(g->res[d].state));
         for (int i = 0; i < g->events.n; i++)
             (void)CU(cudaEventDestroy(g->events.ev[i]));
         free(g->events.ev);
@@ -1504,6 +1640,8 @@ static void cuda_destroy(mmad_backend_t *be)
     }
     if (s->flags)
         (void)CU(cudaFreeHost((void *)s->flags));
+    if (s->res_host)
+        (void)CU(cudaFreeHost(s->res_host));
     for (int gi = 0; gi < be->gpu_count; gi++) {
         CUdevice dev;
         if (s->ctx[gi] && s->drv.device_get(&dev, gi) == CUDA_SUCCESS)
@@ -1610,6 +1748,36 @@ static int gpu_setup(cuda_be_t *s, int gi)
      * once: path_depth direct chunks per direction, one per staging slot,
      * and one more for a relay's first hop while it is being queued. */
     return pool_grow(&g->events, 2 * be->path_depth + be->staging_slots + 1);
+}
+
+/* Rings, exit words, streams and kernel state for the resident relay
+ * kernels of every GPU that can run one-hop relays. */
+static int resident_setup(cuda_be_t *s)
+{
+    mmad_backend_t *be = &s->base;
+    size_t ring_bytes = MMAD_RELAY_RING * sizeof(mmad_relay_desc_t), per = ring_bytes + 64;
+    size_t total = (size_t)be->gpu_count * 2 * per + 64;
+    CU_CHECK(cudaHostAlloc(&s->res_host, total, cudaHostAllocPortable | cudaHostAllocMapped));
+    memset(s->res_host, 0, total);
+    char *p = s->res_host;
+    s->res_dummy = (unsigned long long *)(p + total - 64);
+    for (int gi = 0; gi < be->gpu_count; gi++) {
+        if (!s->kernel_ok[gi])
+            continue;
+        CU_CHECK(cudaSetDevice(gi));
+        for (int d = 0; d < 2; d++) {
+            resident_t *r = &s->gpu[gi].res[d];
+            r->ring = (mmad_relay_desc_t *)(p + (size_t)(gi * 2 + d) * per);
+            r->exit_word = (unsigned long long *)((char *)r->ring + ring_bytes);
+            r->next_seq = r->from = 1;
+            CU_CHECK(cudaStreamCreateWithFlags(&r->stream, cudaStreamNonBlocking));
+            CU_CHECK(cudaMalloc((void **)&r->state, sizeof *r->state));
+            CU_CHECK(cudaMemset(r->state, 0, sizeof *r->state));
+        }
+        /* the kernels' streams do not wait for the legacy stream's memset */
+        CU_CHECK(cudaDeviceSynchronize());
+    }
+    return MMA_OK;
 }
 
 /* Turn on peer access between every pair that supports it and decide which
@@ -1735,6 +1903,7 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
     s->kernel_below = cfg->relay_kernel;
     s->kernel_blocks = cfg->relay_kernel_blocks > 0 ? cfg->relay_kernel_blocks : 16;
     s->kernel_busy_sm = cfg->relay_kernel_busy_sm > 0 ? (unsigned int)cfg->relay_kernel_busy_sm : 0;
+    s->linger_ns = cfg->relay_linger_us > 0 ? (uint64_t)cfg->relay_linger_us * 1000 : 0;
     be->relay_kernel_below = s->kernel_below;
     be->relay_kernel_overhead_us = KERNEL_RELAY_OVERHEAD_US;
     be->bypass_threshold = cfg->bypass_threshold >= 0 ? cfg->bypass_threshold
@@ -1765,11 +1934,18 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
     s->use_lanes = s->use_flags && cfg->submit_threads;
     for (int g = 0; rc == MMA_OK && s->use_lanes && g < n; g++)
         rc = lane_start(s, g);
+    /* Resident kernels write completion words themselves and are fed by the
+     * engine thread alone. */
+    s->use_resident = s->kernel_below && s->linger_ns && s->use_flags && !s->use_lanes;
+    if (rc == MMA_OK && s->use_resident)
+        rc = resident_setup(s);
     if (rc == MMA_OK)
         MMA_INFO("cuda: chunks complete by %s; relays issued by %s; %s", s->use_flags ? "stream-written flags" : "events",
                  s->use_lanes ? "one thread per GPU" : "the engine thread",
-                 s->kernel_below ? "copies below --relay-kernel relay in one hop (a copy kernel on the via GPU)"
-                                 : "relays stage");
+                 !s->kernel_below  ? "relays stage"
+                 : s->use_resident ? "copies below --relay-kernel relay in one hop (resident copy kernels on the "
+                                     "via GPUs, --relay-linger-us)"
+                                   : "copies below --relay-kernel relay in one hop (a copy kernel on the via GPU)");
     if (rc != MMA_OK) {
         MMA_ERROR("cuda: cannot set up the GPUs: %s", rc == MMA_ERR_NOMEM ? "out of memory" : "CUDA error");
         cuda_destroy(be);

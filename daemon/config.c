@@ -61,6 +61,9 @@ static const opt_t options[] = {
      "cuda: one-hop relays stage through a GPU where NVML shows another process keeping at least this % of its "
      "SMs busy (its kernels would take turns with theirs), and go in one hop again after a second below it; "
      "0: never judge"},
+    {"relay-linger-us", OPT_INT, O(relay_linger_us), 0, "200", 0, 1000000,
+     "cuda: one-hop relays through a GPU go to a resident copy kernel there, which takes each chunk from a ring in "
+     "host memory (no launch, no completion call) and ends after this long without one; 0: a kernel launch per chunk"},
     {"relay-kernel-blocks", OPT_INT, O(relay_kernel_blocks), 0, "16", 1, 1024,
      "cuda: blocks of 512 threads per relay kernel (on 4x H200 4 already filled one link)"},
     {"submit-threads", OPT_INT, O(submit_threads), 0, "0", 0, 1,

@@ -39,6 +39,7 @@ typedef struct mmad_config {
     uint64_t relay_kernel;  /* cuda: copies below this relay through a copy kernel on the via GPU (0: never) */
     int relay_kernel_blocks; /* cuda: blocks per relay kernel */
     int relay_kernel_busy_sm; /* cuda: relays stage through a GPU where another process uses this % of SMs (0: never) */
+    int relay_linger_us;     /* cuda: a resident relay kernel waits this long for the next chunk (0: a launch per chunk) */
     int fewest_chunks;      /* cut a copy into no more chunks per path than chunk_size requires */
     int64_t bypass_threshold; /* -1: measured/derived at start */
     int max_paths;          /* 0: all */
@@ -176,6 +177,7 @@ typedef struct mmad_chunk {
     int stage;
     int staging;
     char *kernel_dev;        /* cuda: a one-hop relay (a copy kernel on the via GPU): dev as that GPU maps it */
+    uint64_t kernel_seq;     /* cuda: its descriptor in the via GPU's resident kernel ring (0: none) */
     void *be_priv;
     struct mmad_chunk *next;
 } mmad_chunk_t;

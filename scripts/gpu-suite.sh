@@ -30,8 +30,8 @@ cat "$OUT/machine.txt"
 echo "== gpu tests"
 "$B/tests/gpu/gpu_test" 2>&1 | tee "$OUT/gpu_test.log"
 test_rc=${PIPESTATUS[0]}
-echo "== gpu tests, relays' hops on the via GPU (--hop-side=via)"
-MMAD_EXTRA=--hop-side=via "$B/tests/gpu/gpu_test" 2>&1 | tee "$OUT/gpu_test_via.log"
+echo "== gpu tests, relays' hops on the via GPU, a kernel launch per one-hop relay (--hop-side=via --relay-linger-us=0)"
+MMAD_EXTRA="--hop-side=via --relay-linger-us=0" "$B/tests/gpu/gpu_test" 2>&1 | tee "$OUT/gpu_test_via.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || test_rc=1
 
 echo "== benchmark"

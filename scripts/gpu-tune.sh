@@ -18,7 +18,7 @@ for cfg in "$@"; do
   # shellcheck disable=SC2086
   mmad_start "$OUT/tune/mmad-$i.log" "$SOCK" $cfg || continue
   echo "### config $i: $cfg" | tee "$OUT/tune/bench-$i.txt"
-  "$B/mma-bench" --socket "$SOCK" --sections "${SECTIONS:-ceiling,sizes}" --min "${MIN:-1M}" --max 1G --quick 2>&1 | tee -a "$OUT/tune/bench-$i.txt"
+  "$B/mma-bench" --socket "$SOCK" --sections "${SECTIONS:-ceiling,sizes}" --min "${MIN:-1M}" --max "${MAX:-1G}" --quick 2>&1 | tee -a "$OUT/tune/bench-$i.txt"
   "$B/mmactl" --socket "$SOCK" status 2>&1 | sed -n '/# Engine/,$p' | tee -a "$OUT/tune/bench-$i.txt"
   mmad_stop
 done

@@ -384,6 +384,63 @@ START_TEST(one_hop_relays)
 }
 END_TEST
 
+/* Resident relay kernels (--relay-linger-us): copies after a pause longer
+ * than the linger time find the kernel gone and start another; copies in
+ * flight at once queue several descriptors in one ring; a stream of copies
+ * longer than a kernel's life (2 ms) goes on across its relaunches. Every
+ * byte is checked. With resident kernels off (MMAD_EXTRA) the same copies
+ * go through launches per chunk or staging, and must land all the same. */
+#define RES_N 8
+#define RES_SZ (4u << 20)
+START_TEST(one_hop_resident_kernels)
+{
+    if (ngpu < 2) {
+        printf("one_hop_resident_kernels: one GPU, no relays to test\n");
+        return;
+    }
+    mma_client_t *c;
+    MM(mma_connect(sock_path, &c));
+    size_t cap = (size_t)RES_N * RES_SZ;
+    uint8_t *h, *back, *d;
+    MM(mma_host_alloc(c, cap, (void **)&h));
+    MM(mma_host_alloc(c, cap, (void **)&back));
+    MM(mma_device_alloc(c, ngpu - 1, cap, (void **)&d));
+    long long before = one_hop_chunks();
+    /* pauses of 2 ms, ten times the default linger */
+    for (int i = 0; i < 10; i++) {
+        round_trip(c, h, back, d, RES_SZ + 16u * (unsigned)i, 0, 0);
+        usleep(2000);
+    }
+    /* RES_N copies in flight each way, then a stream of them for ~20 ms */
+    mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
+    mma_copy_t t[RES_N];
+    for (int round = 0; round < 40; round++) {
+        fill_rand(h, cap);
+        memset(back, 0xEE, cap);
+        for (int dir = 0; dir < 2; dir++) {
+            for (int i = 0; i < RES_N; i++) {
+                size_t at = (size_t)i * RES_SZ;
+                mma_segment_t sg = dir == 0 ? (mma_segment_t){d + at, h + at, RES_SZ}
+                                            : (mma_segment_t){back + at, d + at, RES_SZ};
+                MM(mma_memcpy_sg_async(c, &sg, 1, NULL, &o, &t[i]));
+            }
+            for (int i = 0; i < RES_N; i++)
+                MM(mma_wait(c, t[i]));
+        }
+        ck_assert_msg(memcmp(h, back, cap) == 0, "round %d: %d copies of %u bytes in flight came back different",
+                      round, RES_N, RES_SZ);
+    }
+    long long hops = one_hop_chunks() - before;
+    printf("one_hop_resident_kernels: %lld relay chunks in one hop\n", hops);
+    if (!relay_kernels_off())
+        ck_assert_msg(hops > 0, "no relay chunk went in one hop");
+    MM(mma_free(c, d));
+    MM(mma_free(c, back));
+    MM(mma_free(c, h));
+    mma_disconnect(c);
+}
+END_TEST
+
 START_TEST(bypass_small)
 {
     mma_client_t *c;
@@ -554,6 +611,7 @@ int main(void)
     tcase_add_test(tc, many_clients);
     tcase_add_test(tc, bypass_small);
     tcase_add_test(tc, one_hop_relays);
+    tcase_add_test(tc, one_hop_resident_kernels);
     tcase_add_test(tc, one_hop_keeps_off_busy_gpu);
     tcase_add_test(tc, daemon_dies);
     suite_add_tcase(s, tc);
