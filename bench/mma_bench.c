@@ -154,11 +154,20 @@ static double time_copy(ctx_t *x, int dir, size_t n, int mode, int paths, double
 }
 
 /* Modes a and b taken in turns, copy by copy, so drift on the box (other
- * threads, clocks) falls on both alike: their samples in sa and sb. */
+ * threads, clocks) falls on both alike: their samples in sa and sb. Which
+ * goes first alternates, so that neither is always the copy that follows
+ * the other's. */
 static void time_pair(ctx_t *x, int dir, size_t n, int a, int b, double *sa, double *sb, int reps)
 {
     for (int r = -1; r < reps; r++) {
-        double ta = one_copy(x, dir, n, a, 0), tb = one_copy(x, dir, n, b, 0);
+        double ta, tb;
+        if (r & 1) {
+            tb = one_copy(x, dir, n, b, 0);
+            ta = one_copy(x, dir, n, a, 0);
+        } else {
+            ta = one_copy(x, dir, n, a, 0);
+            tb = one_copy(x, dir, n, b, 0);
+        }
         if (r >= 0) {
             sa[r] = ta;
             sb[r] = tb;

@@ -50,6 +50,9 @@ struct mmad_backend {
      * chunk instead of the staged relay's. */
     uint64_t relay_kernel_below;
     double relay_kernel_overhead_us;
+    /* 1: one-hop relays are posted to kernels that stay on the via GPUs
+     * (--relay-linger-us): they cost the engine no issue time of their own */
+    int relay_kernel_resident;
     /* 1: one-hop relays through this GPU may run now (it can take them, and
      * no other process kept --relay-kernel-busy-sm of its SMs busy within
      * the last second) */

@@ -97,6 +97,9 @@
 /* A one-hop relay's fixed latency over a direct chunk: its kernel's launch
  * on another GPU, where a staged relay waits for a second copy. */
 #define KERNEL_RELAY_OVERHEAD_US 5.0
+/* The same for a resident kernel: it sees a posted chunk within about one
+ * PCIe read of host memory. */
+#define RESIDENT_RELAY_OVERHEAD_US 1.0
 #define KERNEL_QUIET_NS 1000000000ull
 /* A resident relay kernel ends after this long even while chunks keep
  * coming (the engine starts the next one): calls that wait for the whole
@@ -1939,6 +1942,9 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
     s->use_resident = s->kernel_below && s->linger_ns && s->use_flags && !s->use_lanes;
     if (rc == MMA_OK && s->use_resident)
         rc = resident_setup(s);
+    be->relay_kernel_resident = s->use_resident;
+    if (s->use_resident)
+        be->relay_kernel_overhead_us = RESIDENT_RELAY_OVERHEAD_US;
     if (rc == MMA_OK)
         MMA_INFO("cuda: chunks complete by %s; relays issued by %s; %s", s->use_flags ? "stream-written flags" : "events",
                  s->use_lanes ? "one thread per GPU" : "the engine thread",

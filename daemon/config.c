@@ -99,6 +99,10 @@ static const opt_t options[] = {
     {"relay-edge", OPT_SIZE, O(relay_edge), 0, "2M", 0, 1u << 30,
      "planned relays of at least 3x this end (H2D) or start (D2H) with a piece this small, so the NVLink hops "
      "that no PCIe transfer hides are short (they queue at the target's NVLink ports); 0: equal pieces"},
+    {"relay-first", OPT_INT, O(relay_first), 0, "1", 0, 1,
+     "cuda: 1 issues a copy's one-hop relays before its direct chunk where resident kernels take them "
+     "(posting one costs the engine well under a microsecond, a direct chunk ~4 us), and plans all paths "
+     "to start together; 0: the direct chunk first"},
     {"issue-cost-us", OPT_DOUBLE, O(issue_cost_us), 0, "-1", -1, 1000,
      "engine time to issue one chunk, for planned splits (-1: 5 on cuda, --sim-chunk-cost-us simulated)"},
     {"relay-overhead-us", OPT_DOUBLE, O(relay_overhead_us), 0, "-1", -1, 10000,

@@ -63,6 +63,7 @@ typedef struct mmad_config {
     int plan_learn;           /* planned splits weight each path by the rate it showed */
     uint64_t relay_edge;      /* planned relays end (H2D) / start (D2H) with a piece this small; 0: off */
     double issue_cost_us;     /* engine time per chunk issued (<0: the backend's) */
+    int relay_first;          /* posted one-hop relays are issued before the direct chunk */
     double relay_overhead_us; /* extra latency of a relay chunk over a direct one (<0: the backend's) */
 } mmad_config_t;
 

@@ -1186,6 +1186,39 @@ START_TEST(one_hop_relays_plan_no_edge_and_more_share)
 }
 END_TEST
 
+START_TEST(resident_relays_go_first_and_start_together)
+{
+    /* One-hop relays posted to resident kernels (--relay-first): issued
+     * before the direct chunk and planned to start together, since posting
+     * one costs no issue time, so the first and last relays carry alike.
+     * Launched ones: the direct chunk first, and each later relay planned
+     * to start an issue cost later, so it carries less. */
+    for (int resident = 0; resident < 2; resident++) {
+        start_planned();
+        s.be->relay_kernel_below = 8u << 20;
+        s.be->relay_kernel_overhead_us = 1.0;
+        s.be->relay_kernel_resident = resident;
+        s.relay_first = 1;
+        s.issue_cost_ns = 20e3;
+        mmad_job_t *a = run_planned_copy(MMA_DIR_H2D);
+        uint64_t per[NGPU] = {0};
+        for (int i = 0; i < fb.nlog; i++)
+            per[fb.log[i].via] += fb.log[i].len;
+        int first_relay = (a->target + 1) % NGPU, last_relay = (a->target + NGPU - 1) % NGPU;
+        if (resident) {
+            ck_assert_msg(fb.log[0].via != a->target, "resident: the direct chunk went first");
+            ck_assert_msg(per[first_relay] == per[last_relay], "resident: relays carried %llu and %llu",
+                          (unsigned long long)per[first_relay], (unsigned long long)per[last_relay]);
+        } else {
+            ck_assert_int_eq(fb.log[0].via, a->target);
+            ck_assert_msg(per[first_relay] > per[last_relay], "launched: relays carried %llu and %llu",
+                          (unsigned long long)per[first_relay], (unsigned long long)per[last_relay]);
+        }
+        job_free(a);
+    }
+}
+END_TEST
+
 /* One H2D copy of `total` into GPU 0 on the timed fake box: the chunk that
  * lands first is always the next completed, the scheduler's limits hold
  * throughout, and a yielding path never has more than one chunk in flight
@@ -1636,6 +1669,7 @@ int main(void)
     tcase_add_test(plan, plan_learn_gives_slow_path_less);
     tcase_add_test(plan, relay_edge_piece_last_h2d_first_d2h);
     tcase_add_test(plan, one_hop_relays_plan_no_edge_and_more_share);
+    tcase_add_test(plan, resident_relays_go_first_and_start_together);
     tcase_add_test(plan, plan_fit_line);
     tcase_add_test(plan, plan_fit_learns_a_late_relay);
     tcase_add_test(plan, foreign_traffic_from_counter);
