@@ -612,7 +612,7 @@ int main(int argc, char **argv)
                dn[d], lat_reps);
         printf("%8s %10s %10s %10s %10s %10s %10s\n", "size", "nat p50", "nat p99", "mma p50", "mma p99", "auto p50",
                "auto/nat");
-        size_t lat_sizes[] = {4096, 65536, 1u << 20, 4u << 20};
+        size_t lat_sizes[] = {4096, 16384, 65536, 1u << 20, 4u << 20};
         for (size_t i = 0; i < sizeof lat_sizes / sizeof lat_sizes[0]; i++) {
             size_t s = lat_sizes[i];
             int r = quick ? lat_reps / 4 : lat_reps;

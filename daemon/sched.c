@@ -452,16 +452,19 @@ static void plan_job(mmad_sched_t *s, mmad_job_t *j, const int *vias, int n, int
      * the via GPU: a shorter fixed latency, and no NVLink hop to shorten. */
     int one_hop = j->total < s->be->relay_kernel_below;
     double relay_ns = one_hop ? s->be->relay_kernel_overhead_us * 1e3 : s->relay_overhead_ns;
-    /* Relays posted to resident kernels cost the engine no issue time: they
-     * start together, relay_ns after the direct chunk when they go first
-     * (--relay-first), else after its issue too. */
-    double issue_ns = s->issue_cost_ns;
-    if (one_hop && s->be->relay_kernel_resident) {
-        relay_ns += s->relay_first ? 0.0 : issue_ns;
-        issue_ns = 0.0;
-    }
-    double t[MMAD_MAX_GPUS], r[MMAD_MAX_GPUS];
+    /* Relays posted to resident kernels cost the engine no issue time, so
+     * they start together, relay_ns in: after the direct chunk's issue
+     * too when it goes first, while with --relay-first it is the direct
+     * chunk that starts an issue later. */
+    int posted = one_hop && s->be->relay_kernel_resident;
+    double issue_ns = posted ? 0.0 : s->issue_cost_ns;
+    if (posted && !s->relay_first)
+        relay_ns += s->issue_cost_ns;
+    double t[MMAD_MAX_GPUS], r[MMAD_MAX_GPUS], start[MMAD_MAX_GPUS];
     plan_model(n, issue_ns, relay_ns, rate, w, t, r);
+    if (posted && s->relay_first && rate > 0)
+        t[0] = s->issue_cost_ns;
+    memcpy(start, t, sizeof start);
     if (s->plan_learn == 2 && rate > 0)
         for (int i = 0; i < n; i++)
             mmad_path_fit_get(&s->plan_fit[j->target][vias[i]][j->dir], t[i], rate, &t[i], &r[i]);
@@ -476,7 +479,7 @@ static void plan_job(mmad_sched_t *s, mmad_job_t *j, const int *vias, int n, int
         int v = vias[i];
         pl->left[v] = lens[i];
         pl->share[v] = lens[i];
-        pl->start_ns[v] = (double)i * issue_ns + (i ? relay_ns : 0.0);
+        pl->start_ns[v] = start[i];
         if (!lens[i])
             continue;
         /* The hops of relays that end together queue at the target's NVLink

@@ -1188,34 +1188,46 @@ END_TEST
 
 START_TEST(resident_relays_go_first_and_start_together)
 {
-    /* One-hop relays posted to resident kernels (--relay-first): issued
-     * before the direct chunk and planned to start together, since posting
-     * one costs no issue time, so the first and last relays carry alike.
-     * Launched ones: the direct chunk first, and each later relay planned
-     * to start an issue cost later, so it carries less. */
-    for (int resident = 0; resident < 2; resident++) {
+    /* Case 0: one-hop relays launched per chunk: the direct chunk first,
+     * and each later relay planned to start an issue cost later, so it
+     * carries less. Cases 1 and 2: relays posted to resident kernels cost
+     * no issue time, so they are planned to start together and carry
+     * alike; with --relay-first (2) they are issued before the direct
+     * chunk, which is then planned to start an issue cost later: it
+     * carries less than a relay, and less than when it goes first (1),
+     * where it carries more than a relay. */
+    uint64_t direct[3];
+    for (int k = 0; k < 3; k++) {
         start_planned();
         s.be->relay_kernel_below = 8u << 20;
         s.be->relay_kernel_overhead_us = 1.0;
-        s.be->relay_kernel_resident = resident;
-        s.relay_first = 1;
+        s.be->relay_kernel_resident = k > 0;
+        s.relay_first = k != 1;
         s.issue_cost_ns = 20e3;
         mmad_job_t *a = run_planned_copy(MMA_DIR_H2D);
         uint64_t per[NGPU] = {0};
         for (int i = 0; i < fb.nlog; i++)
             per[fb.log[i].via] += fb.log[i].len;
         int first_relay = (a->target + 1) % NGPU, last_relay = (a->target + NGPU - 1) % NGPU;
-        if (resident) {
-            ck_assert_msg(fb.log[0].via != a->target, "resident: the direct chunk went first");
-            ck_assert_msg(per[first_relay] == per[last_relay], "resident: relays carried %llu and %llu",
-                          (unsigned long long)per[first_relay], (unsigned long long)per[last_relay]);
-        } else {
+        direct[k] = per[a->target];
+        if (k > 0)
+            ck_assert_msg(k == 2 ? per[a->target] < per[first_relay] : per[a->target] > per[first_relay],
+                          "case %d: the direct chunk carried %llu, a relay %llu", k,
+                          (unsigned long long)per[a->target], (unsigned long long)per[first_relay]);
+        if (k == 2)
+            ck_assert_msg(fb.log[0].via != a->target, "--relay-first: the direct chunk went first");
+        else
             ck_assert_int_eq(fb.log[0].via, a->target);
+        if (k > 0)
+            ck_assert_msg(per[first_relay] == per[last_relay], "case %d: relays carried %llu and %llu", k,
+                          (unsigned long long)per[first_relay], (unsigned long long)per[last_relay]);
+        else
             ck_assert_msg(per[first_relay] > per[last_relay], "launched: relays carried %llu and %llu",
                           (unsigned long long)per[first_relay], (unsigned long long)per[last_relay]);
-        }
         job_free(a);
     }
+    ck_assert_msg(direct[2] < direct[1], "the direct chunk carried %llu going last, %llu going first",
+                  (unsigned long long)direct[2], (unsigned long long)direct[1]);
 }
 END_TEST
 
