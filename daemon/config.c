@@ -106,7 +106,9 @@ static const opt_t options[] = {
     {"issue-cost-us", OPT_DOUBLE, O(issue_cost_us), 0, "-1", -1, 1000,
      "engine time to issue one chunk, for planned splits (-1: 5 on cuda, --sim-chunk-cost-us simulated)"},
     {"relay-overhead-us", OPT_DOUBLE, O(relay_overhead_us), 0, "-1", -1, 10000,
-     "fixed extra latency of a relay chunk over a direct one (-1: 15 on cuda, --sim-relay-latency-us simulated)"},
+     "fixed extra latency of a relay chunk over a direct one, for planned splits (-1: on cuda 15 staged, 5 for a "
+     "one-hop relay launched per chunk, 1 for one posted to a resident kernel; --sim-relay-latency-us simulated); "
+     "given, it is used for one-hop relays too"},
     {"bypass-threshold", OPT_SIZE, O(bypass_threshold), 0, "-1", -1, 1u << 30,
      "copies below this go native in libmma (-1: the backend's measured default)"},
     {"max-paths", OPT_INT, O(max_paths), 0, "0", 0, MMAD_MAX_GPUS, "paths per copy (0: all)"},

@@ -109,6 +109,7 @@ typedef struct mmad_sched {
     mmad_path_fit_t plan_fit[MMAD_MAX_GPUS][MMAD_MAX_GPUS][2]; /* --plan-learn=2 */
     double issue_cost_ns;        /* engine time per chunk issued */
     double relay_overhead_ns;    /* a relay chunk's extra fixed latency */
+    double one_hop_overhead_ns;  /* --relay-overhead-us given: one-hop relays' too (<0: the backend's) */
     int relay_first;             /* --relay-first: posted one-hop relays go before the direct chunk */
     mmad_plan_t *plans;          /* of the planned jobs queued or running */
     uint64_t (*now)(void);       /* mma_now_ns; the unit tests drive their own clock */

@@ -100,6 +100,7 @@ int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cf
         relay_us = be->simulated ? cfg->sim_relay_latency_us : CUDA_RELAY_OVERHEAD_US;
     s->issue_cost_ns = issue_us * 1e3 / scale;
     s->relay_overhead_ns = relay_us * 1e3 / scale;
+    s->one_hop_overhead_ns = cfg->relay_overhead_us >= 0 ? s->relay_overhead_ns : -1.0;
     if (cfg->trace_path[0]) {
         s->trace_cap = TRACE_MAX;
         s->trace = malloc(s->trace_cap * sizeof *s->trace);
@@ -451,7 +452,9 @@ static void plan_job(mmad_sched_t *s, mmad_job_t *j, const int *vias, int n, int
     /* Relays of a copy below the backend's one-hop size are one kernel on
      * the via GPU: a shorter fixed latency, and no NVLink hop to shorten. */
     int one_hop = j->total < s->be->relay_kernel_below;
-    double relay_ns = one_hop ? s->be->relay_kernel_overhead_us * 1e3 : s->relay_overhead_ns;
+    double relay_ns = !one_hop                      ? s->relay_overhead_ns
+                      : s->one_hop_overhead_ns >= 0 ? s->one_hop_overhead_ns
+                                                    : s->be->relay_kernel_overhead_us * 1e3;
     /* Relays posted to resident kernels cost the engine no issue time, so
      * they start together, relay_ns in: after the direct chunk's issue
      * too when it goes first, while with --relay-first it is the direct

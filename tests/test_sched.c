@@ -1186,6 +1186,37 @@ START_TEST(one_hop_relays_plan_no_edge_and_more_share)
 }
 END_TEST
 
+START_TEST(relay_overhead_option_covers_one_hop)
+{
+    /* --relay-overhead-us left at -1: one-hop plans use the backend's
+     * latency; given, they use it too, so a large one leaves one-hop relays
+     * less of the copy. */
+    ck_assert(s.one_hop_overhead_ns < 0);
+    mmad_config_t cfg;
+    mmad_config_defaults(&cfg);
+    cfg.relay_overhead_us = 7;
+    mmad_sched_t t;
+    ck_assert_int_eq(mmad_sched_init(&t, &fb.base, &cfg), MMA_OK);
+    ck_assert_double_eq_tol(t.one_hop_overhead_ns, 7000, 1e-9);
+    mmad_sched_destroy(&t);
+    uint64_t relay_bytes[2] = {0, 0};
+    for (int k = 0; k < 2; k++) {
+        start_planned();
+        s.be->relay_kernel_below = 8u << 20;
+        s.be->relay_kernel_overhead_us = 1.0;
+        s.one_hop_overhead_ns = k ? 200e3 : -1.0;
+        s.issue_cost_ns = 0;
+        mmad_job_t *a = run_planned_copy(MMA_DIR_H2D);
+        for (int i = 0; i < fb.nlog; i++)
+            if (fb.log[i].via != a->target)
+                relay_bytes[k] += fb.log[i].len;
+        job_free(a);
+    }
+    ck_assert_msg(relay_bytes[1] < relay_bytes[0], "one-hop relays carried %llu with a 200 us overhead, %llu without",
+                  (unsigned long long)relay_bytes[1], (unsigned long long)relay_bytes[0]);
+}
+END_TEST
+
 START_TEST(resident_relays_go_first_and_start_together)
 {
     /* Case 0: one-hop relays launched per chunk: the direct chunk first,
@@ -1682,6 +1713,7 @@ int main(void)
     tcase_add_test(plan, relay_edge_piece_last_h2d_first_d2h);
     tcase_add_test(plan, one_hop_relays_plan_no_edge_and_more_share);
     tcase_add_test(plan, resident_relays_go_first_and_start_together);
+    tcase_add_test(plan, relay_overhead_option_covers_one_hop);
     tcase_add_test(plan, plan_fit_line);
     tcase_add_test(plan, plan_fit_learns_a_late_relay);
     tcase_add_test(plan, foreign_traffic_from_counter);
