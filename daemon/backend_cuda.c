@@ -8,7 +8,11 @@
  * staging -> host over v's PCIe link). A relay of a copy below
  * --relay-kernel goes in one hop instead where it can (kernel_dev): a copy
  * kernel on v (relay_kernel.cu) reads host memory over v's link and writes
- * the target's memory over NVLink, or the reverse, on v's PCIe stream.
+ * the target's memory over NVLink, or the reverse, on v's PCIe stream; with
+ * --relay-linger-us (default) the chunk goes instead as a descriptor to the
+ * resident kernel that v runs for that direction on a stream of its own,
+ * which writes the chunk's completion word itself (resident_post; the
+ * protocol is in relay_kernel.h and relay_kernel.cu).
  *
  * Streams. Each GPU g owns six non-blocking streams, each used like one copy
  * engine queue that runs its copies in order:

@@ -3,7 +3,7 @@
 # installed: run over a build made elsewhere with -DMMA_STATIC_DEPS=ON
 # (scripts/build-gpu.sh) and carried along. Writes everything under $OUT:
 #   machine.txt  GPUs, topology, driver      gpu_test.log  the gpu test suite
-#   gpu_test_via.log  the same with mmad --hop-side=via
+#   gpu_test_via.log  the same with mmad --hop-side=via --relay-linger-us=0 (a launch per one-hop relay)
 #   bench.txt    mma-bench's table           bench.csv     the same as CSV
 #   mmad.log     the daemon's log            paths.txt     mmactl status + paths
 #   scenarios.txt/.csv  contention, fairness and priority (mma-bench --scenarios)
