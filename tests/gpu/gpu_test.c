@@ -411,7 +411,7 @@ START_TEST(one_hop_resident_kernels)
         round_trip(c, h, back, d, RES_SZ + 16u * (unsigned)i, 0, 0);
         usleep(2000);
     }
-    /* RES_N copies in flight each way, then a stream of them for ~20 ms */
+    /* RES_N copies in flight each way, forty times */
     mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
     mma_copy_t t[RES_N];
     for (int round = 0; round < 40; round++) {
@@ -430,6 +430,23 @@ START_TEST(one_hop_resident_kernels)
         ck_assert_msg(memcmp(h, back, cap) == 0, "round %d: %d copies of %u bytes in flight came back different",
                       round, RES_N, RES_SZ);
     }
+    /* A stream with no pause: 512 H2D copies (2 GiB, ~15 ms at ~150 GB/s)
+     * with RES_N in flight, longer than a kernel's 2 ms life, so kernels
+     * end and are relaunched with descriptors waiting; then the device
+     * bytes come back and are checked. */
+    fill_rand(h, cap);
+    memset(back, 0xEE, cap);
+    for (int i = 0; i < 512; i++) {
+        size_t at = (size_t)(i % RES_N) * RES_SZ;
+        if (i >= RES_N)
+            MM(mma_wait(c, t[i % RES_N]));
+        mma_segment_t sg = {d + at, h + at, RES_SZ};
+        MM(mma_memcpy_sg_async(c, &sg, 1, NULL, &o, &t[i % RES_N]));
+    }
+    for (int i = 0; i < RES_N; i++)
+        MM(mma_wait(c, t[i]));
+    MM(mma_memcpy(c, back, d, cap));
+    ck_assert_msg(memcmp(h, back, cap) == 0, "a stream of 512 copies left different bytes");
     long long hops = one_hop_chunks() - before;
     printf("one_hop_resident_kernels: %lld relay chunks in one hop\n", hops);
     if (!relay_kernels_off())
