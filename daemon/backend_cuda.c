@@ -570,83 +570,13 @@ static int queue_relay(cuda_be_t *s, mmad_chunk_t *c, char *stage, cudaEvent_t h
     return mark_done(s, c, d2, second);
 }
 
-/* A one-hop relay: the via GPU's copy kernel on its PCIe stream of the
- * direction, then the mark on the same stream. Host memory is registered
- * mapped and the target's memory is reachable by peer access, so the
- * kernel takes both pointers as they are. */
-static int resident_post(cuda_be_t *s, mmad_chunk_t *c);
-
-static int issue_kernel_relay(cuda_be_t *s, mmad_chunk_t *c)
+/* Where a one-hop relay's kernel writes and reads: the target's memory as
+ * the via GPU maps it, and the host bytes. */
+static void kernel_ends(const mmad_chunk_t *c, void **dst, const void **src)
 {
-    if (s->use_resident)
-        return resident_post(s, c);
-    cudaStream_t st = s->gpu[c->via].pcie[c->dir];
     int h2d = c->dir == MMA_DIR_H2D;
-    uint64_t t0 = mma_now_ns();
-    int rc = CU(mmad_relay_kernel_launch(h2d ? c->kernel_dev : c->host, h2d ? c->host : c->kernel_dev, c->len,
-                                         s->kernel_blocks, st));
-    s->t_copy_ns += mma_now_ns() - t0;
-    s->n_copy++;
-    if (rc != MMA_OK)
-        return rc;
-    s->n_kernel++;
-    if ((rc = mark_done(s, c, c->via, st)) != MMA_OK)
-        drain(st);
-    return rc;
-}
-
-/* Queue a relay chunk's copies and mark; its staging slot (c->staging) and
- * completion word are reserved. Runs where the via GPU's context is
- * current: on its lane, or on the engine thread without lanes. On failure
- * nothing of it is left running. */
-static int issue_relay(cuda_be_t *s, mmad_chunk_t *c)
-{
-    int v = c->via, t = c->target, slot = c->staging, h2d = c->dir == MMA_DIR_H2D;
-    cuda_gpu_t *g = &s->gpu[v];
-    if (c->kernel_dev)
-        return issue_kernel_relay(s, c);
-    /* H2D: host -> staging on the PCIe stream, then staging -> target on the
-     * NVLink stream. D2H: target -> staging on the NVLink stream, then
-     * staging -> host on the PCIe stream. The NVLink stream is the via
-     * GPU's, or with --hop-side=target the target's for this via (H2D: the
-     * target pulls from staging; D2H: it pushes into staging; engine thread
-     * only, as it switches contexts). --relay-per-slot: both hops in order
-     * on the slot's own stream (the slot is this chunk's alone until it
-     * completes, so that stream is idle now). */
-    int ctx = s->hop_target && !s->relay_per_slot;
-    int nvdev = ctx ? t : v;
-    cudaStream_t nvlink = ctx ? s->gpu[t].pull[v][c->dir] : g->nvlink[c->dir];
-    cudaStream_t first, second;
-    int d1, d2;
-    if (s->relay_per_slot) {
-        first = second = g->slot_stream[slot];
-        d1 = d2 = v;
-    } else {
-        first = h2d ? g->pcie[MMA_DIR_H2D] : nvlink;
-        second = h2d ? nvlink : g->pcie[MMA_DIR_D2H];
-        d1 = h2d ? v : nvdev;
-        d2 = h2d ? nvdev : v;
-    }
-    /* Only hops on two streams need an event between them; it comes from
-     * the first stream's GPU, whose context must be current (the pool may
-     * grow). */
-    ev_pool_t *pool = &s->gpu[d1].events;
-    cudaEvent_t hop = NULL;
-    int rc = ctx ? use_dev(s, d1) : MMA_OK;
-    if (rc == MMA_OK && second != first)
-        rc = event_get(pool, &hop);
-    if (rc != MMA_OK)
-        return rc;
-    int queued = 0;
-    rc = queue_relay(s, c, g->staging[slot], hop, first, second, d2, ctx, &queued);
-    /* The second stream's wait has captured `hop`; it may be reused now. */
-    if (hop)
-        event_put(pool, hop);
-    if (rc != MMA_OK && queued) {
-        drain(first);
-        drain(second);
-    }
-    return rc;
+    *dst = h2d ? (void *)c->kernel_dev : (void *)c->host;
+    *src = h2d ? (const void *)c->host : (const void *)c->kernel_dev;
 }
 
 /* ---- resident relay kernels ---- */
@@ -700,12 +630,15 @@ static void resident_cancel(cuda_be_t *s, resident_t *r, uint64_t seq)
 static int resident_post(cuda_be_t *s, mmad_chunk_t *c)
 {
     resident_t *r = &s->gpu[c->via].res[c->dir];
-    int h2d = c->dir == MMA_DIR_H2D, f = (int)(uintptr_t)c->be_priv - 1;
+    int f = (int)(uintptr_t)c->be_priv - 1;
     uint64_t seq = r->next_seq;
     mmad_relay_desc_t *d = &r->ring[seq % MMAD_RELAY_RING];
     uint64_t t0 = mma_now_ns();
-    d->dst = (uint64_t)(uintptr_t)(h2d ? c->kernel_dev : c->host);
-    d->src = (uint64_t)(uintptr_t)(h2d ? c->host : c->kernel_dev);
+    void *dst;
+    const void *src;
+    kernel_ends(c, &dst, &src);
+    d->dst = (uint64_t)(uintptr_t)dst;
+    d->src = (uint64_t)(uintptr_t)src;
     d->len = c->len;
     d->flag = (uint64_t)(uintptr_t)&s->flags[f];
     d->flag_value = s->flag_want[f];
@@ -735,6 +668,82 @@ static void resident_tend_all(cuda_be_t *s)
             if (r->ring && (r->alive || r->from != r->next_seq) && r->err == cudaSuccess)
                 (void)resident_tend(s, v, r);
         }
+}
+
+/* A one-hop relay launched alone: the via GPU's copy kernel on its PCIe
+ * stream of the direction, then the mark on the same stream. Host memory
+ * is registered mapped and the target's memory is reachable by peer
+ * access, so the kernel takes both pointers as they are. */
+static int issue_kernel_relay(cuda_be_t *s, mmad_chunk_t *c)
+{
+    cudaStream_t st = s->gpu[c->via].pcie[c->dir];
+    void *dst;
+    const void *src;
+    kernel_ends(c, &dst, &src);
+    uint64_t t0 = mma_now_ns();
+    int rc = CU(mmad_relay_kernel_launch(dst, src, c->len, s->kernel_blocks, st));
+    s->t_copy_ns += mma_now_ns() - t0;
+    s->n_copy++;
+    if (rc != MMA_OK)
+        return rc;
+    s->n_kernel++;
+    if ((rc = mark_done(s, c, c->via, st)) != MMA_OK)
+        drain(st);
+    return rc;
+}
+
+/* Queue a relay chunk's copies and mark; its staging slot (c->staging) and
+ * completion word are reserved. Runs where the via GPU's context is
+ * current: on its lane, or on the engine thread without lanes. On failure
+ * nothing of it is left running. */
+static int issue_relay(cuda_be_t *s, mmad_chunk_t *c)
+{
+    int v = c->via, t = c->target, slot = c->staging, h2d = c->dir == MMA_DIR_H2D;
+    cuda_gpu_t *g = &s->gpu[v];
+    if (c->kernel_dev)
+        return s->use_resident ? resident_post(s, c) : issue_kernel_relay(s, c);
+    /* H2D: host -> staging on the PCIe stream, then staging -> target on the
+     * NVLink stream. D2H: target -> staging on the NVLink stream, then
+     * staging -> host on the PCIe stream. The NVLink stream is the via
+     * GPU's, or with --hop-side=target the target's for this via (H2D: the
+     * target pulls from staging; D2H: it pushes into staging; engine thread
+     * only, as it switches contexts). --relay-per-slot: both hops in order
+     * on the slot's own stream (the slot is this chunk's alone until it
+     * completes, so that stream is idle now). */
+    int ctx = s->hop_target && !s->relay_per_slot;
+    int nvdev = ctx ? t : v;
+    cudaStream_t nvlink = ctx ? s->gpu[t].pull[v][c->dir] : g->nvlink[c->dir];
+    cudaStream_t first, second;
+    int d1, d2;
+    if (s->relay_per_slot) {
+        first = second = g->slot_stream[slot];
+        d1 = d2 = v;
+    } else {
+        first = h2d ? g->pcie[MMA_DIR_H2D] : nvlink;
+        second = h2d ? nvlink : g->pcie[MMA_DIR_D2H];
+        d1 = h2d ? v : nvdev;
+        d2 = h2d ? nvdev : v;
+    }
+    /* Only hops on two streams need an event between them; it comes from
+     * the first stream's GPU, whose context must be current (the pool may
+     * grow). */
+    ev_pool_t *pool = &s->gpu[d1].events;
+    cudaEvent_t hop = NULL;
+    int rc = ctx ? use_dev(s, d1) : MMA_OK;
+    if (rc == MMA_OK && second != first)
+        rc = event_get(pool, &hop);
+    if (rc != MMA_OK)
+        return rc;
+    int queued = 0;
+    rc = queue_relay(s, c, g->staging[slot], hop, first, second, d2, ctx, &queued);
+    /* The second stream's wait has captured `hop`; it may be reused now. */
+    if (hop)
+        event_put(pool, hop);
+    if (rc != MMA_OK && queued) {
+        drain(first);
+        drain(second);
+    }
+    return rc;
 }
 
 /* ---- lanes ---- */

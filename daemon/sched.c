@@ -434,6 +434,13 @@ void mmad_path_fit_get(const mmad_path_fit_t *f, double t0, double r0, double *t
     *r = 1.0 / slope;
 }
 
+/* Whether the job's one-hop relays are posted to resident kernels, which
+ * costs the engine no issue time of their own. */
+static int relays_posted(const mmad_sched_t *s, const mmad_job_t *j)
+{
+    return j->total < s->be->relay_kernel_below && s->be->relay_kernel_resident;
+}
+
 /* Plan the job's split over its usable paths (the direct one is vias[0]):
  * each share at most `per_path` chunks, cut into equal pieces. Without
  * memory for the plan it keeps equal chunks. */
@@ -459,7 +466,7 @@ static void plan_job(mmad_sched_t *s, mmad_job_t *j, const int *vias, int n, int
      * they start together, relay_ns in: after the direct chunk's issue
      * too when it goes first, while with --relay-first it is the direct
      * chunk that starts an issue later. */
-    int posted = one_hop && s->be->relay_kernel_resident;
+    int posted = relays_posted(s, j);
     double issue_ns = posted ? 0.0 : s->issue_cost_ns;
     if (posted && !s->relay_first)
         relay_ns += s->issue_cost_ns;
@@ -707,7 +714,7 @@ static int issue_for_job(mmad_sched_t *s, mmad_job_t *j, uint64_t now)
      * calls). Relays posted to resident kernels go first instead
      * (--relay-first): they cost the engine next to nothing, so the direct
      * chunk starts barely later and they start ~4 us sooner. */
-    int relays_first = s->relay_first && s->be->relay_kernel_resident && j->total < s->be->relay_kernel_below;
+    int relays_first = s->relay_first && relays_posted(s, j);
     int best = -1, best_inflight = 0;
     uint64_t best_want = 0;
     for (int k = 0; k < n; k++) {

@@ -288,6 +288,18 @@ static long long one_hop_chunks(void)
     return sum;
 }
 
+/* The one-hop chunks since `before`, printed for test `name`: some, or
+ * none where MMAD_EXTRA turned relay kernels off (--relay-kernel=0). */
+static void expect_one_hop_since(const char *name, long long before)
+{
+    long long hops = one_hop_chunks() - before;
+    printf("%s: %lld relay chunks in one hop\n", name, hops);
+    if (relay_kernels_off())
+        ck_assert_msg(hops == 0, "%s: %lld one-hop chunks with --relay-kernel=0", name, hops);
+    else
+        ck_assert_msg(hops > 0, "%s: no relay chunk went in one hop", name);
+}
+
 /* Whether mmactl status shows one-hop relays through gpu g allowed now. */
 static int one_hop_allowed(int g)
 {
@@ -372,12 +384,7 @@ START_TEST(one_hop_relays)
                 round_trip(c, h, back, d, sizes[i], offs[k][0], offs[k][1]);
         MM(mma_free(c, d));
     }
-    long long hops = one_hop_chunks() - before;
-    if (relay_kernels_off())
-        ck_assert_msg(hops == 0, "%lld one-hop chunks with --relay-kernel=0", hops);
-    else
-        ck_assert_msg(hops > 0, "no relay chunk went in one hop");
-    printf("one_hop_relays: %lld relay chunks in one hop\n", hops);
+    expect_one_hop_since("one_hop_relays", before);
     MM(mma_free(c, back));
     MM(mma_free(c, h));
     mma_disconnect(c);
@@ -447,10 +454,7 @@ START_TEST(one_hop_resident_kernels)
         MM(mma_wait(c, t[i]));
     MM(mma_memcpy(c, back, d, cap));
     ck_assert_msg(memcmp(h, back, cap) == 0, "a stream of 512 copies left different bytes");
-    long long hops = one_hop_chunks() - before;
-    printf("one_hop_resident_kernels: %lld relay chunks in one hop\n", hops);
-    if (!relay_kernels_off())
-        ck_assert_msg(hops > 0, "no relay chunk went in one hop");
+    expect_one_hop_since("one_hop_resident_kernels", before);
     MM(mma_free(c, d));
     MM(mma_free(c, back));
     MM(mma_free(c, h));
