@@ -1,0 +1,322 @@
+/* mma-ab: mmad configurations against each other, copy by copy.
+ *
+ * The GPU boxes drift: the native ceiling moved 161-180 GB/s within minutes
+ * on one machine (bench/results/2026-11-27-4xH200-ceiling-drift/), more than
+ * most settings change. Running one configuration after another compares
+ * the machine's moods as much as the settings. This connects to several
+ * mmads at once (each started with its own options and socket, all on the
+ * same GPUs) and takes, in every round, a burst of copies through each in
+ * turn (order rotated each round), a burst of native copies and one box
+ * ceiling (every GPU copying PER_GPU bytes into its own memory at once, as
+ * mma-bench's), so that drift falls on all alike. The first copy of every
+ * burst is a warm-up and not counted (an mmad's relay kernels may have
+ * ended while the others ran).
+ *
+ * Per size and configuration it prints the median copy time, GB/s, against
+ * native, % of the ceiling (the median of each round's copy against that
+ * round's ceiling) and against the first configuration (the median of the
+ * rounds' ratios). The bytes of each configuration's last copy of every size
+ * are checked.
+ *
+ * Start the mmads with --busy-gbps=0 --relay-kernel-busy-sm=0, or each takes
+ * the others' copies for a neighbour's traffic and keeps off those links.
+ *
+ *   mma-ab [--dir h2d|d2h] [--gpu 0] [--sizes 8M,64M,256M] [--rounds 15]
+ *          [--burst 4] [--per-gpu 256M] SOCKET1 SOCKET2 ...               */
+#include <cuda_runtime_api.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cuda_check.h"
+#include "mma.h"
+#include "util.h"
+
+#define MAXC 6
+#define MAXS 16
+#define MAXG 16
+
+#define MK(call)                                                              \
+    do {                                                                      \
+        int r_ = (call);                                                      \
+        if (r_ != MMA_OK) {                                                   \
+            fprintf(stderr, "mma-ab: %s: %s\n", #call, mma_strerror(r_));     \
+            exit(1);                                                          \
+        }                                                                     \
+    } while (0)
+
+typedef struct {
+    const char *sock;
+    mma_client_t *c;
+    char *host, *dev; /* registered with this mmad */
+} conf_t;
+
+static int dir, gpu, burst = 4, rounds = 15, ngpu;
+static size_t cap, per_gpu = (size_t)256 << 20;
+static cudaStream_t stream;
+static char *nat_host, *nat_dev;
+static char *ceil_host[MAXG], *ceil_dev[MAXG];
+static cudaStream_t ceil_st[MAXG];
+
+static size_t parse_size(const char *s)
+{
+    char *e;
+    double v = strtod(s, &e);
+    size_t m = *e == 'K' || *e == 'k' ? 1u << 10 : *e == 'M' || *e == 'm' ? 1u << 20 : *e == 'G' || *e == 'g' ? 1u << 30 : 1;
+    return (size_t)(v * (double)m);
+}
+
+/* Microseconds of one copy of n bytes: through c's mmad (host-ordered, no
+ * bypass, as mma-bench's "mma" column), or natively when c is NULL. */
+static double one(conf_t *c, size_t n)
+{
+    double t0 = mma_now_us();
+    if (!c) {
+        char *dst = dir == 0 ? nat_dev : nat_host;
+        const char *src = dir == 0 ? nat_host : nat_dev;
+        CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDefault, stream));
+        CK(cudaStreamSynchronize(stream));
+    } else {
+        mma_segment_t s = {dir == 0 ? c->dev : c->host, dir == 0 ? c->host : c->dev, n};
+        mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
+        mma_copy_t t;
+        MK(mma_memcpy_sg_async(c->c, &s, 1, NULL, &o, &t));
+        MK(mma_wait(c->c, t));
+    }
+    return mma_now_us() - t0;
+}
+
+/* The box ceiling once: every GPU copies per_gpu bytes into (D2H: out of)
+ * its own memory at once; aggregate GB/s until the last is done. */
+static double ceiling(void)
+{
+    for (int g = 0; g < ngpu; g++) {
+        CK(cudaSetDevice(g));
+        CK(cudaStreamSynchronize(ceil_st[g]));
+    }
+    double t0 = mma_now_us();
+    for (int g = 0; g < ngpu; g++) {
+        CK(cudaSetDevice(g));
+        if (dir == 0)
+            CK(cudaMemcpyAsync(ceil_dev[g], ceil_host[g], per_gpu, cudaMemcpyHostToDevice, ceil_st[g]));
+        else
+            CK(cudaMemcpyAsync(ceil_host[g], ceil_dev[g], per_gpu, cudaMemcpyDeviceToHost, ceil_st[g]));
+    }
+    for (int g = 0; g < ngpu; g++) {
+        CK(cudaSetDevice(g));
+        CK(cudaStreamSynchronize(ceil_st[g]));
+    }
+    CK(cudaSetDevice(gpu));
+    return (double)per_gpu * ngpu / (mma_now_us() - t0) / 1e3;
+}
+
+static void fill(char *p, size_t n, uint64_t seed)
+{
+    uint64_t *w = (uint64_t *)p;
+    for (size_t i = 0; i < n / 8; i++) {
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        w[i] = seed;
+    }
+}
+
+/* Before a size's rounds: the destination's bytes cleared (D2H: the device
+ * source filled from the host pattern). After: the last copy's bytes. */
+static void prepare(conf_t *c, size_t n)
+{
+    if (dir == 0) {
+        CK(cudaMemset(c->dev, 0, n));
+    } else {
+        CK(cudaMemcpy(c->dev, c->host + cap, n, cudaMemcpyHostToDevice));
+        memset(c->host, 0, n);
+    }
+    CK(cudaDeviceSynchronize());
+}
+
+static int check(conf_t *c, size_t n)
+{
+    if (dir == 0) {
+        char *back = malloc(n);
+        if (!back)
+            exit(1);
+        CK(cudaMemcpy(back, c->dev, n, cudaMemcpyDeviceToHost));
+        int ok = memcmp(back, c->host, n) == 0;
+        free(back);
+        return ok;
+    }
+    return memcmp(c->host, c->host + cap, n) == 0;
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, mma_cmp_double);
+    return n ? v[n / 2] : 0;
+}
+
+int main(int argc, char **argv)
+{
+    const char *sizes_arg = "8M,32M,64M,256M";
+    static const struct option lo[] = {{"dir", 1, 0, 'd'},   {"gpu", 1, 0, 'g'},     {"sizes", 1, 0, 'z'},
+                                       {"rounds", 1, 0, 'r'}, {"burst", 1, 0, 'b'}, {"per-gpu", 1, 0, 'p'},
+                                       {"help", 0, 0, 'h'},  {0}};
+    int o;
+    while ((o = getopt_long(argc, argv, "d:g:z:r:b:p:h", lo, NULL)) != -1) {
+        switch (o) {
+        case 'd': dir = strcmp(optarg, "d2h") == 0; break;
+        case 'g': gpu = atoi(optarg); break;
+        case 'z': sizes_arg = optarg; break;
+        case 'r': rounds = atoi(optarg); break;
+        case 'b': burst = atoi(optarg); break;
+        case 'p': per_gpu = parse_size(optarg); break;
+        default:
+            printf("usage: mma-ab [--dir h2d|d2h] [--gpu 0] [--sizes 8M,32M,64M,256M] [--rounds 15] [--burst 4]\n"
+                   "              [--per-gpu 256M] SOCKET1 SOCKET2 ...\n"
+                   "Each SOCKET is an mmad of its own on the same GPUs (start them with --busy-gbps=0\n"
+                   "--relay-kernel-busy-sm=0); copies through each are taken in turns, round by round,\n"
+                   "with native copies and the box ceiling in every round.\n");
+            return o == 'h' ? 0 : 2;
+        }
+    }
+    int nc = argc - optind;
+    if (nc < 1 || nc > MAXC || rounds < 1 || rounds > 1000 || burst < 2 || burst > 100) {
+        fprintf(stderr, "mma-ab: 1-%d sockets, --rounds 1-1000, --burst 2-100 (see --help)\n", MAXC);
+        return 2;
+    }
+    size_t sizes[MAXS];
+    int ns = 0;
+    cap = 0;
+    for (char *s = strtok(strdup(sizes_arg), ","); s && ns < MAXS; s = strtok(NULL, ",")) {
+        sizes[ns] = parse_size(s);
+        if (sizes[ns] < 4096 || sizes[ns] % 16) {
+            fprintf(stderr, "mma-ab: size %s: at least 4K and a multiple of 16 bytes\n", s);
+            return 2;
+        }
+        if (sizes[ns] > cap)
+            cap = sizes[ns];
+        ns++;
+    }
+    if (cudaGetDeviceCount(&ngpu) != cudaSuccess || ngpu < 1) {
+        fprintf(stderr, "mma-ab: no CUDA GPU visible: it compares mmads on real GPUs\n");
+        return 77;
+    }
+    if (gpu < 0 || gpu >= ngpu) {
+        fprintf(stderr, "mma-ab: --gpu %d: %d GPUs\n", gpu, ngpu);
+        return 2;
+    }
+    if (ngpu > MAXG)
+        ngpu = MAXG;
+    conf_t c[MAXC];
+    for (int i = 0; i < nc; i++) {
+        c[i].sock = argv[optind + i];
+        MK(mma_connect(c[i].sock, &c[i].c));
+        mma_info_t info;
+        MK(mma_get_info(c[i].c, &info));
+        if (info.simulated) {
+            fprintf(stderr, "mma-ab: %s runs the simulated box: there is no native side to compare with\n", c[i].sock);
+            return 2;
+        }
+        /* host: [0, cap) the copies' side, [cap, 2 cap) the pattern */
+        MK(mma_host_alloc(c[i].c, 2 * cap, (void **)&c[i].host));
+        MK(mma_device_alloc(c[i].c, gpu, cap, (void **)&c[i].dev));
+        fill(c[i].host, cap, 7 + (uint64_t)i);
+        memcpy(c[i].host + cap, c[i].host, cap);
+    }
+    CK(cudaSetDevice(gpu));
+    CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    CK(cudaHostAlloc((void **)&nat_host, cap, cudaHostAllocPortable));
+    CK(cudaMalloc((void **)&nat_dev, cap));
+    for (int g = 0; g < ngpu; g++) {
+        CK(cudaSetDevice(g));
+        CK(cudaStreamCreateWithFlags(&ceil_st[g], cudaStreamNonBlocking));
+        CK(cudaMalloc((void **)&ceil_dev[g], per_gpu));
+        CK(cudaHostAlloc((void **)&ceil_host[g], per_gpu, cudaHostAllocPortable));
+        memset(ceil_host[g], 0x5a, per_gpu);
+    }
+    CK(cudaSetDevice(gpu));
+    struct cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, gpu));
+    time_t now = time(NULL);
+    char date[32];
+    strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", gmtime(&now));
+    printf("mma-ab %s | %d x %s | %s into gpu%d | %d rounds, bursts of %d (first not counted), ceiling of %zu MiB a "
+           "GPU every round\n",
+           date, ngpu, prop.name, dir ? "D2H" : "H2D", gpu, rounds, burst, per_gpu >> 20);
+    for (int i = 0; i < nc; i++)
+        printf("config %d: %s\n", i + 1, c[i].sock);
+    printf("%6s %-8s %9s %9s %8s %8s %8s %6s\n", "size", "config", "p50 us", "GB/s", "vs nat", "%ceil", "vs 1",
+           "bytes");
+
+    int bad = 0;
+    int per = rounds * (burst - 1);
+    double *t = calloc((size_t)(nc + 1) * per, sizeof(double));
+    double *rt = calloc((size_t)(nc + 1) * rounds, sizeof(double)); /* per round median */
+    double *ce = calloc((size_t)rounds, sizeof(double));
+    double *tmp = calloc((size_t)per + rounds, sizeof(double));
+    if (!t || !rt || !ce || !tmp)
+        return 1;
+    for (int si = 0; si < ns; si++) {
+        size_t n = sizes[si];
+        for (int i = 0; i < nc; i++)
+            prepare(&c[i], n);
+        for (int r = 0; r < rounds; r++) {
+            ce[r] = ceiling();
+            for (int k = 0; k <= nc; k++) {
+                int i = (k + r) % (nc + 1); /* index nc: native */
+                double b[100];
+                for (int q = 0; q < burst; q++)
+                    b[q] = one(i < nc ? &c[i] : NULL, n);
+                for (int q = 1; q < burst; q++)
+                    t[(size_t)i * per + (size_t)r * (burst - 1) + q - 1] = b[q];
+                rt[(size_t)i * rounds + r] = median(b + 1, burst - 1);
+            }
+        }
+        double nat = 0;
+        {
+            memcpy(tmp, t + (size_t)nc * per, sizeof(double) * per);
+            nat = median(tmp, per);
+        }
+        for (int i = 0; i <= nc; i++) {
+            memcpy(tmp, t + (size_t)i * per, sizeof(double) * per);
+            double p50 = median(tmp, per);
+            for (int r = 0; r < rounds; r++)
+                tmp[r] = n / rt[(size_t)i * rounds + r] / 1e3 / ce[r] * 100;
+            double pc = median(tmp, rounds);
+            for (int r = 0; r < rounds; r++)
+                tmp[r] = rt[(size_t)0 * rounds + r] / rt[(size_t)i * rounds + r];
+            double v1 = median(tmp, rounds);
+            char name[16] = "native";
+            if (i < nc)
+                snprintf(name, sizeof name, "%d", i + 1);
+            const char *ok = "-";
+            if (i < nc) {
+                int good = check(&c[i], n);
+                bad += !good;
+                ok = good ? "ok" : "DIFFER";
+            }
+            char nv[16], v1s[16] = "-";
+            snprintf(nv, sizeof nv, "%.2fx", nat / p50);
+            if (i < nc)
+                snprintf(v1s, sizeof v1s, "%.3fx", v1);
+            char sz[32];
+            snprintf(sz, sizeof sz, "%zuM", n >> 20);
+            if (n < (1u << 20))
+                snprintf(sz, sizeof sz, "%zuK", n >> 10);
+            printf("%6s %-8s %9.1f %9.2f %8s %7.1f%% %8s %6s\n", i == 0 ? sz : "", name, p50, n / p50 / 1e3,
+                   i < nc ? nv : "1.00x", pc, v1s, ok);
+        }
+        for (int r = 0; r < rounds; r++)
+            tmp[r] = ce[r];
+        double lo = ce[0], hi = ce[0];
+        for (int r = 1; r < rounds; r++) {
+            lo = ce[r] < lo ? ce[r] : lo;
+            hi = ce[r] > hi ? ce[r] : hi;
+        }
+        printf("%6s ceiling %9s %9.1f (median of rounds; %.1f-%.1f)\n", "", "", median(tmp, rounds), lo, hi);
+        fflush(stdout);
+    }
+    printf("bytes: %s\n", bad ? "SOME DIFFER" : "every configuration's last copy of every size matches");
+    for (int i = 0; i < nc; i++)
+        mma_disconnect(c[i].c);
+    return bad ? 1 : 0;
+}

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# mmad configurations against each other on a GPU box, copy by copy
+# (bench/ab.c): one mmad per configuration, all at once on the same GPUs,
+# each with --busy-gbps=0 --relay-kernel-busy-sm=0 (or each would keep off
+# the links the others' copies use), then mma-ab in DIRS. Output under
+# $OUT/ab/: ab-<dir>.txt and each mmad's log.
+#   SIZES=8M,32M,64M,256M ROUNDS=15 DIRS="h2d d2h" scripts/gpu-ab.sh [BUILD_DIR] "CONFIG 1" "CONFIG 2" ...
+# An empty CONFIG is mmad's defaults; one that begins with bin=PATH runs
+# that mmad binary (an A/B of builds) with the options after it.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+B=${1:-gpu-bin}
+shift || true
+OUT=${OUT:-/tmp/mma-out}
+mkdir -p "$OUT/ab"
+. scripts/gpu-lib.sh
+[ $# -gt 0 ] || set -- ""
+socks=() pids=()
+i=0
+for cfg in "$@"; do
+  i=$((i + 1))
+  bin=$B/mmad
+  if [[ $cfg == bin=* ]]; then
+    bin=${cfg%% *} bin=${bin#bin=}
+    [[ $cfg == *" "* ]] && cfg=${cfg#* } || cfg=""
+  fi
+  # shellcheck disable=SC2086
+  MMAD_BIN=$bin mmad_start "$OUT/ab/mmad-$i.log" "/tmp/mma-ab-$$-$i.sock" --busy-gbps=0 --relay-kernel-busy-sm=0 $cfg || exit 1
+  socks+=("$MMAD_SOCK") pids+=("$MMAD_PID")
+  echo "config $i: $bin ${cfg:-(defaults)}" | tee -a "$OUT/ab/configs.txt"
+done
+rc=0
+for d in ${DIRS:-h2d d2h}; do
+  "$B/mma-ab" --dir "$d" --sizes "${SIZES:-8M,32M,64M,256M}" --rounds "${ROUNDS:-15}" "${socks[@]}" 2>&1 |
+    tee "$OUT/ab/ab-$d.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+done
+for k in "${!pids[@]}"; do
+  kill "${pids[$k]}" 2>/dev/null
+  wait "${pids[$k]}"
+  echo "mmad exit: $?" >>"$OUT/ab/mmad-$((k + 1)).log"
+done
+exit $rc
