@@ -54,16 +54,41 @@ __device__ static uint64_t now_ns(void)
     return t;
 }
 
+/* Block 0's first thread hands descriptor seq to every block through
+ * st->bcast[slot], tagged with the launch's generation and the sequence
+ * number (so that a later launch never takes an earlier one's hand-over for
+ * its own); h is the ring's descriptor, or NULL to hand over an exit. */
+__device__ static void hand_over(mmad_relay_state_t *st, unsigned slot, unsigned long long tag,
+                                 const volatile mmad_relay_desc_t *h)
+{
+    volatile mmad_relay_desc_t *b = &st->bcast[slot];
+    b->len = h ? h->len : MMAD_RELAY_EXIT;
+    if (h) {
+        b->dst = h->dst;
+        b->src = h->src;
+        b->flag = h->flag;
+        b->flag_value = h->flag_value;
+    }
+    __threadfence();
+    atomicExch(&st->bcast_tag[slot], tag);
+}
+
+/* Descriptors block 0 hands over ahead of its own copy: when the engine
+ * posted a copy's chunks at once, the other blocks go on to the next as
+ * soon as they are done with one, instead of waiting for block 0 to finish
+ * its share and read the ring (a PCIe round trip) first. */
+#define RELAY_LOOKAHEAD 2
+
 /* Block 0's first thread reads the host ring (over PCIe) and hands each
- * descriptor to every block through st->bcast, tagged with the launch's
- * generation and the sequence number, so that a later launch never takes
- * an earlier one's hand-over for its own. Each block copies its share;
- * the block that finishes a descriptor last writes its completion word
- * (host memory) after a system-wide fence, so that every byte of every
+ * descriptor over (hand_over), up to RELAY_LOOKAHEAD past the one the
+ * blocks copy now when the ring already holds them. Each block copies its
+ * share; the block that finishes a descriptor last writes its completion
+ * word (host memory) after a system-wide fence, so that every byte of every
  * block is visible before the word is. After linger_ns without a new
  * descriptor, or once it has run for life_ns, block 0 hands over an exit
  * instead and writes gen:seq into *exit_word (the host then knows that
- * descriptors from seq on need a new launch). The life bound keeps a busy
+ * descriptors from seq on need a new launch); it only ends there, at a
+ * descriptor it has not handed over ahead. The life bound keeps a busy
  * kernel from holding off for long what waits for the whole GPU to be
  * idle (cudaFree, cudaHostUnregister). */
 __global__ void mmad_relay_resident(const mmad_relay_desc_t *ring, unsigned long long *exit_word,
@@ -72,33 +97,38 @@ __global__ void mmad_relay_resident(const mmad_relay_desc_t *ring, unsigned long
 {
     __shared__ mmad_relay_desc_t d;
     uint64_t born = now_ns();
+    uint64_t next = seq; /* block 0's thread 0: the first descriptor not handed over */
     for (;; seq++) {
         unsigned slot = (unsigned)(seq % MMAD_RELAY_RING);
         unsigned long long tag = ((unsigned long long)gen << 32) | (uint32_t)seq;
         if (threadIdx.x == 0) {
             if (blockIdx.x == 0) {
-                const volatile mmad_relay_desc_t *h = ring + slot;
-                uint64_t t0 = now_ns();
-                int leave = t0 - born > life_ns;
-                while (!leave && h->seq != seq)
-                    if (now_ns() - t0 > linger_ns) {
-                        leave = 1;
-                        break;
-                    }
-                __threadfence_system();
-                volatile mmad_relay_desc_t *b = &st->bcast[slot];
-                b->len = leave ? MMAD_RELAY_EXIT : h->len;
-                if (!leave) {
-                    b->dst = h->dst;
-                    b->src = h->src;
-                    b->flag = h->flag;
-                    b->flag_value = h->flag_value;
-                }
-                __threadfence();
-                atomicExch(&st->bcast_tag[slot], tag);
-                if (leave) {
+                int leave = 0;
+                if (next == seq) {
+                    const volatile mmad_relay_desc_t *h = ring + slot;
+                    uint64_t t0 = now_ns();
+                    leave = t0 - born > life_ns;
+                    while (!leave && h->seq != seq)
+                        if (now_ns() - t0 > linger_ns) {
+                            leave = 1;
+                            break;
+                        }
                     __threadfence_system();
-                    *(volatile unsigned long long *)exit_word = tag;
+                    hand_over(st, slot, tag, leave ? NULL : h);
+                    next = seq + 1;
+                    if (leave) {
+                        __threadfence_system();
+                        *(volatile unsigned long long *)exit_word = tag;
+                    }
+                }
+                while (!leave && next <= seq + RELAY_LOOKAHEAD) {
+                    unsigned ns = (unsigned)(next % MMAD_RELAY_RING);
+                    const volatile mmad_relay_desc_t *h = ring + ns;
+                    if (h->seq != next)
+                        break;
+                    __threadfence_system();
+                    hand_over(st, ns, ((unsigned long long)gen << 32) | (uint32_t)next, h);
+                    next++;
                 }
             }
             while (*(volatile unsigned long long *)&st->bcast_tag[slot] != tag)
