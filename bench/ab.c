@@ -14,9 +14,12 @@
  *
  * Per size and configuration it prints the median copy time, GB/s, against
  * native, % of the ceiling (the median of each round's copy against that
- * round's ceiling) and against the first configuration (the median of the
- * rounds' ratios). The bytes of each configuration's last copy of every size
- * are checked.
+ * round's ceiling), against the first configuration (the median of the
+ * rounds' ratios) and the time spent in the call that submits a copy. Row
+ * "1 spin" is the first configuration again, each copy waited for by calling
+ * mma_query until it is done instead of mma_wait (which sleeps until shortly
+ * before a copy's expected end): what waiting costs. The bytes of each
+ * configuration's last copy of every size are checked.
  *
  * Start the mmads with --busy-gbps=0 --relay-kernel-busy-sm=0, or each takes
  * the others' copies for a neighbour's traffic and keeps off those links.
@@ -69,21 +72,32 @@ static size_t parse_size(const char *s)
 }
 
 /* Microseconds of one copy of n bytes: through c's mmad (host-ordered, no
- * bypass, as mma-bench's "mma" column), or natively when c is NULL. */
-static double one(conf_t *c, size_t n)
+ * bypass, as mma-bench's "mma" column), waited for with mma_wait or, with
+ * spin, by calling mma_query until it is done; or natively when c is NULL.
+ * *call: the microseconds spent in the call that submits it. */
+static double one(conf_t *c, size_t n, int spin, double *call)
 {
     double t0 = mma_now_us();
     if (!c) {
         char *dst = dir == 0 ? nat_dev : nat_host;
         const char *src = dir == 0 ? nat_host : nat_dev;
         CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDefault, stream));
+        *call = mma_now_us() - t0;
         CK(cudaStreamSynchronize(stream));
     } else {
         mma_segment_t s = {dir == 0 ? c->dev : c->host, dir == 0 ? c->host : c->dev, n};
         mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
         mma_copy_t t;
         MK(mma_memcpy_sg_async(c->c, &s, 1, NULL, &o, &t));
-        MK(mma_wait(c->c, t));
+        *call = mma_now_us() - t0;
+        if (spin) {
+            int rc;
+            while ((rc = mma_query(c->c, t)) == MMA_PENDING)
+                ;
+            MK(rc);
+        } else {
+            MK(mma_wait(c->c, t));
+        }
     }
     return mma_now_us() - t0;
 }
@@ -244,16 +258,21 @@ int main(int argc, char **argv)
            date, ngpu, prop.name, dir ? "D2H" : "H2D", gpu, rounds, burst, per_gpu >> 20);
     for (int i = 0; i < nc; i++)
         printf("config %d: %s\n", i + 1, c[i].sock);
-    printf("%6s %-8s %9s %9s %8s %8s %8s %6s\n", "size", "config", "p50 us", "GB/s", "vs nat", "%ceil", "vs 1",
-           "bytes");
+    printf("row '1 spin': config 1's copies waited for by calling mma_query until done, not mma_wait;\n"
+           "call us: median time in the call that submits a copy (mma_memcpy_sg_async / cudaMemcpyAsync)\n");
+    printf("%6s %-8s %9s %9s %8s %8s %8s %8s %6s\n", "size", "config", "p50 us", "GB/s", "vs nat", "%ceil", "vs 1",
+           "call us", "bytes");
 
     int bad = 0;
     int per = rounds * (burst - 1);
-    double *t = calloc((size_t)(nc + 1) * per, sizeof(double));
-    double *rt = calloc((size_t)(nc + 1) * rounds, sizeof(double)); /* per round median */
+    /* rows: configs 0..nc-1, config 0 spinning (nc), native (nc + 1) */
+    int ne = nc + 2;
+    double *t = calloc((size_t)ne * per, sizeof(double));
+    double *tc = calloc((size_t)ne * per, sizeof(double)); /* call times */
+    double *rt = calloc((size_t)ne * rounds, sizeof(double)); /* per round median */
     double *ce = calloc((size_t)rounds, sizeof(double));
     double *tmp = calloc((size_t)per + rounds, sizeof(double));
-    if (!t || !rt || !ce || !tmp)
+    if (!t || !tc || !rt || !ce || !tmp)
         return 1;
     for (int si = 0; si < ns; si++) {
         size_t n = sizes[si];
@@ -261,11 +280,14 @@ int main(int argc, char **argv)
             prepare(&c[i], n);
         for (int r = 0; r < rounds; r++) {
             ce[r] = ceiling();
-            for (int k = 0; k <= nc; k++) {
-                int i = (k + r) % (nc + 1); /* index nc: native */
-                double b[100];
-                for (int q = 0; q < burst; q++)
-                    b[q] = one(i < nc ? &c[i] : NULL, n);
+            for (int k = 0; k < ne; k++) {
+                int i = (k + r) % ne;
+                double b[100], call;
+                for (int q = 0; q < burst; q++) {
+                    b[q] = one(i < nc ? &c[i] : i == nc ? &c[0] : NULL, n, i == nc, &call);
+                    if (q)
+                        tc[(size_t)i * per + (size_t)r * (burst - 1) + q - 1] = call;
+                }
                 for (int q = 1; q < burst; q++)
                     t[(size_t)i * per + (size_t)r * (burst - 1) + q - 1] = b[q];
                 rt[(size_t)i * rounds + r] = median(b + 1, burst - 1);
@@ -273,12 +295,14 @@ int main(int argc, char **argv)
         }
         double nat = 0;
         {
-            memcpy(tmp, t + (size_t)nc * per, sizeof(double) * per);
+            memcpy(tmp, t + (size_t)(nc + 1) * per, sizeof(double) * per);
             nat = median(tmp, per);
         }
-        for (int i = 0; i <= nc; i++) {
+        for (int i = 0; i < ne; i++) {
             memcpy(tmp, t + (size_t)i * per, sizeof(double) * per);
             double p50 = median(tmp, per);
+            memcpy(tmp, tc + (size_t)i * per, sizeof(double) * per);
+            double call = median(tmp, per);
             for (int r = 0; r < rounds; r++)
                 tmp[r] = n / rt[(size_t)i * rounds + r] / 1e3 / ce[r] * 100;
             double pc = median(tmp, rounds);
@@ -288,7 +312,11 @@ int main(int argc, char **argv)
             char name[16] = "native";
             if (i < nc)
                 snprintf(name, sizeof name, "%d", i + 1);
+            else if (i == nc)
+                snprintf(name, sizeof name, "1 spin");
             const char *ok = "-";
+            if (i == nc)
+                ok = "as 1"; /* the same buffers as config 1's: checked there */
             if (i < nc) {
                 int good = check(&c[i], n);
                 bad += !good;
@@ -296,14 +324,14 @@ int main(int argc, char **argv)
             }
             char nv[16], v1s[16] = "-";
             snprintf(nv, sizeof nv, "%.2fx", nat / p50);
-            if (i < nc)
+            if (i <= nc)
                 snprintf(v1s, sizeof v1s, "%.3fx", v1);
             char sz[32];
             snprintf(sz, sizeof sz, "%zuM", n >> 20);
             if (n < (1u << 20))
                 snprintf(sz, sizeof sz, "%zuK", n >> 10);
-            printf("%6s %-8s %9.1f %9.2f %8s %7.1f%% %8s %6s\n", i == 0 ? sz : "", name, p50, n / p50 / 1e3,
-                   i < nc ? nv : "1.00x", pc, v1s, ok);
+            printf("%6s %-8s %9.1f %9.2f %8s %7.1f%% %8s %8.1f %6s\n", i == 0 ? sz : "", name, p50, n / p50 / 1e3,
+                   i <= nc ? nv : "1.00x", pc, v1s, call, ok);
         }
         for (int r = 0; r < rounds; r++)
             tmp[r] = ce[r];
