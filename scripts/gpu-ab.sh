@@ -4,7 +4,8 @@
 # each with --busy-gbps=0 --relay-kernel-busy-sm=0 (or each would keep off
 # the links the others' copies use), then mma-ab in DIRS. Output under
 # $OUT/ab/: ab-<dir>.txt and each mmad's log.
-#   SIZES=8M,32M,64M,256M ROUNDS=15 DIRS="h2d d2h" scripts/gpu-ab.sh [BUILD_DIR] "CONFIG 1" "CONFIG 2" ...
+#   SIZES=8M,32M,64M,256M ROUNDS=15 DIRS="h2d d2h" PER_GPU=256M scripts/gpu-ab.sh [BUILD_DIR] "CONFIG 1" "CONFIG 2" ...
+# PER_GPU: bytes each GPU copies in every round's box ceiling.
 # An empty CONFIG is mmad's defaults; one that begins with bin=PATH runs
 # that mmad binary (an A/B of builds) with the options after it.
 set -uo pipefail
@@ -31,7 +32,7 @@ for cfg in "$@"; do
 done
 rc=0
 for d in ${DIRS:-h2d d2h}; do
-  "$B/mma-ab" --dir "$d" --sizes "${SIZES:-8M,32M,64M,256M}" --rounds "${ROUNDS:-15}" "${socks[@]}" 2>&1 |
+  "$B/mma-ab" --dir "$d" --sizes "${SIZES:-8M,32M,64M,256M}" --rounds "${ROUNDS:-15}" --per-gpu "${PER_GPU:-256M}" "${socks[@]}" 2>&1 |
     tee "$OUT/ab/ab-$d.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 done

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared by the scripts that run mmad on a GPU box (gpu-suite, gpu-tune,
+# Shared by the scripts that run mmad on a GPU box (gpu-suite, gpu-tune, gpu-ab,
 # gpu-trace): source it after setting B (the build folder).
 #   mmad_start LOG SOCK [mmad options...]  start mmad, wait for its socket
 #   mmad_stop                              stop it; its exit line goes to LOG
