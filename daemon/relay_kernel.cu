@@ -88,7 +88,8 @@ __device__ static void hand_over(mmad_relay_state_t *st, unsigned slot, unsigned
  * descriptor, or once it has run for life_ns, block 0 hands over an exit
  * instead and writes gen:seq into *exit_word (the host then knows that
  * descriptors from seq on need a new launch); it only ends there, at a
- * descriptor it has not handed over ahead. The life bound keeps a busy
+ * descriptor it has not handed over ahead, and hands none over ahead once
+ * past its life bound, so that it gets there. The life bound keeps a busy
  * kernel from holding off for long what waits for the whole GPU to be
  * idle (cudaFree, cudaHostUnregister). */
 __global__ void mmad_relay_resident(const mmad_relay_desc_t *ring, unsigned long long *exit_word,
@@ -121,7 +122,9 @@ __global__ void mmad_relay_resident(const mmad_relay_desc_t *ring, unsigned long
                         *(volatile unsigned long long *)exit_word = tag;
                     }
                 }
-                while (!leave && next <= seq + RELAY_LOOKAHEAD) {
+                /* Not past the life bound: a kernel always fed ahead would
+                 * never reach the wait above, where it ends. */
+                while (!leave && next <= seq + RELAY_LOOKAHEAD && now_ns() - born <= life_ns) {
                     unsigned ns = (unsigned)(next % MMAD_RELAY_RING);
                     const volatile mmad_relay_desc_t *h = ring + ns;
                     if (h->seq != next)

@@ -17,6 +17,19 @@ mkdir -p "$OUT/ab"
 . scripts/gpu-lib.sh
 [ $# -gt 0 ] || set -- ""
 socks=() pids=()
+# Whatever ends this script (an mmad that did not come up, a timeout's
+# TERM) stops the mmads it started.
+stop_all() {
+  [ -n "${ab_pid:-}" ] && kill "$ab_pid" 2>/dev/null
+  for k in "${!pids[@]}"; do
+    kill "${pids[$k]}" 2>/dev/null
+    wait "${pids[$k]}"
+    echo "mmad exit: $?" >>"$OUT/ab/mmad-$((k + 1)).log"
+  done
+  pids=()
+}
+trap stop_all EXIT
+trap 'exit 143' TERM INT
 i=0
 for cfg in "$@"; do
   i=$((i + 1))
@@ -26,19 +39,21 @@ for cfg in "$@"; do
     [[ $cfg == *" "* ]] && cfg=${cfg#* } || cfg=""
   fi
   # shellcheck disable=SC2086
-  MMAD_BIN=$bin mmad_start "$OUT/ab/mmad-$i.log" "/tmp/mma-ab-$$-$i.sock" --busy-gbps=0 --relay-kernel-busy-sm=0 $cfg || exit 1
-  socks+=("$MMAD_SOCK") pids+=("$MMAD_PID")
+  MMAD_BIN=$bin mmad_start "$OUT/ab/mmad-$i.log" "/tmp/mma-ab-$$-$i.sock" --busy-gbps=0 --relay-kernel-busy-sm=0 $cfg
+  started=$?
+  pids+=("$MMAD_PID")
+  [ $started -eq 0 ] || exit 1
+  socks+=("$MMAD_SOCK")
   echo "config $i: $bin ${cfg:-(defaults)}" | tee -a "$OUT/ab/configs.txt"
 done
 rc=0
 for d in ${DIRS:-h2d d2h}; do
-  "$B/mma-ab" --dir "$d" --sizes "${SIZES:-8M,32M,64M,256M}" --rounds "${ROUNDS:-15}" --per-gpu "${PER_GPU:-256M}" "${socks[@]}" 2>&1 |
-    tee "$OUT/ab/ab-$d.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
-done
-for k in "${!pids[@]}"; do
-  kill "${pids[$k]}" 2>/dev/null
-  wait "${pids[$k]}"
-  echo "mmad exit: $?" >>"$OUT/ab/mmad-$((k + 1)).log"
+  # in the background, so that a TERM (timeout) is handled at once
+  "$B/mma-ab" --dir "$d" --sizes "${SIZES:-8M,32M,64M,256M}" --rounds "${ROUNDS:-15}" --per-gpu "${PER_GPU:-256M}" \
+    "${socks[@]}" >"$OUT/ab/ab-$d.txt" 2>&1 &
+  ab_pid=$!
+  wait "$ab_pid" || rc=1
+  ab_pid=
+  cat "$OUT/ab/ab-$d.txt"
 done
 exit $rc
