@@ -74,14 +74,15 @@ static void print_status(const Mma__StatusReply *s, int json)
                "\"uptime_ms\":%llu,\"clients\":%u,\"copies_done\":%llu,\"bytes_done\":%llu,"
                "\"chunk_size\":%llu,\"staging_slots\":%u,\"bypass_threshold\":%llu,\"sim_scale\":%g,"
                "\"cpu_user_us\":%llu,\"cpu_sys_us\":%llu,\"chunks_submitted\":%llu,\"submit_ns\":%llu,"
-               "\"polls\":%llu,\"poll_ns\":%llu,\"gpus\":[",
+               "\"polls\":%llu,\"poll_ns\":%llu,\"relay_kernel_launches\":%llu,\"gpus\":[",
                v / 10000, v / 100 % 100, v % 100, s->pid, s->backend, s->simulated ? "true" : "false",
                s->topology ? s->topology : "", (unsigned long long)s->uptime_ms, s->clients,
                (unsigned long long)s->jobs_done, (unsigned long long)s->bytes_done,
                (unsigned long long)s->chunk_size, s->staging_slots, (unsigned long long)s->bypass_threshold,
                s->has_sim_scale ? s->sim_scale : 1.0, (unsigned long long)s->cpu_user_us,
                (unsigned long long)s->cpu_sys_us, (unsigned long long)s->submit_calls,
-               (unsigned long long)s->submit_ns, (unsigned long long)s->poll_calls, (unsigned long long)s->poll_ns);
+               (unsigned long long)s->submit_ns, (unsigned long long)s->poll_calls, (unsigned long long)s->poll_ns,
+               (unsigned long long)s->relay_kernel_launches);
         for (size_t i = 0; i < s->n_gpus; i++)
             printf("%s{\"index\":%u,\"name\":\"%s\",\"pci_bus_id\":\"%s\",\"numa_node\":%d,\"memory\":%llu,"
                    "\"one_hop\":%s}",
@@ -101,9 +102,11 @@ static void print_status(const Mma__StatusReply *s, int json)
            (unsigned long long)s->chunk_size, s->staging_slots, (unsigned long long)s->bypass_threshold);
     printf("\n# Stats\nclients:%u\ncopies_done:%llu\nbytes_done:%llu\ncpu_seconds:%.3f\n", s->clients,
            (unsigned long long)s->jobs_done, (unsigned long long)s->bytes_done, cpu_s);
-    printf("\n# Engine\nchunks_submitted:%llu\nsubmit_us_per_chunk:%.2f\npolls:%llu\npoll_us_per_call:%.2f\n",
+    printf("\n# Engine\nchunks_submitted:%llu\nsubmit_us_per_chunk:%.2f\npolls:%llu\npoll_us_per_call:%.2f\n"
+           "relay_kernel_launches:%llu\n",
            (unsigned long long)s->submit_calls, s->submit_calls ? (double)s->submit_ns / 1e3 / (double)s->submit_calls : 0.0,
-           (unsigned long long)s->poll_calls, s->poll_calls ? (double)s->poll_ns / 1e3 / (double)s->poll_calls : 0.0);
+           (unsigned long long)s->poll_calls, s->poll_calls ? (double)s->poll_ns / 1e3 / (double)s->poll_calls : 0.0,
+           (unsigned long long)s->relay_kernel_launches);
     printf("\n# GPUs\ngpus:%zu\n", s->n_gpus);
     for (size_t i = 0; i < s->n_gpus; i++)
         printf("gpu%u:name=%s,pci=%s,numa=%d,memory=%llu,one_hop=%s\n", s->gpus[i]->index,

@@ -57,6 +57,8 @@ struct mmad_backend {
      * no other process kept --relay-kernel-busy-sm of its SMs busy within
      * the last second) */
     _Atomic int relay_kernel_now[MMAD_MAX_GPUS];
+    /* Resident relay kernels started so far (cuda; 0 without them) */
+    _Atomic uint64_t relay_kernel_launches;
     /* Traffic on each GPU's own PCIe link that is not mmad's, per direction,
      * in MB/s of the real box, as the backend last measured it (cuda: the
      * driver's PCIe byte counters less mmad's own bytes; sim: its simulated

@@ -595,6 +595,7 @@ static int resident_launch(cuda_be_t *s, resident_t *r)
     }
     r->alive = 1;
     s->n_res_launch++;
+    atomic_fetch_add_explicit(&s->base.relay_kernel_launches, 1, memory_order_relaxed);
     return MMA_OK;
 }
 

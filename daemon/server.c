@@ -325,6 +325,8 @@ static void handle_status(srv_client_t *cl, const Mma__Request *req)
     st.poll_calls = sc->poll_calls;
     st.poll_ns = sc->poll_ns;
     pthread_mutex_unlock(&sc->stats_lock);
+    st.has_relay_kernel_launches = 1;
+    st.relay_kernel_launches = atomic_load_explicit(&s->be->relay_kernel_launches, memory_order_relaxed);
     st.has_chunk_size = st.has_staging_slots = st.has_bypass_threshold = 1;
     st.chunk_size = sc->chunk_size;
     st.staging_slots = (uint32_t)sc->staging_slots;

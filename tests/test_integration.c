@@ -1172,6 +1172,7 @@ START_TEST(mmactl_reports)
     ck_assert_ptr_nonnull(strstr(out, "chunk_size:1048576\n"));
     ck_assert_int_eq(status_field(out, "pid"), d.pid);
     ck_assert_int_eq(status_field(out, "copies_done"), 0);
+    ck_assert_int_eq(status_field(out, "relay_kernel_launches"), 0); /* the simulated box has none */
     free(out);
 
     /* One multipath copy into GPU 0 each way. */

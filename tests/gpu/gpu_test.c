@@ -17,6 +17,7 @@
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "mma.h"
@@ -276,6 +277,24 @@ static int relay_kernels_off(void)
     return extra && strstr(extra, "--relay-kernel=0") != NULL;
 }
 
+/* Whether MMAD_EXTRA turned the private mmad's resident relay kernels off
+ * (a launch per one-hop relay, or no one-hop relays). */
+static int resident_kernels_off(void)
+{
+    const char *extra = getenv("MMAD_EXTRA");
+    return relay_kernels_off() || (extra && strstr(extra, "--relay-linger-us=0") != NULL);
+}
+
+/* Resident relay kernels the private mmad has started (mmactl status). */
+static long long relay_kernel_launches(void)
+{
+    char buf[512];
+    mmactl_grep("status", "relay_kernel_launches:", buf, sizeof buf);
+    const char *p = strstr(buf, "relay_kernel_launches:");
+    ck_assert_msg(p, "mmactl status shows no relay_kernel_launches");
+    return atoll(p + strlen("relay_kernel_launches:"));
+}
+
 /* Relay chunks the private mmad's copy kernels moved in one hop, summed
  * over its paths. */
 static long long one_hop_chunks(void)
@@ -439,10 +458,14 @@ START_TEST(one_hop_resident_kernels)
     }
     /* A stream with no pause: 512 H2D copies (2 GiB, ~15 ms at ~150 GB/s)
      * with RES_N in flight, longer than a kernel's 2 ms life, so kernels
-     * end and are relaunched with descriptors waiting; then the device
-     * bytes come back and are checked. */
+     * end and are relaunched with descriptors waiting (at least one every
+     * 4 ms: a kernel that is always fed must still end at its life bound);
+     * then the device bytes come back and are checked. */
     fill_rand(h, cap);
     memset(back, 0xEE, cap);
+    long long launches = relay_kernel_launches();
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     for (int i = 0; i < 512; i++) {
         size_t at = (size_t)(i % RES_N) * RES_SZ;
         if (i >= RES_N)
@@ -452,6 +475,15 @@ START_TEST(one_hop_resident_kernels)
     }
     for (int i = 0; i < RES_N; i++)
         MM(mma_wait(c, t[i]));
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6;
+    launches = relay_kernel_launches() - launches;
+    printf("one_hop_resident_kernels: a stream of 512 copies in %.1f ms, %lld resident kernel launches\n", ms,
+           launches);
+    if (!resident_kernels_off())
+        ck_assert_msg(launches >= (long long)(ms / 4.0),
+                      "a %.1f ms stream saw %lld resident kernel launches: kernels outlive their 2 ms life", ms,
+                      launches);
     MM(mma_memcpy(c, back, d, cap));
     ck_assert_msg(memcmp(h, back, cap) == 0, "a stream of 512 copies left different bytes");
     expect_one_hop_since("one_hop_resident_kernels", before);
