@@ -177,7 +177,13 @@ int main(int argc, char **argv)
     int o;
     while ((o = getopt_long(argc, argv, "d:g:z:r:b:p:h", lo, NULL)) != -1) {
         switch (o) {
-        case 'd': dir = strcmp(optarg, "d2h") == 0; break;
+        case 'd':
+            if (strcmp(optarg, "h2d") && strcmp(optarg, "d2h")) {
+                fprintf(stderr, "mma-ab: --dir %s: h2d or d2h\n", optarg);
+                return 2;
+            }
+            dir = strcmp(optarg, "d2h") == 0;
+            break;
         case 'g': gpu = atoi(optarg); break;
         case 'z': sizes_arg = optarg; break;
         case 'r': rounds = atoi(optarg); break;
@@ -197,6 +203,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "mma-ab: 1-%d sockets, --rounds 1-1000, --burst 2-100 (see --help)\n", MAXC);
         return 2;
     }
+    if (per_gpu < 4096 || per_gpu % 16) {
+        fprintf(stderr, "mma-ab: --per-gpu: at least 4K and a multiple of 16 bytes\n");
+        return 2;
+    }
     size_t sizes[MAXS];
     int ns = 0;
     cap = 0;
@@ -209,6 +219,10 @@ int main(int argc, char **argv)
         if (sizes[ns] > cap)
             cap = sizes[ns];
         ns++;
+    }
+    if (ns == 0) {
+        fprintf(stderr, "mma-ab: --sizes names no size\n");
+        return 2;
     }
     if (cudaGetDeviceCount(&ngpu) != cudaSuccess || ngpu < 1) {
         fprintf(stderr, "mma-ab: no CUDA GPU visible: it compares mmads on real GPUs\n");

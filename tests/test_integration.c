@@ -1287,6 +1287,50 @@ START_TEST(mmactl_reports)
 }
 END_TEST
 
+/* mma-ab (bench/ab.c): bad arguments are refused with exit 2 and a line
+ * that says what is wrong, before anything else; good ones on a machine
+ * without a GPU exit 77 and say so (it compares mmads on real GPUs only). */
+START_TEST(mma_ab_arguments)
+{
+    static const struct {
+        const char *args[6];
+        const char *says;
+    } bad[] = {
+        {{"--rounds", "1", NULL}, "sockets"},
+        {{"--rounds", "0", "/tmp/x.sock", NULL}, "--rounds"},
+        {{"--burst", "1", "/tmp/x.sock", NULL}, "--burst"},
+        {{"--dir", "sideways", "/tmp/x.sock", NULL}, "h2d or d2h"},
+        {{"--sizes", "1K", "/tmp/x.sock", NULL}, "at least 4K"},
+        {{"--sizes", ",", "/tmp/x.sock", NULL}, "names no size"},
+        {{"--per-gpu", "0", "/tmp/x.sock", NULL}, "--per-gpu"},
+        {{"--frob", "/tmp/x.sock", NULL}, "usage"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        const char *argv[8] = {MMA_AB_PATH};
+        for (int k = 0; bad[i].args[k]; k++)
+            argv[k + 1] = bad[i].args[k];
+        char *out = NULL, *err = NULL;
+        int rc = tool_run(argv, &out, &err);
+        ck_assert_msg(rc == 2, "case %zu: exit %d, stderr: %s", i, rc, err);
+        ck_assert_msg(strstr(err, bad[i].says) || strstr(out, bad[i].says), "case %zu: wanted '%s' in: %s%s", i,
+                      bad[i].says, out, err);
+        free(out);
+        free(err);
+    }
+    /* Good arguments: here (CI, no GPU) exit 77 with the reason; on a GPU
+     * box there is no mmad on this socket, so it fails to connect (1). */
+    const char *good[] = {MMA_AB_PATH, "--sizes", "8M", "--rounds", "1", "/nonexistent/mmad.sock", NULL};
+    char *out = NULL, *err = NULL;
+    int rc = tool_run(good, &out, &err);
+    if (rc == 77)
+        ck_assert_msg(strstr(err, "no CUDA GPU visible"), "stderr: %s", err);
+    else
+        ck_assert_msg(rc == 1 && strstr(err, "mma_connect"), "exit %d, stderr: %s", rc, err);
+    free(out);
+    free(err);
+}
+END_TEST
+
 /* ======================================================================
  * g. fault injection
  * ==================================================================== */
@@ -1827,7 +1871,7 @@ int main(void)
                           unknown_and_garbage_requests}},
         {"lifecycle", 60, {client_dies_mid_copy, sigterm_with_copies_in_flight, one_daemon_per_socket,
                            stale_socket_file_replaced, command_line}},
-        {"mmactl", 60, {mmactl_reports}},
+        {"mmactl", 60, {mmactl_reports, mma_ab_arguments}},
         {"faults", 60, {failing_relay_is_set_aside}},
         {"api_errors", 60, {api_errors}},
         {"yield", 120, {busy_relays_yield, idle_box_relays_do_not_yield, busy_links_stop_relays}},
