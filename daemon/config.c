@@ -99,6 +99,11 @@ static const opt_t options[] = {
     {"relay-edge", OPT_SIZE, O(relay_edge), 0, "2M", 0, 1u << 30,
      "planned relays of at least 3x this end (H2D) or start (D2H) with a piece this small, so the NVLink hops "
      "that no PCIe transfer hides are short (they queue at the target's NVLink ports); 0: equal pieces"},
+    {"edge-one-hop", OPT_INT, O(edge_one_hop), 0, "0", 0, 1,
+     "cuda, 1: a staged copy's relays (from --relay-kernel up) start and end with a --relay-edge piece that goes "
+     "in one hop (a resident copy kernel on the via GPU): they start as soon as they are posted, and no NVLink "
+     "hop ends (H2D) or starts (D2H) the copy; the rest still stages, where copy engines read host memory "
+     "faster than kernels"},
     {"relay-first", OPT_INT, O(relay_first), 0, "1", 0, 1,
      "cuda: 1 issues a copy's one-hop relays before its direct chunk where resident kernels take them "
      "(posting one costs the engine well under a microsecond, a direct chunk ~4 us), and plans all paths "

@@ -64,6 +64,7 @@ typedef struct mmad_config {
     uint64_t relay_edge;      /* planned relays end (H2D) / start (D2H) with a piece this small; 0: off */
     double issue_cost_us;     /* engine time per chunk issued (<0: the backend's) */
     int relay_first;          /* posted one-hop relays are issued before the direct chunk */
+    int edge_one_hop;         /* a staged copy's relay edges (first and last piece) go in one hop */
     double relay_overhead_us; /* extra latency of a relay chunk over a direct one (<0: the backend's) */
 } mmad_config_t;
 
@@ -179,6 +180,8 @@ typedef struct mmad_chunk {
     int staging;
     char *kernel_dev;        /* cuda: a one-hop relay (a copy kernel on the via GPU): dev as that GPU maps it */
     uint64_t kernel_seq;     /* cuda: its descriptor in the via GPU's resident kernel ring (0: none) */
+    int one_hop_edge;        /* sched (--edge-one-hop): a staged copy's relay edge, to go in one hop
+                              * where the backend can, whatever the copy's size */
     void *be_priv;
     struct mmad_chunk *next;
 } mmad_chunk_t;

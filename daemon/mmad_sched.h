@@ -111,6 +111,7 @@ typedef struct mmad_sched {
     double relay_overhead_ns;    /* a relay chunk's extra fixed latency */
     double one_hop_overhead_ns;  /* --relay-overhead-us given: one-hop relays' too (<0: the backend's) */
     int relay_first;             /* --relay-first: posted one-hop relays go before the direct chunk */
+    int edge_one_hop;            /* --edge-one-hop: a staged copy's relay edges go in one hop */
     mmad_plan_t *plans;          /* of the planned jobs queued or running */
     uint64_t (*now)(void);       /* mma_now_ns; the unit tests drive their own clock */
     mmad_job_t *jobs;        /* queued and running, latency class first */

@@ -40,6 +40,7 @@ struct mmad_plan {
     uint64_t left[MMAD_MAX_GPUS];  /* bytes each relay (by via) is still to carry */
     uint64_t piece[MMAD_MAX_GPUS]; /* each path's chunks: its share in equal pieces */
     uint64_t edge[MMAD_MAX_GPUS];  /* a relay's small piece (--relay-edge), else 0 */
+    int edges_one_hop[MMAD_MAX_GPUS]; /* --edge-one-hop: a piece of `edge` both first and last, in one hop */
     /* for --plan-learn: what the plan assumed, and what happened */
     uint64_t share[MMAD_MAX_GPUS]; /* bytes planned per via */
     double start_ns[MMAD_MAX_GPUS]; /* modelled start per via, from the first issue */
@@ -87,6 +88,7 @@ int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cf
     s->plan_split = cfg->plan_split;
     s->plan_learn = cfg->plan_learn;
     s->relay_first = cfg->relay_first;
+    s->edge_one_hop = cfg->edge_one_hop;
     s->plan_learn_min = s->plan_learn == 2 ? PLAN_FIT_MIN : PLAN_LEARN_MIN;
     s->relay_edge = cfg->relay_edge < s->chunk_size ? (cfg->relay_edge + 4095) & ~(uint64_t)4095 : 0;
     for (int t = 0; t < MMAD_MAX_GPUS; t++)
@@ -434,11 +436,20 @@ void mmad_path_fit_get(const mmad_path_fit_t *f, double t0, double r0, double *t
     *r = 1.0 / slope;
 }
 
-/* Whether the job's one-hop relays are posted to resident kernels, which
- * costs the engine no issue time of their own. */
+/* Whether a staged job's relays start and end with an edge piece in one
+ * hop (--edge-one-hop; the backend must take one-hop relays at all). */
+static int edges_one_hop(const mmad_sched_t *s, const mmad_job_t *j)
+{
+    return s->edge_one_hop && s->relay_edge && s->be->relay_kernel_below &&
+           j->total >= s->be->relay_kernel_below;
+}
+
+/* Whether the job's relays start with a one-hop piece posted to a resident
+ * kernel, which costs the engine no issue time of its own: all its relays
+ * go in one hop, or their first piece does (--edge-one-hop). */
 static int relays_posted(const mmad_sched_t *s, const mmad_job_t *j)
 {
-    return j->total < s->be->relay_kernel_below && s->be->relay_kernel_resident;
+    return (j->total < s->be->relay_kernel_below || edges_one_hop(s, j)) && s->be->relay_kernel_resident;
 }
 
 /* Plan the job's split over its usable paths (the direct one is vias[0]):
@@ -459,7 +470,9 @@ static void plan_job(mmad_sched_t *s, mmad_job_t *j, const int *vias, int n, int
     /* Relays of a copy below the backend's one-hop size are one kernel on
      * the via GPU: a shorter fixed latency, and no NVLink hop to shorten. */
     int one_hop = j->total < s->be->relay_kernel_below;
-    double relay_ns = !one_hop                      ? s->relay_overhead_ns
+    /* A staged relay that starts with a one-hop piece starts like one. */
+    int starts_one_hop = one_hop || edges_one_hop(s, j);
+    double relay_ns = !starts_one_hop               ? s->relay_overhead_ns
                       : s->one_hop_overhead_ns >= 0 ? s->one_hop_overhead_ns
                                                     : s->be->relay_kernel_overhead_us * 1e3;
     /* Relays posted to resident kernels cost the engine no issue time, so
@@ -497,7 +510,13 @@ static void plan_job(mmad_sched_t *s, mmad_job_t *j, const int *vias, int n, int
          * of at least 3 edges ends (starts) with a piece of one edge, so
          * that hop is short. */
         uint64_t body = lens[i];
-        if (i > 0 && s->relay_edge && !one_hop && lens[i] >= 3 * s->relay_edge) {
+        if (i > 0 && edges_one_hop(s, j) && lens[i] >= 4 * s->relay_edge) {
+            /* --edge-one-hop: an edge first and last, both in one hop; the
+             * relay starts when posted and no hop ends (starts) the copy */
+            pl->edge[v] = s->relay_edge;
+            pl->edges_one_hop[v] = 1;
+            body -= 2 * s->relay_edge;
+        } else if (i > 0 && s->relay_edge && !one_hop && lens[i] >= 3 * s->relay_edge) {
             pl->edge[v] = s->relay_edge;
             body -= s->relay_edge;
         }
@@ -630,7 +649,17 @@ static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via, int npaths, uint64
     const mmad_seg_t *seg = &j->segs[j->cur_seg];
     uint64_t len = seg->len - j->cur_off;
     uint64_t cap = pl && pl->piece[via] ? pl->piece[via] : j->chunk_len;
-    if (pl && pl->edge[via] && via != j->target) {
+    int edge_piece = 0;
+    if (pl && pl->edge[via] && via != j->target && pl->edges_one_hop[via]) {
+        /* --edge-one-hop: the relay's first and last pieces are edges */
+        uint64_t left = pl->left[via];
+        if (left == pl->share[via] || left <= pl->edge[via]) {
+            cap = left < pl->edge[via] ? left : pl->edge[via];
+            edge_piece = 1;
+        } else if (cap > left - pl->edge[via]) {
+            cap = left - pl->edge[via];
+        }
+    } else if (pl && pl->edge[via] && via != j->target) {
         /* The relay's small piece: its last for H2D, its first for D2H,
          * the one whose NVLink hop no PCIe transfer of its own hides. */
         uint64_t left = pl->left[via];
@@ -661,6 +690,7 @@ static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via, int npaths, uint64
     c->dev = seg->dev + j->cur_off;
     c->dev_region = seg->dev_region;
     c->len = len;
+    c->one_hop_edge = edge_piece;
     c->t_issue = s->now();
     int rc = s->be->ops->submit(s->be, c);
     uint64_t t_end = s->now();

@@ -70,6 +70,7 @@ START_TEST(defaults)
     ck_assert_int_eq(cfg.relay_kernel_busy_sm, 50);
     ck_assert_int_eq(cfg.relay_linger_us, 200);
     ck_assert_int_eq(cfg.relay_first, 1);
+    ck_assert_int_eq(cfg.edge_one_hop, 0); /* no clear gain on 4x H200 (bench/results/...-edge-one-hop/) */
     ck_assert_str_eq(cfg.hop_side, "target"); /* H2D 4-32 MiB 6-15% faster on 4x H200 */
     ck_assert_double_lt(cfg.issue_cost_us, 0);
     ck_assert_double_lt(cfg.relay_overhead_us, 0);
@@ -191,7 +192,8 @@ START_TEST(out_of_range_refused)
                          "--path-depth=-1e300", "--hop-side=peer", "--copy-api=fast", "--completion=poll",
                          "--backend=gpu", "--relay-kernel=-1", "--relay-kernel-blocks=0",
                          "--relay-kernel-blocks=1025", "--relay-kernel-busy-sm=101", "--relay-kernel-busy-sm=-1",
-                         "--relay-linger-us=-1", "--relay-linger-us=1000001", "--relay-first=2"};
+                         "--relay-linger-us=-1", "--relay-linger-us=1000001", "--relay-first=2",
+                         "--edge-one-hop=2", "--edge-one-hop=-1"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         mmad_config_defaults(&cfg);
         char *argv[] = {"mmad", (char *)bad[i], NULL};

@@ -31,6 +31,7 @@ typedef struct fake_be {
         mmad_job_t *job;
         int via;
         uint64_t len;
+        int one_hop_edge;
     } log[8192];
     int nlog;
     int fail_submit_via; /* submit() refuses relays through this GPU */
@@ -71,6 +72,7 @@ static int fake_submit(mmad_backend_t *be, mmad_chunk_t *c)
     f->log[f->nlog].job = c->job;
     f->log[f->nlog].via = c->via;
     f->log[f->nlog].len = c->len;
+    f->log[f->nlog].one_hop_edge = c->one_hop_edge;
     f->nlog++;
     return MMA_OK;
 }
@@ -1159,6 +1161,44 @@ START_TEST(relay_edge_piece_last_h2d_first_d2h)
 }
 END_TEST
 
+START_TEST(edge_one_hop_first_and_last_pieces)
+{
+    /* --edge-one-hop: a staged copy's relays (the copy is not below the
+     * backend's one-hop size) start and end with an edge piece flagged for
+     * one hop, both ways; their middle pieces and the direct path's are not
+     * flagged. Off, or where the backend has no one-hop relays, nothing is
+     * flagged and H2D keeps its one (last) edge. */
+    for (int mode = 0; mode < 3; mode++)
+        for (int dir = 0; dir < 2; dir++) {
+            start_planned();
+            s.be->relay_kernel_below = mode == 2 ? 0 : 1u << 20; /* the 4 MiB copy stages */
+            s.be->relay_kernel_resident = 1;
+            s.edge_one_hop = mode >= 1;
+            mmad_job_t *a = run_planned_copy(dir);
+            for (int v = 0; v < NGPU; v++) {
+                int idx[64], k = 0;
+                for (int i = 0; i < fb.nlog; i++)
+                    if (fb.log[i].via == v && k < 64)
+                        idx[k++] = i;
+                ck_assert_int_ge(k, 1);
+                for (int q = 0; q < k; q++) {
+                    int edge_wanted = mode == 1 && v != a->target && (q == 0 || q == k - 1);
+                    ck_assert_msg(fb.log[idx[q]].one_hop_edge == edge_wanted,
+                                  "mode %d dir %d via %d piece %d of %d (%llu bytes): flagged %d", mode, dir, v, q,
+                                  k, (unsigned long long)fb.log[idx[q]].len, fb.log[idx[q]].one_hop_edge);
+                    if (edge_wanted)
+                        ck_assert_uint_eq(fb.log[idx[q]].len, 128u << 10);
+                }
+                if (mode == 1 && v != a->target)
+                    ck_assert_msg(k >= 3, "mode 1 dir %d via %d: %d pieces", dir, v, k);
+                if (mode != 1 && v != a->target && dir == MMA_DIR_H2D)
+                    ck_assert_uint_eq(fb.log[idx[k - 1]].len, 128u << 10);
+            }
+            job_free(a);
+        }
+}
+END_TEST
+
 START_TEST(one_hop_relays_plan_no_edge_and_more_share)
 {
     /* Relays of a copy below the backend's one-hop size are one kernel:
@@ -1712,6 +1752,7 @@ int main(void)
     tcase_add_test(plan, plan_learn_gives_slow_path_less);
     tcase_add_test(plan, relay_edge_piece_last_h2d_first_d2h);
     tcase_add_test(plan, one_hop_relays_plan_no_edge_and_more_share);
+    tcase_add_test(plan, edge_one_hop_first_and_last_pieces);
     tcase_add_test(plan, resident_relays_go_first_and_start_together);
     tcase_add_test(plan, relay_overhead_option_covers_one_hop);
     tcase_add_test(plan, plan_fit_line);
