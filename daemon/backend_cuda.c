@@ -906,10 +906,11 @@ static void lane_stop(cuda_be_t *s, int gpu)
 
 /* Where a one-hop relay kernel on the via GPU finds the chunk's device
  * bytes, or NULL where the relay must stage: the copy is not small enough
- * (and the chunk no --edge-one-hop edge of a staged one), the via GPU cannot take host pointers as they are or another process
- * keeps its SMs busy (relay_kernel_now), it has no mapping of the
- * allocation, or an end is not 16-byte aligned. (The job holds its
- * regions, so the mapping outlives the chunk.) */
+ * (and the chunk no --edge-one-hop edge of a staged one), the via GPU
+ * cannot take host pointers as they are or another process keeps its SMs
+ * busy (relay_kernel_now), it has no mapping of the allocation, or an end
+ * is not 16-byte aligned. (The job holds its regions, so the mapping
+ * outlives the chunk.) */
 static char *kernel_dev(cuda_be_t *s, const mmad_chunk_t *c)
 {
     if (!s->kernel_below || !c->job || (c->job->total >= s->kernel_below && !c->one_hop_edge) || !c->dev_region ||
