@@ -36,19 +36,12 @@
 #include "cuda_check.h"
 #include "mma.h"
 #include "util.h"
+#define TOOL_NAME "mma-ab"
+#include "tool_check.h"
 
 #define MAXC 6
 #define MAXS 16
 #define MAXG 16
-
-#define MK(call)                                                              \
-    do {                                                                      \
-        int r_ = (call);                                                      \
-        if (r_ != MMA_OK) {                                                   \
-            fprintf(stderr, "mma-ab: %s: %s\n", #call, mma_strerror(r_));     \
-            exit(1);                                                          \
-        }                                                                     \
-    } while (0)
 
 typedef struct {
     const char *sock;
@@ -307,11 +300,8 @@ int main(int argc, char **argv)
                 rt[(size_t)i * rounds + r] = median(b + 1, burst - 1);
             }
         }
-        double nat = 0;
-        {
-            memcpy(tmp, t + (size_t)(nc + 1) * per, sizeof(double) * per);
-            nat = median(tmp, per);
-        }
+        memcpy(tmp, t + (size_t)(nc + 1) * per, sizeof(double) * per);
+        double nat = median(tmp, per);
         for (int i = 0; i < ne; i++) {
             memcpy(tmp, t + (size_t)i * per, sizeof(double) * per);
             double p50 = median(tmp, per);

@@ -14,6 +14,8 @@
 
 #include "mma.h"
 #include "util.h"
+#define TOOL_NAME "mma-demo"
+#include "tool_check.h"
 
 static void fill(uint8_t *p, size_t n, uint64_t seed)
 {
@@ -25,15 +27,6 @@ static void fill(uint8_t *p, size_t n, uint64_t seed)
         p[i] = (uint8_t)x;
     }
 }
-
-#define CHECK(call)                                                                  \
-    do {                                                                             \
-        int rc_ = (call);                                                            \
-        if (rc_ != MMA_OK) {                                                         \
-            fprintf(stderr, "mma-demo: %s: %s\n", #call, mma_strerror(rc_));        \
-            exit(1);                                                                 \
-        }                                                                            \
-    } while (0)
 
 /* One timed copy (median of reps). paths 0 = all; native = plain CUDA. */
 static double timed(mma_client_t *c, void *dst, const void *src, size_t n, int paths, int native, int reps)
@@ -50,8 +43,8 @@ static double timed(mma_client_t *c, void *dst, const void *src, size_t n, int p
             mma_segment_t s = {dst, src, n};
             mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS, .max_paths = paths};
             mma_copy_t t;
-            CHECK(mma_memcpy_sg_async(c, &s, 1, NULL, &o, &t));
-            CHECK(mma_wait(c, t));
+            MK(mma_memcpy_sg_async(c, &s, 1, NULL, &o, &t));
+            MK(mma_wait(c, t));
         }
         best[r] = mma_now_s() - t0;
     }
@@ -96,7 +89,7 @@ int main(int argc, char **argv)
         return 1;
     }
     mma_info_t info;
-    CHECK(mma_get_info(c, &info));
+    MK(mma_get_info(c, &info));
     if (gpu < 0 || gpu >= info.gpu_count) {
         fprintf(stderr, "mma-demo: --gpu %d: the box has %d GPUs\n", gpu, info.gpu_count);
         return 2;
@@ -108,9 +101,9 @@ int main(int argc, char **argv)
            info.daemon_version % 100, info.backend, info.gpu_count,
            info.simulated ? " -- SIMULATED box (no GPU here): rates are the real box's, scaled down" : "");
     uint8_t *host, *back, *dev;
-    CHECK(mma_host_alloc(c, n, (void **)&host));
-    CHECK(mma_host_alloc(c, n, (void **)&back));
-    CHECK(mma_device_alloc(c, gpu, n, (void **)&dev));
+    MK(mma_host_alloc(c, n, (void **)&host));
+    MK(mma_host_alloc(c, n, (void **)&back));
+    MK(mma_device_alloc(c, gpu, n, (void **)&dev));
     fill(host, n, 42);
 
     const char *base = info.simulated ? "one path (own link)" : "native cudaMemcpy";

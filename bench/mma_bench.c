@@ -29,20 +29,14 @@
 
 #include "mma.h"
 #include "util.h"
+#define TOOL_NAME "mma-bench"
+#include "tool_check.h"
 
 #define CK(call)                                                                          \
     do {                                                                                  \
         cudaError_t e_ = (call);                                                          \
         if (e_ != cudaSuccess) {                                                          \
             fprintf(stderr, "mma-bench: %s: %s\n", #call, cudaGetErrorString(e_));       \
-            exit(1);                                                                      \
-        }                                                                                 \
-    } while (0)
-#define MK(call)                                                                          \
-    do {                                                                                  \
-        int r_ = (call);                                                                  \
-        if (r_ != MMA_OK) {                                                               \
-            fprintf(stderr, "mma-bench: %s: %s\n", #call, mma_strerror(r_));             \
             exit(1);                                                                      \
         }                                                                                 \
     } while (0)
