@@ -22,9 +22,7 @@ socks=() pids=()
 stop_all() {
   [ -n "${ab_pid:-}" ] && kill "$ab_pid" 2>/dev/null
   for k in "${!pids[@]}"; do
-    kill "${pids[$k]}" 2>/dev/null
-    wait "${pids[$k]}"
-    echo "mmad exit: $?" >>"$OUT/ab/mmad-$((k + 1)).log"
+    MMAD_PID=${pids[$k]} MMAD_LOG=$OUT/ab/mmad-$((k + 1)).log mmad_stop
   done
   pids=()
 }
