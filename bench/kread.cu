@@ -150,6 +150,20 @@ static void ce(int g, char *dst, const char *src, size_t n)
 enum { M_CE4, M_LOCAL, M_PEER, M_CE1, M_K1, M_SPLIT };
 static const char *mode_name[] = {"ce4", "ce+k3 local", "ce+k3 peer", "ce1", "k1", "split64"};
 
+/* Whether GPU g takes part in mode m, and what it copies there: *n bytes
+ * from *src into *dst. Peer and split modes write gpu0's memory at the
+ * source's offset (gpu0's own copy in peer mode stays in its own memory);
+ * the others each GPU's own memory. */
+static int part(int m, int g, size_t per, const char **src, char **dst, size_t *n)
+{
+    if ((m == M_CE1 || m == M_K1) && g != 1)
+        return 0;
+    *n = m == M_SPLIT ? ((size_t)16 << 20) : per;
+    *src = host + g * *n;
+    *dst = (m == M_PEER && g != 0) || m == M_SPLIT ? dev0 + (*src - host) : dev[g];
+    return 1;
+}
+
 /* One run of mode m (variant v where it has kernels); returns wall µs and
  * each GPU's own GB/s (0 where idle) in gbps. */
 static double run(int m, const variant_t *v, size_t per, double *gbps)
@@ -162,25 +176,19 @@ static double run(int m, const variant_t *v, size_t per, double *gbps)
     }
     double t0 = mma_now_us();
     for (int g = 0; g < ngpu; g++) {
-        if ((m == M_CE1 || m == M_K1) && g != 1)
+        const char *src;
+        char *dst;
+        size_t n;
+        if (!part(m, g, per, &src, &dst, &n))
             continue;
         CK(cudaSetDevice(g));
         CK(cudaEventRecord(ev0[g], s[g]));
         used[g] = 1;
-        const char *src = host + g * per;
-        size_t n = per;
-        if (m == M_SPLIT) {
-            size_t q = ((size_t)16 << 20);
-            src = host + g * q;
-            n = q;
-        }
         bytes[g] = n;
         if (m == M_CE4 || m == M_CE1 || (g == 0 && m != M_K1))
-            ce(g, g == 0 && m == M_SPLIT ? dev0 : dev[g], src, n);
-        else if (m == M_LOCAL || m == M_K1)
-            kernel(g, v, dev[g], src, n);
-        else /* peer, split: into gpu0's memory at the same offset */
-            kernel(g, v, dev0 + (src - host), src, n);
+            ce(g, dst, src, n);
+        else
+            kernel(g, v, dst, src, n);
         CK(cudaEventRecord(ev1[g], s[g]));
     }
     for (int g = 0; g < ngpu; g++) {
@@ -208,12 +216,10 @@ static int check(int m, size_t per)
         exit(1);
     int ok = 1;
     for (int g = 0; g < ngpu; g++) {
-        if ((m == M_CE1 || m == M_K1) && g != 1)
+        const char *src;
+        char *d;
+        if (!part(m, g, per, &src, &d, &n))
             continue;
-        const char *src = host + g * n;
-        const char *d = m == M_CE4 || m == M_LOCAL || m == M_CE1 || m == M_K1 ? dev[g] : dev0 + (src - host);
-        if (m == M_PEER && g == 0)
-            d = dev[0];
         CK(cudaSetDevice(g));
         CK(cudaMemcpy(h, d, n, cudaMemcpyDeviceToHost));
         if (memcmp(h, src, n)) {
