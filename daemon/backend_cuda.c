@@ -261,7 +261,6 @@ typedef struct cuda_be {
     int use_resident;             /* one-hop relays go to resident kernels */
     void *res_host;               /* every ring and exit word, host-mapped */
     unsigned long long *res_dummy; /* where a cancelled descriptor's kernel writes */
-    uint64_t n_res_launch;
     int hop_target;          /* --hop-side=target: the NVLink hop runs on the target's stream */
 } cuda_be_t;
 
@@ -594,7 +593,6 @@ static int resident_launch(cuda_be_t *s, resident_t *r)
         return MMA_ERR_CUDA;
     }
     r->alive = 1;
-    s->n_res_launch++;
     atomic_fetch_add_explicit(&s->base.relay_kernel_launches, 1, memory_order_relaxed);
     return MMA_OK;
 }
@@ -1614,7 +1612,8 @@ static void cuda_destroy(mmad_backend_t *be)
                  s->t_ctx_ns / 1e3 / (double)s->n_copy, s->copy_driver ? "driver" : "runtime");
     if (s->n_kernel)
         MMA_INFO("cuda: %llu of those were one-hop relays (%llu resident kernel launches)",
-                 (unsigned long long)s->n_kernel, (unsigned long long)s->n_res_launch);
+                 (unsigned long long)s->n_kernel,
+                 (unsigned long long)atomic_load_explicit(&s->base.relay_kernel_launches, memory_order_relaxed));
     for (int gi = 0; gi < be->gpu_count; gi++) {
         cuda_gpu_t *g = &s->gpu[gi];
         if (CU(cudaSetDevice(gi)) != MMA_OK)
