@@ -1,0 +1,317 @@
+/* mma-staged: what a staged relay can reach on the GPUs alone, without
+ * mmad's engine. A measuring tool for the engine's design (see
+ * bench/results/), not the product's data path.
+ *
+ * mmad's staged copies (256 MiB and up) reach ~94% of the box ceiling
+ * copy by copy, and each relay path runs ~5% below what a copy engine
+ * gets natively under that ceiling. Is that the GPUs (the NVLink hops
+ * sharing copy engines with the PCIe legs) or the engine thread (issue
+ * times, polling)? Here every call is issued before a gate opens (a spin
+ * kernel on gpu0 that every stream waits for), so the figures carry no
+ * issue cost at all. One H2D copy of S bytes into gpu0: gpu0's copy engine
+ * moves a quarter directly; gpus 1..3 a quarter each in CHUNK pieces, each
+ * through one of SLOTS staging buffers in the via GPU's memory, then over
+ * NVLink into gpu0, the hop done
+ *   target   by gpu0's copy engine (a stream of gpu0 pulls; mmad's default)
+ *   via      by the via GPU's copy engine (a second stream there pushes)
+ *   kernel   by a copy kernel on gpu0 (mmad's relay kernel, 16 blocks), so
+ *            no copy engine carries a hop
+ * against
+ *   ce4      every GPU's copy engine moving S/4 into its own memory (the
+ *            ceiling for these bytes), and
+ *   onehop   gpus 1..3 each a relay kernel reading host memory and writing
+ *            gpu0 (mmad below 128 MiB), gpu0 its copy engine.
+ * Modes run in turns, ROUNDS times; each figure is the median, and "%ce4" is
+ * the median of each round's time against that round's ce4. Every mode's
+ * destination is checked against the host after its last run.
+ * At most 64 chunks a path: every call waits behind the gate, and a stream
+ * holds only so many before the issuing call would block.
+ *   mma-staged [size_MiB=256] [chunk_MiB=8] [rounds=7] [slots=4] */
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_check.h"
+#include "relay_kernel.h"
+#include "util.h"
+
+#define NG 4
+#define MAXSLOTS 16
+#define KBLOCKS 16
+
+enum { M_CE4, M_TARGET, M_VIA, M_KERNEL, M_ONEHOP, NM };
+static const char *mode_name[NM] = {"ce4", "target", "via", "kernel", "onehop"};
+
+static size_t S, Q, CH; /* copy, quarter, chunk */
+static int slots;
+static char *host;                      /* S bytes, pinned, portable, mapped */
+static char *dst0;                      /* gpu0: S bytes */
+static char *own[NG];                   /* ce4: each GPU's own S/4 (gpu0's is dst0) */
+static char *stage[NG];                 /* via GPUs: slots x CH */
+static cudaStream_t leg[NG];            /* the PCIe legs (gpu0's: the direct quarter) */
+static cudaStream_t push[NG], pull[NG]; /* via v's hop: on gpu v (push), on gpu0 (pull) */
+static cudaEvent_t ready[NG][MAXSLOTS]; /* a slot's PCIe leg done */
+static cudaEvent_t freed[2][NG][MAXSLOTS]; /* a slot's hop done: [0] on gpu0 (pull), [1] on the via GPU */
+/* An event belongs to one GPU: go and t_end[0][*] are gpu0's, started[g]
+ * and t_end[1][g] gpu g's (a path's end is recorded where its last call runs) */
+static cudaEvent_t go, started[NG], t_end[2][NG];
+static cudaStream_t gate_st;
+static volatile int *gate_flag;
+
+__global__ void k_gate(volatile int *flag)
+{
+    while (*flag == 0)
+        ;
+}
+
+/* Every stream of a run waits for the gate, shut until gate_open(). */
+static void gate_shut(void)
+{
+    *gate_flag = 0;
+    __sync_synchronize();
+    CK(cudaSetDevice(0));
+    k_gate<<<1, 1, 0, gate_st>>>(gate_flag);
+    CK(cudaGetLastError());
+    CK(cudaEventRecord(go, gate_st));
+    for (int g = 0; g < NG; g++) {
+        CK(cudaSetDevice(g));
+        CK(cudaStreamWaitEvent(leg[g], go, 0));
+        CK(cudaEventRecord(started[g], leg[g]));
+        CK(cudaStreamWaitEvent(push[g], go, 0));
+        CK(cudaSetDevice(0));
+        CK(cudaStreamWaitEvent(pull[g], go, 0));
+    }
+}
+
+static void gate_open(void)
+{
+    __sync_synchronize();
+    *gate_flag = 1;
+    __sync_synchronize();
+}
+
+/* Whether path g's last call runs on gpu0 (a pull) in mode m. */
+static int ends_on_gpu0(int m, int g)
+{
+    return g == 0 || m == M_TARGET || m == M_KERNEL;
+}
+
+/* Issue mode m's whole copy behind the gate; t_end[..][g] marks when path
+ * g is done. */
+static void issue(int m)
+{
+    if (m == M_CE4) {
+        for (int g = 0; g < NG; g++) {
+            CK(cudaSetDevice(g));
+            CK(cudaMemcpyAsync(own[g], host + g * Q, Q, cudaMemcpyHostToDevice, leg[g]));
+            CK(cudaEventRecord(t_end[!ends_on_gpu0(m, g)][g], leg[g]));
+        }
+        return;
+    }
+    CK(cudaSetDevice(0));
+    CK(cudaMemcpyAsync(dst0, host, Q, cudaMemcpyHostToDevice, leg[0]));
+    CK(cudaEventRecord(t_end[0][0], leg[0]));
+    if (m == M_ONEHOP) {
+        for (int v = 1; v < NG; v++) {
+            CK(cudaSetDevice(v));
+            CK(mmad_relay_kernel_launch(dst0 + v * Q, host + v * Q, Q, KBLOCKS, leg[v]));
+            CK(cudaEventRecord(t_end[1][v], leg[v]));
+        }
+        return;
+    }
+    size_t nch = (Q + CH - 1) / CH;
+    /* chunk by chunk across the via GPUs, so that each starts at once */
+    for (size_t k = 0; k < nch; k++)
+        for (int v = 1; v < NG; v++) {
+            int sl = (int)(k % (size_t)slots);
+            size_t off = v * Q + k * CH, n = Q - k * CH < CH ? Q - k * CH : CH;
+            char *st = stage[v] + (size_t)sl * CH;
+            CK(cudaSetDevice(v));
+            int pushed = m == M_VIA;
+            if (k >= (size_t)slots)
+                CK(cudaStreamWaitEvent(leg[v], freed[pushed][v][sl], 0));
+            CK(cudaMemcpyAsync(st, host + off, n, cudaMemcpyHostToDevice, leg[v]));
+            CK(cudaEventRecord(ready[v][sl], leg[v]));
+            cudaStream_t h = pushed ? push[v] : pull[v];
+            CK(cudaSetDevice(pushed ? v : 0));
+            CK(cudaStreamWaitEvent(h, ready[v][sl], 0));
+            if (m == M_KERNEL)
+                CK(mmad_relay_kernel_launch(dst0 + off, st, n, KBLOCKS, h));
+            else
+                CK(cudaMemcpyAsync(dst0 + off, st, n, cudaMemcpyDeviceToDevice, h));
+            CK(cudaEventRecord(freed[pushed][v][sl], h));
+            if (k == nch - 1)
+                CK(cudaEventRecord(t_end[pushed][v], h));
+        }
+}
+
+/* One run of mode m: wall µs from the gate's opening until every path is
+ * done (host clock), and each path's end (µs after the gate's event). */
+static double run(int m, double *end_us)
+{
+    for (int g = 0; g < NG; g++) {
+        CK(cudaSetDevice(g));
+        CK(cudaDeviceSynchronize());
+    }
+    gate_shut();
+    issue(m);
+    double t0 = mma_now_us();
+    gate_open();
+    for (int g = 0; g < NG; g++) {
+        int on0 = ends_on_gpu0(m, g);
+        CK(cudaSetDevice(on0 ? 0 : g));
+        CK(cudaEventSynchronize(t_end[!on0][g]));
+    }
+    double us = mma_now_us() - t0;
+    for (int g = 0; g < NG; g++) {
+        int on0 = ends_on_gpu0(m, g);
+        float ms = 0;
+        CK(cudaSetDevice(on0 ? 0 : g));
+        CK(cudaEventElapsedTime(&ms, on0 ? go : started[g], t_end[!on0][g]));
+        end_us[g] = ms * 1e3;
+    }
+    return us;
+}
+
+/* After a run of m: its destination against the host. */
+static int check(int m)
+{
+    char *h = (char *)malloc(S);
+    if (!h)
+        exit(1);
+    int ok = 1;
+    if (m == M_CE4) {
+        for (int g = 0; g < NG && ok; g++) {
+            CK(cudaSetDevice(g));
+            CK(cudaMemcpy(h, own[g], Q, cudaMemcpyDeviceToHost));
+            ok = memcmp(h, host + g * Q, Q) == 0;
+        }
+    } else {
+        CK(cudaSetDevice(0));
+        CK(cudaMemcpy(h, dst0, S, cudaMemcpyDeviceToHost));
+        ok = memcmp(h, host, S) == 0;
+    }
+    free(h);
+    if (!ok)
+        fprintf(stderr, "mma-staged: %s: the destination's bytes differ from the host's\n", mode_name[m]);
+    return ok;
+}
+
+static void clear(void)
+{
+    for (int g = 0; g < NG; g++) {
+        CK(cudaSetDevice(g));
+        CK(cudaMemset(own[g], 0, Q));
+        CK(cudaDeviceSynchronize());
+    }
+    CK(cudaSetDevice(0));
+    CK(cudaMemset(dst0, 0, S));
+    CK(cudaDeviceSynchronize());
+}
+
+int main(int argc, char **argv)
+{
+    S = (size_t)(argc > 1 ? atoi(argv[1]) : 256) << 20;
+    CH = (size_t)(argc > 2 ? atof(argv[2]) * 1048576.0 : 8 << 20);
+    int rounds = argc > 3 ? atoi(argv[3]) : 7;
+    slots = argc > 4 ? atoi(argv[4]) : 4;
+    if (S < ((size_t)4 << 20) || S % ((size_t)4 << 16) || CH < 65536 || CH % 65536 || rounds < 1 || rounds > 64 ||
+        slots < 1 || slots > MAXSLOTS || S / NG / CH > 64) {
+        fprintf(stderr, "usage: mma-staged [size_MiB>=4, a multiple of 256 KiB=256] [chunk_MiB, a multiple of 64 KiB=8] "
+                        "[rounds 1-64=7] [slots 1-%d=4]; at most 64 chunks a path\n",
+                MAXSLOTS);
+        return 2;
+    }
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n < NG) {
+        fprintf(stderr, "mma-staged: needs %d GPUs, found %d\n", NG, n);
+        return 77;
+    }
+    Q = S / NG;
+    CK(cudaHostAlloc((void **)&host, S, cudaHostAllocPortable | cudaHostAllocMapped));
+    for (size_t i = 0; i < S / 4; i++)
+        ((uint32_t *)host)[i] = (uint32_t)(i * 2654435761u);
+    CK(cudaHostAlloc((void **)&gate_flag, sizeof(int), cudaHostAllocPortable | cudaHostAllocMapped));
+    for (int g = 0; g < NG; g++) {
+        CK(cudaSetDevice(g));
+        for (int p = 0; p < NG; p++) {
+            int can = 0;
+            if (p == g)
+                continue;
+            CK(cudaDeviceCanAccessPeer(&can, g, p));
+            if (!can) {
+                fprintf(stderr, "mma-staged: gpu%d cannot reach gpu%d's memory\n", g, p);
+                return 77;
+            }
+            CK(cudaDeviceEnablePeerAccess(p, 0));
+        }
+        CK(cudaStreamCreateWithFlags(&leg[g], cudaStreamNonBlocking));
+        CK(cudaStreamCreateWithFlags(&push[g], cudaStreamNonBlocking));
+        CK(cudaEventCreate(&t_end[1][g]));
+        CK(cudaEventCreate(&started[g]));
+        for (int k = 0; k < slots; k++) {
+            CK(cudaEventCreateWithFlags(&ready[g][k], cudaEventDisableTiming));
+            CK(cudaEventCreateWithFlags(&freed[1][g][k], cudaEventDisableTiming));
+        }
+        if (g) {
+            CK(cudaMalloc((void **)&own[g], Q));
+            CK(cudaMalloc((void **)&stage[g], (size_t)slots * CH));
+        }
+    }
+    CK(cudaSetDevice(0));
+    CK(cudaMalloc((void **)&dst0, S));
+    CK(cudaMalloc((void **)&own[0], Q));
+    CK(cudaStreamCreateWithFlags(&gate_st, cudaStreamNonBlocking));
+    CK(cudaEventCreate(&go));
+    for (int g = 0; g < NG; g++) {
+        CK(cudaStreamCreateWithFlags(&pull[g], cudaStreamNonBlocking));
+        CK(cudaEventCreate(&t_end[0][g]));
+        for (int k = 0; k < slots; k++)
+            CK(cudaEventCreateWithFlags(&freed[0][g][k], cudaEventDisableTiming));
+    }
+    struct cudaDeviceProp p;
+    CK(cudaGetDeviceProperties(&p, 0));
+    printf("# mma-staged on %d x %s: one H2D copy of %zu MiB into gpu0, a quarter a path, %.2f MiB chunks, %d "
+           "staging slots a via GPU, every call issued before a gate opens; %d rounds in turns, medians\n",
+           NG, p.name, S >> 20, CH / 1048576.0, slots, rounds);
+
+    double us[NM][64], pct[NM][64], end[NM][64][NG], e[NG];
+    for (int r = -1; r < rounds; r++) /* round -1 warms up */
+        for (int m = 0; m < NM; m++) {
+            double t = run(m, e);
+            if (r < 0)
+                continue;
+            us[m][r] = t;
+            memcpy(end[m][r], e, sizeof e);
+        }
+    for (int r = 0; r < rounds; r++)
+        for (int m = 0; m < NM; m++)
+            pct[m][r] = 100.0 * us[M_CE4][r] / us[m][r];
+    printf("%-8s %10s %9s %8s   path ends, us after the gate (gpu0 direct, then via gpu1..3)\n", "mode", "wall us",
+           "GB/s", "%ce4");
+    for (int m = 0; m < NM; m++) {
+        qsort(us[m], (size_t)rounds, sizeof(double), mma_cmp_double);
+        qsort(pct[m], (size_t)rounds, sizeof(double), mma_cmp_double);
+        double t = us[m][rounds / 2];
+        printf("%-8s %10.1f %9.1f %7.1f%%  ", mode_name[m], t, S / t / 1e3, pct[m][rounds / 2]);
+        for (int g = 0; g < NG; g++) {
+            double col[64];
+            for (int r = 0; r < rounds; r++)
+                col[r] = end[m][r][g];
+            qsort(col, (size_t)rounds, sizeof(double), mma_cmp_double);
+            printf(" %8.1f", col[rounds / 2]);
+        }
+        printf("\n");
+    }
+    int bad = 0;
+    for (int m = 0; m < NM; m++) {
+        clear();
+        double t = run(m, e);
+        (void)t;
+        bad += !check(m);
+    }
+    printf("bytes %s\n", bad ? "DIFFER" : "ok (every mode's destination checked against the host)");
+    return bad ? 1 : 0;
+}
