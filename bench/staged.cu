@@ -21,16 +21,20 @@
  *            ceiling for these bytes), and
  *   onehop   gpus 1..3 each a relay kernel reading host memory and writing
  *            gpu0 (mmad below 128 MiB), gpu0 its copy engine.
- * Modes run in turns, ROUNDS times; each figure is the median, and "%ce4" is
- * the median of each round's time against that round's ce4. Every mode's
+ * Each mode runs on each kind of pinned host memory (see host_alloc), all in
+ * turns, ROUNDS times; each figure is the median, and "%ce4" is the median
+ * of each round's time against that round's ce4 on cudaHostAlloc'ed memory. Every mode's
  * destination is checked against the host after its last run.
  * At most 64 chunks a path: every call waits behind the gate, and a stream
  * holds only so many before the issuing call would block.
  *   mma-staged [size_MiB=256] [chunk_MiB=8] [rounds=7] [slots=4] */
 #include <cuda_runtime_api.h>
 #include <stdint.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <errno.h>
 #include <string.h>
 
 #include "cuda_check.h"
@@ -46,7 +50,15 @@ static const char *mode_name[NM] = {"ce4", "target", "via", "kernel", "onehop"};
 
 static size_t S, Q, CH; /* copy, quarter, chunk */
 static int slots;
-static char *host;                      /* S bytes, pinned, portable, mapped */
+/* The host buffer, S bytes, pinned, portable, mapped, of one of these kinds:
+ *   alloc    cudaHostAlloc
+ *   memfd    a memfd mapping, cudaHostRegister'ed (what mma_host_alloc gives)
+ *   thp      the same with madvise(MADV_HUGEPAGE) before its pages exist
+ *   hugetlb  a memfd of 2 MiB pages (MFD_HUGETLB; only where pages are reserved) */
+enum { H_ALLOC, H_MEMFD, H_THP, H_HUGETLB, NH };
+static const char *host_name[NH] = {"alloc", "memfd", "thp", "hugetlb"};
+static char *hosts[NH];
+static char *host; /* the one in use */
 static char *dst0;                      /* gpu0: S bytes */
 static char *own[NG];                   /* ce4: each GPU's own S/4 (gpu0's is dst0) */
 static char *stage[NG];                 /* via GPUs: slots x CH */
@@ -199,6 +211,45 @@ static int check(int m)
     return ok;
 }
 
+static char *host_alloc(int kind)
+{
+    void *p = NULL;
+    if (kind == H_ALLOC) {
+        CK(cudaHostAlloc(&p, S, cudaHostAllocPortable | cudaHostAllocMapped));
+        return (char *)p;
+    }
+    int fd = memfd_create(host_name[kind], MFD_CLOEXEC | (kind == H_HUGETLB ? MFD_HUGETLB : 0));
+    if (fd < 0 || ftruncate(fd, (off_t)S) != 0) {
+        printf("# host memory %s: not here (%s)\n", host_name[kind], strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return NULL;
+    }
+    p = mmap(NULL, S, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (p == MAP_FAILED) {
+        printf("# host memory %s: not here (mmap: %s)\n", host_name[kind], strerror(errno));
+        return NULL;
+    }
+    if (kind == H_THP && madvise(p, S, MADV_HUGEPAGE) != 0)
+        printf("# host memory thp: madvise: %s\n", strerror(errno));
+    memset(p, 0, S); /* the pages exist before they are pinned */
+    CK(cudaHostRegister(p, S, cudaHostRegisterPortable | cudaHostRegisterMapped));
+    return (char *)p;
+}
+
+/* The ShmemHugePages line of /proc/meminfo: did thp take? */
+static void meminfo_huge(void)
+{
+    FILE *f = fopen("/proc/meminfo", "r");
+    char line[256];
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "ShmemHugePages", 14) || !strncmp(line, "HugePages_Total", 15))
+            printf("# %s", line);
+    if (f)
+        fclose(f);
+}
+
 static void clear(void)
 {
     for (int g = 0; g < NG; g++) {
@@ -224,15 +275,24 @@ int main(int argc, char **argv)
                 MAXSLOTS);
         return 2;
     }
+    /* A kernel's first launch may load its module, which waits for the GPU:
+     * behind a shut gate that waits forever. Load every module up front. */
+    setenv("CUDA_MODULE_LOADING", "EAGER", 1);
+    setvbuf(stdout, NULL, _IOLBF, 0);
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess || n < NG) {
         fprintf(stderr, "mma-staged: needs %d GPUs, found %d\n", NG, n);
         return 77;
     }
     Q = S / NG;
-    CK(cudaHostAlloc((void **)&host, S, cudaHostAllocPortable | cudaHostAllocMapped));
-    for (size_t i = 0; i < S / 4; i++)
-        ((uint32_t *)host)[i] = (uint32_t)(i * 2654435761u);
+    for (int h = 0; h < NH; h++) {
+        hosts[h] = host_alloc(h);
+        if (!hosts[h])
+            continue;
+        for (size_t i = 0; i < S / 4; i++)
+            ((uint32_t *)hosts[h])[i] = (uint32_t)(i * 2654435761u);
+    }
+    host = hosts[H_ALLOC];
     CK(cudaHostAlloc((void **)&gate_flag, sizeof(int), cudaHostAllocPortable | cudaHostAllocMapped));
     for (int g = 0; g < NG; g++) {
         CK(cudaSetDevice(g));
@@ -271,46 +331,69 @@ int main(int argc, char **argv)
         for (int k = 0; k < slots; k++)
             CK(cudaEventCreateWithFlags(&freed[0][g][k], cudaEventDisableTiming));
     }
+    /* and each kernel once on every GPU, the gate open */
+    *gate_flag = 1;
+    for (int g = 0; g < NG; g++) {
+        CK(cudaSetDevice(g));
+        k_gate<<<1, 1, 0, leg[g]>>>(gate_flag);
+        CK(cudaGetLastError());
+        CK(mmad_relay_kernel_launch(own[g], host, 65536, KBLOCKS, leg[g]));
+        CK(cudaDeviceSynchronize());
+    }
     struct cudaDeviceProp p;
     CK(cudaGetDeviceProperties(&p, 0));
     printf("# mma-staged on %d x %s: one H2D copy of %zu MiB into gpu0, a quarter a path, %.2f MiB chunks, %d "
            "staging slots a via GPU, every call issued before a gate opens; %d rounds in turns, medians\n",
            NG, p.name, S >> 20, CH / 1048576.0, slots, rounds);
 
-    double us[NM][64], pct[NM][64], end[NM][64][NG], e[NG];
+    meminfo_huge();
+    /* configurations: every mode on every kind of host memory there is */
+    static double us[NM * NH][64], pct[NM * NH][64], end[NM * NH][64][NG];
+    double e[NG];
+    int cfg[NM * NH], nc = 0;
+    for (int h = 0; h < NH; h++)
+        for (int m = 0; m < NM; m++)
+            if (hosts[h])
+                cfg[nc++] = h * NM + m;
     for (int r = -1; r < rounds; r++) /* round -1 warms up */
-        for (int m = 0; m < NM; m++) {
-            double t = run(m, e);
+        for (int i = 0; i < nc; i++) {
+            host = hosts[cfg[i] / NM];
+            double t = run(cfg[i] % NM, e);
             if (r < 0)
                 continue;
-            us[m][r] = t;
-            memcpy(end[m][r], e, sizeof e);
+            us[i][r] = t;
+            memcpy(end[i][r], e, sizeof e);
         }
+    /* cfg[0] is ce4 on cudaHostAlloc'ed memory: every row against it */
     for (int r = 0; r < rounds; r++)
-        for (int m = 0; m < NM; m++)
-            pct[m][r] = 100.0 * us[M_CE4][r] / us[m][r];
-    printf("%-8s %10s %9s %8s   path ends, us after the gate (gpu0 direct, then via gpu1..3)\n", "mode", "wall us",
-           "GB/s", "%ce4");
-    for (int m = 0; m < NM; m++) {
-        qsort(us[m], (size_t)rounds, sizeof(double), mma_cmp_double);
-        qsort(pct[m], (size_t)rounds, sizeof(double), mma_cmp_double);
-        double t = us[m][rounds / 2];
-        printf("%-8s %10.1f %9.1f %7.1f%%  ", mode_name[m], t, S / t / 1e3, pct[m][rounds / 2]);
+        for (int i = 0; i < nc; i++)
+            pct[i][r] = 100.0 * us[0][r] / us[i][r];
+    printf("%-8s %-8s %10s %9s %8s   path ends, us after the gate (gpu0 direct, then via gpu1..3)\n", "host",
+           "mode", "wall us", "GB/s", "%ce4");
+    for (int i = 0; i < nc; i++) {
+        qsort(us[i], (size_t)rounds, sizeof(double), mma_cmp_double);
+        qsort(pct[i], (size_t)rounds, sizeof(double), mma_cmp_double);
+        double t = us[i][rounds / 2];
+        printf("%-8s %-8s %10.1f %9.1f %7.1f%%  ", host_name[cfg[i] / NM], mode_name[cfg[i] % NM], t, S / t / 1e3,
+               pct[i][rounds / 2]);
         for (int g = 0; g < NG; g++) {
             double col[64];
             for (int r = 0; r < rounds; r++)
-                col[r] = end[m][r][g];
+                col[r] = end[i][r][g];
             qsort(col, (size_t)rounds, sizeof(double), mma_cmp_double);
             printf(" %8.1f", col[rounds / 2]);
         }
         printf("\n");
     }
     int bad = 0;
-    for (int m = 0; m < NM; m++) {
+    for (int i = 0; i < nc; i++) {
+        host = hosts[cfg[i] / NM];
         clear();
-        double t = run(m, e);
-        (void)t;
-        bad += !check(m);
+        run(cfg[i] % NM, e);
+        if (!check(cfg[i] % NM)) {
+            fprintf(stderr, "mma-staged: (on %s host memory)\n", host_name[cfg[i] / NM]);
+            bad++;
+        }
     }
     printf("bytes %s\n", bad ? "DIFFER" : "ok (every mode's destination checked against the host)");
     return bad ? 1 : 0;
