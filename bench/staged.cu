@@ -20,17 +20,25 @@
  *   ce4      every GPU's copy engine moving S/4 into its own memory (the
  *            ceiling for these bytes), and
  *   onehop   gpus 1..3 each a relay kernel reading host memory and writing
- *            gpu0 (mmad below 128 MiB), gpu0 its copy engine.
- * Each mode runs on each kind of pinned host memory (see host_alloc), all in
- * turns, ROUNDS times; each figure is the median, and "%ce4" is the median
- * of each round's time against that round's ce4 on cudaHostAlloc'ed memory. Every mode's
- * destination is checked against the host after its last run.
+ *            gpu0 (mmad below 128 MiB), gpu0 its copy engine,
+ * and one mode not behind the gate:
+ *   dyn2     as mmad issues: every path (the direct one too) in CHUNK
+ *            pieces, two in flight a path, the next issued once the oldest
+ *            is seen done; hops as in target.
+ * Each mode runs on each kind of pinned host memory (see host_alloc) and
+ * into each kind of destination (dsts: this process's allocation, or
+ * another process's opened through cudaIpc, as mmad sees a client's), all
+ * in turns, ROUNDS times; each figure is the median, and "%ce4" is the
+ * median of each round's time against that round's ce4 on cudaHostAlloc'ed
+ * memory. Every configuration's destination is checked against the host
+ * after its last run.
  * At most 64 chunks a path: every call waits behind the gate, and a stream
  * holds only so many before the issuing call would block.
  *   mma-staged [size_MiB=256] [chunk_MiB=8] [rounds=7] [slots=4] */
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,21 +53,30 @@
 #define MAXSLOTS 16
 #define KBLOCKS 16
 
-enum { M_CE4, M_TARGET, M_VIA, M_KERNEL, M_ONEHOP, NM };
-static const char *mode_name[NM] = {"ce4", "target", "via", "kernel", "onehop"};
+enum { M_CE4, M_TARGET, M_VIA, M_KERNEL, M_ONEHOP, M_DYN, NM };
+static const char *mode_name[NM] = {"ce4", "target", "via", "kernel", "onehop", "dyn2"};
 
 static size_t S, Q, CH; /* copy, quarter, chunk */
 static int slots;
 /* The host buffer, S bytes, pinned, portable, mapped, of one of these kinds:
  *   alloc    cudaHostAlloc
  *   memfd    a memfd mapping, cudaHostRegister'ed (what mma_host_alloc gives)
- *   thp      the same with madvise(MADV_HUGEPAGE) before its pages exist
- *   hugetlb  a memfd of 2 MiB pages (MFD_HUGETLB; only where pages are reserved) */
-enum { H_ALLOC, H_MEMFD, H_THP, H_HUGETLB, NH };
-static const char *host_name[NH] = {"alloc", "memfd", "thp", "hugetlb"};
+ * (On 4x H200 the two ran alike, and so did a memfd with MADV_HUGEPAGE,
+ * where shmem THP was off; MFD_HUGETLB had no pages reserved: commit
+ * d63d44e's mma-staged, bench/results/2026-11-27-4xH200-staged/.) */
+enum { H_ALLOC, H_MEMFD, NH };
+static const char *host_name[NH] = {"alloc", "memfd"};
 static char *hosts[NH];
 static char *host; /* the one in use */
-static char *dst0;                      /* gpu0: S bytes */
+/* The destination, S bytes of gpu0's memory, as GPU g addresses it:
+ *   local  cudaMalloc'ed here (peer access reaches it from every GPU)
+ *   ipc    another process's allocation (a child's, as a client's is to
+ *          mmad), opened through cudaIpc on every GPU, as mmad does */
+enum { D_LOCAL, D_IPC, ND };
+static const char *dst_name[ND] = {"local", "ipc"};
+static char *dsts[ND][NG];
+static char **dstp; /* the kind in use */
+#define dst0 dstp[0]
 static char *own[NG];                   /* ce4: each GPU's own S/4 (gpu0's is dst0) */
 static char *stage[NG];                 /* via GPUs: slots x CH */
 static cudaStream_t leg[NG];            /* the PCIe legs (gpu0's: the direct quarter) */
@@ -128,7 +145,7 @@ static void issue(int m)
     if (m == M_ONEHOP) {
         for (int v = 1; v < NG; v++) {
             CK(cudaSetDevice(v));
-            CK(mmad_relay_kernel_launch(dst0 + v * Q, host + v * Q, Q, KBLOCKS, leg[v]));
+            CK(mmad_relay_kernel_launch(dstp[v] + v * Q, host + v * Q, Q, KBLOCKS, leg[v]));
             CK(cudaEventRecord(t_end[1][v], leg[v]));
         }
         return;
@@ -152,17 +169,75 @@ static void issue(int m)
             if (m == M_KERNEL)
                 CK(mmad_relay_kernel_launch(dst0 + off, st, n, KBLOCKS, h));
             else
-                CK(cudaMemcpyAsync(dst0 + off, st, n, cudaMemcpyDeviceToDevice, h));
+                CK(cudaMemcpyAsync(dstp[pushed ? v : 0] + off, st, n, cudaMemcpyDeviceToDevice, h));
             CK(cudaEventRecord(freed[pushed][v][sl], h));
             if (k == nch - 1)
                 CK(cudaEventRecord(t_end[pushed][v], h));
         }
 }
 
+/* dyn2: as mmad issues a copy: every path (gpu0's direct one too) in CH
+ * chunks, at most DYN_DEPTH in flight a path, the next issued once the
+ * oldest is seen done (cudaEventQuery, polled); relays hop as in target.
+ * Returns wall µs; end_us: when each path was seen done. */
+#define DYN_DEPTH 2
+static cudaEvent_t dyn_done[NG][MAXSLOTS]; /* gpu0's: a path's chunk done */
+
+static double run_dyn(double *end_us)
+{
+    for (int g = 0; g < NG; g++) {
+        CK(cudaSetDevice(g));
+        CK(cudaDeviceSynchronize());
+    }
+    size_t nch = (Q + CH - 1) / CH, next[NG] = {0}, oldest[NG] = {0};
+    int left = NG;
+    double t0 = mma_now_us();
+    while (left > 0)
+        for (int g = 0; g < NG; g++) {
+            if (oldest[g] == nch)
+                continue;
+            if (oldest[g] < next[g]) {
+                CK(cudaSetDevice(0));
+                cudaError_t q = cudaEventQuery(dyn_done[g][oldest[g] % (size_t)slots]);
+                if (q == cudaErrorNotReady) {
+                    (void)cudaGetLastError();
+                } else {
+                    CK(q);
+                    if (++oldest[g] == nch) {
+                        end_us[g] = mma_now_us() - t0;
+                        left--;
+                        continue;
+                    }
+                }
+            }
+            while (next[g] < nch && next[g] - oldest[g] < DYN_DEPTH) {
+                size_t k = next[g]++, off = g * Q + k * CH, n = Q - k * CH < CH ? Q - k * CH : CH;
+                int sl = (int)(k % (size_t)slots);
+                if (g == 0) {
+                    CK(cudaSetDevice(0));
+                    CK(cudaMemcpyAsync(dst0 + off, host + off, n, cudaMemcpyHostToDevice, leg[0]));
+                    CK(cudaEventRecord(dyn_done[0][sl], leg[0]));
+                    continue;
+                }
+                char *st = stage[g] + (size_t)sl * CH;
+                CK(cudaSetDevice(g));
+                CK(cudaMemcpyAsync(st, host + off, n, cudaMemcpyHostToDevice, leg[g]));
+                CK(cudaEventRecord(ready[g][sl], leg[g]));
+                CK(cudaSetDevice(0));
+                CK(cudaStreamWaitEvent(pull[g], ready[g][sl], 0));
+                CK(cudaMemcpyAsync(dst0 + off, st, n, cudaMemcpyDeviceToDevice, pull[g]));
+                CK(cudaEventRecord(dyn_done[g][sl], pull[g]));
+            }
+        }
+    return mma_now_us() - t0;
+}
+
 /* One run of mode m: wall µs from the gate's opening until every path is
  * done (host clock), and each path's end (µs after the gate's event). */
 static double run(int m, double *end_us)
 {
+    if (m == M_DYN)
+        return run_dyn(end_us);
     for (int g = 0; g < NG; g++) {
         CK(cudaSetDevice(g));
         CK(cudaDeviceSynchronize());
@@ -218,7 +293,7 @@ static char *host_alloc(int kind)
         CK(cudaHostAlloc(&p, S, cudaHostAllocPortable | cudaHostAllocMapped));
         return (char *)p;
     }
-    int fd = memfd_create(host_name[kind], MFD_CLOEXEC | (kind == H_HUGETLB ? MFD_HUGETLB : 0));
+    int fd = memfd_create(host_name[kind], MFD_CLOEXEC);
     if (fd < 0 || ftruncate(fd, (off_t)S) != 0) {
         printf("# host memory %s: not here (%s)\n", host_name[kind], strerror(errno));
         if (fd >= 0)
@@ -231,23 +306,28 @@ static char *host_alloc(int kind)
         printf("# host memory %s: not here (mmap: %s)\n", host_name[kind], strerror(errno));
         return NULL;
     }
-    if (kind == H_THP && madvise(p, S, MADV_HUGEPAGE) != 0)
-        printf("# host memory thp: madvise: %s\n", strerror(errno));
     memset(p, 0, S); /* the pages exist before they are pinned */
     CK(cudaHostRegister(p, S, cudaHostRegisterPortable | cudaHostRegisterMapped));
     return (char *)p;
 }
 
-/* The ShmemHugePages line of /proc/meminfo: did thp take? */
-static void meminfo_huge(void)
+/* A child process owns the ipc destination, as a client owns what it
+ * hands mmad: forked before this process touches CUDA (a forked child
+ * cannot use it after), it allocates S bytes on gpu0, sends the handle
+ * down `out` and holds the memory until `hold` closes. */
+static void ipc_owner(int out, int hold)
 {
-    FILE *f = fopen("/proc/meminfo", "r");
-    char line[256];
-    while (f && fgets(line, sizeof line, f))
-        if (!strncmp(line, "ShmemHugePages", 14) || !strncmp(line, "HugePages_Total", 15))
-            printf("# %s", line);
-    if (f)
-        fclose(f);
+    void *p = NULL;
+    cudaIpcMemHandle_t h;
+    memset(&h, 0, sizeof h);
+    if (cudaSetDevice(0) != cudaSuccess || cudaMalloc(&p, S) != cudaSuccess || cudaIpcGetMemHandle(&h, p) != cudaSuccess)
+        memset(&h, 0, sizeof h); /* all zero: the parent reports it */
+    if (write(out, &h, sizeof h) != (ssize_t)sizeof h)
+        _exit(1);
+    char c;
+    while (read(hold, &c, 1) > 0)
+        ;
+    _exit(0);
 }
 
 static void clear(void)
@@ -279,6 +359,23 @@ int main(int argc, char **argv)
      * behind a shut gate that waits forever. Load every module up front. */
     setenv("CUDA_MODULE_LOADING", "EAGER", 1);
     setvbuf(stdout, NULL, _IOLBF, 0);
+    int hpipe[2], hold[2];
+    if (pipe(hpipe) != 0 || pipe(hold) != 0) {
+        perror("mma-staged: pipe");
+        return 1;
+    }
+    pid_t owner = fork();
+    if (owner < 0) {
+        perror("mma-staged: fork");
+        return 1;
+    }
+    if (owner == 0) {
+        close(hpipe[0]);
+        close(hold[1]);
+        ipc_owner(hpipe[1], hold[0]);
+    }
+    close(hpipe[1]);
+    close(hold[0]);
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess || n < NG) {
         fprintf(stderr, "mma-staged: needs %d GPUs, found %d\n", NG, n);
@@ -321,15 +418,31 @@ int main(int argc, char **argv)
         }
     }
     CK(cudaSetDevice(0));
-    CK(cudaMalloc((void **)&dst0, S));
+    CK(cudaMalloc((void **)&dsts[D_LOCAL][0], S));
+    for (int g = 1; g < NG; g++)
+        dsts[D_LOCAL][g] = dsts[D_LOCAL][0];
+    cudaIpcMemHandle_t ih, zero;
+    memset(&zero, 0, sizeof zero);
+    if (read(hpipe[0], &ih, sizeof ih) != (ssize_t)sizeof ih || !memcmp(&ih, &zero, sizeof ih)) {
+        fprintf(stderr, "mma-staged: the child could not allocate or export gpu0 memory\n");
+        return 1;
+    }
+    for (int g = 0; g < NG; g++) {
+        CK(cudaSetDevice(g));
+        CK(cudaIpcOpenMemHandle((void **)&dsts[D_IPC][g], ih, cudaIpcMemLazyEnablePeerAccess));
+    }
+    CK(cudaSetDevice(0));
+    dstp = dsts[D_LOCAL];
     CK(cudaMalloc((void **)&own[0], Q));
     CK(cudaStreamCreateWithFlags(&gate_st, cudaStreamNonBlocking));
     CK(cudaEventCreate(&go));
     for (int g = 0; g < NG; g++) {
         CK(cudaStreamCreateWithFlags(&pull[g], cudaStreamNonBlocking));
         CK(cudaEventCreate(&t_end[0][g]));
-        for (int k = 0; k < slots; k++)
+        for (int k = 0; k < slots; k++) {
             CK(cudaEventCreateWithFlags(&freed[0][g][k], cudaEventDisableTiming));
+            CK(cudaEventCreateWithFlags(&dyn_done[g][k], cudaEventDisableTiming));
+        }
     }
     /* and each kernel once on every GPU, the gate open */
     *gate_flag = 1;
@@ -346,19 +459,25 @@ int main(int argc, char **argv)
            "staging slots a via GPU, every call issued before a gate opens; %d rounds in turns, medians\n",
            NG, p.name, S >> 20, CH / 1048576.0, slots, rounds);
 
-    meminfo_huge();
-    /* configurations: every mode on every kind of host memory there is */
-    static double us[NM * NH][64], pct[NM * NH][64], end[NM * NH][64][NG];
+    /* configurations: every mode on every kind of host memory and
+     * destination; ce4 (each GPU's own memory) once a host kind */
+    enum { NCFG = NM * NH * ND };
+    static double us[NCFG][64], pct[NCFG][64], end[NCFG][64][NG];
     double e[NG];
-    int cfg[NM * NH], nc = 0;
+    int cfg[NCFG], nc = 0; /* (h * ND + d) * NM + m */
     for (int h = 0; h < NH; h++)
-        for (int m = 0; m < NM; m++)
-            if (hosts[h])
-                cfg[nc++] = h * NM + m;
+        for (int d = 0; d < ND; d++)
+            for (int m = 0; m < NM; m++)
+                if (hosts[h] && (m != M_CE4 || d == D_LOCAL))
+                    cfg[nc++] = (h * ND + d) * NM + m;
+#define CFG_H(c) ((c) / NM / ND)
+#define CFG_D(c) ((c) / NM % ND)
+#define CFG_M(c) ((c) % NM)
     for (int r = -1; r < rounds; r++) /* round -1 warms up */
         for (int i = 0; i < nc; i++) {
-            host = hosts[cfg[i] / NM];
-            double t = run(cfg[i] % NM, e);
+            host = hosts[CFG_H(cfg[i])];
+            dstp = dsts[CFG_D(cfg[i])];
+            double t = run(CFG_M(cfg[i]), e);
             if (r < 0)
                 continue;
             us[i][r] = t;
@@ -368,14 +487,14 @@ int main(int argc, char **argv)
     for (int r = 0; r < rounds; r++)
         for (int i = 0; i < nc; i++)
             pct[i][r] = 100.0 * us[0][r] / us[i][r];
-    printf("%-8s %-8s %10s %9s %8s   path ends, us after the gate (gpu0 direct, then via gpu1..3)\n", "host",
-           "mode", "wall us", "GB/s", "%ce4");
+    printf("%-6s %-6s %-8s %10s %9s %8s   path ends, us after the gate (gpu0 direct, then via gpu1..3)\n", "host",
+           "dst", "mode", "wall us", "GB/s", "%ce4");
     for (int i = 0; i < nc; i++) {
         qsort(us[i], (size_t)rounds, sizeof(double), mma_cmp_double);
         qsort(pct[i], (size_t)rounds, sizeof(double), mma_cmp_double);
         double t = us[i][rounds / 2];
-        printf("%-8s %-8s %10.1f %9.1f %7.1f%%  ", host_name[cfg[i] / NM], mode_name[cfg[i] % NM], t, S / t / 1e3,
-               pct[i][rounds / 2]);
+        printf("%-6s %-6s %-8s %10.1f %9.1f %7.1f%%  ", host_name[CFG_H(cfg[i])], dst_name[CFG_D(cfg[i])],
+               mode_name[CFG_M(cfg[i])], t, S / t / 1e3, pct[i][rounds / 2]);
         for (int g = 0; g < NG; g++) {
             double col[64];
             for (int r = 0; r < rounds; r++)
@@ -387,14 +506,18 @@ int main(int argc, char **argv)
     }
     int bad = 0;
     for (int i = 0; i < nc; i++) {
-        host = hosts[cfg[i] / NM];
+        host = hosts[CFG_H(cfg[i])];
+        dstp = dsts[CFG_D(cfg[i])];
         clear();
-        run(cfg[i] % NM, e);
-        if (!check(cfg[i] % NM)) {
-            fprintf(stderr, "mma-staged: (on %s host memory)\n", host_name[cfg[i] / NM]);
+        run(CFG_M(cfg[i]), e);
+        if (!check(CFG_M(cfg[i]))) {
+            fprintf(stderr, "mma-staged: (%s host memory, %s destination)\n", host_name[CFG_H(cfg[i])],
+                    dst_name[CFG_D(cfg[i])]);
             bad++;
         }
     }
-    printf("bytes %s\n", bad ? "DIFFER" : "ok (every mode's destination checked against the host)");
+    printf("bytes %s\n", bad ? "DIFFER" : "ok (every configuration's destination checked against the host)");
+    close(hold[1]); /* the owner may go */
+    waitpid(owner, NULL, 0);
     return bad ? 1 : 0;
 }
