@@ -24,7 +24,11 @@
  * and one mode not behind the gate:
  *   dyn2     as mmad issues: every path (the direct one too) in CHUNK
  *            pieces, two in flight a path, the next issued once the oldest
- *            is seen done; hops as in target.
+ *            is seen done (an event after it, queried); hops as in target.
+ *   dyn2f    the same, each chunk's end a host word its stream writes
+ *            (cuStreamWriteValue64, as mmad's --completion=flags), polled
+ *   dyn2n    the same without the memory barrier before the write
+ *            (CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER)
  * Each mode runs on each kind of pinned host memory (see host_alloc) and
  * into each kind of destination (dsts: this process's allocation, or
  * another process's opened through cudaIpc, as mmad sees a client's), all
@@ -35,6 +39,7 @@
  * At most 64 chunks a path: every call waits behind the gate, and a stream
  * holds only so many before the issuing call would block.
  *   mma-staged [size_MiB=256] [chunk_MiB=8] [rounds=7] [slots=4] */
+#include <cuda.h>
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 #include <sys/mman.h>
@@ -53,8 +58,8 @@
 #define MAXSLOTS 16
 #define KBLOCKS 16
 
-enum { M_CE4, M_TARGET, M_VIA, M_KERNEL, M_ONEHOP, M_DYN, NM };
-static const char *mode_name[NM] = {"ce4", "target", "via", "kernel", "onehop", "dyn2"};
+enum { M_CE4, M_TARGET, M_VIA, M_KERNEL, M_ONEHOP, M_DYN, M_DYNF, M_DYNN, NM };
+static const char *mode_name[NM] = {"ce4", "target", "via", "kernel", "onehop", "dyn2", "dyn2f", "dyn2n"};
 
 static size_t S, Q, CH; /* copy, quarter, chunk */
 static int slots;
@@ -176,6 +181,12 @@ static void issue(int m)
         }
 }
 
+/* cuStreamWriteValue64, fetched at run time (the runtime is linked, not
+ * the driver), and the host words the dyn2f/dyn2n chunks' marks write. */
+static CUresult (*write64)(CUstream, CUdeviceptr, cuuint64_t, unsigned int);
+static volatile uint64_t *flags; /* [NG][MAXSLOTS] */
+static uint64_t flag_seq;
+
 /* dyn2: as mmad issues a copy: every path (gpu0's direct one too) in CH
  * chunks, at most DYN_DEPTH in flight a path, the next issued once the
  * oldest is seen done (cudaEventQuery, polled); relays hop as in target.
@@ -183,8 +194,28 @@ static void issue(int m)
 #define DYN_DEPTH 2
 static cudaEvent_t dyn_done[NG][MAXSLOTS]; /* gpu0's: a path's chunk done */
 
-static double run_dyn(double *end_us)
+/* Mark path g's chunk in slot sl done on st (a stream of gpu0, current). */
+static void mark(int m, int g, int sl, cudaStream_t st, unsigned wflags, uint64_t want[NG][MAXSLOTS])
 {
+    if (m == M_DYN) {
+        CK(cudaEventRecord(dyn_done[g][sl], st));
+        return;
+    }
+    want[g][sl] = ++flag_seq;
+    CUresult r = write64((CUstream)st, (CUdeviceptr)(uintptr_t)&flags[g * MAXSLOTS + sl], want[g][sl], wflags);
+    if (r != CUDA_SUCCESS) {
+        fprintf(stderr, "mma-staged: cuStreamWriteValue64: error %d\n", (int)r);
+        exit(1);
+    }
+}
+
+static double run_dyn(int m, double *end_us)
+{
+    /* how a chunk's end is marked: an event (dyn2), or a host word written
+     * by the stream, as mmad's --completion=flags, with the memory barrier
+     * before it (dyn2f) or without (dyn2n) */
+    unsigned wflags = m == M_DYNN ? CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER : CU_STREAM_WRITE_VALUE_DEFAULT;
+    uint64_t want[NG][MAXSLOTS];
     for (int g = 0; g < NG; g++) {
         CK(cudaSetDevice(g));
         CK(cudaDeviceSynchronize());
@@ -197,8 +228,14 @@ static double run_dyn(double *end_us)
             if (oldest[g] == nch)
                 continue;
             if (oldest[g] < next[g]) {
-                CK(cudaSetDevice(0));
-                cudaError_t q = cudaEventQuery(dyn_done[g][oldest[g] % (size_t)slots]);
+                int sl = (int)(oldest[g] % (size_t)slots);
+                cudaError_t q = cudaSuccess;
+                if (m == M_DYN) {
+                    CK(cudaSetDevice(0));
+                    q = cudaEventQuery(dyn_done[g][sl]);
+                } else if (__atomic_load_n(&flags[g * MAXSLOTS + sl], __ATOMIC_ACQUIRE) != want[g][sl]) {
+                    q = cudaErrorNotReady;
+                }
                 if (q == cudaErrorNotReady) {
                     (void)cudaGetLastError();
                 } else {
@@ -216,7 +253,7 @@ static double run_dyn(double *end_us)
                 if (g == 0) {
                     CK(cudaSetDevice(0));
                     CK(cudaMemcpyAsync(dst0 + off, host + off, n, cudaMemcpyHostToDevice, leg[0]));
-                    CK(cudaEventRecord(dyn_done[0][sl], leg[0]));
+                    mark(m, 0, sl, leg[0], wflags, want);
                     continue;
                 }
                 char *st = stage[g] + (size_t)sl * CH;
@@ -226,7 +263,7 @@ static double run_dyn(double *end_us)
                 CK(cudaSetDevice(0));
                 CK(cudaStreamWaitEvent(pull[g], ready[g][sl], 0));
                 CK(cudaMemcpyAsync(dst0 + off, st, n, cudaMemcpyDeviceToDevice, pull[g]));
-                CK(cudaEventRecord(dyn_done[g][sl], pull[g]));
+                mark(m, g, sl, pull[g], wflags, want);
             }
         }
     return mma_now_us() - t0;
@@ -236,8 +273,8 @@ static double run_dyn(double *end_us)
  * done (host clock), and each path's end (µs after the gate's event). */
 static double run(int m, double *end_us)
 {
-    if (m == M_DYN)
-        return run_dyn(end_us);
+    if (m >= M_DYN)
+        return run_dyn(m, end_us);
     for (int g = 0; g < NG; g++) {
         CK(cudaSetDevice(g));
         CK(cudaDeviceSynchronize());
@@ -391,6 +428,16 @@ int main(int argc, char **argv)
     }
     host = hosts[H_ALLOC];
     CK(cudaHostAlloc((void **)&gate_flag, sizeof(int), cudaHostAllocPortable | cudaHostAllocMapped));
+    CK(cudaHostAlloc((void **)&flags, NG * MAXSLOTS * sizeof(uint64_t), cudaHostAllocPortable | cudaHostAllocMapped));
+    memset((void *)flags, 0, NG * MAXSLOTS * sizeof(uint64_t));
+    void *fn = NULL;
+    cudaDriverEntryPointQueryResult found;
+    CK(cudaGetDriverEntryPointByVersion("cuStreamWriteValue64", &fn, 12000, cudaEnableDefault, &found));
+    if (found != cudaDriverEntryPointSuccess || !fn) {
+        fprintf(stderr, "mma-staged: no cuStreamWriteValue64 in this driver\n");
+        return 77;
+    }
+    write64 = (CUresult(*)(CUstream, CUdeviceptr, cuuint64_t, unsigned int))fn;
     for (int g = 0; g < NG; g++) {
         CK(cudaSetDevice(g));
         for (int p = 0; p < NG; p++) {
