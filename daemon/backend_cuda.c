@@ -448,7 +448,8 @@ static int copy_on(cuda_be_t *s, void *dst, int dst_host, const void *src, int s
 
 /* Queue the chunk's completion mark on st, its last stream: its flag word,
  * reserved at submit (flag_reserve), or, without stream memory operations,
- * an event of gpu g's pool. The mark is the only thing c->be_priv holds. */
+ * an event of gpu g's pool (c->mark_gpu says which, for its return). The
+ * mark is the only thing c->be_priv holds. */
 static int mark_done_(cuda_be_t *s, mmad_chunk_t *c, int g, cudaStream_t st)
 {
     if (s->use_flags) {
@@ -465,6 +466,7 @@ static int mark_done_(cuda_be_t *s, mmad_chunk_t *c, int g, cudaStream_t st)
         return rc;
     }
     c->be_priv = done;
+    c->mark_gpu = g; /* its pool: not always the via GPU's (a hop on the target's stream) */
     return MMA_OK;
 }
 
@@ -995,7 +997,7 @@ static void chunk_release(cuda_be_t *s, mmad_chunk_t *c)
         if (s->use_flags)
             s->flag_free[s->flag_nfree++] = (int)(uintptr_t)c->be_priv - 1;
         else
-            event_put(&s->gpu[c->via].events, (cudaEvent_t)c->be_priv);
+            event_put(&s->gpu[c->mark_gpu].events, (cudaEvent_t)c->be_priv);
     }
     c->be_priv = NULL;
     slot_put(s, c->via, c->staging);

@@ -183,6 +183,7 @@ typedef struct mmad_chunk {
     int one_hop_edge;        /* sched (--edge-one-hop): a staged copy's relay edge, to go in one hop
                               * where the backend can, whatever the copy's size */
     void *be_priv;
+    int mark_gpu;            /* cuda, completion by events: the GPU whose pool be_priv's event is from */
     struct mmad_chunk *next;
 } mmad_chunk_t;
 

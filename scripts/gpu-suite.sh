@@ -4,6 +4,7 @@
 # (scripts/build-gpu.sh) and carried along. Writes everything under $OUT:
 #   machine.txt  GPUs, topology, driver      gpu_test.log  the gpu test suite
 #   gpu_test_via.log  the same with mmad --hop-side=via --relay-linger-us=0 (a launch per one-hop relay)
+#   gpu_test_events.log  the same with mmad --completion=events
 #   bench.txt    mma-bench's table           bench.csv     the same as CSV
 #   mmad.log     the daemon's log            paths.txt     mmactl status + paths
 #   scenarios.txt/.csv  contention, fairness and priority (mma-bench --scenarios)
@@ -32,6 +33,9 @@ echo "== gpu tests"
 test_rc=${PIPESTATUS[0]}
 echo "== gpu tests, relays' hops on the via GPU, a kernel launch per one-hop relay (--hop-side=via --relay-linger-us=0)"
 MMAD_EXTRA="--hop-side=via --relay-linger-us=0" "$B/tests/gpu/gpu_test" 2>&1 | tee "$OUT/gpu_test_via.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || test_rc=1
+echo "== gpu tests, chunks' ends seen through CUDA events (--completion=events)"
+MMAD_EXTRA="--completion=events" "$B/tests/gpu/gpu_test" 2>&1 | tee "$OUT/gpu_test_events.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || test_rc=1
 
 echo "== benchmark"
