@@ -27,8 +27,11 @@
  *            is seen done (an event after it, queried); hops as in target.
  *   dyn2f    the same, each chunk's end a host word its stream writes
  *            (cuStreamWriteValue64, as mmad's --completion=flags), polled
- *   dyn2n    the same without the memory barrier before the write
- *            (CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER)
+ *            (without the memory barrier before the write the driver
+ *            refused it on 4x H200: CUDA_ERROR_INVALID_VALUE)
+ *   dyn2i    dyn2 with the chunks dealt out in turn (path p takes chunks
+ *            p, p+4, p+8, ... of the copy, as mmad's paths take a copy's
+ *            chunks from one queue) instead of each path its own quarter
  * Each mode runs on each kind of pinned host memory (see host_alloc) and
  * into each kind of destination (dsts: this process's allocation, or
  * another process's opened through cudaIpc, as mmad sees a client's), all
@@ -58,8 +61,8 @@
 #define MAXSLOTS 16
 #define KBLOCKS 16
 
-enum { M_CE4, M_TARGET, M_VIA, M_KERNEL, M_ONEHOP, M_DYN, M_DYNF, M_DYNN, NM };
-static const char *mode_name[NM] = {"ce4", "target", "via", "kernel", "onehop", "dyn2", "dyn2f", "dyn2n"};
+enum { M_CE4, M_TARGET, M_VIA, M_KERNEL, M_ONEHOP, M_DYN, M_DYNF, M_DYNI, NM };
+static const char *mode_name[NM] = {"ce4", "target", "via", "kernel", "onehop", "dyn2", "dyn2f", "dyn2i"};
 
 static size_t S, Q, CH; /* copy, quarter, chunk */
 static int slots;
@@ -182,7 +185,7 @@ static void issue(int m)
 }
 
 /* cuStreamWriteValue64, fetched at run time (the runtime is linked, not
- * the driver), and the host words the dyn2f/dyn2n chunks' marks write. */
+ * the driver), and the host words the dyn2f chunks' marks write. */
 static CUresult (*write64)(CUstream, CUdeviceptr, cuuint64_t, unsigned int);
 static volatile uint64_t *flags; /* [NG][MAXSLOTS] */
 static uint64_t flag_seq;
@@ -194,34 +197,31 @@ static uint64_t flag_seq;
 #define DYN_DEPTH 2
 static cudaEvent_t dyn_done[NG][MAXSLOTS]; /* gpu0's: a path's chunk done */
 
-/* Mark path g's chunk in slot sl done on st (a stream of gpu0, current). */
-static void mark(int m, int g, int sl, cudaStream_t st, unsigned wflags, uint64_t want[NG][MAXSLOTS])
+/* Mark path g's chunk in slot sl done on st (a stream of gpu0, current);
+ * 0, or the driver's error for a flag that could not be queued. */
+static int mark(int m, int g, int sl, cudaStream_t st, unsigned wflags, uint64_t want[NG][MAXSLOTS])
 {
-    if (m == M_DYN) {
+    if (m != M_DYNF) {
         CK(cudaEventRecord(dyn_done[g][sl], st));
-        return;
+        return 0;
     }
     want[g][sl] = ++flag_seq;
-    CUresult r = write64((CUstream)st, (CUdeviceptr)(uintptr_t)&flags[g * MAXSLOTS + sl], want[g][sl], wflags);
-    if (r != CUDA_SUCCESS) {
-        fprintf(stderr, "mma-staged: cuStreamWriteValue64: error %d\n", (int)r);
-        exit(1);
-    }
+    return (int)write64((CUstream)st, (CUdeviceptr)(uintptr_t)&flags[g * MAXSLOTS + sl], want[g][sl], wflags);
 }
 
 static double run_dyn(int m, double *end_us)
 {
-    /* how a chunk's end is marked: an event (dyn2), or a host word written
-     * by the stream, as mmad's --completion=flags, with the memory barrier
-     * before it (dyn2f) or without (dyn2n) */
-    unsigned wflags = m == M_DYNN ? CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER : CU_STREAM_WRITE_VALUE_DEFAULT;
+    /* how a chunk's end is marked: an event (dyn2, dyn2i), or a host word
+     * written by the stream, as mmad's --completion=flags (dyn2f) */
+    unsigned wflags = CU_STREAM_WRITE_VALUE_DEFAULT;
+    int dealt = m == M_DYNI; /* path g's k-th chunk is the copy's chunk k * NG + g */
     uint64_t want[NG][MAXSLOTS];
     for (int g = 0; g < NG; g++) {
         CK(cudaSetDevice(g));
         CK(cudaDeviceSynchronize());
     }
     size_t nch = (Q + CH - 1) / CH, next[NG] = {0}, oldest[NG] = {0};
-    int left = NG;
+    int left = NG, err = 0;
     double t0 = mma_now_us();
     while (left > 0)
         for (int g = 0; g < NG; g++) {
@@ -230,7 +230,7 @@ static double run_dyn(int m, double *end_us)
             if (oldest[g] < next[g]) {
                 int sl = (int)(oldest[g] % (size_t)slots);
                 cudaError_t q = cudaSuccess;
-                if (m == M_DYN) {
+                if (m != M_DYNF) {
                     CK(cudaSetDevice(0));
                     q = cudaEventQuery(dyn_done[g][sl]);
                 } else if (__atomic_load_n(&flags[g * MAXSLOTS + sl], __ATOMIC_ACQUIRE) != want[g][sl]) {
@@ -248,12 +248,14 @@ static double run_dyn(int m, double *end_us)
                 }
             }
             while (next[g] < nch && next[g] - oldest[g] < DYN_DEPTH) {
-                size_t k = next[g]++, off = g * Q + k * CH, n = Q - k * CH < CH ? Q - k * CH : CH;
+                size_t k = next[g]++, off = dealt ? (k * NG + g) * CH : g * Q + k * CH;
+                size_t n = Q - k * CH < CH ? Q - k * CH : CH; /* dyn2i: Q is a multiple of CH */
                 int sl = (int)(k % (size_t)slots);
                 if (g == 0) {
                     CK(cudaSetDevice(0));
                     CK(cudaMemcpyAsync(dst0 + off, host + off, n, cudaMemcpyHostToDevice, leg[0]));
-                    mark(m, 0, sl, leg[0], wflags, want);
+                    if ((err = mark(m, 0, sl, leg[0], wflags, want)) != 0)
+                        goto failed;
                     continue;
                 }
                 char *st = stage[g] + (size_t)sl * CH;
@@ -263,10 +265,20 @@ static double run_dyn(int m, double *end_us)
                 CK(cudaSetDevice(0));
                 CK(cudaStreamWaitEvent(pull[g], ready[g][sl], 0));
                 CK(cudaMemcpyAsync(dst0 + off, st, n, cudaMemcpyDeviceToDevice, pull[g]));
-                mark(m, g, sl, pull[g], wflags, want);
+                if ((err = mark(m, g, sl, pull[g], wflags, want)) != 0)
+                    goto failed;
             }
         }
     return mma_now_us() - t0;
+failed:
+    /* what was queued runs out; the mode is reported as not run */
+    fprintf(stderr, "mma-staged: %s: cuStreamWriteValue64 failed (CUresult %d) on a stream of gpu0\n", mode_name[m],
+            err);
+    for (int d = 0; d < NG; d++) {
+        CK(cudaSetDevice(d));
+        CK(cudaDeviceSynchronize());
+    }
+    return -1;
 }
 
 /* One run of mode m: wall µs from the gate's opening until every path is
@@ -511,11 +523,11 @@ int main(int argc, char **argv)
     enum { NCFG = NM * NH * ND };
     static double us[NCFG][64], pct[NCFG][64], end[NCFG][64][NG];
     double e[NG];
-    int cfg[NCFG], nc = 0; /* (h * ND + d) * NM + m */
+    int cfg[NCFG], nc = 0, broken[NCFG] = {0}; /* (h * ND + d) * NM + m; broken: could not run */
     for (int h = 0; h < NH; h++)
         for (int d = 0; d < ND; d++)
             for (int m = 0; m < NM; m++)
-                if (hosts[h] && (m != M_CE4 || d == D_LOCAL))
+                if (hosts[h] && (m != M_CE4 || d == D_LOCAL) && (m != M_DYNI || Q % CH == 0))
                     cfg[nc++] = (h * ND + d) * NM + m;
 #define CFG_H(c) ((c) / NM / ND)
 #define CFG_D(c) ((c) / NM % ND)
@@ -524,7 +536,10 @@ int main(int argc, char **argv)
         for (int i = 0; i < nc; i++) {
             host = hosts[CFG_H(cfg[i])];
             dstp = dsts[CFG_D(cfg[i])];
+            if (broken[i])
+                continue;
             double t = run(CFG_M(cfg[i]), e);
+            broken[i] = t < 0;
             if (r < 0)
                 continue;
             us[i][r] = t;
@@ -533,10 +548,15 @@ int main(int argc, char **argv)
     /* cfg[0] is ce4 on cudaHostAlloc'ed memory: every row against it */
     for (int r = 0; r < rounds; r++)
         for (int i = 0; i < nc; i++)
-            pct[i][r] = 100.0 * us[0][r] / us[i][r];
+            pct[i][r] = broken[i] ? 0 : 100.0 * us[0][r] / us[i][r];
     printf("%-6s %-6s %-8s %10s %9s %8s   path ends, us after the gate (gpu0 direct, then via gpu1..3)\n", "host",
            "dst", "mode", "wall us", "GB/s", "%ce4");
     for (int i = 0; i < nc; i++) {
+        if (broken[i]) {
+            printf("%-6s %-6s %-8s   not run (see the error above)\n", host_name[CFG_H(cfg[i])],
+                   dst_name[CFG_D(cfg[i])], mode_name[CFG_M(cfg[i])]);
+            continue;
+        }
         qsort(us[i], (size_t)rounds, sizeof(double), mma_cmp_double);
         qsort(pct[i], (size_t)rounds, sizeof(double), mma_cmp_double);
         double t = us[i][rounds / 2];
@@ -555,6 +575,8 @@ int main(int argc, char **argv)
     for (int i = 0; i < nc; i++) {
         host = hosts[CFG_H(cfg[i])];
         dstp = dsts[CFG_D(cfg[i])];
+        if (broken[i])
+            continue;
         clear();
         run(CFG_M(cfg[i]), e);
         if (!check(CFG_M(cfg[i]))) {
