@@ -118,6 +118,10 @@ static const opt_t options[] = {
      "copies below this go native in libmma (-1: the backend's measured default)"},
     {"max-paths", OPT_INT, O(max_paths), 0, "0", 0, MMAD_MAX_GPUS, "paths per copy (0: all)"},
     {"max-clients", OPT_INT, O(max_clients), 0, "256", 1, 65536, "connections served at once"},
+    {"engine-spin-us", OPT_DOUBLE, O(engine_spin_us), 0, "20", 0, 1000000,
+     "while chunks are in flight the engine thread polls this long after its last progress, then sleeps in "
+     "growing steps (up to a quarter of a chunk's time on one link) between polls; more: completions are seen "
+     "sooner at the cost of a busy core"},
     {"loop-spin-us", OPT_DOUBLE, O(loop_spin_us), 0, "100", 0, 100000,
      "after a copy request, the socket thread polls for the next one this long instead of sleeping (0: off)"},
     {"tail-spin", OPT_INT, O(tail_spin), 0, "1", 0, 1,

@@ -29,6 +29,11 @@ struct mmad_engine {
     void (*tail_hook)(void *arg, int tail); /* under lock */
     void *tail_arg;
     _Atomic int hooked;
+    /* How long the engine polls without sleeping after it last made
+     * progress (--engine-spin-us). A poll costs ~0.1 us with completion
+     * flags (bench/results/2026-11-27-4xH200-callcost), so this is cheap; a
+     * sleep costs a wake-up. */
+    uint64_t spin_ns;
     int tail_state;      /* what the hook was last told (engine thread) */
 };
 
@@ -246,10 +251,6 @@ static void wait_for_work(mmad_engine_t *e, uint64_t timeout_ns)
     pthread_mutex_unlock(&e->lock);
 }
 
-/* How long the engine polls without sleeping after it last made progress.
- * A poll costs ~0.1 us with completion flags (bench/results/
- * 2026-11-27-4xH200-callcost), so this is cheap; a sleep costs a wake-up. */
-#define SPIN_NS 20000ull
 
 /* Where the copies' tails stand, in one pass over the jobs:
  * TAIL_PENDING when a copy has all its chunks on paths and waits only for
@@ -326,7 +327,7 @@ static void *engine_main(void *arg)
             backoff = 0;
         } else if (e->be->event_driven && e->waiting_reached == 0) {
             wait_for_work(e, 50 * 1000000ull); /* the backend wakes us */
-        } else if (spins < 16 || mma_now_ns() - last_progress < SPIN_NS || tail != TAIL_NONE) {
+        } else if (spins < 16 || mma_now_ns() - last_progress < e->spin_ns || tail != TAIL_NONE) {
             /* Polling the GPU or a `reached` flag: spin for a while after
              * the last progress, since completions often come within
              * microseconds, and all the while a copy waits only for its
@@ -360,6 +361,7 @@ int mmad_engine_start(mmad_backend_t *be, const mmad_config_t *cfg, mmad_engine_
     if (!e)
         return MMA_ERR_NOMEM;
     e->be = be;
+    e->spin_ns = (uint64_t)(cfg->engine_spin_us * 1000.0);
     int rc = mmad_sched_init(&e->sched, be, cfg);
     if (rc != MMA_OK) {
         free(e);

@@ -45,6 +45,7 @@ typedef struct mmad_config {
     int max_paths;          /* 0: all */
     int max_clients;
     double loop_spin_us;      /* the socket thread polls this long after a copy request */
+    double engine_spin_us;    /* the engine polls this long after its last progress before it sleeps */
     int tail_spin;            /* ... and through copies' last chunks */
     int flag_slots_max;
     char log_level[16];
