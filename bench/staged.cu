@@ -44,14 +44,14 @@
  *   mma-staged [size_MiB=256] [chunk_MiB=8] [rounds=7] [slots=4] */
 #include <cuda.h>
 #include <cuda_runtime_api.h>
+#include <errno.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <errno.h>
-#include <string.h>
 
 #include "cuda_check.h"
 #include "relay_kernel.h"
@@ -398,10 +398,10 @@ int main(int argc, char **argv)
     int rounds = argc > 3 ? atoi(argv[3]) : 7;
     slots = argc > 4 ? atoi(argv[4]) : 4;
     if (S < ((size_t)4 << 20) || S % ((size_t)4 << 16) || CH < 65536 || CH % 65536 || rounds < 1 || rounds > 64 ||
-        slots < 1 || slots > MAXSLOTS || S / NG / CH > 64) {
+        slots < DYN_DEPTH || slots > MAXSLOTS || S / NG / CH > 64) {
         fprintf(stderr, "usage: mma-staged [size_MiB>=4, a multiple of 256 KiB=256] [chunk_MiB, a multiple of 64 KiB=8] "
-                        "[rounds 1-64=7] [slots 1-%d=4]; at most 64 chunks a path\n",
-                MAXSLOTS);
+                        "[rounds 1-64=7] [slots %d-%d=4]; at most 64 chunks a path\n",
+                DYN_DEPTH, MAXSLOTS);
         return 2;
     }
     /* A kernel's first launch may load its module, which waits for the GPU:

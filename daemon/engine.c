@@ -251,7 +251,6 @@ static void wait_for_work(mmad_engine_t *e, uint64_t timeout_ns)
     pthread_mutex_unlock(&e->lock);
 }
 
-
 /* Where the copies' tails stand, in one pass over the jobs:
  * TAIL_PENDING when a copy has all its chunks on paths and waits only for
  * them to land (its completion is due any moment, and late noticing is pure
