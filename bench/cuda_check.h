@@ -1,5 +1,6 @@
-/* The GPU measuring tools (mma-callcost, mma-hoplat): a CUDA runtime call
- * that fails ends the run, saying where and which call. */
+/* The GPU measuring tools (mma-callcost, mma-hoplat, mma-kcopy, ...): a CUDA
+ * runtime call that fails ends the run, saying where and which call; and
+ * peer access, where a tool needs it. */
 #ifndef MMA_BENCH_CUDA_CHECK_H
 #define MMA_BENCH_CUDA_CHECK_H
 
@@ -15,5 +16,19 @@
             exit(1);                                                                           \
         }                                                                                      \
     } while (0)
+
+/* With GPU g current: let it reach GPU p's memory (peer access). 0, and
+ * the reason on stderr after `prefix` (the tool's name), where it cannot. */
+static inline int peer_on(int g, int p, const char *prefix)
+{
+    int can = 0;
+    CK(cudaDeviceCanAccessPeer(&can, g, p));
+    if (!can) {
+        fprintf(stderr, "%sgpu%d cannot reach gpu%d's memory\n", prefix, g, p);
+        return 0;
+    }
+    CK(cudaDeviceEnablePeerAccess(p, 0));
+    return 1;
+}
 
 #endif

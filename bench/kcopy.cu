@@ -144,15 +144,8 @@ int main(int argc, char **argv)
     for (int g = 0; g < b.ngpu; g++) {
         CK(cudaSetDevice(g));
         CK(cudaStreamCreateWithFlags(&b.s[g], cudaStreamNonBlocking));
-        if (g) {
-            int can = 0;
-            CK(cudaDeviceCanAccessPeer(&can, g, 0));
-            if (!can) {
-                fprintf(stderr, "gpu%d cannot reach gpu0's memory\n", g);
-                return 77;
-            }
-            CK(cudaDeviceEnablePeerAccess(0, 0));
-        }
+        if (g && !peer_on(g, 0, ""))
+            return 77;
     }
     CK(cudaSetDevice(0));
     CK(cudaMalloc((void **)&b.dev, cap));

@@ -261,15 +261,8 @@ int main(int argc, char **argv)
         CK(cudaEventCreate(&ev1[g]));
         CK(cudaMalloc((void **)&dev[g], per));
         CK(cudaFuncSetAttribute(k_tma, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024));
-        if (g) {
-            int can = 0;
-            CK(cudaDeviceCanAccessPeer(&can, g, 0));
-            if (!can) {
-                fprintf(stderr, "mma-kread: gpu%d cannot reach gpu0's memory\n", g);
-                return 77;
-            }
-            CK(cudaDeviceEnablePeerAccess(0, 0));
-        }
+        if (g && !peer_on(g, 0, "mma-kread: "))
+            return 77;
     }
     CK(cudaSetDevice(0));
     CK(cudaMalloc((void **)&dev0, NG * per));

@@ -103,6 +103,15 @@ __global__ void k_gate(volatile int *flag)
         ;
 }
 
+/* Wait until every GPU has finished all it was given. */
+static void sync_all(void)
+{
+    for (int g = 0; g < NG; g++) {
+        CK(cudaSetDevice(g));
+        CK(cudaDeviceSynchronize());
+    }
+}
+
 /* Every stream of a run waits for the gate, shut until gate_open(). */
 static void gate_shut(void)
 {
@@ -216,10 +225,7 @@ static double run_dyn(int m, double *end_us)
     unsigned wflags = CU_STREAM_WRITE_VALUE_DEFAULT;
     int dealt = m == M_DYNI; /* path g's k-th chunk is the copy's chunk k * NG + g */
     uint64_t want[NG][MAXSLOTS];
-    for (int g = 0; g < NG; g++) {
-        CK(cudaSetDevice(g));
-        CK(cudaDeviceSynchronize());
-    }
+    sync_all();
     size_t nch = (Q + CH - 1) / CH, next[NG] = {0}, oldest[NG] = {0};
     int left = NG, err = 0;
     double t0 = mma_now_us();
@@ -274,10 +280,7 @@ failed:
     /* what was queued runs out; the mode is reported as not run */
     fprintf(stderr, "mma-staged: %s: cuStreamWriteValue64 failed (CUresult %d) on a stream of gpu0\n", mode_name[m],
             err);
-    for (int d = 0; d < NG; d++) {
-        CK(cudaSetDevice(d));
-        CK(cudaDeviceSynchronize());
-    }
+    sync_all();
     return -1;
 }
 
@@ -287,10 +290,7 @@ static double run(int m, double *end_us)
 {
     if (m >= M_DYN)
         return run_dyn(m, end_us);
-    for (int g = 0; g < NG; g++) {
-        CK(cudaSetDevice(g));
-        CK(cudaDeviceSynchronize());
-    }
+    sync_all();
     gate_shut();
     issue(m);
     double t0 = mma_now_us();
@@ -453,15 +453,8 @@ int main(int argc, char **argv)
     for (int g = 0; g < NG; g++) {
         CK(cudaSetDevice(g));
         for (int p = 0; p < NG; p++) {
-            int can = 0;
-            if (p == g)
-                continue;
-            CK(cudaDeviceCanAccessPeer(&can, g, p));
-            if (!can) {
-                fprintf(stderr, "mma-staged: gpu%d cannot reach gpu%d's memory\n", g, p);
+            if (p != g && !peer_on(g, p, "mma-staged: "))
                 return 77;
-            }
-            CK(cudaDeviceEnablePeerAccess(p, 0));
         }
         CK(cudaStreamCreateWithFlags(&leg[g], cudaStreamNonBlocking));
         CK(cudaStreamCreateWithFlags(&push[g], cudaStreamNonBlocking));
