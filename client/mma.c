@@ -667,21 +667,38 @@ static int resolve(mma_client_t *c, const mma_segment_t *segs, size_t nsegs, int
     return MMA_OK;
 }
 
-/* The native copy: on the caller's stream, or, host-ordered, on this
- * client's own non-blocking stream for that GPU, then waited for. */
-static int copy_native(mma_client_t *c, const mma_segment_t *segs, size_t nsegs, int gpu, mma_stream_t stream)
+/* The stream a native copy goes on: the caller's, or, host-ordered, this
+ * client's own non-blocking stream for that GPU (made on first use). Lock
+ * held. */
+static int native_stream(mma_client_t *c, int gpu, mma_stream_t *stream)
+{
+    if (*stream)
+        return MMA_OK;
+    int rc = MMA_OK;
+    if (!c->native_stream[gpu] && (rc = mma_cuda_stream_create(gpu, &c->native_stream[gpu])) != MMA_OK)
+        return rc;
+    *stream = c->native_stream[gpu];
+    return MMA_OK;
+}
+
+/* The native copy on that stream, waited for when host-ordered. Needs no
+ * lock. */
+static int native_run(const mma_segment_t *segs, size_t nsegs, mma_stream_t stream, int host_ordered)
 {
     int rc = MMA_OK;
-    if (!stream) {
-        if (!c->native_stream[gpu] && (rc = mma_cuda_stream_create(gpu, &c->native_stream[gpu])) != MMA_OK)
-            return rc;
-        stream = c->native_stream[gpu];
-    }
     for (size_t i = 0; i < nsegs && rc == MMA_OK; i++)
         rc = mma_cuda_memcpy(segs[i].dst, segs[i].src, segs[i].len, stream);
-    if (rc == MMA_OK && stream == c->native_stream[gpu])
+    if (rc == MMA_OK && host_ordered)
         rc = mma_cuda_stream_sync(stream);
     return rc;
+}
+
+/* The native copy, lock held all along (rescue and a failed send). */
+static int copy_native(mma_client_t *c, const mma_segment_t *segs, size_t nsegs, int gpu, mma_stream_t stream)
+{
+    mma_stream_t st = stream;
+    int rc = native_stream(c, gpu, &st);
+    return rc == MMA_OK ? native_run(segs, nsegs, st, !stream) : rc;
 }
 
 int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs, mma_stream_t stream,
@@ -703,11 +720,17 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
     if (c->cuda && !(flags & MMA_COPY_NO_BYPASS) && (total < c->info.bypass_threshold || c->dead)) {
         /* Native: below the threshold mmad cannot beat one link, and with
          * mmad gone this is how copies still complete. Decided before any
-         * allocation, so a small copy costs what cudaMemcpyAsync costs. */
-        rc = copy_native(c, segs, nsegs, gpu, stream);
+         * allocation, so a small copy costs what cudaMemcpyAsync costs; and
+         * run without the lock, so that the client's other threads do not
+         * wait for this one's copy. */
+        mma_stream_t st = stream;
+        rc = native_stream(c, gpu, &st);
+        pthread_mutex_unlock(&c->lock);
+        if (rc == MMA_OK)
+            rc = native_run(segs, nsegs, st, !stream);
         if (rc == MMA_OK && out)
             *out = 0;
-        goto out;
+        return rc;
     }
     ps = calloc(nsegs, sizeof *ps);
     pp = calloc(nsegs, sizeof *pp);
