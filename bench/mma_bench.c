@@ -77,7 +77,7 @@ static double pct(double *v, int n, double p)
 typedef struct ctx {
     mma_client_t *c;
     int gpu, ngpu;
-    cudaStream_t stream;
+    cudaStream_t stream, stream2; /* stream2: the control's second native stream */
     char *host, *dev, *back;
     size_t cap;
     FILE *csv;
@@ -111,15 +111,18 @@ static int reps_for(size_t n)
 }
 
 /* Seconds of one copy. mode 0 native, 1 mma host-ordered through mmad, 2
- * mma on a stream, 3 mma as a user gets it (bypass allowed). */
+ * mma on a stream, 3 mma as a user gets it (bypass allowed), 4 native on a
+ * second stream (the control for 3, which below the bypass is a native copy
+ * on libmma's own stream). */
 static double one_copy(ctx_t *x, int dir, size_t n, int mode, int paths)
 {
     void *dst = dir == 0 ? (void *)x->dev : (void *)x->back;
     const void *src = dir == 0 ? (const void *)x->host : (const void *)x->dev;
     double t0 = mma_now_s();
-    if (mode == 0) {
-        CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDefault, x->stream));
-        CK(cudaStreamSynchronize(x->stream));
+    if (mode == 0 || mode == 4) {
+        cudaStream_t st = mode == 0 ? x->stream : x->stream2;
+        CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDefault, st));
+        CK(cudaStreamSynchronize(st));
     } else {
         mma_segment_t s = {dst, src, n};
         mma_copy_opts_t o = {.flags = mode == 3 ? 0u : MMA_COPY_NO_BYPASS, .max_paths = paths};
@@ -147,26 +150,25 @@ static double time_copy(ctx_t *x, int dir, size_t n, int mode, int paths, double
     return pct(samples, reps, 0.5);
 }
 
-/* Modes a and b taken in turns, copy by copy, so drift on the box (other
- * threads, clocks) falls on both alike: their samples in sa and sb. Which
- * goes first alternates, so that neither is always the copy that follows
- * the other's. */
-static void time_pair(ctx_t *x, int dir, size_t n, int a, int b, double *sa, double *sb, int reps)
+/* Native (mode 0), native on a second stream (4) and mma as a user gets it
+ * (3) taken in turns, copy by copy, so drift on the box (other threads,
+ * clocks) falls on all alike; which goes first rotates, so that none is
+ * always the copy that follows another's. Their samples in s[0], s[1], s[2].
+ * The second stream is the control: below the bypass, mma's copy is a
+ * native copy on libmma's own stream, and two streams taken in turns differ
+ * by themselves (16 KiB H2D on H200: 0.81x, the second stream's copies
+ * slower, over the first few hundred turns, then ~0.97x;
+ * bench/results/2026-11-27-1xH200-pairs/). */
+static void time_turns(ctx_t *x, int dir, size_t n, double *s[3], int reps)
 {
-    for (int r = -1; r < reps; r++) {
-        double ta, tb;
-        if (r & 1) {
-            tb = one_copy(x, dir, n, b, 0);
-            ta = one_copy(x, dir, n, a, 0);
-        } else {
-            ta = one_copy(x, dir, n, a, 0);
-            tb = one_copy(x, dir, n, b, 0);
+    static const int modes[3] = {0, 4, 3};
+    for (int r = -1; r < reps; r++)
+        for (int k = 0; k < 3; k++) {
+            int i = (k + (r + 3)) % 3;
+            double t = one_copy(x, dir, n, modes[i], 0);
+            if (r >= 0)
+                s[i][r] = t;
         }
-        if (r >= 0) {
-            sa[r] = ta;
-            sb[r] = tb;
-        }
-    }
 }
 
 /* GB/s with QDEPTH copies in flight: copy k goes to [k*n, (k+1)*n) of the
@@ -397,7 +399,7 @@ int main(int argc, char **argv)
                    "           (mma >= native there and at every larger size) and mma/native at 8 MiB;\n"
                    "           every size's mma copies are checked byte for byte\n"
                    "  paths    1..N paths at --paths-at\n"
-                   "  latency  p50/p99 of small copies, native vs mma\n"
+                   "  latency  p50/p99 of small copies (4K-4M, up to --max), native vs mma\n"
                    "--scenarios: A each GPU's own native process, one at a time; B all at once;\n"
                    "  C0 B plus one more native process loading gpu0 (C's baseline); C B plus one\n"
                    "  multipath client loading gpu0 (natives vs C0, target >= 90%%, and vs B);\n"
@@ -436,6 +438,7 @@ int main(int argc, char **argv)
     x.card = prop.name;
     CK(cudaSetDevice(gpu));
     CK(cudaStreamCreateWithFlags(&x.stream, cudaStreamNonBlocking));
+    CK(cudaStreamCreateWithFlags(&x.stream2, cudaStreamNonBlocking));
     x.cap = maxsz;
     MK(mma_host_alloc(x.c, maxsz, (void **)&x.host));
     MK(mma_host_alloc(x.c, maxsz, (void **)&x.back));
@@ -461,8 +464,9 @@ int main(int argc, char **argv)
     static const char *dn[2] = {"H2D", "D2H"};
     double ceil_gbps[2] = {0, 0};
     size_t per_gpu = quick ? (256u << 20) : (1u << 30);
-    printf("\n## Box ceiling: all %d GPUs copy %zu MiB into their own memory at once (native)\n", x.ngpu,
-           per_gpu >> 20);
+    if (sec_ceiling)
+        printf("\n## Box ceiling: all %d GPUs copy %zu MiB into their own memory at once (native)\n", x.ngpu,
+               per_gpu >> 20);
     for (int d = 0; d < 2; d++)
         if (do_dir[d] && sec_ceiling) {
             ceil_gbps[d] = ceiling(&x, d, per_gpu);
@@ -474,7 +478,9 @@ int main(int argc, char **argv)
     int verified = 1; /* every size's mma copies matched */
     double *samples = malloc(sizeof(double) * (size_t)(lat_reps > 200 ? lat_reps : 200));
     double *samples2 = malloc(sizeof(double) * (size_t)(lat_reps > 200 ? lat_reps : 200));
-    if (!samples || !samples2) {
+    double *samples3 = malloc(sizeof(double) * (size_t)(lat_reps > 200 ? lat_reps : 200));
+    double *turns[3] = {samples, samples3, samples2}; /* native, native on stream2, auto */
+    if (!samples || !samples2 || !samples3) {
         fprintf(stderr, "mma-bench: out of memory\n");
         return 1;
     }
@@ -484,13 +490,16 @@ int main(int argc, char **argv)
         if (sec_sizes) {
         printf("\n## %s into gpu%d: native cudaMemcpyAsync vs mma, median of reps\n"
                "## mma = through mmad on every path; auto = what a user gets (native below the bypass threshold;\n"
-               "## there auto/nat is against native copies taken in turns with auto's, copy by copy)\n"
+               "## there auto/nat is against native copies taken in turns with auto's, copy by copy, and nat/nat2\n"
+               "## against native copies on a second stream in the same turns: the control, since auto's copies\n"
+               "## go on libmma's own stream and two streams taken in turns differ by themselves)\n"
                "## from 1 MiB, mma waits 0.5 s after native, so mmad's link monitor does not take the bench's own native copies for a neighbour's\n"
                "## nat-q, mma-q = %d copies in flight into distinct ranges, then wait for all, repeated: total bytes /"
                " total time (from 1 MiB; mma-q without bypass); %%ceil-q = mma-q / %s ceiling\n",
                dn[d], gpu, QDEPTH, dn[d]);
-        printf("%8s %11s %10s %10s %10s %8s %8s %9s %10s %10s %8s\n", "size", "native GB/s", "mma GB/s",
-               "auto GB/s", "mma-stream", "mma/nat", "auto/nat", "%ceiling", "nat-q GB/s", "mma-q GB/s", "%ceil-q");
+        printf("%8s %11s %10s %10s %10s %8s %8s %8s %9s %10s %10s %8s\n", "size", "native GB/s", "mma GB/s",
+               "auto GB/s", "mma-stream", "mma/nat", "auto/nat", "nat/nat2", "%ceiling", "nat-q GB/s", "mma-q GB/s",
+               "%ceil-q");
         size_t szs[64];
         double gns[64], gms[64], gnqs[64], gmqs[64];
         int nsz = 0;
@@ -502,13 +511,15 @@ int main(int argc, char **argv)
             double tm = time_copy(&x, d, n, 1, 0, samples, reps);
             int ok_n = check(&x, d, 0, n);
             /* Below the bypass, auto is libmma's own native copy: timed in
-             * turns with a bare one, so auto/nat compares the two at the
-             * same moment. */
+             * turns with a bare one (and the control, a bare one on a second
+             * stream), so auto/nat compares the two at the same moment. */
             double ta, tn_auto = tn;
+            char ctl[16] = "-";
             if (n < info.bypass_threshold) {
-                time_pair(&x, d, n, 0, 3, samples, samples2, reps);
+                time_turns(&x, d, n, turns, reps);
                 tn_auto = pct(samples, reps, 0.5);
                 ta = pct(samples2, reps, 0.5);
+                snprintf(ctl, sizeof ctl, "%.2fx", tn_auto / pct(samples3, reps, 0.5));
             } else {
                 ta = time_copy(&x, d, n, 3, 0, samples, reps);
             }
@@ -529,19 +540,24 @@ int main(int argc, char **argv)
             char hs[16], q[48] = "", qcsv[48] = ",,";
             human(n, hs, sizeof hs);
             if (gmq >= 0) {
-                snprintf(q, sizeof q, " %10.2f %10.2f %7.1f%%", gnq, gmq,
-                         ceil_gbps[d] > 0 ? 100.0 * gmq / ceil_gbps[d] : 0.0);
+                char pq[16] = "-";
+                if (ceil_gbps[d] > 0)
+                    snprintf(pq, sizeof pq, "%.1f%%", 100.0 * gmq / ceil_gbps[d]);
+                snprintf(q, sizeof q, " %10.2f %10.2f %8s", gnq, gmq, pq);
                 snprintf(qcsv, sizeof qcsv, "%.3f,%.3f,", gnq, gmq);
                 if (ceil_gbps[d] > 0)
                     snprintf(qcsv + strlen(qcsv), sizeof qcsv - strlen(qcsv), "%.1f", 100.0 * gmq / ceil_gbps[d]);
             } else {
                 snprintf(q, sizeof q, " %10s %10s %8s", "-", "-", "-");
             }
-            printf("%8s %11.2f %10.2f %10.2f %10.2f %7.2fx %7.2fx %8.1f%%%s%s\n", hs, gn, gm, ga, gs, gm / gn,
-                   auto_nat, ceil_gbps[d] > 0 ? 100.0 * gm / ceil_gbps[d] : 0.0, q, ok_n ? "" : "  MISMATCH");
+            char pc[16] = "-"; /* no ceiling section: no share of it */
+            if (ceil_gbps[d] > 0)
+                snprintf(pc, sizeof pc, "%.1f%%", 100.0 * gm / ceil_gbps[d]);
+            printf("%8s %11.2f %10.2f %10.2f %10.2f %7.2fx %7.2fx %8s %9s%s%s\n", hs, gn, gm, ga, gs, gm / gn,
+                   auto_nat, ctl, pc, q, ok_n ? "" : "  MISMATCH");
             if (x.csv)
-                fprintf(x.csv, "%s,size,%s,%zu,0,%.3f,%.3f,%.3f,stream %.3f auto %.3f%s,%s\n", x.card, dn[d], n, gn,
-                        gm, gm / gn, gs, ga, ok_n ? "" : " MISMATCH", qcsv);
+                fprintf(x.csv, "%s,size,%s,%zu,0,%.3f,%.3f,%.3f,stream %.3f auto %.3f ctl %s%s,%s\n", x.card, dn[d], n,
+                        gn, gm, gm / gn, gs, ga, ctl, ok_n ? "" : " MISMATCH", qcsv);
             if (n > maxsz / 2)
                 break;
         }
@@ -575,9 +591,11 @@ int main(int argc, char **argv)
             nb += 2;
         }
         double wall = mma_now_s() - t0, cpu1 = cpu_seconds(dpid);
+        char bs[16];
+        human(big, bs, sizeof bs);
         if (dpid > 0 && cpu0 >= 0)
-            printf("mmad CPU while sustaining %s %zu MiB copies for %.1f s: %.0f%% of one core (user+sys)\n", dn[d],
-                   big >> 20, wall, 100.0 * (cpu1 - cpu0) / wall);
+            printf("mmad CPU while sustaining %s %s copies for %.1f s: %.0f%% of one core (user+sys)\n", dn[d], bs,
+                   wall, 100.0 * (cpu1 - cpu0) / wall);
         if (x.csv)
             fprintf(x.csv, "%s,cpu,%s,%zu,0,,,,%.1f,,,\n", x.card, dn[d], big, 100.0 * (cpu1 - cpu0) / wall);
         }
@@ -602,23 +620,25 @@ int main(int argc, char **argv)
 
         printf("\n## %s latency, %d copies each (us): native vs mma through mmad (no bypass)\n"
                "## auto = mma as a user gets it (native below the bypass), taken in turns with native, copy by copy;\n"
-               "## auto/nat = native p50 / auto p50, as in the tables above (below 1.00x auto is slower)\n",
+               "## auto/nat = native p50 / auto p50, as in the tables above (below 1.00x auto is slower);\n"
+               "## nat/nat2 = native p50 / native p50 on a second stream in the same turns (the control)\n",
                dn[d], lat_reps);
-        printf("%8s %10s %10s %10s %10s %10s %10s\n", "size", "nat p50", "nat p99", "mma p50", "mma p99", "auto p50",
-               "auto/nat");
+        printf("%8s %10s %10s %10s %10s %10s %10s %10s\n", "size", "nat p50", "nat p99", "mma p50", "mma p99",
+               "auto p50", "auto/nat", "nat/nat2");
         size_t lat_sizes[] = {4096, 16384, 65536, 1u << 20, 4u << 20};
-        for (size_t i = 0; i < sizeof lat_sizes / sizeof lat_sizes[0]; i++) {
+        for (size_t i = 0; i < sizeof lat_sizes / sizeof lat_sizes[0] && lat_sizes[i] <= x.cap; i++) {
             size_t s = lat_sizes[i];
             int r = quick ? lat_reps / 4 : lat_reps;
-            time_pair(&x, d, s, 0, 3, samples, samples2, r);
+            time_turns(&x, d, s, turns, r);
             double n50 = pct(samples, r, 0.5) * 1e6, n99 = pct(samples, r, 0.99) * 1e6;
-            double a50 = pct(samples2, r, 0.5) * 1e6;
+            double a50 = pct(samples2, r, 0.5) * 1e6, c50 = pct(samples3, r, 0.5) * 1e6;
             after_native(s);
             time_copy(&x, d, s, 1, 0, samples, r);
             double m50 = pct(samples, r, 0.5) * 1e6, m99 = pct(samples, r, 0.99) * 1e6;
             char hs[16];
             human(s, hs, sizeof hs);
-            printf("%8s %10.1f %10.1f %10.1f %10.1f %10.1f %9.2fx\n", hs, n50, n99, m50, m99, a50, n50 / a50);
+            printf("%8s %10.1f %10.1f %10.1f %10.1f %10.1f %9.2fx %9.2fx\n", hs, n50, n99, m50, m99, a50, n50 / a50,
+                   n50 / c50);
             if (x.csv)
                 fprintf(x.csv, "%s,latency,%s,%zu,0,%.2f,%.2f,,p99 %.2f/%.2f auto %.2f,,,\n", x.card, dn[d], s, n50, m50,
                         n99, m99, a50);
@@ -637,12 +657,14 @@ int main(int argc, char **argv)
     int ok = memcmp(x.host, x.back, maxsz) == 0;
     if (!verified)
         printf("\nsome sizes' copies did NOT match (MISMATCH rows above)\n");
-    printf("\nround trip of %zu MiB host -> gpu%d -> host through mmad: %s\n", maxsz >> 20, gpu,
-           ok ? "every byte matches" : "MISMATCH");
+    char ms[16];
+    human(maxsz, ms, sizeof ms);
+    printf("\nround trip of %s host -> gpu%d -> host through mmad: %s\n", ms, gpu, ok ? "every byte matches" : "MISMATCH");
     if (x.csv)
         fclose(x.csv);
     free(samples);
     free(samples2);
+    free(samples3);
     mma_free(x.c, x.dev);
     mma_free(x.c, x.back);
     mma_free(x.c, x.host);

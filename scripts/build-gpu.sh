@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh build-gpu -DMMA_STATIC_DEPS=ON -DCMAKE_BUILD_TYPE=Release -DMMA_WERROR=ON
 rm -rf gpu-bin
 mkdir -p gpu-bin/tests/gpu
-cp build-gpu/mmad build-gpu/mmactl build-gpu/mma-bench build-gpu/mma-demo build-gpu/mma-callcost build-gpu/mma-hoplat build-gpu/mma-kcopy build-gpu/mma-access build-gpu/mma-hostread build-gpu/mma-kread build-gpu/mma-staged build-gpu/mma-ab gpu-bin/
+cp build-gpu/mmad build-gpu/mmactl build-gpu/mma-bench build-gpu/mma-demo build-gpu/mma-callcost build-gpu/mma-hoplat build-gpu/mma-kcopy build-gpu/mma-access build-gpu/mma-hostread build-gpu/mma-kread build-gpu/mma-staged build-gpu/mma-ab build-gpu/mma-pairs gpu-bin/
 cp build-gpu/tests/gpu/gpu_test gpu-bin/tests/gpu/
 echo "gpu-bin/: $(du -sh gpu-bin | cut -f1)"
