@@ -9,6 +9,9 @@ moment mmad queued the copy. Where the client stamped its send time (t_sent,
 libmma does), "sent" is how long the request took from the client's send
 call to mmad's queue (the same host's CLOCK_MONOTONIC).
 
+Where mmad's cuda backend timed the chunks' copies on the GPUs too (its
+--trace does), it also prints per path when those ran there (gpu_side).
+
   bench/trace_summary.py trace.csv [--min-bytes N] [--skip N]
 """
 import argparse
@@ -97,6 +100,58 @@ def main():
             s_, e_, by = med(p["start"]), med(p["end"]), med(p["bytes"])
             print("  %4d %7.1f %7.1f %5.1f %7.1f %10.1f %8.1f" % (v, s_, e_, by / 2**20, med(p["chunks"]),
                                                               med(p["sub"]), by / max(e_ - s_, 1e-9) / 1e3))
+        gpu_side(js, d, us)
+
+
+def gpu_side(js, d, us):
+    """Where the trace has GPU times (mmad's cuda backend): per path, when its
+    copies ran on the GPU. "pcie" is each chunk's PCIe copy (a relay's leg,
+    H2D its first copy, D2H its second; a direct chunk's only copy): from
+    the path's first one starting to its last one ending, the time they ran
+    (their union), the rate while running, and the idle time between them.
+    For staged relays "hop" is the NVLink copy: how long it waited after
+    (H2D) or before (D2H) the leg, and how long it ran. Medians over copies."""
+    rows = defaultdict(lambda: defaultdict(list))
+    for rs in js:
+        byvia = defaultdict(list)
+        for r in rs:
+            if int(r.get("g_first_start") or 0):
+                byvia[int(r["via"])].append(r)
+        for v, cs in byvia.items():
+            relay = int(cs[0]["via"]) != int(cs[0]["target"])
+            leg = lambda r: (("g_first_start", "g_first_end") if not relay or d == "h2d"
+                             else ("g_second_start", "g_second_end"))
+            iv = sorted((us(r, leg(r)[0]), us(r, leg(r)[1]), int(r["len"])) for r in cs)
+            busy, cur_s, cur_e = 0.0, iv[0][0], iv[0][1]
+            for a, b, _ in iv[1:]:
+                if a > cur_e:
+                    busy += cur_e - cur_s
+                    cur_s, cur_e = a, b
+                else:
+                    cur_e = max(cur_e, b)
+            busy += cur_e - cur_s
+            span_s, span_e = iv[0][0], max(b for _, b, _ in iv)
+            w = rows[v]
+            w["start"].append(span_s)
+            w["end"].append(span_e)
+            w["busy"].append(busy)
+            w["idle"].append(span_e - span_s - busy)
+            w["gbps"].append(sum(n for _, _, n in iv) / max(busy, 1e-9) / 1e3)
+            if relay and int(cs[0].get("g_second_start") or 0):
+                if d == "h2d":
+                    w["wait"] += [us(r, "g_second_start") - us(r, "g_first_end") for r in cs]
+                    w["hop"] += [us(r, "g_second_end") - us(r, "g_second_start") for r in cs]
+                else:
+                    w["wait"] += [us(r, "g_second_start") - us(r, "g_first_end") for r in cs]
+                    w["hop"] += [us(r, "g_first_end") - us(r, "g_first_start") for r in cs]
+    if not rows:
+        return
+    print("   on the GPUs (us from queued): pcie start, end, ran, idle between, GB/s while running; hop wait, hop")
+    for v in sorted(rows):
+        w = rows[v]
+        hop = ("%8.1f %8.1f" % (med(w["wait"]), med(w["hop"]))) if w["hop"] else "%8s %8s" % ("-", "-")
+        print("  %4d %7.1f %7.1f %7.1f %6.1f %7.1f %s" % (v, med(w["start"]), med(w["end"]), med(w["busy"]),
+                                                         med(w["idle"]), med(w["gbps"]), hop))
 
 
 if __name__ == "__main__":

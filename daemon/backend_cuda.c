@@ -148,6 +148,7 @@ typedef struct ev_pool {
     int n;
     int created;     /* every event of this GPU, free or in use */
     int cap;         /* room in ev[], always >= created */
+    unsigned flags;  /* cudaEventCreateWithFlags' */
 } ev_pool_t;
 
 /* --relay-linger-us: the resident relay kernel of one via GPU and
@@ -178,6 +179,11 @@ typedef struct cuda_gpu {
     unsigned char *slot_used;
     ev_pool_t events;
     resident_t res[2];       /* per direction; ring NULL: no resident kernels */
+    /* --trace: timing events around chunks' copies (gt_*), and the anchor,
+     * the latest such event whose time on the host's clock is known */
+    ev_pool_t tev;
+    cudaEvent_t anchor;
+    uint64_t anchor_ns;
 } cuda_gpu_t;
 
 /* One opened cudaIpc handle. The same client allocation may be registered
@@ -262,6 +268,7 @@ typedef struct cuda_be {
     void *res_host;               /* every ring and exit word, host-mapped */
     unsigned long long *res_dummy; /* where a cancelled descriptor's kernel writes */
     int hop_target;          /* --hop-side=target: the NVLink hop runs on the target's stream */
+    int gpu_times;           /* --trace, engine thread issuing: time chunks' copies on the GPUs */
 } cuda_be_t;
 
 /* ---- error discipline ---- */
@@ -345,8 +352,7 @@ static int pool_grow(ev_pool_t *p, int count)
         p->cap = cap;
     }
     for (int i = 0; i < count; i++) {
-        /* Timing off: such events are cheaper to record and to query. */
-        CU_CHECK(cudaEventCreateWithFlags(&p->ev[p->n], cudaEventDisableTiming));
+        CU_CHECK(cudaEventCreateWithFlags(&p->ev[p->n], p->flags));
         p->n++;
         p->created++;
     }
@@ -478,6 +484,93 @@ static int mark_done(cuda_be_t *s, mmad_chunk_t *c, int g, cudaStream_t st)
     return rc;
 }
 
+/* ---- --trace: when the GPUs ran each chunk's copies ----
+ *
+ * A timing event before and after each copy of a chunk (engine thread
+ * only: lanes issue relays with no timing). When the chunk is done, each is
+ * placed on the host's clock through the GPU's anchor, an earlier event
+ * whose host time is known: the first one is recorded on an idle stream at
+ * start, then every later event taken becomes the anchor (elapsed times stay
+ * short, so cudaEventElapsedTime's float keeps sub-microsecond steps). The
+ * first anchor's host time is taken as the call that records it returns,
+ * so GPUs' clocks agree to a few microseconds, and one GPU's events to
+ * cudaEventElapsedTime's 0.5 us. */
+
+static void gt_mark(cuda_be_t *s, mmad_chunk_t *c, int i, int g, cudaStream_t st)
+{
+    cudaEvent_t ev;
+    if (!s->gpu_times || g < 0 || event_get(&s->gpu[g].tev, &ev) != MMA_OK)
+        return;
+    if (DRV(s->drv.ev_record((CUevent)ev, (CUstream)st)) != MMA_OK) {
+        event_put(&s->gpu[g].tev, ev);
+        return;
+    }
+    c->gt_ev[i] = ev;
+    c->gt_gpu[i] = g;
+}
+
+/* The chunk is done: its events' host times into c->g_times. */
+static void gt_resolve(cuda_be_t *s, mmad_chunk_t *c)
+{
+    for (int i = 0; i < 4; i++) {
+        int g = c->gt_gpu[i];
+        cuda_gpu_t *G = &s->gpu[g];
+        float ms;
+        if (!c->gt_ev[i] || !G->anchor || use_dev(s, g) != MMA_OK)
+            continue;
+        if (cudaEventElapsedTime(&ms, G->anchor, (cudaEvent_t)c->gt_ev[i]) != cudaSuccess) {
+            (void)cudaGetLastError(); /* not timed; the copy itself is fine */
+            continue;
+        }
+        c->g_times[i] = (uint64_t)((double)G->anchor_ns + (double)ms * 1e6);
+        if (ms > 0) {
+            event_put(&G->tev, G->anchor);
+            G->anchor = c->gt_ev[i];
+            G->anchor_ns = c->g_times[i];
+            c->gt_ev[i] = NULL;
+        }
+    }
+}
+
+/* The chunk's timing events back to their pools (any that are not anchors
+ * now). */
+static void gt_release(cuda_be_t *s, mmad_chunk_t *c)
+{
+    for (int i = 0; i < 4; i++)
+        if (c->gt_ev[i]) {
+            event_put(&s->gpu[c->gt_gpu[i]].tev, (cudaEvent_t)c->gt_ev[i]);
+            c->gt_ev[i] = NULL;
+        }
+}
+
+/* Every GPU's timing pool and first anchor; on failure no chunk is timed. */
+static int gt_setup(cuda_be_t *s)
+{
+    mmad_backend_t *be = &s->base;
+    for (int g = 0; g < be->gpu_count; g++) {
+        cuda_gpu_t *G = &s->gpu[g];
+        G->tev.flags = cudaEventDefault;
+        int rc = use_dev(s, g);
+        if (rc == MMA_OK)
+            rc = pool_grow(&G->tev, 4 * (be->path_depth + be->staging_slots) + 1);
+        cudaEvent_t a = NULL;
+        if (rc == MMA_OK)
+            rc = event_get(&G->tev, &a);
+        uint64_t t = mma_now_ns();
+        if (rc == MMA_OK)
+            rc = DRV(s->drv.ev_record((CUevent)a, (CUstream)G->direct[MMA_DIR_H2D]));
+        if (rc == MMA_OK)
+            t = mma_now_ns();
+        if (rc == MMA_OK)
+            rc = CU(cudaEventSynchronize(a));
+        if (rc != MMA_OK)
+            return rc;
+        G->anchor = a;
+        G->anchor_ns = t;
+    }
+    return MMA_OK;
+}
+
 /* Engine thread: give the chunk a completion word and the value that the
  * stream will write there. */
 static int flag_reserve(cuda_be_t *s, mmad_chunk_t *c)
@@ -530,7 +623,10 @@ static int submit_direct(cuda_be_t *s, mmad_chunk_t *c)
         rc = flag_reserve(s, c);
     if (rc != MMA_OK)
         return rc;
+    gt_mark(s, c, 0, t, st);
     rc = h2d ? copy_on(s, c->dev, 0, c->host, 1, c->len, st) : copy_on(s, c->host, 1, c->dev, 0, c->len, st);
+    if (rc == MMA_OK)
+        gt_mark(s, c, 1, t, st);
     if (rc == MMA_OK && (rc = mark_done(s, c, t, st)) != MMA_OK)
         drain(st); /* the copy runs: it must not outlive the failed chunk */
     if (rc != MMA_OK) {
@@ -553,10 +649,13 @@ static int queue_relay(cuda_be_t *s, mmad_chunk_t *c, char *stage, cudaEvent_t h
                        cudaStream_t second, int d2, int ctx, int *queued)
 {
     int h2d = c->dir == MMA_DIR_H2D;
+    int d1 = s->cur_dev; /* first's GPU, current here */
+    gt_mark(s, c, 0, d1, first);
     int rc = h2d ? copy_on(s, stage, 0, c->host, 1, c->len, first) : copy_on(s, stage, 0, c->dev, 0, c->len, first);
     if (rc != MMA_OK)
         return rc;
     *queued = 1;
+    gt_mark(s, c, 1, d1, first);
     if (second != first) {
         uint64_t t0 = mma_now_ns();
         DRV_CHECK(s->drv.ev_record((CUevent)hop, (CUstream)first));
@@ -565,9 +664,11 @@ static int queue_relay(cuda_be_t *s, mmad_chunk_t *c, char *stage, cudaEvent_t h
         DRV_CHECK(s->drv.wait_event((CUstream)second, (CUevent)hop, 0));
         s->t_hop_ns += mma_now_ns() - t0;
     }
+    gt_mark(s, c, 2, d2, second);
     rc = h2d ? copy_on(s, c->dev, 0, stage, 0, c->len, second) : copy_on(s, c->host, 1, stage, 0, c->len, second);
     if (rc != MMA_OK)
         return rc;
+    gt_mark(s, c, 3, d2, second);
     return mark_done(s, c, d2, second);
 }
 
@@ -979,8 +1080,10 @@ static int cuda_submit(mmad_backend_t *be, mmad_chunk_t *c)
         return MMA_ERR_INVAL;
     }
     int rc = c->via == c->target ? submit_direct(s, c) : submit_relay(s, c);
-    if (rc != MMA_OK)
+    if (rc != MMA_OK) {
+        gt_release(s, c);
         return rc;
+    }
     c->next = NULL;
     if (s->inflight_tail)
         s->inflight_tail->next = c;
@@ -1002,6 +1105,7 @@ static void chunk_release(cuda_be_t *s, mmad_chunk_t *c)
     c->be_priv = NULL;
     slot_put(s, c->via, c->staging);
     c->staging = -1;
+    gt_release(s, c);
 }
 
 /* A chunk whose mark has not come for long: did one of its copies fail?
@@ -1091,6 +1195,8 @@ static int cuda_poll(mmad_backend_t *be, mmad_chunk_t **out, int max)
             /* mmad's own bytes on the link they crossed (a relay's PCIe hop
              * is its via GPU's link), for the link monitor */
             atomic_fetch_add_explicit(&s->own_bytes[c->via][c->dir], c->len, memory_order_relaxed);
+            if (s->gpu_times)
+                gt_resolve(s, c);
         }
         chunk_release(s, c);
         out[n++] = c;
@@ -1646,6 +1752,11 @@ static void cuda_destroy(mmad_backend_t *be)
         for (int i = 0; i < g->events.n; i++)
             (void)CU(cudaEventDestroy(g->events.ev[i]));
         free(g->events.ev);
+        for (int i = 0; i < g->tev.n; i++)
+            (void)CU(cudaEventDestroy(g->tev.ev[i]));
+        free(g->tev.ev);
+        if (g->anchor)
+            (void)CU(cudaEventDestroy(g->anchor));
         free(g->staging);
         free(g->slot_used);
     }
@@ -1766,6 +1877,7 @@ static int gpu_setup(cuda_be_t *s, int gi)
     /* Enough events for everything the scheduler can put on this GPU at
      * once: path_depth direct chunks per direction, one per staging slot,
      * and one more for a relay's first hop while it is being queued. */
+    g->events.flags = cudaEventDisableTiming; /* cheaper to record and to query */
     return pool_grow(&g->events, 2 * be->path_depth + be->staging_slots + 1);
 }
 
@@ -1959,6 +2071,13 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
     if (rc == MMA_OK && s->use_resident)
         rc = resident_setup(s);
     be->relay_kernel_resident = s->use_resident;
+    /* --trace: chunks' copies timed on the GPUs too (lanes would share the
+     * timing pools with the engine thread: not then) */
+    if (rc == MMA_OK && cfg->trace_path[0] && !s->use_lanes) {
+        s->gpu_times = gt_setup(s) == MMA_OK;
+        if (!s->gpu_times)
+            MMA_WARN("cuda: --trace: cannot time chunks on the GPUs; the trace has host times only");
+    }
     if (s->use_resident)
         be->relay_kernel_overhead_us = RESIDENT_RELAY_OVERHEAD_US;
     if (rc == MMA_OK)

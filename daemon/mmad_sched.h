@@ -70,6 +70,7 @@ typedef struct mmad_trace_rec {
     uint64_t job, job_bytes;
     uint64_t t_queued, t_runnable, t_issue, t_submitted, t_done;
     uint64_t t_sent; /* the client's send time, 0 when not known */
+    uint64_t g_times[4]; /* the chunk's copies on the GPU (mmad_chunk_t.g_times) */
     uint64_t len;
     uint8_t target, via, dir, priority;
     int32_t status;

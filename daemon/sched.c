@@ -131,14 +131,18 @@ static void trace_write(mmad_sched_t *s)
         MMA_ERROR("--trace: cannot write %s: %s", s->trace_path, strerror(errno));
         return;
     }
-    fprintf(f, "job,job_bytes,priority,dir,target,via,len,status,t_queued,t_runnable,t_issue,t_submitted,t_done,t_sent\n");
+    fprintf(f, "job,job_bytes,priority,dir,target,via,len,status,t_queued,t_runnable,t_issue,t_submitted,t_done,t_sent,"
+               "g_first_start,g_first_end,g_second_start,g_second_end\n");
     for (size_t i = 0; i < s->trace_n; i++) {
         const mmad_trace_rec_t *r = &s->trace[i];
-        fprintf(f, "%llu,%llu,%d,%s,%d,%d,%llu,%d,%llu,%llu,%llu,%llu,%llu,%llu\n", (unsigned long long)r->job,
+        fprintf(f, "%llu,%llu,%d,%s,%d,%d,%llu,%d,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu\n",
+                (unsigned long long)r->job,
                 (unsigned long long)r->job_bytes, r->priority, r->dir == MMA_DIR_H2D ? "h2d" : "d2h", r->target,
                 r->via, (unsigned long long)r->len, r->status, (unsigned long long)r->t_queued,
                 (unsigned long long)r->t_runnable, (unsigned long long)r->t_issue,
-                (unsigned long long)r->t_submitted, (unsigned long long)r->t_done, (unsigned long long)r->t_sent);
+                (unsigned long long)r->t_submitted, (unsigned long long)r->t_done, (unsigned long long)r->t_sent,
+                (unsigned long long)r->g_times[0], (unsigned long long)r->g_times[1],
+                (unsigned long long)r->g_times[2], (unsigned long long)r->g_times[3]);
     }
     if (fclose(f) != 0)
         MMA_ERROR("--trace: writing %s: %s", s->trace_path, strerror(errno));
@@ -904,7 +908,8 @@ mmad_job_t *mmad_sched_chunk_done(mmad_sched_t *s, mmad_chunk_t *c)
             .job = j->trace_id, .job_bytes = j->total, .t_queued = j->t_queued, .t_runnable = j->t_runnable,
             .t_sent = j->t_sent, .t_issue = c->t_issue, .t_submitted = c->t_submitted, .t_done = now, .len = c->len,
             .target = (uint8_t)c->target, .via = (uint8_t)c->via, .dir = (uint8_t)c->dir,
-            .priority = (uint8_t)j->priority, .status = c->status};
+            .priority = (uint8_t)j->priority, .status = c->status,
+            .g_times = {c->g_times[0], c->g_times[1], c->g_times[2], c->g_times[3]}};
     j->inflight--;
     s->chunks_inflight--;
     s->bytes_inflight -= c->len;

@@ -611,6 +611,88 @@ START_TEST(daemon_dies)
 }
 END_TEST
 
+/* mmad --trace on GPUs: every chunk's copies also timed on the GPU
+ * (g_first_*, and a staged relay's hop in g_second_*), on the host's clock:
+ * inside the chunk's issue..done window (give or take the GPUs' clock
+ * alignment), the hop after the leg. One-hop relays (kernels) are not
+ * timed. */
+START_TEST(trace_gpu_times)
+{
+    char sock2[108], arg[160], targ[200], tpath[120];
+    snprintf(sock2, sizeof sock2, "/tmp/mma-gpu-test-%d-trace.sock", (int)getpid());
+    snprintf(tpath, sizeof tpath, "/tmp/mma-gpu-test-%d-trace.csv", (int)getpid());
+    snprintf(arg, sizeof arg, "--socket=%s", sock2);
+    snprintf(targ, sizeof targ, "--trace=%s", tpath);
+    pid_t d2 = fork();
+    if (d2 == 0) {
+        execl(mmad, "mmad", "--backend=cuda", arg, targ, "--log=error", (char *)NULL);
+        _exit(127);
+    }
+    ck_assert_int_eq(wait_socket_at(sock2), 0);
+    mma_client_t *c;
+    MM(mma_connect(sock2, &c));
+    size_t n = 256u << 20;
+    uint8_t *h, *back, *d;
+    MM(mma_host_alloc(c, n, (void **)&h));
+    MM(mma_host_alloc(c, n, (void **)&back));
+    MM(mma_device_alloc(c, 0, n, (void **)&d));
+    fill_rand(h, n);
+    mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
+    size_t sizes[] = {n, 16u << 20};
+    for (int k = 0; k < 2; k++) {
+        mma_segment_t up = {d, h, sizes[k]}, down = {back, d, sizes[k]};
+        mma_copy_t t;
+        memset(back, 0, sizes[k]);
+        MM(mma_memcpy_sg_async(c, &up, 1, NULL, &o, &t));
+        MM(mma_wait(c, t));
+        MM(mma_memcpy_sg_async(c, &down, 1, NULL, &o, &t));
+        MM(mma_wait(c, t));
+        ck_assert_msg(memcmp(h, back, sizes[k]) == 0, "round trip of %zu bytes differs", sizes[k]);
+    }
+    mma_disconnect(c);
+    kill(d2, SIGTERM);
+    int st;
+    waitpid(d2, &st, 0);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "mmad --trace did not exit cleanly (%d)", st);
+    FILE *f = fopen(tpath, "r");
+    ck_assert_msg(f != NULL, "no trace at %s", tpath);
+    char line[512];
+    ck_assert_ptr_nonnull(fgets(line, sizeof line, f));
+    const unsigned long long slack = 100000; /* ns: the GPUs' clocks against the host's */
+    int direct = 0, staged = 0;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long long job, jb, len, tq, tr, ti, ts, td, tsent, g[4];
+        int prio, target, via, status;
+        char dir[8];
+        ck_assert_int_eq(sscanf(line, "%llu,%llu,%d,%3[a-z2],%d,%d,%llu,%d,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu",
+                                &job, &jb, &prio, dir, &target, &via, &len, &status, &tq, &tr, &ti, &ts, &td, &tsent,
+                                &g[0], &g[1], &g[2], &g[3]),
+                         18);
+        ck_assert_int_eq(status, 0);
+        if (!g[0]) {
+            /* only a one-hop relay (a kernel, of the 16 MiB copies) goes untimed */
+            ck_assert_msg(via != target && jb < (128u << 20), "chunk not timed: %s", line);
+            continue;
+        }
+        ck_assert_msg(g[0] + slack >= ti && g[0] <= g[1], "first copy's times off: %s", line);
+        uint64_t last = via == target ? g[1] : g[3];
+        ck_assert_msg(last <= td + slack, "chunk ran past its done time: %s", line);
+        if (via == target) {
+            ck_assert_msg(g[2] == 0 && g[3] == 0, "a direct chunk has one copy: %s", line);
+            direct++;
+        } else {
+            ck_assert_msg(g[2] && g[2] <= g[3] && g[2] + slack >= g[1], "hop not after its leg: %s", line);
+            staged++;
+        }
+    }
+    fclose(f);
+    unlink(tpath);
+    ck_assert_int_gt(direct, 0);
+    if (ngpu > 1)
+        ck_assert_int_gt(staged, 0); /* 256 MiB copies stage their relays */
+}
+END_TEST
+
 int main(void)
 {
     setenv("NCCL_NVLS_ENABLE", "0", 1);
@@ -686,6 +768,7 @@ int main(void)
     tcase_add_test(tc, one_hop_resident_kernels);
     tcase_add_test(tc, one_hop_keeps_off_busy_gpu);
     tcase_add_test(tc, daemon_dies);
+    tcase_add_test(tc, trace_gpu_times);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
