@@ -2073,7 +2073,7 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
     be->relay_kernel_resident = s->use_resident;
     /* --trace: chunks' copies timed on the GPUs too (lanes would share the
      * timing pools with the engine thread: not then) */
-    if (rc == MMA_OK && cfg->trace_path[0] && !s->use_lanes) {
+    if (rc == MMA_OK && cfg->trace_path[0] && cfg->trace_gpu && !s->use_lanes) {
         s->gpu_times = gt_setup(s) == MMA_OK;
         if (!s->gpu_times)
             MMA_WARN("cuda: --trace: cannot time chunks on the GPUs; the trace has host times only");

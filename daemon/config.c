@@ -81,6 +81,9 @@ static const opt_t options[] = {
     {"trace", OPT_STR, O(trace_path), S(trace_path), "", 0, 0,
      "diagnosis: keep one record per chunk (copy, path, bytes; queued, runnable, issue, submitted, done times in ns) "
      "and write them as CSV to this file when mmad stops (at most 1M chunks)"},
+    {"trace-gpu", OPT_INT, O(trace_gpu), 0, "0", 0, 1,
+     "diagnosis, with --trace (cuda): 1 also times each chunk's copies on the GPUs (CUDA events around each copy, "
+     "a few us of engine time a chunk; not where --submit-threads=1): four more columns, when they ran there"},
     {"busy-gbps", OPT_DOUBLE, O(busy_gbps), 0, "10", 0, 10000,
      "relays through a GPU stop while its PCIe link carries more than this (GB/s, per direction) of "
      "traffic that is not mmad's, e.g. its own process loading it (cuda: NVML's PCIe counters); "

@@ -58,6 +58,7 @@ typedef struct mmad_config {
     double yield_frac;        /* a relay below this x the reference rate yields (0: never) */
     double busy_gbps;         /* relays stop on a link carrying this much traffic not mmad's (0: never) */
     char trace_path[256];     /* chunk trace CSV written at exit (empty: none) */
+    int trace_gpu;            /* with it, each chunk's copies timed on the GPUs too */
     double yield_probe_ms;    /* a yielding relay lets one chunk through this often */
     double link_gbps;         /* per-link rate assumed until one is measured; the reference's floor */
     int plan_split;           /* 1: copies of at most one chunk per path get a planned split; 2: up to path_depth */

@@ -132,7 +132,7 @@ static void trace_write(mmad_sched_t *s)
         return;
     }
     fprintf(f, "job,job_bytes,priority,dir,target,via,len,status,t_queued,t_runnable,t_issue,t_submitted,t_done,t_sent,"
-               "g_first_start,g_first_end,g_second_start,g_second_end\n");
+               "g_first_start,g_first_end,g_second_start,g_second_end\n"); /* g_*: --trace-gpu, else 0 */
     for (size_t i = 0; i < s->trace_n; i++) {
         const mmad_trace_rec_t *r = &s->trace[i];
         fprintf(f, "%llu,%llu,%d,%s,%d,%d,%llu,%d,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu\n",

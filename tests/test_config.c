@@ -149,7 +149,10 @@ START_TEST(yield_and_plan_options)
     ck_assert_double_eq_tol(cfg.engine_spin_us, 20, 1e-12); /* the default */
     ck_assert_int_eq(PARSE("--engine-spin-us=100000", "--tail-spin=1"), 0);
     ck_assert_double_eq_tol(cfg.engine_spin_us, 100000, 1e-12);
-    const char *bad[] = {"--engine-spin-us=-1", "--engine-spin-us=2000000", "--loop-spin-us=-1", "--loop-spin-us=200000", "--tail-spin=2", "--yield-frac=1.5", "--yield-frac=-0.1", "--yield-probe-ms=0", "--link-gbps=0",
+    ck_assert_int_eq(cfg.trace_gpu, 0); /* the default */
+    ck_assert_int_eq(PARSE("--trace=/tmp/t.csv", "--trace-gpu=1"), 0);
+    ck_assert_int_eq(cfg.trace_gpu, 1);
+    const char *bad[] = {"--trace-gpu=2", "--engine-spin-us=-1", "--engine-spin-us=2000000", "--loop-spin-us=-1", "--loop-spin-us=200000", "--tail-spin=2", "--yield-frac=1.5", "--yield-frac=-0.1", "--yield-probe-ms=0", "--link-gbps=0",
                          "--plan-split=3",   "--plan-learn=3", "--issue-cost-us=-2", "--relay-overhead-us=-1.5",
                          "--sim-busy-share=0", "--sim-busy-share=1.1", "--busy-gbps=-1"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
@@ -266,7 +269,7 @@ START_TEST(help_and_version_return_1)
     fclose(tmp);
     const char *names[] = {"--socket", "--backend", "--sim-preset", "--sim-gpus", "--sim-scale", "--chunk-size",
                            "--min-chunk", "--staging-slots", "--path-depth", "--bypass-threshold", "--max-paths",
-                           "--max-clients", "--sim-fail-via", "--engine-spin-us", "--log", "mmad 0.1.0"};
+                           "--max-clients", "--sim-fail-via", "--engine-spin-us", "--trace-gpu", "--log", "mmad 0.1.0"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         ck_assert_msg(strstr(buf, names[i]), "usage lacks %s", names[i]);
 }

@@ -611,7 +611,7 @@ START_TEST(daemon_dies)
 }
 END_TEST
 
-/* mmad --trace on GPUs: every chunk's copies also timed on the GPU
+/* mmad --trace --trace-gpu=1: every chunk's copies also timed on the GPU
  * (g_first_*, and a staged relay's hop in g_second_*), on the host's clock:
  * inside the chunk's issue..done window (give or take the GPUs' clock
  * alignment), the hop after the leg. One-hop relays (kernels) are not
@@ -625,7 +625,7 @@ START_TEST(trace_gpu_times)
     snprintf(targ, sizeof targ, "--trace=%s", tpath);
     pid_t d2 = fork();
     if (d2 == 0) {
-        execl(mmad, "mmad", "--backend=cuda", arg, targ, "--log=error", (char *)NULL);
+        execl(mmad, "mmad", "--backend=cuda", arg, targ, "--trace-gpu=1", "--log=error", (char *)NULL);
         _exit(127);
     }
     ck_assert_int_eq(wait_socket_at(sock2), 0);
