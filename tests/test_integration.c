@@ -41,6 +41,7 @@
 #include "flagpage.h"
 #include "harness.h"
 #include "mma.h"
+#include "trace_row.h"
 #include "wire.h"
 
 #define MIB (1u << 20)
@@ -1825,31 +1826,29 @@ START_TEST(trace_rows_per_chunk)
     ck_assert_msg(f != NULL, "no trace at %s", path);
     char line[512];
     ck_assert_ptr_nonnull(fgets(line, sizeof line, f));
-    ck_assert_str_eq(line, "job,job_bytes,priority,dir,target,via,len,status,t_queued,t_runnable,t_issue,"
-                           "t_submitted,t_done,t_sent,g_first_start,g_first_end,g_second_start,g_second_end\n");
+    ck_assert_str_eq(line, TRACE_HEADER);
     uint64_t bytes[4] = {0}, total[4] = {0};
     int rows = 0;
     while (fgets(line, sizeof line, f)) {
-        unsigned long long job, jb, len, tq, tr, ti, ts, td, tsent, g[4];
-        int prio, target, via, status;
-        char dir[8];
-        ck_assert_int_eq(sscanf(line, "%llu,%llu,%d,%3[a-z2],%d,%d,%llu,%d,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu",
-                                &job, &jb, &prio, dir, &target, &via, &len, &status, &tq, &tr, &ti, &ts, &td, &tsent,
-                                &g[0], &g[1], &g[2], &g[3]),
-                         18);
+        trace_row_t r;
+        ck_assert_msg(trace_row_parse(line, &r), "not a trace row: %s", line);
         /* GPU times are the cuda backend's; the simulated box leaves them 0 */
-        ck_assert_msg(g[0] == 0 && g[1] == 0 && g[2] == 0 && g[3] == 0, "GPU times on the simulated box: %s", line);
-        ck_assert_uint_ge(job, 1);
-        ck_assert_uint_le(job, 3);
-        ck_assert_str_eq(dir, "h2d");
-        ck_assert_int_eq(target, 2);
-        ck_assert_int_eq(status, 0);
-        ck_assert_msg(tq <= tr && tr <= ti && ti <= ts && ts <= td, "times out of order: %s", line);
+        ck_assert_msg(r.g[0] == 0 && r.g[1] == 0 && r.g[2] == 0 && r.g[3] == 0, "GPU times on the simulated box: %s",
+                      line);
+        ck_assert_uint_ge(r.job, 1);
+        ck_assert_uint_le(r.job, 3);
+        ck_assert_str_eq(r.dir, "h2d");
+        ck_assert_int_eq(r.target, 2);
+        ck_assert_int_eq(r.status, 0);
+        ck_assert_msg(r.t_queued <= r.t_runnable && r.t_runnable <= r.t_issue && r.t_issue <= r.t_submitted &&
+                          r.t_submitted <= r.t_done,
+                      "times out of order: %s", line);
         /* libmma stamps its send time: before mmad queued the copy, and
          * not long before (one datagram on an idle box). */
-        ck_assert_msg(tsent > 0 && tsent <= tq && tq - tsent < 1000000000ull, "t_sent off: %s", line);
-        bytes[job] += len;
-        total[job] = jb;
+        ck_assert_msg(r.t_sent > 0 && r.t_sent <= r.t_queued && r.t_queued - r.t_sent < 1000000000ull,
+                      "t_sent off: %s", line);
+        bytes[r.job] += r.len;
+        total[r.job] = r.job_bytes;
         rows++;
     }
     fclose(f);

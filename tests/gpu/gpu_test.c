@@ -17,10 +17,10 @@
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "mma.h"
+#include "../trace_row.h"
 
 int gt_fill(void *p, size_t n, uint32_t seed, cudaStream_t s);
 int gt_sum(const void *p, size_t n, unsigned long long *out_dev, cudaStream_t s);
@@ -658,26 +658,23 @@ START_TEST(trace_gpu_times)
     ck_assert_msg(f != NULL, "no trace at %s", tpath);
     char line[512];
     ck_assert_ptr_nonnull(fgets(line, sizeof line, f));
+    ck_assert_str_eq(line, TRACE_HEADER);
     const unsigned long long slack = 100000; /* ns: the GPUs' clocks against the host's */
     int direct = 0, staged = 0;
     while (fgets(line, sizeof line, f)) {
-        unsigned long long job, jb, len, tq, tr, ti, ts, td, tsent, g[4];
-        int prio, target, via, status;
-        char dir[8];
-        ck_assert_int_eq(sscanf(line, "%llu,%llu,%d,%3[a-z2],%d,%d,%llu,%d,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu",
-                                &job, &jb, &prio, dir, &target, &via, &len, &status, &tq, &tr, &ti, &ts, &td, &tsent,
-                                &g[0], &g[1], &g[2], &g[3]),
-                         18);
-        ck_assert_int_eq(status, 0);
+        trace_row_t r;
+        ck_assert_msg(trace_row_parse(line, &r), "not a trace row: %s", line);
+        ck_assert_int_eq(r.status, 0);
+        const unsigned long long *g = r.g;
         if (!g[0]) {
             /* only a one-hop relay (a kernel, of the 16 MiB copies) goes untimed */
-            ck_assert_msg(via != target && jb < (128u << 20), "chunk not timed: %s", line);
+            ck_assert_msg(r.via != r.target && r.job_bytes < (128u << 20), "chunk not timed: %s", line);
             continue;
         }
-        ck_assert_msg(g[0] + slack >= ti && g[0] <= g[1], "first copy's times off: %s", line);
-        uint64_t last = via == target ? g[1] : g[3];
-        ck_assert_msg(last <= td + slack, "chunk ran past its done time: %s", line);
-        if (via == target) {
+        ck_assert_msg(g[0] + slack >= r.t_issue && g[0] <= g[1], "first copy's times off: %s", line);
+        unsigned long long last = r.via == r.target ? g[1] : g[3];
+        ck_assert_msg(last <= r.t_done + slack, "chunk ran past its done time: %s", line);
+        if (r.via == r.target) {
             ck_assert_msg(g[2] == 0 && g[3] == 0, "a direct chunk has one copy: %s", line);
             direct++;
         } else {
