@@ -179,8 +179,8 @@ typedef struct cuda_gpu {
     unsigned char *slot_used;
     ev_pool_t events;
     resident_t res[2];       /* per direction; ring NULL: no resident kernels */
-    /* --trace: timing events around chunks' copies (gt_*), and the anchor,
-     * the latest such event whose time on the host's clock is known */
+    /* --trace-gpu: timing events around chunks' copies (gt_*), and the
+     * anchor, such an event whose time on the host's clock is known */
     ev_pool_t tev;
     cudaEvent_t anchor;
     uint64_t anchor_ns;
@@ -268,7 +268,7 @@ typedef struct cuda_be {
     void *res_host;               /* every ring and exit word, host-mapped */
     unsigned long long *res_dummy; /* where a cancelled descriptor's kernel writes */
     int hop_target;          /* --hop-side=target: the NVLink hop runs on the target's stream */
-    int gpu_times;           /* --trace, engine thread issuing: time chunks' copies on the GPUs */
+    int gpu_times;           /* --trace-gpu, engine thread issuing: time chunks' copies on the GPUs */
 } cuda_be_t;
 
 /* ---- error discipline ---- */
@@ -484,17 +484,18 @@ static int mark_done(cuda_be_t *s, mmad_chunk_t *c, int g, cudaStream_t st)
     return rc;
 }
 
-/* ---- --trace: when the GPUs ran each chunk's copies ----
+/* ---- --trace-gpu: when the GPUs ran each chunk's copies ----
  *
  * A timing event before and after each copy of a chunk (engine thread
  * only: lanes issue relays with no timing). When the chunk is done, each is
  * placed on the host's clock through the GPU's anchor, an earlier event
  * whose host time is known: the first one is recorded on an idle stream at
- * start, then every later event taken becomes the anchor (elapsed times stay
- * short, so cudaEventElapsedTime's float keeps sub-microsecond steps). The
- * first anchor's host time is taken as the call that records it returns,
- * so GPUs' clocks agree to a few microseconds, and one GPU's events to
- * cudaEventElapsedTime's 0.5 us. */
+ * start; an event more than GT_REANCHOR_MS after the anchor becomes the
+ * next one, so elapsed times stay short enough for cudaEventElapsedTime's
+ * float to keep sub-microsecond steps, and few enough hand-overs add up no
+ * rounding. The first anchor's host time is taken as the call that records
+ * it returns, so GPUs' clocks agree to a few microseconds. */
+#define GT_REANCHOR_MS 100.0f
 
 static void gt_mark(cuda_be_t *s, mmad_chunk_t *c, int i, int g, cudaStream_t st)
 {
@@ -513,17 +514,19 @@ static void gt_mark(cuda_be_t *s, mmad_chunk_t *c, int i, int g, cudaStream_t st
 static void gt_resolve(cuda_be_t *s, mmad_chunk_t *c)
 {
     for (int i = 0; i < 4; i++) {
+        if (!c->gt_ev[i])
+            continue;
         int g = c->gt_gpu[i];
         cuda_gpu_t *G = &s->gpu[g];
         float ms;
-        if (!c->gt_ev[i] || !G->anchor || use_dev(s, g) != MMA_OK)
+        if (!G->anchor || use_dev(s, g) != MMA_OK)
             continue;
         if (cudaEventElapsedTime(&ms, G->anchor, (cudaEvent_t)c->gt_ev[i]) != cudaSuccess) {
             (void)cudaGetLastError(); /* not timed; the copy itself is fine */
             continue;
         }
         c->g_times[i] = (uint64_t)((double)G->anchor_ns + (double)ms * 1e6);
-        if (ms > 0) {
+        if (ms > GT_REANCHOR_MS) {
             event_put(&G->tev, G->anchor);
             G->anchor = c->gt_ev[i];
             G->anchor_ns = c->g_times[i];
@@ -2071,12 +2074,14 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
     if (rc == MMA_OK && s->use_resident)
         rc = resident_setup(s);
     be->relay_kernel_resident = s->use_resident;
-    /* --trace: chunks' copies timed on the GPUs too (lanes would share the
-     * timing pools with the engine thread: not then) */
+    /* --trace-gpu: chunks' copies timed on the GPUs too (lanes would share
+     * the timing pools with the engine thread: not then) */
     if (rc == MMA_OK && cfg->trace_path[0] && cfg->trace_gpu && !s->use_lanes) {
         s->gpu_times = gt_setup(s) == MMA_OK;
         if (!s->gpu_times)
-            MMA_WARN("cuda: --trace: cannot time chunks on the GPUs; the trace has host times only");
+            MMA_WARN("cuda: --trace-gpu: cannot time chunks on the GPUs; the trace has host times only");
+    } else if (rc == MMA_OK && cfg->trace_path[0] && cfg->trace_gpu) {
+        MMA_WARN("cuda: --trace-gpu does not time chunks that --submit-threads=1 issues; the trace has host times only");
     }
     if (s->use_resident)
         be->relay_kernel_overhead_us = RESIDENT_RELAY_OVERHEAD_US;

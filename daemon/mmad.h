@@ -186,7 +186,7 @@ typedef struct mmad_chunk {
                               * where the backend can, whatever the copy's size */
     void *be_priv;
     int mark_gpu;            /* cuda, completion by events: the GPU whose pool be_priv's event is from */
-    /* cuda with --trace: when the GPU ran the chunk's copies, ns on the
+    /* cuda with --trace-gpu: when the GPU ran the chunk's copies, ns on the
      * host's clock: [0..1] its first copy (a relay's PCIe leg H2D, its
      * NVLink hop D2H; a direct chunk's only copy), [2..3] a relay's second;
      * 0 where not timed. gt_ev/gt_gpu: the timing events behind them. */

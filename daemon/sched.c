@@ -112,6 +112,10 @@ int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cf
         }
         snprintf(s->trace_path, sizeof s->trace_path, "%s", cfg->trace_path);
     }
+    if (cfg->trace_gpu && !cfg->trace_path[0])
+        MMA_WARN("--trace-gpu without --trace: no trace is kept, nothing is timed");
+    else if (cfg->trace_gpu && be->simulated)
+        MMA_WARN("--trace-gpu: the simulated box has no GPU times; those columns stay 0");
     pthread_mutex_init(&s->stats_lock, NULL);
     for (int t = 0; t < s->ngpu; t++)
         for (int v = 0; v < s->ngpu; v++)
