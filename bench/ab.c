@@ -33,6 +33,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench_util.h"
 #include "cuda_check.h"
 #include "mma.h"
 #include "util.h"
@@ -56,13 +57,6 @@ static char *nat_host, *nat_dev;
 static char *ceil_host[MAXG], *ceil_dev[MAXG];
 static cudaStream_t ceil_st[MAXG];
 
-static size_t parse_size(const char *s)
-{
-    char *e;
-    double v = strtod(s, &e);
-    size_t m = *e == 'K' || *e == 'k' ? 1u << 10 : *e == 'M' || *e == 'm' ? 1u << 20 : *e == 'G' || *e == 'g' ? 1u << 30 : 1;
-    return (size_t)(v * (double)m);
-}
 
 /* Microseconds of one copy of n bytes: through c's mmad (host-ordered, no
  * bypass, as mma-bench's "mma" column), waited for with mma_wait or, with
@@ -155,11 +149,6 @@ static int check(conf_t *c, size_t n)
     return memcmp(c->host, c->host + cap, n) == 0;
 }
 
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof *v, mma_cmp_double);
-    return n ? v[n / 2] : 0;
-}
 
 int main(int argc, char **argv)
 {
@@ -181,7 +170,7 @@ int main(int argc, char **argv)
         case 'z': sizes_arg = optarg; break;
         case 'r': rounds = atoi(optarg); break;
         case 'b': burst = atoi(optarg); break;
-        case 'p': per_gpu = parse_size(optarg); break;
+        case 'p': per_gpu = bench_parse_size(optarg); break;
         default:
             printf("usage: mma-ab [--dir h2d|d2h] [--gpu 0] [--sizes 8M,32M,64M,256M] [--rounds 15] [--burst 4]\n"
                    "              [--per-gpu 256M] SOCKET1 SOCKET2 ...\n"
@@ -204,7 +193,7 @@ int main(int argc, char **argv)
     int ns = 0;
     cap = 0;
     for (char *s = strtok(strdup(sizes_arg), ","); s && ns < MAXS; s = strtok(NULL, ",")) {
-        sizes[ns] = parse_size(s);
+        sizes[ns] = bench_parse_size(s);
         if (sizes[ns] < 4096 || sizes[ns] % 16) {
             fprintf(stderr, "mma-ab: size %s: at least 4K and a multiple of 16 bytes\n", s);
             return 2;
@@ -297,22 +286,22 @@ int main(int argc, char **argv)
                 }
                 for (int q = 1; q < burst; q++)
                     t[(size_t)i * per + (size_t)r * (burst - 1) + q - 1] = b[q];
-                rt[(size_t)i * rounds + r] = median(b + 1, burst - 1);
+                rt[(size_t)i * rounds + r] = bench_median(b + 1, burst - 1);
             }
         }
         memcpy(tmp, t + (size_t)(nc + 1) * per, sizeof(double) * per);
-        double nat = median(tmp, per);
+        double nat = bench_median(tmp, per);
         for (int i = 0; i < ne; i++) {
             memcpy(tmp, t + (size_t)i * per, sizeof(double) * per);
-            double p50 = median(tmp, per);
+            double p50 = bench_median(tmp, per);
             memcpy(tmp, tc + (size_t)i * per, sizeof(double) * per);
-            double call = median(tmp, per);
+            double call = bench_median(tmp, per);
             for (int r = 0; r < rounds; r++)
                 tmp[r] = n / rt[(size_t)i * rounds + r] / 1e3 / ce[r] * 100;
-            double pc = median(tmp, rounds);
+            double pc = bench_median(tmp, rounds);
             for (int r = 0; r < rounds; r++)
                 tmp[r] = rt[(size_t)0 * rounds + r] / rt[(size_t)i * rounds + r];
-            double v1 = median(tmp, rounds);
+            double v1 = bench_median(tmp, rounds);
             char name[16] = "native";
             if (i < nc)
                 snprintf(name, sizeof name, "%d", i + 1);
@@ -344,7 +333,7 @@ int main(int argc, char **argv)
             lo = ce[r] < lo ? ce[r] : lo;
             hi = ce[r] > hi ? ce[r] : hi;
         }
-        printf("%6s ceiling %9s %9.1f (median of rounds; %.1f-%.1f)\n", "", "", median(tmp, rounds), lo, hi);
+        printf("%6s ceiling %9s %9.1f (median of rounds; %.1f-%.1f)\n", "", "", bench_median(tmp, rounds), lo, hi);
         fflush(stdout);
     }
     printf("bytes: %s\n", bad ? "SOME DIFFER" : "every configuration's last copy of every size matches");

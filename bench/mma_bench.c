@@ -27,6 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "mma.h"
 #include "util.h"
 #define TOOL_NAME "mma-bench"
@@ -41,18 +42,6 @@
         }                                                                                 \
     } while (0)
 
-static size_t parse_size(const char *s)
-{
-    char *e;
-    double v = strtod(s, &e);
-    switch (*e) {
-    case 'k': case 'K': v *= 1024; break;
-    case 'm': case 'M': v *= 1024 * 1024; break;
-    case 'g': case 'G': v *= 1024.0 * 1024 * 1024; break;
-    default: break;
-    }
-    return (size_t)v;
-}
 
 static void human(size_t n, char *out, size_t len)
 {
@@ -376,9 +365,9 @@ int main(int argc, char **argv)
         case 's': sock = optarg; break;
         case 'g': gpu = atoi(optarg); break;
         case 'd': dirs = optarg; break;
-        case 'a': minsz = parse_size(optarg); break;
-        case 'b': maxsz = parse_size(optarg); break;
-        case 'p': paths_at = parse_size(optarg); break;
+        case 'a': minsz = bench_parse_size(optarg); break;
+        case 'b': maxsz = bench_parse_size(optarg); break;
+        case 'p': paths_at = bench_parse_size(optarg); break;
         case 'c': csvpath = optarg; break;
         case 'l': lat_reps = atoi(optarg); break;
         case 'q': quick = 1; break;

@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bench_util.h"
 #include "cuda_check.h"
 #include "mma.h"
 #include "util.h"
@@ -50,11 +51,6 @@ static double one(int k)
     return mma_now_s() - t0;
 }
 
-static double p50(double *v, int m)
-{
-    qsort(v, (size_t)m, sizeof *v, mma_cmp_double);
-    return v[m / 2];
-}
 
 static int checked(void)
 {
@@ -82,7 +78,7 @@ static int pair(int a, int b, int reps, const char *when)
         if (r >= 0)
             sa[r] = ta, sb[r] = tb;
     }
-    double ma = p50(sa, reps) * 1e6, mb = p50(sb, reps) * 1e6;
+    double ma = bench_median(sa, reps) * 1e6, mb = bench_median(sb, reps) * 1e6;
     int ok = checked();
     printf("%-10s %-6s %-10s %9.2f %9.2f %7.2fx %6d  %s\n", kind_name[a], "vs", kind_name[b], ma, mb, ma / mb, reps,
            ok ? when : "MISMATCH");
@@ -101,23 +97,13 @@ static int alone(int k, int reps)
     one(k);
     for (int r = 0; r < reps; r++)
         s[r] = one(k);
-    double m = p50(s, reps) * 1e6;
+    double m = bench_median(s, reps) * 1e6;
     int ok = checked();
     printf("%-10s alone %21.2f %17d  %s\n", kind_name[k], m, reps, ok ? "back to back" : "MISMATCH");
     free(s);
     return ok;
 }
 
-static size_t parse_size(const char *s)
-{
-    char *e;
-    unsigned long long v = strtoull(s, &e, 10);
-    if (*e == 'K' || *e == 'k')
-        v <<= 10;
-    else if (*e == 'M' || *e == 'm')
-        v <<= 20;
-    return (size_t)v;
-}
 
 int main(int argc, char **argv)
 {
@@ -130,7 +116,7 @@ int main(int argc, char **argv)
         switch (o) {
         case 's': sock = optarg; break;
         case 'g': gpu = atoi(optarg); break;
-        case 'n': n = parse_size(optarg); break;
+        case 'n': n = bench_parse_size(optarg); break;
         case 'r': reps = atoi(optarg); break;
         default:
             printf("usage: mma-pairs [--socket S] [--gpu 0] [--size 16K] [--reps 200]\n");
