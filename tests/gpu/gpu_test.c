@@ -559,21 +559,32 @@ static int wait_socket(void)
     return wait_socket_at(sock_path);
 }
 
+/* A second mmad of the test's own (cuda, errors logged only) on sock with
+ * up to two more options (opt2 only after opt1), serving once this
+ * returns. */
+static pid_t another_mmad(const char *sock, const char *opt1, const char *opt2)
+{
+    char arg[160];
+    snprintf(arg, sizeof arg, "--socket=%s", sock);
+    pid_t pid = fork();
+    if (pid == 0) {
+        const char *argv_m[] = {"mmad", "--backend=cuda", arg, "--log=error", opt1, opt1 ? opt2 : NULL, NULL};
+        execv(mmad, (char *const *)argv_m);
+        _exit(127);
+    }
+    ck_assert_int_eq(wait_socket_at(sock), 0);
+    return pid;
+}
+
 /* mmad is killed while a stream waits on two stream-ordered copies that it
  * has not started (the stream is still busy before them): libmma must
  * finish them natively once the stream reaches them, so the stream moves on
  * with the right data, and later copies go native. */
 START_TEST(daemon_dies)
 {
-    char sock2[108], arg[160];
+    char sock2[108];
     snprintf(sock2, sizeof sock2, "/tmp/mma-gpu-test-%d-dies.sock", (int)getpid());
-    snprintf(arg, sizeof arg, "--socket=%s", sock2);
-    pid_t d2 = fork();
-    if (d2 == 0) {
-        execl(mmad, "mmad", "--backend=cuda", arg, "--log=error", (char *)NULL);
-        _exit(127);
-    }
-    ck_assert_int_eq(wait_socket_at(sock2), 0);
+    pid_t d2 = another_mmad(sock2, NULL, NULL);
     mma_client_t *c;
     MM(mma_connect(sock2, &c));
     int g = ngpu > 1 ? 1 : 0;
@@ -618,17 +629,11 @@ END_TEST
  * timed. */
 START_TEST(trace_gpu_times)
 {
-    char sock2[108], arg[160], targ[200], tpath[120];
+    char sock2[108], targ[200], tpath[120];
     snprintf(sock2, sizeof sock2, "/tmp/mma-gpu-test-%d-trace.sock", (int)getpid());
     snprintf(tpath, sizeof tpath, "/tmp/mma-gpu-test-%d-trace.csv", (int)getpid());
-    snprintf(arg, sizeof arg, "--socket=%s", sock2);
     snprintf(targ, sizeof targ, "--trace=%s", tpath);
-    pid_t d2 = fork();
-    if (d2 == 0) {
-        execl(mmad, "mmad", "--backend=cuda", arg, targ, "--trace-gpu=1", "--log=error", (char *)NULL);
-        _exit(127);
-    }
-    ck_assert_int_eq(wait_socket_at(sock2), 0);
+    pid_t d2 = another_mmad(sock2, targ, "--trace-gpu=1");
     mma_client_t *c;
     MM(mma_connect(sock2, &c));
     size_t n = 256u << 20;
