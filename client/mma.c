@@ -53,7 +53,11 @@ struct mma_client {
     mma_info_t info;
     mma_flag_slot_t *flags;
     uint32_t nslots;
+    size_t flags_len; /* the mapping: the slots, then the submission ring */
     int flags_pinned;
+    mma_sq_t *sq;     /* the submission ring, where mmad reads it (NULL: every copy is a message) */
+    uint64_t sq_tail; /* entries posted to it (under lock) */
+    uint64_t sq_kicks; /* KICKs sent */
     uint64_t *slot_seq; /* last seq issued on each slot */
     uint64_t *slot_due; /* when each slot's copy should be done (ns, monotonic) */
     uint64_t *slot_start; /* when it was submitted */
@@ -189,13 +193,18 @@ int mma_connect(const char *socket_path, mma_client_t **out)
         goto fail;
     }
     c->nslots = MMA_FLAG_SLOTS_DEFAULT;
+    /* The slots, then a submission ring that mmad may read (flagpage.h);
+     * MMA_NO_RING=1 sends every copy as a message. */
     size_t flen = (size_t)c->nslots * sizeof(mma_flag_slot_t);
+    const char *no_ring = getenv("MMA_NO_RING");
+    int offer_ring = !(no_ring && *no_ring && strcmp(no_ring, "0") != 0);
+    c->flags_len = flen + (offer_ring ? sizeof(mma_sq_t) : 0);
     memfd = memfd_create("mma-flags", MFD_CLOEXEC);
-    if (memfd < 0 || ftruncate(memfd, (off_t)flen) != 0) {
+    if (memfd < 0 || ftruncate(memfd, (off_t)c->flags_len) != 0) {
         rc = MMA_ERR_SYSTEM;
         goto fail;
     }
-    c->flags = mmap(NULL, flen, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+    c->flags = mmap(NULL, c->flags_len, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
     if (c->flags == MAP_FAILED) {
         c->flags = NULL;
         rc = MMA_ERR_SYSTEM;
@@ -215,6 +224,8 @@ int mma_connect(const char *socket_path, mma_client_t **out)
     h.api_version = MMA_API_VERSION;
     h.has_flag_slots = 1;
     h.flag_slots = c->nslots;
+    h.has_sq_entries = offer_ring;
+    h.sq_entries = offer_ring ? MMA_SQ_ENTRIES : 0;
     char name[64];
     snprintf(name, sizeof name, "pid %d", (int)getpid());
     h.name = name;
@@ -241,6 +252,8 @@ int mma_connect(const char *socket_path, mma_client_t **out)
     c->info.simulated = hr->simulated;
     c->info.bypass_threshold = (size_t)hr->bypass_threshold;
     c->info.sim_scale = hr->has_sim_scale ? hr->sim_scale : 1.0;
+    if (offer_ring && hr->has_sq && hr->sq)
+        c->sq = (mma_sq_t *)(void *)(c->flags + c->nslots);
     mma__response__free_unpacked(resp, NULL);
     if (!c->info.simulated) {
         if (mma_cuda_init() != MMA_OK) {
@@ -267,7 +280,7 @@ fail:
     if (c->fd >= 0)
         close(c->fd);
     if (c->flags)
-        munmap(c->flags, flen);
+        munmap(c->flags, c->flags_len);
     free(c->slot_seq);
     free(c->slot_due);
     free(c->slot_start);
@@ -701,6 +714,42 @@ static int copy_native(mma_client_t *c, const mma_segment_t *segs, size_t nsegs,
     return rc == MMA_OK ? native_run(segs, nsegs, st, !stream) : rc;
 }
 
+/* Post a one-segment copy to the submission ring (flagpage.h), under the
+ * client's lock. Returns 1 once posted (with a KICK sent where mmad was not
+ * polling and had read every earlier one), 0 where it cannot go there (no ring, or no room: send it as a
+ * message), or the KICK's failure (mmad is gone). */
+static int sq_post(mma_client_t *c, const Mma__Segment *sg, uint32_t slot, uint64_t seq, int latency,
+                   uint32_t max_paths)
+{
+    mma_sq_t *q = c->sq;
+    uint64_t t = c->sq_tail;
+    if (!q || max_paths > UINT16_MAX ||
+        t - atomic_load_explicit(&q->head, memory_order_acquire) >= MMA_SQ_ENTRIES)
+        return 0;
+    mma_sq_entry_t *e = &q->e[t % MMA_SQ_ENTRIES];
+    e->seq = seq;
+    e->dst_offset = sg->dst_offset;
+    e->src_offset = sg->src_offset;
+    e->length = sg->length;
+    e->slot = slot;
+    e->dst_region = sg->dst_region;
+    e->src_region = sg->src_region;
+    e->flags = latency ? MMA_SQ_LATENCY : 0;
+    e->max_paths = (uint16_t)max_paths;
+    e->sent_ns = mma_now_ns();
+    atomic_store_explicit(&e->pos, t + 1, memory_order_release);
+    c->sq_tail = t + 1;
+    atomic_store_explicit(&q->tail, t + 1, memory_order_seq_cst);
+    if (atomic_load_explicit(&q->polling, memory_order_seq_cst) ||
+        atomic_load_explicit(&q->kicks_read, memory_order_seq_cst) != c->sq_kicks)
+        return 1; /* mmad reads the ring unasked, or has a KICK of ours still to read */
+    c->sq_kicks++;
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__KICK;
+    int rc = mma_wire_send(c->fd, &req.base, NULL, 0);
+    return rc == MMA_OK ? 1 : rc;
+}
+
 int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs, mma_stream_t stream,
                         const mma_copy_opts_t *opts, mma_copy_t *out)
 {
@@ -788,23 +837,29 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
     c->last_seq = seq;
     if (c->cuda)
         remember(c, slot, segs, nsegs, gpu);
-    Mma__Copy cp = MMA__COPY__INIT;
-    cp.slot = slot;
-    cp.seq = seq;
-    cp.n_segments = nsegs;
-    cp.segments = pp;
-    cp.has_priority = 1;
-    cp.priority = (flags & MMA_COPY_LATENCY) ? 1 : 0;
-    cp.has_max_paths = opts && opts->max_paths > 0;
-    cp.max_paths = opts && opts->max_paths > 0 ? (uint32_t)opts->max_paths : 0;
-    Mma__Request req = MMA__REQUEST__INIT;
-    req.type = MMA__REQ_TYPE__COPY;
-    req.copy = &cp;
-    req.has_id = 1;
-    req.id = ++c->next_id;
-    cp.has_sent_ns = 1;
-    cp.sent_ns = mma_now_ns();
-    rc = mma_wire_send(c->fd, &req.base, NULL, 0);
+    uint32_t max_paths = opts && opts->max_paths > 0 ? (uint32_t)opts->max_paths : 0;
+    rc = nsegs == 1 ? sq_post(c, &ps[0], slot, seq, (flags & MMA_COPY_LATENCY) != 0, max_paths) : 0;
+    if (rc == 1) {
+        rc = MMA_OK;
+    } else if (rc == 0) {
+        Mma__Copy cp = MMA__COPY__INIT;
+        cp.slot = slot;
+        cp.seq = seq;
+        cp.n_segments = nsegs;
+        cp.segments = pp;
+        cp.has_priority = 1;
+        cp.priority = (flags & MMA_COPY_LATENCY) ? 1 : 0;
+        cp.has_max_paths = max_paths > 0;
+        cp.max_paths = max_paths;
+        Mma__Request req = MMA__REQUEST__INIT;
+        req.type = MMA__REQ_TYPE__COPY;
+        req.copy = &cp;
+        req.has_id = 1;
+        req.id = ++c->next_id;
+        cp.has_sent_ns = 1;
+        cp.sent_ns = mma_now_ns();
+        rc = mma_wire_send(c->fd, &req.base, NULL, 0);
+    }
     if (rc != MMA_OK) {
         c->dead = 1;
         /* Nothing reached mmad: complete the slot ourselves so a stream that
@@ -920,7 +975,7 @@ void mma_disconnect(mma_client_t *c)
             mma_cuda_stream_destroy(c->native_stream[g]);
     if (c->flags_pinned)
         mma_cuda_host_unregister(c->flags);
-    munmap(c->flags, (size_t)c->nslots * sizeof(mma_flag_slot_t));
+    munmap(c->flags, c->flags_len);
     free(c->slot_seq);
     free(c->slot_due);
     free(c->slot_start);

@@ -21,7 +21,7 @@ static void usage(FILE *f)
                "  paths    per path (target GPU, via GPU, direction): bytes, chunks, GB/s, queue depth,\n"
                "           state (on, off, yield), the smoothed rate of its recent chunks and how many\n"
                "           relay chunks a copy kernel on the via GPU moved in one hop (one_hop)\n"
-               "  clients  connected processes: pid, uid, regions, copies in flight\n"
+               "  clients  connected processes: pid, uid, regions, copies in flight, copies taken from the submission ring\n"
                "  --socket PATH  default $MMA_SOCKET, else /run/mma/mmad.sock\n");
 }
 
@@ -163,14 +163,15 @@ static void print_clients(const Mma__ClientsReply *c, int json)
         const Mma__ClientInfo *k = c->clients[i];
         if (json)
             printf("%s{\"id\":%u,\"pid\":%d,\"uid\":%u,\"name\":\"%s\",\"regions\":%u,\"region_bytes\":%llu,"
-                   "\"inflight\":%u,\"copies\":%llu,\"bytes\":%llu}",
+                   "\"inflight\":%u,\"copies\":%llu,\"bytes\":%llu,\"ring_copies\":%llu}",
                    i ? "," : "", k->id, k->pid, k->uid, k->name ? k->name : "", k->regions,
                    (unsigned long long)k->region_bytes, k->inflight, (unsigned long long)k->copies,
-                   (unsigned long long)k->bytes);
+                   (unsigned long long)k->bytes, (unsigned long long)k->ring_copies);
         else
-            printf("client%u:pid=%d,uid=%u,regions=%u,region_bytes=%llu,inflight=%u,copies=%llu,bytes=%llu\n",
+            printf("client%u:pid=%d,uid=%u,regions=%u,region_bytes=%llu,inflight=%u,copies=%llu,bytes=%llu,"
+                   "ring_copies=%llu\n",
                    k->id, k->pid, k->uid, k->regions, (unsigned long long)k->region_bytes, k->inflight,
-                   (unsigned long long)k->copies, (unsigned long long)k->bytes);
+                   (unsigned long long)k->copies, (unsigned long long)k->bytes, (unsigned long long)k->ring_copies);
     }
     if (json)
         printf("]}\n");

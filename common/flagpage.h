@@ -25,6 +25,51 @@ typedef struct mma_flag_slot {
 
 _Static_assert(sizeof(mma_flag_slot_t) == 64, "flag slot is one cache line");
 
+/* The submission ring: copy requests of one segment that a client writes
+ * into the flag page, right after its slots, instead of sending them over
+ * the socket. While mmad's socket thread polls (after a copy request, and
+ * through a copy's tail: --loop-spin-us, --tail-spin) it reads the ring
+ * each turn and sets `polling`, so such a copy costs the client a few
+ * stores and mmad no system call. A client that posts while `polling` is 0
+ * sends a KICK message, unless one it sent is still unread; mmad reads a
+ * client's ring before acting on any message from it, so a copy never
+ * overtakes, nor is overtaken by, what the client sent before or after it
+ * (UNREGISTER). Protocol:
+ *   client: fill e = &e[tail % MMA_SQ_ENTRIES], e->pos = tail + 1 (release),
+ *           then tail + 1 (seq_cst), then read polling (seq_cst); if 0, read
+ *           kicks_read (seq_cst), and only where it equals the KICKs sent so
+ *           far, send one more. It posts only while tail - head < MMA_SQ_ENTRIES.
+ *   mmad:   polling = 0 (seq_cst), then reads tail (seq_cst) once more
+ *           before it sleeps; either it sees the entry or the client sees 0.
+ *           On a KICK, kicks_read + 1 (seq_cst) before it reads tail.
+ *           For each entry from head to tail, with pos == head + 1: copy it
+ *           out, head + 1 (release), then validate and queue it as a COPY. */
+#define MMA_SQ_ENTRIES 256u
+#define MMA_SQ_LATENCY 1u /* mma_sq_entry_t.flags: latency class */
+
+typedef struct mma_sq_entry {
+    _Atomic uint64_t pos; /* ring position + 1 once the entry is written */
+    uint64_t seq;         /* the copy's sequence number (its slot's done value) */
+    uint64_t dst_offset, src_offset, length;
+    uint64_t sent_ns;     /* the client's CLOCK_MONOTONIC at posting (mmad --trace) */
+    uint32_t slot, dst_region, src_region;
+    uint16_t flags, max_paths;
+} mma_sq_entry_t;
+
+_Static_assert(sizeof(mma_sq_entry_t) == 64, "ring entry is one cache line");
+
+typedef struct mma_sq {
+    _Atomic uint64_t tail;    /* client: entries posted */
+    uint64_t pad0[7];
+    _Atomic uint64_t head;    /* mmad: entries taken */
+    uint64_t pad1[7];
+    _Atomic uint32_t polling; /* mmad: 1 while its socket thread reads the ring without a KICK */
+    uint32_t pad2;
+    _Atomic uint64_t kicks_read; /* mmad: KICK messages it began to act on */
+    uint64_t pad3[6];
+    mma_sq_entry_t e[MMA_SQ_ENTRIES];
+} mma_sq_t;
+
 #define MMA_FLAG_SLOTS_DEFAULT 1024u
 #define MMA_FLAG_SLOTS_MAX 65536u
 

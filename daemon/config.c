@@ -129,6 +129,9 @@ static const opt_t options[] = {
      "after a copy request, the socket thread polls for the next one this long instead of sleeping (0: off)"},
     {"tail-spin", OPT_INT, O(tail_spin), 0, "1", 0, 1,
      "1: with --loop-spin-us, the socket thread also polls while a copy is on its last chunks, and that long after"},
+    {"submit-ring", OPT_INT, O(submit_ring), 0, "1", 0, 1,
+     "1: clients post one-segment copies to a ring in their flag page, which the socket thread reads while it "
+     "polls (--loop-spin-us), with no system call on either side; 0: every copy is a socket message"},
     {"sim-chunk-cost-us", OPT_DOUBLE, O(sim_chunk_cost_us), 0, "0", 0, 1000,
      "simulated engine time to issue one chunk, in real-box microseconds (4x H200 measured 8), scaled like the rates"},
     {"sim-relay-latency-us", OPT_DOUBLE, O(sim_relay_latency_us), 0, "0", 0, 10000,

@@ -47,6 +47,7 @@ typedef struct mmad_config {
     double loop_spin_us;      /* the socket thread polls this long after a copy request */
     double engine_spin_us;    /* the engine polls this long after its last progress before it sleeps */
     int tail_spin;            /* ... and through copies' last chunks */
+    int submit_ring;          /* read clients' submission rings (flagpage.h) */
     int flag_slots_max;
     char log_level[16];
     int sim_fail_via;       /* fault injection: relays through this GPU fail (-1 none) */
@@ -104,13 +105,15 @@ typedef struct mmad_conn {
     char name[64];
     mma_flag_slot_t *flags;
     uint32_t nslots;
-    size_t flags_len;
+    size_t flags_len;       /* the whole mapping: the slots, and the ring where there is one */
+    mma_sq_t *sq;           /* the submission ring in the flag page; NULL: none (loop thread) */
     mmad_region_t *regions; /* registry; loop thread only */
     uint32_t next_region_id;
     _Atomic int closed;
     _Atomic int inflight;   /* jobs not yet completed */
     _Atomic uint64_t copies;
     _Atomic uint64_t bytes;
+    uint64_t ring_copies;   /* copies taken from the submission ring (loop thread) */
 } mmad_conn_t;
 
 void mmad_region_ref(mmad_region_t *r);

@@ -149,8 +149,11 @@ static void handle_hello(srv_client_t *cl, const Mma__Request *req, int *fds, in
         reply_error(cl, req, MMA_ERR_INVAL, "flag page: need one memfd and at most 65536 slots");
         return;
     }
+    /* The client's submission ring, after its slots: read where it has the
+     * entries this mmad expects (a page laid out otherwise is not used). */
+    int ring = slots > 0 && s->cfg->submit_ring && h->has_sq_entries && h->sq_entries == MMA_SQ_ENTRIES;
     if (slots > 0) {
-        size_t len = (size_t)slots * sizeof(mma_flag_slot_t);
+        size_t len = (size_t)slots * sizeof(mma_flag_slot_t) + (ring ? sizeof(mma_sq_t) : 0);
         struct stat st;
         if (fstat(fds[0], &st) != 0 || (size_t)st.st_size < len) {
             reply_error(cl, req, MMA_ERR_INVAL, "flag page memfd is smaller than its slots");
@@ -164,6 +167,10 @@ static void handle_hello(srv_client_t *cl, const Mma__Request *req, int *fds, in
         cl->conn->flags = map;
         cl->conn->flags_len = len;
         cl->conn->nslots = slots;
+        if (ring) {
+            cl->conn->sq = (mma_sq_t *)(void *)(cl->conn->flags + slots);
+            atomic_store(&cl->conn->sq->polling, atomic_load(&s->polling));
+        }
     }
     if (h->name)
         snprintf(cl->conn->name, sizeof cl->conn->name, "%s", h->name);
@@ -183,11 +190,13 @@ static void handle_hello(srv_client_t *cl, const Mma__Request *req, int *fds, in
     hr.bypass_threshold = (uint64_t)s->be->bypass_threshold;
     hr.has_sim_scale = 1;
     hr.sim_scale = s->be->simulated ? s->be->sim_scale : 1.0;
+    hr.has_sq = 1;
+    hr.sq = cl->conn->sq != NULL;
     Mma__Response resp;
     resp_init(&resp, req, MMA_OK);
     resp.hello = &hr;
-    MMA_INFO("client %u: pid %d uid %u '%s', %u flag slots", cl->conn->id, (int)cl->conn->pid,
-             (unsigned)cl->conn->uid, cl->conn->name, slots);
+    MMA_INFO("client %u: pid %d uid %u '%s', %u flag slots%s", cl->conn->id, (int)cl->conn->pid,
+             (unsigned)cl->conn->uid, cl->conn->name, slots, cl->conn->sq ? ", submission ring" : "");
     send_resp(cl, &resp);
 }
 
@@ -255,22 +264,20 @@ static void handle_unregister(srv_client_t *cl, const Mma__Request *req)
     reply_error(cl, req, rc, rc == MMA_OK ? NULL : mma_strerror(rc));
 }
 
-static void handle_copy(srv_client_t *cl, const Mma__Request *req)
+/* Queue one copy, from a COPY message (req) or the submission ring (req
+ * NULL: a refusal goes out as a response without an id, which libmma logs). */
+static void copy_in(srv_client_t *cl, const Mma__Copy *cp, const Mma__Request *req)
 {
     mmad_server_t *s = cl->srv;
     char msg[256];
     mmad_job_t *job;
-    if (!req->copy) {
-        reply_error(cl, req, MMA_ERR_INVAL, "COPY without its body");
-        return;
-    }
-    int rc = mmad_request_build_job(cl->conn, req->copy, s->be->gpu_count, &job, msg, sizeof msg);
+    int rc = mmad_request_build_job(cl->conn, cp, s->be->gpu_count, &job, msg, sizeof msg);
     if (rc != MMA_OK) {
         MMA_WARN("client %u (pid %d): copy refused: %s", cl->conn->id, (int)cl->conn->pid, msg);
-        if (req->copy->slot < cl->conn->nslots) {
+        if (cp->slot < cl->conn->nslots) {
             /* The client's stream may already wait on this slot: complete it
              * with the error so nothing waits forever. */
-            mma_flag_complete(&cl->conn->flags[req->copy->slot], req->copy->seq, rc);
+            mma_flag_complete(&cl->conn->flags[cp->slot], cp->seq, rc);
         }
         reply_error(cl, req, rc, msg);
         return;
@@ -278,6 +285,92 @@ static void handle_copy(srv_client_t *cl, const Mma__Request *req)
     atomic_fetch_add_explicit(&cl->conn->inflight, 1, memory_order_relaxed);
     mmad_engine_submit(s->engine, job);
     s->last_copy_ns = mma_now_ns();
+}
+
+static void handle_copy(srv_client_t *cl, const Mma__Request *req)
+{
+    if (!req->copy) {
+        reply_error(cl, req, MMA_ERR_INVAL, "COPY without its body");
+        return;
+    }
+    copy_in(cl, req->copy, req);
+}
+
+/* Entries one client's ring yields per turn, so that clients take turns;
+ * the rings are read until all are empty, since a client that saw this
+ * thread polling sent no KICK for what it posted. */
+#define SQ_PER_TURN 64
+
+/* Take the copies cl posted to its submission ring (flagpage.h) and queue
+ * them in order. A ring that breaks the protocol (an entry posted past the
+ * ring's room, or not written when its tail says so) closes the client:
+ * returns -1 then. */
+static int sq_take(srv_client_t *cl)
+{
+    mmad_conn_t *conn = cl->conn;
+    mma_sq_t *q = conn->sq;
+    if (!q || !cl->hello_done || uv_is_closing((uv_handle_t *)&cl->poll))
+        return 0;
+    uint64_t head = atomic_load_explicit(&q->head, memory_order_relaxed); /* only this thread writes it */
+    int n = 0;
+    for (; n < SQ_PER_TURN; n++) {
+        uint64_t tail = atomic_load_explicit(&q->tail, memory_order_seq_cst);
+        if (tail == head)
+            break;
+        const mma_sq_entry_t *e = &q->e[head % MMA_SQ_ENTRIES];
+        if (tail - head > MMA_SQ_ENTRIES || atomic_load_explicit(&e->pos, memory_order_acquire) != head + 1) {
+            MMA_WARN("client %u (pid %d): submission ring out of order (head %llu, tail %llu): closing it",
+                     conn->id, (int)conn->pid, (unsigned long long)head, (unsigned long long)tail);
+            client_close(cl);
+            return -1;
+        }
+        /* Copied out before head moves on: the client may reuse the entry then. */
+        Mma__Segment sg = MMA__SEGMENT__INIT;
+        sg.dst_region = e->dst_region;
+        sg.dst_offset = e->dst_offset;
+        sg.src_region = e->src_region;
+        sg.src_offset = e->src_offset;
+        sg.length = e->length;
+        Mma__Segment *sgp = &sg;
+        Mma__Copy cp = MMA__COPY__INIT;
+        cp.slot = e->slot;
+        cp.seq = e->seq;
+        cp.n_segments = 1;
+        cp.segments = &sgp;
+        cp.has_priority = 1;
+        cp.priority = (e->flags & MMA_SQ_LATENCY) ? 1 : 0;
+        cp.has_max_paths = e->max_paths > 0;
+        cp.max_paths = e->max_paths;
+        cp.has_sent_ns = 1;
+        cp.sent_ns = e->sent_ns;
+        atomic_store_explicit(&q->head, ++head, memory_order_release);
+        conn->ring_copies++;
+        copy_in(cl, &cp, NULL);
+    }
+    return n;
+}
+
+/* Every client's ring until all are empty, SQ_PER_TURN entries a turn
+ * (at most 64 turns: a client has at most its flag slots' worth of copies
+ * in flight, so only one that breaks the protocol keeps a ring full). */
+static void sq_take_all(mmad_server_t *s)
+{
+    for (int more = 1, turns = 0; more && turns < 64; turns++) {
+        more = 0;
+        for (srv_client_t *cl = s->clients; cl; cl = cl->next)
+            if (sq_take(cl) == SQ_PER_TURN)
+                more = 1;
+    }
+}
+
+/* Tell every client with a ring whether this thread now reads it unasked
+ * (seq_cst: pairs with the client's tail store and polling load). */
+static void sq_polling(mmad_server_t *s, int on)
+{
+    atomic_store(&s->polling, on);
+    for (srv_client_t *cl = s->clients; cl; cl = cl->next)
+        if (cl->conn->sq)
+            atomic_store_explicit(&cl->conn->sq->polling, (uint32_t)on, memory_order_seq_cst);
 }
 
 static uint64_t uptime_ms(mmad_server_t *s)
@@ -432,6 +525,8 @@ static void handle_clients(srv_client_t *cl, const Mma__Request *req)
         o->inflight = (uint32_t)atomic_load(&cn->inflight);
         o->copies = atomic_load(&cn->copies);
         o->bytes = atomic_load(&cn->bytes);
+        o->has_ring_copies = 1;
+        o->ring_copies = cn->ring_copies;
         cp[k++] = o;
     }
     Mma__ClientsReply cr = MMA__CLIENTS_REPLY__INIT;
@@ -475,6 +570,8 @@ static void dispatch(srv_client_t *cl, const Mma__Request *req, int *fds, int *n
     case MMA__REQ_TYPE__CLIENTS:
         handle_clients(cl, req);
         break;
+    case MMA__REQ_TYPE__KICK:
+        break; /* on_client_io read the ring before this message */
     default:
         reply_error(cl, req, MMA_ERR_UNSUPPORTED, "unknown request type");
         break;
@@ -504,6 +601,18 @@ static void on_client_io(uv_poll_t *h, int status, int events)
             return;
         }
         Mma__Request *req = mma__request__unpack(NULL, len, s->rxbuf);
+        /* A KICK is counted as read before the ring is (flagpage.h), and
+         * copies the client posted before sending any message come first. */
+        if (req && req->type == MMA__REQ_TYPE__KICK && cl->conn->sq)
+            atomic_fetch_add_explicit(&cl->conn->sq->kicks_read, 1, memory_order_seq_cst);
+        int took, turns = 0;
+        while ((took = sq_take(cl)) == SQ_PER_TURN && ++turns < 64)
+            ;
+        if (took < 0) {
+            if (req)
+                mma__request__free_unpacked(req, NULL);
+            return;
+        }
         if (!req) {
             MMA_WARN("client %u: undecodable request (%zu bytes)", cl->conn->id, len);
             reply_error(cl, NULL, MMA_ERR_PROTO, "undecodable request");
@@ -730,15 +839,18 @@ int mmad_server_run(mmad_server_t *s)
     while (uv_run(&s->loop, UV_RUN_ONCE)) {
         uint64_t since = mma_now_ns();
         for (;;) {
-            atomic_store(&s->polling, 1);
-            while (keep_polling(s, spin_ns, since))
+            sq_polling(s, 1);
+            while (keep_polling(s, spin_ns, since)) {
+                sq_take_all(s);
                 if (!uv_run(&s->loop, UV_RUN_NOWAIT)) {
-                    atomic_store(&s->polling, 0);
+                    sq_polling(s, 0);
                     return MMA_OK;
                 }
-            atomic_store(&s->polling, 0);
-            /* A tail that began as this thread stopped polling did not kick
-             * it: look once more before sleeping. */
+            }
+            sq_polling(s, 0);
+            /* A copy posted, or a tail begun, as this thread stopped polling
+             * sent no kick: look once more before sleeping. */
+            sq_take_all(s);
             if (!keep_polling(s, spin_ns, since))
                 break;
         }

@@ -349,6 +349,30 @@ Mma__Response *raw_hello(int fd, uint32_t api_version, uint32_t nslots, void **f
     return r;
 }
 
+size_t raw_ring_page_len(uint32_t nslots)
+{
+    return (size_t)nslots * sizeof(mma_flag_slot_t) + sizeof(mma_sq_t);
+}
+
+Mma__Response *raw_hello_ring(int fd, uint32_t nslots, uint32_t sq_entries, void **flags)
+{
+    Mma__Hello h = MMA__HELLO__INIT;
+    h.api_version = MMA_API_VERSION;
+    h.name = "raw ring client";
+    h.has_flag_slots = 1;
+    h.flag_slots = nslots;
+    h.has_sq_entries = 1;
+    h.sq_entries = sq_entries;
+    int mfd = -1;
+    *flags = memfd_map(raw_ring_page_len(nslots), &mfd);
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__HELLO;
+    req.hello = &h;
+    Mma__Response *r = raw_call(fd, &req, &mfd, 1, NULL);
+    close(mfd);
+    return r;
+}
+
 int count_maps(pid_t pid, const char *needle)
 {
     char path[64], line[512];

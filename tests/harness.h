@@ -64,6 +64,11 @@ Mma__Response *raw_recv(int fd, double timeout_s, int *eof);
  * Response (caller frees). */
 Mma__Response *raw_hello(int fd, uint32_t api_version, uint32_t nslots, void **flags);
 
+/* raw_hello offering a submission ring of sq_entries (flagpage.h) after the
+ * slots: *flags gets the mapping (munmap with raw_ring_page_len(nslots)). */
+Mma__Response *raw_hello_ring(int fd, uint32_t nslots, uint32_t sq_entries, void **flags);
+size_t raw_ring_page_len(uint32_t nslots);
+
 /* A memfd of `size` bytes mapped here; *fd keeps the descriptor. */
 void *memfd_map(size_t size, int *fd);
 

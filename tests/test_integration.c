@@ -718,6 +718,232 @@ START_TEST(daemon_side_validation)
 }
 END_TEST
 
+/* ---- the submission ring (flagpage.h) ---- */
+
+static void raw_kick(int fd)
+{
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__KICK;
+    ck_assert_int_eq(mma_wire_send(fd, &req.base, NULL, 0), MMA_OK);
+}
+
+/* Post one copy as libmma does; with kick, send a KICK where mmad does not
+ * poll the ring. */
+static void ring_post(int fd, mma_sq_t *q, int kick, uint32_t slot, uint64_t seq, uint32_t dst, uint64_t doff,
+                      uint32_t src, uint64_t soff, uint64_t len)
+{
+    uint64_t t = atomic_load(&q->tail);
+    mma_sq_entry_t *e = &q->e[t % MMA_SQ_ENTRIES];
+    e->seq = seq;
+    e->slot = slot;
+    e->dst_region = dst;
+    e->dst_offset = doff;
+    e->src_region = src;
+    e->src_offset = soff;
+    e->length = len;
+    e->flags = 0;
+    e->max_paths = 0;
+    e->sent_ns = 0;
+    atomic_store_explicit(&e->pos, t + 1, memory_order_release);
+    atomic_store(&q->tail, t + 1);
+    if (kick && !atomic_load(&q->polling))
+        raw_kick(fd);
+}
+
+START_TEST(submission_ring)
+{
+    /* No polling (--loop-spin-us=0): mmad reads the ring when a message
+     * wakes it, which makes the ordering below deterministic. */
+    static const char *const box[] = {"--sim-scale=0.25", "--chunk-size=1M", "--loop-spin-us=0", NULL};
+    mmad_proc_t d;
+    mmad_start(&d, box);
+    int fd = raw_connect(d.sock);
+    ck_assert_int_ge(fd, 0);
+    enum { NSLOTS = 8, SZ = 65536 };
+    void *fv = NULL;
+    Mma__Response *r = raw_hello_ring(fd, NSLOTS, MMA_SQ_ENTRIES, &fv);
+    ck_assert(r && r->status == MMA_OK && r->hello);
+    ck_assert_msg(r->hello->has_sq && r->hello->sq, "mmad did not take the ring");
+    mma__response__free_unpacked(r, NULL);
+    mma_flag_slot_t *fl = fv;
+    mma_sq_t *q = (mma_sq_t *)(void *)(fl + NSLOTS);
+
+    int hfd, dfd;
+    uint8_t *hm = memfd_map(SZ, &hfd), *dm = memfd_map(SZ, &dfd);
+    fill_random(hm, SZ, 777);
+    memset(dm, 0xcd, SZ);
+    uint32_t hid = raw_register(fd, 0, -1, SZ, hfd, MMA_OK, NULL);
+    uint32_t did = raw_register(fd, 1, 2, SZ, dfd, MMA_OK, NULL);
+
+    /* A copy through the ring lands, its slot says OK, and no message
+     * comes back. */
+    atomic_store(&fl[0].reached, 1);
+    ring_post(fd, q, 1, 0, 1, did, 100, hid, 7, 5000);
+    flag_wait_t w = {&fl[0], 1};
+    ck_assert_msg(wait_until(flag_done, &w, 10.0), "ring copy never completed");
+    ck_assert_int_eq(atomic_load(&fl[0].status), MMA_OK);
+    ck_assert_mem_eq(dm + 100, hm + 7, 5000);
+    ck_assert_int_eq(dm[99], 0xcd);
+    ck_assert_int_eq(dm[5100], 0xcd);
+    ck_assert_uint_eq(atomic_load(&q->head), 1);
+    expect_silence(fd);
+
+    /* A refused one: the slot carries the status, and a response without
+     * an id names the cause. */
+    atomic_store(&fl[1].reached, 2);
+    ring_post(fd, q, 1, 1, 2, 4242, 0, hid, 0, 1);
+    w = (flag_wait_t){&fl[1], 2};
+    ck_assert(wait_until(flag_done, &w, 10.0));
+    ck_assert_int_eq(atomic_load(&fl[1].status), MMA_ERR_NOT_REGISTERED);
+    int eof = 0;
+    r = raw_recv(fd, 10.0, &eof);
+    ck_assert_msg(r, "no response to a refused ring copy");
+    ck_assert_int_eq(r->status, MMA_ERR_NOT_REGISTERED);
+    ck_assert(!r->has_id);
+    ck_assert_msg(r->error && strstr(r->error, "4242"), "error '%s'", r->error ? r->error : "");
+    mma__response__free_unpacked(r, NULL);
+
+    /* Order: a copy posted with no KICK, then UNREGISTER of its source as a
+     * message. mmad reads the ring before the message, so the copy comes
+     * first and lands (its job holds the region); the other way round it
+     * would be refused as not registered. */
+    fill_random(hm, SZ, 778);
+    atomic_store(&fl[2].reached, 3);
+    ring_post(fd, q, 0, 2, 3, did, 0, hid, 0, SZ);
+    Mma__Unregister u = MMA__UNREGISTER__INIT;
+    u.region_id = hid;
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__UNREGISTER;
+    req.unregister = &u;
+    r = raw_call(fd, &req, NULL, 0, NULL);
+    ck_assert(r && r->status == MMA_OK);
+    mma__response__free_unpacked(r, NULL);
+    w = (flag_wait_t){&fl[2], 3};
+    ck_assert(wait_until(flag_done, &w, 10.0));
+    ck_assert_msg(atomic_load(&fl[2].status) == MMA_OK, "copy posted before UNREGISTER: %s",
+                  mma_status_name((int)atomic_load(&fl[2].status)));
+    ck_assert_mem_eq(dm, hm, SZ);
+    ck_assert_uint_eq(atomic_load(&q->head), 3);
+
+    /* A hello offering a ring of another size gets none. */
+    int fd2 = raw_connect(d.sock);
+    void *fv2 = NULL;
+    r = raw_hello_ring(fd2, NSLOTS, MMA_SQ_ENTRIES / 2, &fv2);
+    ck_assert(r && r->status == MMA_OK && r->hello);
+    ck_assert(r->hello->has_sq && !r->hello->sq);
+    mma__response__free_unpacked(r, NULL);
+    close(fd2);
+    munmap(fv2, raw_ring_page_len(NSLOTS));
+
+    /* A ring whose tail runs past its room closes that client only. */
+    atomic_store(&q->tail, atomic_load(&q->head) + MMA_SQ_ENTRIES + 5);
+    raw_kick(fd);
+    r = raw_recv(fd, 10.0, &eof);
+    ck_assert_msg(!r && eof, "a broken ring did not close the client");
+    quick_roundtrip(d.sock, 3, 2 * MIB + 3);
+
+    munmap(hm, SZ);
+    munmap(dm, SZ);
+    munmap(fv, raw_ring_page_len(NSLOTS));
+    close(hfd);
+    close(dfd);
+    close(fd);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
+typedef struct {
+    const mmad_proc_t *d;
+    char want[96];
+    char *out;
+} clients_line_t;
+
+/* `mmactl clients` has this process's line with w->want in it. */
+static int clients_line(void *arg)
+{
+    clients_line_t *w = arg;
+    int rc;
+    free(w->out);
+    w->out = mmactl(w->d, "clients", 0, &rc);
+    char needle[32];
+    snprintf(needle, sizeof needle, "pid=%d,", (int)getpid());
+    const char *mine = rc == 0 && w->out ? strstr(w->out, needle) : NULL;
+    const char *eol = mine ? strchr(mine, '\n') : NULL;
+    const char *hit = mine ? strstr(mine, w->want) : NULL;
+    return hit && (!eol || hit < eol);
+}
+
+/* n copies of `each` bytes in flight at once through libmma, then waited
+ * for and checked; `want` is what `mmactl clients` must then show. */
+static void ring_burst(const mmad_proc_t *d, int n, size_t each, int stop, const char *want)
+{
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(d->sock, &c), MMA_OK);
+    uint8_t *h, *dv, *back;
+    size_t total = (size_t)n * each;
+    ck_assert_int_eq(mma_host_alloc(c, total, (void **)&h), MMA_OK);
+    ck_assert_int_eq(mma_host_alloc(c, total, (void **)&back), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, 1, total, (void **)&dv), MMA_OK);
+    fill_random(h, total, (uint64_t)n * 7 + each);
+    mma_copy_t *t = calloc((size_t)n, sizeof *t);
+    ck_assert_ptr_nonnull(t);
+    mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
+    if (stop) {
+        /* mmad frozen: nothing leaves the ring, which fills. */
+        ck_assert_int_eq(kill(d->pid, SIGSTOP), 0);
+        int st;
+        ck_assert_int_eq(waitpid(d->pid, &st, WUNTRACED), d->pid);
+        ck_assert(WIFSTOPPED(st));
+    }
+    for (int i = 0; i < n; i++) {
+        mma_segment_t sg = {dv + (size_t)i * each, h + (size_t)i * each, each};
+        ck_assert_int_eq(mma_memcpy_sg_async(c, &sg, 1, NULL, &o, &t[i]), MMA_OK);
+    }
+    if (stop)
+        ck_assert_int_eq(kill(d->pid, SIGCONT), 0);
+    for (int i = 0; i < n; i++)
+        ck_assert_int_eq(mma_wait(c, t[i]), MMA_OK);
+    copy_verified(c, back, dv, total, NULL); /* by message or ring, one copy back */
+    ck_assert_mem_eq(back, h, total);
+    clients_line_t cw = {.d = d};
+    snprintf(cw.want, sizeof cw.want, "%s", want);
+    ck_assert_msg(wait_until(clients_line, &cw, 10.0), "clients lacks '%s':\n%s", want, cw.out ? cw.out : "");
+    free(cw.out);
+    free(t);
+    ck_assert_int_eq(mma_free(c, dv), MMA_OK);
+    ck_assert_int_eq(mma_free(c, back), MMA_OK);
+    ck_assert_int_eq(mma_free(c, h), MMA_OK);
+    mma_disconnect(c);
+}
+
+START_TEST(submission_ring_full_and_off)
+{
+    /* Beyond the ring, 5 messages: a stopped mmad's socket queues only ~10
+     * (net.unix.max_dgram_qlen) before a sender blocks; so would a KICK per
+     * post, which is why a client sends none while one is unread. */
+    enum { N = MMA_SQ_ENTRIES + 5, EACH = 4096 };
+    char want[96];
+    /* A full ring: the first MMA_SQ_ENTRIES copies wait in it while mmad is
+     * stopped, the rest go as messages; all land. Then the copy back (one
+     * more through the ring). */
+    mmad_proc_t d;
+    mmad_start(&d, fast_box);
+    snprintf(want, sizeof want, "copies=%d,bytes=%d,ring_copies=%u\n", N + 1, 2 * N * EACH, MMA_SQ_ENTRIES + 1);
+    ring_burst(&d, N, EACH, 1, want);
+    /* MMA_NO_RING=1: this client offers none; every copy is a message. */
+    setenv("MMA_NO_RING", "1", 1);
+    snprintf(want, sizeof want, "copies=%d,bytes=%d,ring_copies=0\n", 41, 2 * 40 * EACH);
+    ring_burst(&d, 40, EACH, 0, want);
+    unsetenv("MMA_NO_RING");
+    mmad_stop_clean(&d);
+    /* --submit-ring=0: mmad takes no ring; copies go as messages. */
+    static const char *const off[] = {"--sim-scale=0.25", "--chunk-size=1M", "--submit-ring=0", NULL};
+    mmad_start(&d, off);
+    ring_burst(&d, 40, EACH, 0, want);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
 START_TEST(client_side_range_check)
 {
     mmad_proc_t d;
@@ -1154,7 +1380,8 @@ static int client_counted(void *arg)
     char needle[96];
     snprintf(needle, sizeof needle, "pid=%d,", (int)w->pid);
     const char *mine = rc == 0 && w->out ? strstr(w->out, needle) : NULL;
-    snprintf(needle, sizeof needle, "copies=2,bytes=%zu\n", w->bytes);
+    /* Both are one-segment copies: both went by the submission ring. */
+    snprintf(needle, sizeof needle, "copies=2,bytes=%zu,ring_copies=2\n", w->bytes);
     return mine && strstr(mine, needle);
 }
 
@@ -1870,7 +2097,7 @@ int main(void)
     } cases[] = {
         {"clients", 90, {concurrent_clients_random_copies, one_client_many_threads}},
         {"protocol", 60, {daemon_side_validation, client_side_range_check, version_handshake,
-                          unknown_and_garbage_requests}},
+                          unknown_and_garbage_requests, submission_ring, submission_ring_full_and_off}},
         {"lifecycle", 60, {client_dies_mid_copy, sigterm_with_copies_in_flight, one_daemon_per_socket,
                            stale_socket_file_replaced, command_line}},
         {"mmactl", 60, {mmactl_reports, mma_ab_arguments}},
