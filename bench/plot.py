@@ -48,7 +48,11 @@ def bandwidth(d):
         if mmaq[0]:
             ax.plot(*mmaq, "s--", color="C1", alpha=0.7, label="mma, 4 copies in flight")
         if dirn in ceil:
-            ax.axhline(ceil[dirn], color="gray", ls=":", label=f"box ceiling {ceil[dirn]:.0f} GB/s")
+            ax.axhline(ceil[dirn], color="gray", ls=":", label=f"box ceiling at the start (best) {ceil[dirn]:.0f} GB/s")
+        # local_ceil_gbps (12): the ceiling again beside each size's copies (newer runs, from 1 MiB)
+        lc = [(s, float(r[12])) for s, r in zip(size, pts) if len(r) > 12 and r[12] and float(r[12]) > 0]
+        if lc:
+            ax.plot([s for s, _ in lc], [v for _, v in lc], "x:", color="gray", label="box ceiling beside each size")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("copy size (bytes)")
         ax.set_ylabel("GB/s")
