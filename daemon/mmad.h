@@ -57,6 +57,7 @@ typedef struct mmad_config {
     double sim_busy_share;    /* the share of a busy link that mmad's chunks get */
     char sim_busy_file[108];  /* when set, the busy load is on only while this file exists */
     double yield_frac;        /* a relay below this x the reference rate yields (0: never) */
+    int yield_to_direct;      /* relays stay off a GPU's link while mmad copies into / out of that GPU */
     double busy_gbps;         /* relays stop on a link carrying this much traffic not mmad's (0: never) */
     char trace_path[256];     /* chunk trace CSV written at exit (empty: none) */
     int trace_gpu;            /* with it, each chunk's copies timed on the GPUs too */

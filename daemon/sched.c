@@ -78,6 +78,7 @@ int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cf
     double scale = be->simulated && be->sim_scale > 0 ? be->sim_scale : 1.0;
     s->now = mma_now_ns;
     s->yield_frac = cfg->yield_frac;
+    s->yield_to_direct = cfg->yield_to_direct;
     s->yield_probe_ns = (uint64_t)(cfg->yield_probe_ms * 1e6 / scale);
     /* A chunk carries a fixed ~10-20 us of latency on GPUs: from 1 MiB up
      * its rate is mostly the link's. */
@@ -333,11 +334,26 @@ int mmad_sched_plan_split_tr(uint64_t total, int npaths, const double *t, const 
 }
 
 /* A path that takes a share of new work: the direct one, or a relay that is
- * on and not yielding. */
+ * on, not yielding, and whose via GPU's link carries neither other traffic
+ * nor (--yield-to-direct) a copy of mmad's own into / out of that GPU. */
 static int path_usable(const mmad_sched_t *s, int target, int via, int dir)
 {
     const mmad_path_stat_t *p = &s->paths[target][via][dir];
-    return via == target || (p->enabled && !p->yielding && !s->link_busy[via][dir]);
+    return via == target || (p->enabled && !p->yielding && !s->link_busy[via][dir] &&
+                             !(s->yield_to_direct && s->own_jobs[via][dir] > 0));
+}
+
+/* --yield-to-direct: count the runnable jobs with bytes still to issue per
+ * target and direction, once per pass (jobs whose last chunks are in
+ * flight no longer hold their link). */
+static void own_update(mmad_sched_t *s)
+{
+    if (!s->yield_to_direct)
+        return;
+    memset(s->own_jobs, 0, sizeof s->own_jobs);
+    for (const mmad_job_t *j = s->jobs; j; j = j->next)
+        if (j->runnable && j->status == MMA_OK && j->issued < j->total)
+            s->own_jobs[j->target][j->dir]++;
 }
 
 /* Follow the backend's view of traffic that is not mmad's. A link carrying
@@ -585,6 +601,7 @@ static uint64_t plan_want(const mmad_sched_t *s, const mmad_plan_t *pl, const mm
 void mmad_sched_add(mmad_sched_t *s, mmad_job_t *job)
 {
     int vias[MMAD_MAX_GPUS];
+    own_update(s);
     int n = usable_paths(s, job, vias);
     job->chunk_len = mmad_sched_chunk_len(s, job->total, n);
     job->trace_id = ++s->jobs_added;
@@ -611,7 +628,7 @@ static int path_has_room(const mmad_sched_t *s, int target, int via, int dir, ui
     const mmad_path_stat_t *p = &s->paths[target][via][dir];
     if (!p->enabled || p->inflight >= s->path_depth)
         return 0;
-    if (via != target && s->link_busy[via][dir])
+    if (via != target && (s->link_busy[via][dir] || (s->yield_to_direct && s->own_jobs[via][dir] > 0)))
         return 0;
     /* A yielding relay takes one chunk at a time, when its probe is due. */
     if (p->yielding && (p->inflight > 0 || now < p->probe_at))
@@ -773,6 +790,7 @@ static int issue_for_job(mmad_sched_t *s, mmad_job_t *j, uint64_t now)
 int mmad_sched_fill(mmad_sched_t *s)
 {
     links_update(s);
+    own_update(s);
     int issued = 0;
     uint64_t now = s->now();
     /* Latency class first: each such job takes every path it can use. */

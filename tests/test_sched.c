@@ -293,6 +293,10 @@ END_TEST
 
 START_TEST(fill_respects_depth_and_staging)
 {
+    /* Jobs to several GPUs share staging buffers here only if relays go
+     * through links that carry a copy of their own (relays_yield_to_direct
+     * tests the rule that keeps them off those). */
+    s.yield_to_direct = 0;
     /* One big job to GPU 0: depth 2 on each of its 4 paths. */
     mmad_job_t *a = job_simple(&conn_x, 0, 0, 1u << 20, 0);
     mmad_sched_add(&s, a);
@@ -524,6 +528,76 @@ START_TEST(round_robin_between_bulk_jobs)
     for (int i = 0; i < 8; i++)
         ck_assert_msg(fb.log[i].job == (i % 2 ? b : a), "chunk %d went to job %s; expected strict alternation", i,
                       fb.log[i].job == a ? "a" : "b");
+    job_free(a);
+    job_free(b);
+}
+END_TEST
+
+/* --yield-to-direct: while mmad copies into gpu1 itself, a copy into gpu0
+ * relays through every link but gpu1's (and gpu1's copy not through
+ * gpu0's); once gpu1's copy has issued its last chunk, gpu1's link takes
+ * relays again. Another direction's copy does not hold a link. */
+START_TEST(relays_yield_to_direct)
+{
+    mmad_job_t *a = job_simple(&conn_x, 0, 0, 16 * (64u << 10), 0);
+    mmad_job_t *b = job_simple(&conn_y, 1, 0, 8 * (64u << 10), 2u << 20);
+    mmad_sched_add(&s, a);
+    mmad_sched_add(&s, b);
+    mmad_sched_fill(&s);
+    int seen[2][NGPU] = {{0}};
+    int a_via1_after_b = 0;
+    for (int steps = 0; fb.ninflight > 0; steps++) {
+        ck_assert_int_lt(steps, 1000);
+        for (int i = 0; i < fb.ninflight; i++) {
+            const mmad_chunk_t *c = fb.inflight[i];
+            int k = c->job == a ? 0 : 1;
+            seen[k][c->via] = 1;
+            if (c->job == a && c->via == 1) {
+                ck_assert_msg(b->issued == b->total, "a relayed through gpu1 while b still had bytes for it");
+                a_via1_after_b = 1;
+            }
+            ck_assert_msg(!(c->job == b && c->via == 0 && a->issued < a->total),
+                          "b relayed through gpu0 while a still had bytes for it");
+        }
+        complete(0, MMA_OK);
+        mmad_sched_fill(&s);
+    }
+    ck_assert_uint_eq(a->issued, a->total);
+    ck_assert_uint_eq(b->issued, b->total);
+    /* both used the two links nobody else copied over */
+    ck_assert(seen[0][0] && seen[0][2] && seen[0][3]);
+    ck_assert(seen[1][1] && seen[1][2] && seen[1][3]);
+    ck_assert_msg(a_via1_after_b, "gpu1's link never took a's relays after b was done with it");
+    job_free(a);
+    job_free(b);
+
+    /* A D2H copy out of gpu1 leaves gpu1's H2D side to relays. */
+    a = job_simple(&conn_x, 0, 0, 16 * (64u << 10), 0);
+    b = job_new(&conn_y, 1, MMA_DIR_D2H, 0, (uint64_t[]){8 * (64u << 10)}, 1, 2u << 20, 2u << 20);
+    mmad_sched_add(&s, a);
+    mmad_sched_add(&s, b);
+    mmad_sched_fill(&s);
+    ck_assert_int_ge(find_inflight(a, 1), 0);
+    while (fb.ninflight > 0) {
+        complete(0, MMA_OK);
+        mmad_sched_fill(&s);
+    }
+    job_free(a);
+    job_free(b);
+
+    /* --yield-to-direct=0: every link relays for everyone. */
+    s.yield_to_direct = 0;
+    a = job_simple(&conn_x, 0, 0, 16 * (64u << 10), 0);
+    b = job_simple(&conn_y, 1, 0, 8 * (64u << 10), 2u << 20);
+    mmad_sched_add(&s, a);
+    mmad_sched_add(&s, b);
+    mmad_sched_fill(&s);
+    ck_assert_int_ge(find_inflight(a, 1), 0);
+    ck_assert_int_ge(find_inflight(b, 0), 0);
+    while (fb.ninflight > 0) {
+        complete(0, MMA_OK);
+        mmad_sched_fill(&s);
+    }
     job_free(a);
     job_free(b);
 }
@@ -1770,6 +1844,7 @@ int main(void)
     tcase_add_test(yield, small_chunks_do_not_count);
     tcase_add_test(yield, reference_decays_to_floor);
     tcase_add_test(yield, one_stall_does_not_yield);
+    tcase_add_test(yield, relays_yield_to_direct);
     suite_add_tcase(su, yield);
     SRunner *sr = srunner_create(su);
     srunner_run_all(sr, CK_NORMAL);
