@@ -293,6 +293,7 @@ static void *engine_main(void *arg)
     /* Poll sleeps here are a few microseconds; the default 50 us timer slack
      * would stretch every one of them (and every copy's completion). */
     prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
+    prctl(PR_SET_NAME, "mmad-engine", 0, 0, 0); /* top -H, and mmad's CPU line at exit */
     for (;;) {
         int progress = take_intake(e);
         pthread_mutex_lock(&e->lock);

@@ -123,9 +123,18 @@ static int daemon_ready(void *arg)
     return 1;
 }
 
+static const char *start_log; /* mmad_start_log's file for the next start */
+
 void mmad_start(mmad_proc_t *d, const char *const *extra)
 {
     mmad_start_at(d, NULL, extra);
+}
+
+void mmad_start_log(mmad_proc_t *d, const char *const *extra, const char *log)
+{
+    start_log = log;
+    mmad_start_at(d, NULL, extra);
+    start_log = NULL;
 }
 
 void mmad_start_at(mmad_proc_t *d, const char *sock, const char *const *extra)
@@ -162,6 +171,12 @@ void mmad_start_at(mmad_proc_t *d, const char *sock, const char *const *extra)
         prctl(PR_SET_PDEATHSIG, SIGKILL);
         if (getppid() != parent)
             _exit(127);
+        if (start_log) {
+            int lf = open(start_log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+            if (lf < 0 || dup2(lf, STDERR_FILENO) < 0)
+                _exit(127);
+            close(lf);
+        }
         execv(MMAD_PATH, (char *const *)argv);
         fprintf(stderr, "exec %s: %s\n", MMAD_PATH, strerror(errno));
         _exit(127);

@@ -31,6 +31,8 @@ typedef struct mmad_proc {
 void mmad_start(mmad_proc_t *d, const char *const *extra);
 /* The same on a given socket path (its directory is the caller's). */
 void mmad_start_at(mmad_proc_t *d, const char *sock, const char *const *extra);
+/* mmad_start with mmad's stderr (its log) written to the file at `log`. */
+void mmad_start_log(mmad_proc_t *d, const char *const *extra, const char *log);
 /* SIGTERM, wait (bounded); returns the raw wait status, or -1 on timeout
  * (the daemon is then killed). Removes the private directory. */
 int mmad_stop(mmad_proc_t *d);

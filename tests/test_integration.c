@@ -1291,6 +1291,33 @@ START_TEST(sigterm_with_copies_in_flight)
 }
 END_TEST
 
+/* At exit mmad logs each thread's CPU time: the engine thread by its name. */
+START_TEST(cpu_by_thread_at_exit)
+{
+    char log[160];
+    snprintf(log, sizeof log, "%s/mmad.log", scratch_mkdtemp("cpulog"));
+    static const char *const info[] = {"--sim-scale=0.25", "--log=info", NULL};
+    mmad_proc_t d;
+    mmad_start_log(&d, info, log);
+    quick_roundtrip(d.sock, 2, 3 * MIB);
+    mmad_stop_clean(&d);
+    FILE *f = fopen(log, "r");
+    ck_assert_ptr_nonnull(f);
+    char line[1024];
+    int found = 0;
+    while (fgets(line, sizeof line, f))
+        if (strstr(line, "cpu by thread (user+sys): ")) {
+            found = 1;
+            ck_assert_msg(strstr(line, "; all threads "), "no total: %s", line);
+            /* the socket thread served the copies; the engine ran them */
+            ck_assert_msg(strstr(line, "mmad ") || strstr(line, "mmad-engine ") || strstr(line, "none over 5 ms"),
+                          "no thread named: %s", line);
+        }
+    fclose(f);
+    ck_assert_msg(found, "mmad logged no CPU line at exit");
+}
+END_TEST
+
 START_TEST(one_daemon_per_socket)
 {
     mmad_proc_t d;
@@ -2099,7 +2126,7 @@ int main(void)
         {"protocol", 60, {daemon_side_validation, client_side_range_check, version_handshake,
                           unknown_and_garbage_requests, submission_ring, submission_ring_full_and_off}},
         {"lifecycle", 60, {client_dies_mid_copy, sigterm_with_copies_in_flight, one_daemon_per_socket,
-                           stale_socket_file_replaced, command_line}},
+                           stale_socket_file_replaced, command_line, cpu_by_thread_at_exit}},
         {"mmactl", 60, {mmactl_reports, mma_ab_arguments}},
         {"faults", 60, {failing_relay_is_set_aside}},
         {"api_errors", 60, {api_errors}},
