@@ -50,16 +50,16 @@ static void log_thread_cpu(void)
         buf[n] = 0;
         /* pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt
          * majflt cmajflt utime stime ...; comm may hold spaces */
-        char *open = strchr(buf, '('), *close = strrchr(buf, ')');
+        char *lp = strchr(buf, '('), *rp = strrchr(buf, ')');
         unsigned long ut, st;
-        if (!open || !close || close < open ||
-            sscanf(close + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
+        if (!lp || !rp || rp < lp ||
+            sscanf(rp + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
             continue;
         double sec = hz > 0 ? (double)(ut + st) / (double)hz : 0;
         total += sec;
         if (sec >= 0.005 && len < sizeof list - 64)
             len += (size_t)snprintf(list + len, sizeof list - len, "%s%.*s %.2f s", len ? ", " : "",
-                                    (int)(close - open - 1 < 32 ? close - open - 1 : 32), open + 1, sec);
+                                    (int)(rp - lp - 1 < 32 ? rp - lp - 1 : 32), lp + 1, sec);
     }
     closedir(dir);
     MMA_INFO("cpu by thread (user+sys): %s; all threads %.2f s", len ? list : "none over 5 ms", total);

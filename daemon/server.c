@@ -608,9 +608,11 @@ static void on_client_io(uv_poll_t *h, int status, int events)
         int took, turns = 0;
         while ((took = sq_take(cl)) == SQ_PER_TURN && ++turns < 64)
             ;
-        if (took < 0) {
+        if (took < 0) { /* the ring broke the protocol: the client is closing */
             if (req)
                 mma__request__free_unpacked(req, NULL);
+            for (int k = 0; k < nfds; k++)
+                close(fds[k]);
             return;
         }
         if (!req) {

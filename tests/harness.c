@@ -344,16 +344,20 @@ void *memfd_map(size_t size, int *fd)
     return p;
 }
 
-Mma__Response *raw_hello(int fd, uint32_t api_version, uint32_t nslots, void **flags)
+/* Hello with a flag page of nslots (0: none) and, with sq_entries, a
+ * submission ring after the slots. */
+static Mma__Response *hello_page(int fd, uint32_t api_version, uint32_t nslots, uint32_t sq_entries, void **flags)
 {
     Mma__Hello h = MMA__HELLO__INIT;
     h.api_version = api_version;
-    h.name = "raw test client";
+    h.name = sq_entries ? "raw ring client" : "raw test client";
     int mfd = -1;
     if (nslots) {
         h.has_flag_slots = 1;
         h.flag_slots = nslots;
-        *flags = memfd_map((size_t)nslots * sizeof(mma_flag_slot_t), &mfd);
+        h.has_sq_entries = sq_entries > 0;
+        h.sq_entries = sq_entries;
+        *flags = memfd_map(sq_entries ? raw_ring_page_len(nslots) : (size_t)nslots * sizeof(mma_flag_slot_t), &mfd);
     }
     Mma__Request req = MMA__REQUEST__INIT;
     req.type = MMA__REQ_TYPE__HELLO;
@@ -364,6 +368,11 @@ Mma__Response *raw_hello(int fd, uint32_t api_version, uint32_t nslots, void **f
     return r;
 }
 
+Mma__Response *raw_hello(int fd, uint32_t api_version, uint32_t nslots, void **flags)
+{
+    return hello_page(fd, api_version, nslots, 0, flags);
+}
+
 size_t raw_ring_page_len(uint32_t nslots)
 {
     return (size_t)nslots * sizeof(mma_flag_slot_t) + sizeof(mma_sq_t);
@@ -371,21 +380,7 @@ size_t raw_ring_page_len(uint32_t nslots)
 
 Mma__Response *raw_hello_ring(int fd, uint32_t nslots, uint32_t sq_entries, void **flags)
 {
-    Mma__Hello h = MMA__HELLO__INIT;
-    h.api_version = MMA_API_VERSION;
-    h.name = "raw ring client";
-    h.has_flag_slots = 1;
-    h.flag_slots = nslots;
-    h.has_sq_entries = 1;
-    h.sq_entries = sq_entries;
-    int mfd = -1;
-    *flags = memfd_map(raw_ring_page_len(nslots), &mfd);
-    Mma__Request req = MMA__REQUEST__INIT;
-    req.type = MMA__REQ_TYPE__HELLO;
-    req.hello = &h;
-    Mma__Response *r = raw_call(fd, &req, &mfd, 1, NULL);
-    close(mfd);
-    return r;
+    return hello_page(fd, MMA_API_VERSION, nslots, sq_entries, flags);
 }
 
 int count_maps(pid_t pid, const char *needle)
