@@ -1391,27 +1391,6 @@ END_TEST
  * f. mmactl
  * ==================================================================== */
 
-typedef struct {
-    const mmad_proc_t *d;
-    pid_t pid;
-    size_t bytes;
-    char *out; /* the last `mmactl clients` output */
-} clients_wait_t;
-
-static int client_counted(void *arg)
-{
-    clients_wait_t *w = arg;
-    int rc;
-    free(w->out);
-    w->out = mmactl(w->d, "clients", 0, &rc);
-    char needle[96];
-    snprintf(needle, sizeof needle, "pid=%d,", (int)w->pid);
-    const char *mine = rc == 0 && w->out ? strstr(w->out, needle) : NULL;
-    /* Both are one-segment copies: both went by the submission ring. */
-    snprintf(needle, sizeof needle, "copies=2,bytes=%zu,ring_copies=2\n", w->bytes);
-    return mine && strstr(mine, needle);
-}
-
 START_TEST(mmactl_reports)
 {
     mmad_proc_t d;
@@ -1497,8 +1476,10 @@ START_TEST(mmactl_reports)
     /* clients: this process, with its three regions and (once the engine
      * has counted them: it does so just after flagging completion) its two
      * copies. */
-    clients_wait_t cw = {&d, getpid(), 2 * n, NULL};
-    int counted = wait_until(client_counted, &cw, 10.0);
+    /* Both are one-segment copies: both went by the submission ring. */
+    clients_line_t cw = {.d = &d};
+    snprintf(cw.want, sizeof cw.want, "copies=2,bytes=%zu,ring_copies=2\n", 2 * n);
+    int counted = wait_until(clients_line, &cw, 10.0);
     ck_assert_msg(cw.out, "mmactl clients failed");
     char needle[64];
     snprintf(needle, sizeof needle, "pid=%d,", (int)getpid());
