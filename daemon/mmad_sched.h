@@ -101,7 +101,7 @@ typedef struct mmad_sched {
     uint64_t foreign_seen;       /* the backend's foreign_seq last looked at */
     int link_busy[MMAD_MAX_GPUS][2];
     int link_over[MMAD_MAX_GPUS][2]; /* measurements in a row above the limit */
-    /* --yield-to-direct: runnable jobs with bytes to move per target GPU and
+    /* --yield-to-direct: runnable jobs not done yet per target GPU and
      * direction (own_update); a relay through such a GPU takes no new work */
     int yield_to_direct;
     int own_jobs[MMAD_MAX_GPUS][2];

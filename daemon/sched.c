@@ -343,16 +343,19 @@ static int path_usable(const mmad_sched_t *s, int target, int via, int dir)
                              !(s->yield_to_direct && s->own_jobs[via][dir] > 0));
 }
 
-/* --yield-to-direct: count the runnable jobs with bytes still to issue per
- * target and direction, once per pass (jobs whose last chunks are in
- * flight no longer hold their link). */
+/* --yield-to-direct: count the runnable jobs per target and direction
+ * that are not done yet, once per pass. A job holds its link until its
+ * last chunk lands: with two chunks in flight on each path, a copy has
+ * issued everything long before its direct path is done (half of a 128 MiB
+ * copy's time on 4 GPUs), and a relay let in then would share that link
+ * for the rest of it. */
 static void own_update(mmad_sched_t *s)
 {
     if (!s->yield_to_direct)
         return;
     memset(s->own_jobs, 0, sizeof s->own_jobs);
     for (const mmad_job_t *j = s->jobs; j; j = j->next)
-        if (j->runnable && j->status == MMA_OK && j->issued < j->total)
+        if (j->runnable && j->status == MMA_OK && (j->issued < j->total || j->inflight > 0))
             s->own_jobs[j->target][j->dir]++;
 }
 

@@ -535,17 +535,17 @@ END_TEST
 
 /* --yield-to-direct: while mmad copies into gpu1 itself, a copy into gpu0
  * relays through every link but gpu1's (and gpu1's copy not through
- * gpu0's); once gpu1's copy has issued its last chunk, gpu1's link takes
- * relays again. Another direction's copy does not hold a link. */
+ * gpu0's); once gpu1's copy has landed, gpu1's link takes relays again.
+ * Another direction's copy does not hold a link. */
 START_TEST(relays_yield_to_direct)
 {
-    mmad_job_t *a = job_simple(&conn_x, 0, 0, 16 * (64u << 10), 0);
-    mmad_job_t *b = job_simple(&conn_y, 1, 0, 8 * (64u << 10), 2u << 20);
+    mmad_job_t *a = job_simple(&conn_x, 0, 0, 48 * (64u << 10), 0);
+    mmad_job_t *b = job_simple(&conn_y, 1, 0, 8 * (64u << 10), 3u << 20);
     mmad_sched_add(&s, a);
     mmad_sched_add(&s, b);
     mmad_sched_fill(&s);
     int seen[2][NGPU] = {{0}};
-    int a_via1_after_b = 0;
+    int a_via1_after_b = 0, a_done = 0, b_done = 0;
     for (int steps = 0; fb.ninflight > 0; steps++) {
         ck_assert_int_lt(steps, 1000);
         for (int i = 0; i < fb.ninflight; i++) {
@@ -553,15 +553,19 @@ START_TEST(relays_yield_to_direct)
             int k = c->job == a ? 0 : 1;
             seen[k][c->via] = 1;
             if (c->job == a && c->via == 1) {
-                ck_assert_msg(b->issued == b->total, "a relayed through gpu1 while b still had bytes for it");
+                ck_assert_msg(b_done, "a relayed through gpu1 before b had landed");
                 a_via1_after_b = 1;
             }
-            ck_assert_msg(!(c->job == b && c->via == 0 && a->issued < a->total),
-                          "b relayed through gpu0 while a still had bytes for it");
+            ck_assert_msg(!(c->job == b && c->via == 0 && !a_done), "b relayed through gpu0 before a had landed");
         }
-        complete(0, MMA_OK);
+        /* b's chunks land first, so that a still has bytes once b is done */
+        int bi = find_inflight(b_done ? NULL : b, -1);
+        mmad_job_t *fin = complete(bi >= 0 ? bi : 0, MMA_OK);
+        a_done |= fin == a;
+        b_done |= fin == b;
         mmad_sched_fill(&s);
     }
+    ck_assert(a_done && b_done);
     ck_assert_uint_eq(a->issued, a->total);
     ck_assert_uint_eq(b->issued, b->total);
     /* both used the two links nobody else copied over */
