@@ -75,8 +75,8 @@ static const opt_t options[] = {
     {"fewest-chunks", OPT_INT, O(fewest_chunks), 0, "0", 0, 1,
      "1: no more chunks per path than chunk-size requires (up to depth x rounds): fewer submissions for mid-size copies"},
     {"yield-to-direct", OPT_INT, O(yield_to_direct), 0, "1", 0, 1,
-     "1: a relay through GPU v takes no new chunks while mmad has a copy of its own into (H2D) or out of (D2H) v: "
-     "v's link carries that copy's direct chunks, and a relayed byte would only take their place; "
+     "1: a relay through GPU v takes no new chunks while mmad has a copy of its own into (H2D) or out of (D2H) v, "
+     "until that copy lands: v's link carries its direct chunks, and a relayed byte would only take their place; "
      "0: relays go through every link (clients copying into every GPU at once then share each link)"},
     {"yield-frac", OPT_DOUBLE, O(yield_frac), 0, "0", 0, 1,
      "a relay whose achieved rate falls below this x the best recent rate in its direction yields its "
