@@ -564,6 +564,21 @@ static void raw_send_copy(int fd, uint32_t slot, uint64_t seq, uint32_t dst, uin
     ck_assert_int_eq(mma_wire_send(fd, &req.base, NULL, 0), MMA_OK);
 }
 
+/* UNREGISTER region id: the response's status (fails the test without one). */
+static int raw_unregister(int fd, uint32_t id)
+{
+    Mma__Unregister u = MMA__UNREGISTER__INIT;
+    u.region_id = id;
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__UNREGISTER;
+    req.unregister = &u;
+    Mma__Response *r = raw_call(fd, &req, NULL, 0, NULL);
+    ck_assert_ptr_nonnull(r);
+    int st = r->status;
+    mma__response__free_unpacked(r, NULL);
+    return st;
+}
+
 /* The error response to a refused COPY. */
 static void expect_copy_error(int fd, uint64_t seq, int want, const char *want_text)
 {
@@ -682,23 +697,13 @@ START_TEST(daemon_side_validation)
     raw_register(fd, 0, -1, 4096, -1, MMA_ERR_INVAL, "memfd");  /* no fd */
     raw_register(fd, 1, 0, 4096, -1, MMA_ERR_INVAL, NULL);
     /* Unregister: once OK, then unknown; copies to it are refused after. */
-    Mma__Unregister u = MMA__UNREGISTER__INIT;
-    u.region_id = did;
-    Mma__Request req = MMA__REQUEST__INIT;
-    req.type = MMA__REQ_TYPE__UNREGISTER;
-    req.unregister = &u;
-    r = raw_call(fd, &req, NULL, 0, NULL);
-    ck_assert(r && r->status == MMA_OK);
-    mma__response__free_unpacked(r, NULL);
-    req.has_id = 0;
-    r = raw_call(fd, &req, NULL, 0, NULL);
-    ck_assert(r && r->status == MMA_ERR_NOT_REGISTERED);
-    mma__response__free_unpacked(r, NULL);
+    ck_assert_int_eq(raw_unregister(fd, did), MMA_OK);
+    ck_assert_int_eq(raw_unregister(fd, did), MMA_ERR_NOT_REGISTERED);
     raw_send_copy(fd, 6, 30, did, 0, hid, 0, 1);
     expect_copy_error(fd, 30, MMA_ERR_NOT_REGISTERED, "not registered");
 
     /* The daemon still serves everyone: this connection and a new client. */
-    req = (Mma__Request)MMA__REQUEST__INIT;
+    Mma__Request req = MMA__REQUEST__INIT;
     req.type = MMA__REQ_TYPE__STATUS;
     r = raw_call(fd, &req, NULL, 0, NULL);
     ck_assert(r && r->status == MMA_OK && r->status_reply);
@@ -810,14 +815,7 @@ START_TEST(submission_ring)
     fill_random(hm, SZ, 778);
     atomic_store(&fl[2].reached, 3);
     ring_post(fd, q, 0, 2, 3, did, 0, hid, 0, SZ);
-    Mma__Unregister u = MMA__UNREGISTER__INIT;
-    u.region_id = hid;
-    Mma__Request req = MMA__REQUEST__INIT;
-    req.type = MMA__REQ_TYPE__UNREGISTER;
-    req.unregister = &u;
-    r = raw_call(fd, &req, NULL, 0, NULL);
-    ck_assert(r && r->status == MMA_OK);
-    mma__response__free_unpacked(r, NULL);
+    ck_assert_int_eq(raw_unregister(fd, hid), MMA_OK);
     w = (flag_wait_t){&fl[2], 3};
     ck_assert(wait_until(flag_done, &w, 10.0));
     ck_assert_msg(atomic_load(&fl[2].status) == MMA_OK, "copy posted before UNREGISTER: %s",
