@@ -333,14 +333,20 @@ int mmad_sched_plan_split_tr(uint64_t total, int npaths, const double *t, const 
     return n;
 }
 
+/* Whether GPU via's link may carry relays in direction dir: it carries
+ * neither other traffic nor (--yield-to-direct) a copy of mmad's own into /
+ * out of that GPU. */
+static int relay_link_free(const mmad_sched_t *s, int via, int dir)
+{
+    return !s->link_busy[via][dir] && !(s->yield_to_direct && s->own_jobs[via][dir] > 0);
+}
+
 /* A path that takes a share of new work: the direct one, or a relay that is
- * on, not yielding, and whose via GPU's link carries neither other traffic
- * nor (--yield-to-direct) a copy of mmad's own into / out of that GPU. */
+ * on, not yielding, and whose via GPU's link is free for relays. */
 static int path_usable(const mmad_sched_t *s, int target, int via, int dir)
 {
     const mmad_path_stat_t *p = &s->paths[target][via][dir];
-    return via == target || (p->enabled && !p->yielding && !s->link_busy[via][dir] &&
-                             !(s->yield_to_direct && s->own_jobs[via][dir] > 0));
+    return via == target || (p->enabled && !p->yielding && relay_link_free(s, via, dir));
 }
 
 /* --yield-to-direct: count the runnable jobs per target and direction
@@ -631,7 +637,7 @@ static int path_has_room(const mmad_sched_t *s, int target, int via, int dir, ui
     const mmad_path_stat_t *p = &s->paths[target][via][dir];
     if (!p->enabled || p->inflight >= s->path_depth)
         return 0;
-    if (via != target && (s->link_busy[via][dir] || (s->yield_to_direct && s->own_jobs[via][dir] > 0)))
+    if (via != target && !relay_link_free(s, via, dir))
         return 0;
     /* A yielding relay takes one chunk at a time, when its probe is due. */
     if (p->yielding && (p->inflight > 0 || now < p->probe_at))
