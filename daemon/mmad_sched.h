@@ -58,6 +58,12 @@ typedef struct mmad_path_stat {
 
 typedef struct mmad_plan mmad_plan_t;
 
+/* --plan-learn=3 keeps a weight per size class of copies: class k holds
+ * copies of [2^k, 2^(k+1)) MiB, the first of less than 2 MiB, the last of
+ * 2^(MMAD_PLAN_CLASSES-1) MiB and more. */
+#define MMAD_PLAN_CLASSES 12
+int mmad_plan_class(uint64_t total);
+
 /* --plan-learn=2: a path's finish time, learned as start + bytes / rate
  * from its planned copies (decaying least squares around the plan's own
  * model, which counts as one copy at 1 MiB and one at 16 MiB). */
@@ -107,11 +113,14 @@ typedef struct mmad_sched {
     int own_jobs[MMAD_MAX_GPUS][2];
     /* planned splits */
     int plan_split;              /* 1: copies of <= 1 chunk per path; 2: <= path_depth chunks */
-    int plan_learn;              /* 1: learn plan_w (rate weights); 2: plan_fit (start + rate) */
+    int plan_learn;              /* 1: learn plan_w (rate weights); 2: plan_fit (start + rate); 3: plan_e */
     uint64_t plan_learn_min;     /* only shares of at least this teach plan_w */
     uint64_t relay_edge;         /* a planned relay's small last (H2D) / first (D2H) piece; 0: none */
     double plan_w[MMAD_MAX_GPUS][MMAD_MAX_GPUS][2]; /* [target][via][dir]: a path's rate over the plan's */
     mmad_path_fit_t plan_fit[MMAD_MAX_GPUS][MMAD_MAX_GPUS][2]; /* --plan-learn=2 */
+    /* --plan-learn=3: [target][via][dir][size class]: a path's weight, moved
+     * after each copy of the class so that its paths end together */
+    double plan_e[MMAD_MAX_GPUS][MMAD_MAX_GPUS][2][MMAD_PLAN_CLASSES];
     double issue_cost_ns;        /* engine time per chunk issued */
     double relay_overhead_ns;    /* a relay chunk's extra fixed latency */
     double one_hop_overhead_ns;  /* --relay-overhead-us given: one-hop relays' too (<0: the backend's) */

@@ -47,6 +47,8 @@ struct mmad_plan {
     double rate;                   /* the plan's reference rate, bytes/ns */
     uint64_t t_first;              /* the job's first chunk issued */
     uint64_t end[MMAD_MAX_GPUS];   /* the last chunk done per via */
+    uint64_t started[MMAD_MAX_GPUS]; /* the path's first chunk submitted (--plan-learn=3) */
+    uint64_t carried[MMAD_MAX_GPUS]; /* bytes issued per via */
     struct mmad_plan *next;
 };
 
@@ -57,6 +59,16 @@ struct mmad_plan {
 #define PLAN_LEARN_GAIN 0.3
 #define PLAN_LEARN_MIN (2u << 20)
 #define PLAN_FIT_MIN (256u << 10)
+/* --plan-learn=3: each copy moves a path's weight by the square root of
+ * (the paths' mean time / its own time), at most this far either way, so
+ * one odd copy moves it little ... */
+#define PLAN_EVEN_GAIN 0.5
+#define PLAN_EVEN_STEP 1.15
+/* ... and a copy in which a path started this much later than planned
+ * (or 2% of the copy's time, if more) teaches nothing: its time went to a
+ * wake-up or a kernel launch (the first copy after a pause), not to the
+ * path's rate. */
+#define PLAN_EVEN_LATE_NS 25000.0
 #define PLAN_W_MIN 0.25
 #define PLAN_W_MAX 2.0
 
@@ -94,7 +106,11 @@ int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cf
     s->relay_edge = cfg->relay_edge < s->chunk_size ? (cfg->relay_edge + 4095) & ~(uint64_t)4095 : 0;
     for (int t = 0; t < MMAD_MAX_GPUS; t++)
         for (int v = 0; v < MMAD_MAX_GPUS; v++)
-            s->plan_w[t][v][0] = s->plan_w[t][v][1] = 1.0;
+            for (int d = 0; d < 2; d++) {
+                s->plan_w[t][v][d] = 1.0;
+                for (int k = 0; k < MMAD_PLAN_CLASSES; k++)
+                    s->plan_e[t][v][d][k] = 1.0;
+            }
     s->busy_mbps = cfg->busy_gbps * 1000.0;
     double issue_us = cfg->issue_cost_us, relay_us = cfg->relay_overhead_us;
     if (issue_us < 0)
@@ -493,7 +509,9 @@ static void plan_job(mmad_sched_t *s, mmad_job_t *j, const int *vias, int n, int
     uint64_t lens[MMAD_MAX_GPUS];
     double w[MMAD_MAX_GPUS];
     for (int i = 0; i < n; i++)
-        w[i] = s->plan_learn == 1 ? s->plan_w[j->target][vias[i]][j->dir] : 1.0;
+        w[i] = s->plan_learn == 1   ? s->plan_w[j->target][vias[i]][j->dir]
+               : s->plan_learn == 3 ? s->plan_e[j->target][vias[i]][j->dir][mmad_plan_class(j->total)]
+                                    : 1.0;
     double rate = mmad_sched_ref_rate(s, j->dir, s->now());
     /* A relay's share is at most per_path chunks (each takes a staging
      * buffer); the direct path's is not capped: its pieces queue on its own
@@ -564,6 +582,59 @@ static void plan_job(mmad_sched_t *s, mmad_job_t *j, const int *vias, int n, int
     s->plans = pl;
 }
 
+int mmad_plan_class(uint64_t total)
+{
+    int k = 0;
+    for (uint64_t mib = total >> 20; mib > 1 && k < MMAD_PLAN_CLASSES - 1; mib >>= 1)
+        k++;
+    return k;
+}
+
+/* --plan-learn=3: a planned job finished. Paths that ended before the
+ * paths' mean time get more of the next copy of its size class, later ones
+ * less; their weights keep their sum. Only a job that every path carried
+ * as planned teaches (none yielded or failed) and none that started late
+ * (PLAN_EVEN_LATE_NS). */
+static void plan_learn_even(mmad_sched_t *s, const mmad_plan_t *pl, const mmad_job_t *j)
+{
+    double took[MMAD_MAX_GPUS] = {0}, mean = 0;
+    int m = 0;
+    for (int v = 0; v < s->ngpu; v++) {
+        if (!pl->share[v])
+            continue;
+        if (pl->carried[v] != pl->share[v] || pl->end[v] <= pl->t_first || !pl->started[v])
+            return;
+        took[v] = (double)(pl->end[v] - pl->t_first);
+        mean += took[v];
+        m++;
+    }
+    if (m < 2)
+        return;
+    mean /= m;
+    double late_max = PLAN_EVEN_LATE_NS > 0.02 * mean ? PLAN_EVEN_LATE_NS : 0.02 * mean;
+    for (int v = 0; v < s->ngpu; v++)
+        if (pl->share[v] && (double)(pl->started[v] - pl->t_first) - pl->start_ns[v] > late_max)
+            return;
+    int k = mmad_plan_class(j->total);
+    double before = 0, after = 0, nw[MMAD_MAX_GPUS];
+    for (int v = 0; v < s->ngpu; v++) {
+        if (!pl->share[v])
+            continue;
+        double *w = &s->plan_e[j->target][v][j->dir][k];
+        double f = pow(mean / took[v], PLAN_EVEN_GAIN);
+        f = f > PLAN_EVEN_STEP ? PLAN_EVEN_STEP : f < 1.0 / PLAN_EVEN_STEP ? 1.0 / PLAN_EVEN_STEP : f;
+        nw[v] = *w * f;
+        before += *w;
+        after += nw[v];
+    }
+    for (int v = 0; v < s->ngpu; v++) {
+        if (!pl->share[v])
+            continue;
+        double w = nw[v] * before / after;
+        s->plan_e[j->target][v][j->dir][k] = w < PLAN_W_MIN ? PLAN_W_MIN : w > PLAN_W_MAX ? PLAN_W_MAX : w;
+    }
+}
+
 /* A planned job finished: move each path's weight toward the rate it
  * showed against the plan's (its share over the time from its modelled
  * start to its last chunk's end). */
@@ -571,6 +642,10 @@ static void plan_learn(mmad_sched_t *s, const mmad_plan_t *pl, const mmad_job_t 
 {
     if (!s->plan_learn || j->status != MMA_OK || !pl->t_first || pl->rate <= 0)
         return;
+    if (s->plan_learn == 3) {
+        plan_learn_even(s, pl, j);
+        return;
+    }
     for (int v = 0; v < s->ngpu; v++) {
         if (pl->share[v] < s->plan_learn_min || !pl->end[v] || pl->end[v] <= pl->t_first)
             continue;
@@ -754,6 +829,11 @@ static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via, int npaths, uint64
     }
     if (pl && !pl->t_first)
         pl->t_first = c->t_issue;
+    if (pl) {
+        if (!pl->started[via])
+            pl->started[via] = t_end;
+        pl->carried[via] += len;
+    }
     pthread_mutex_lock(&s->stats_lock);
     mmad_path_stat_t *p = &s->paths[j->target][via][j->dir];
     if (p->inflight++ == 0)
