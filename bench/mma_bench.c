@@ -2,7 +2,7 @@
  *
  *   mma-bench [--socket S] [--gpu T] [--dir h2d|d2h|both] [--min 4K] [--max 4G]
  *             [--paths-at 1G] [--lat-reps N] [--csv FILE] [--quick]
- *             [--sections ceiling,sizes,paths,latency]
+ *             [--sections ceiling,sizes,sporadic,paths,latency]
  *   mma-bench --scenarios [--socket S] [--secs 1.5] [--csv FILE]
  *
  * --scenarios runs the contention, fairness and priority scenarios (see
@@ -133,16 +133,27 @@ static double one_copy(ctx_t *x, int dir, size_t n, int mode, int paths)
     return mma_now_s() - t0;
 }
 
-/* Median seconds of one copy (modes as one_copy), after one warm-up. */
+/* Warm-up before timed copies: at least one copy, and copies for at least
+ * this long. mma's copies follow a pause (after_native) and the box is
+ * slower for a while after one (4x H200: 8-10% for the first millisecond of
+ * copies, in mmad as well as around it,
+ * bench/results/2026-11-27-4xH200-kcopy-vs-mmad/), while native's follow
+ * other copies; so every mode warms up alike. What a copy after a pause
+ * costs is the sporadic section's. */
+#define WARM_S 0.003
+
+/* Median seconds of one copy (modes as one_copy), after the warm-up. */
 static double time_copy(ctx_t *x, int dir, size_t n, int mode, int paths, double *samples, int reps)
 {
-    for (int r = -1; r < reps; r++) {
-        double t = one_copy(x, dir, n, mode, paths);
-        if (r >= 0)
-            samples[r] = t;
-    }
+    double w0 = mma_now_s();
+    do
+        (void)one_copy(x, dir, n, mode, paths);
+    while (mma_now_s() - w0 < WARM_S);
+    for (int r = 0; r < reps; r++)
+        samples[r] = one_copy(x, dir, n, mode, paths);
     return pct(samples, reps, 0.5);
 }
+
 
 /* Native (mode 0), native on a second stream (4) and mma as a user gets it
  * (3) taken in turns, copy by copy, so drift on the box (other threads,
@@ -219,6 +230,25 @@ static int check(ctx_t *x, int dir, size_t off, size_t len)
         CK(cudaStreamSynchronize(x->stream));
     }
     return memcmp(x->back + off, x->host + off, len) == 0;
+}
+
+/* Sporadic copies: native (mode 0) and auto (3) in turns, each after a
+ * pause of gap_us, the order swapped every turn; their samples in sn, sa.
+ * Then one more auto copy into a cleared destination, checked: 1 when its
+ * bytes match. */
+static int time_sporadic(ctx_t *x, int dir, size_t n, unsigned gap_us, double *sn, double *sa, int reps)
+{
+    for (int r = 0; r < reps; r++)
+        for (int k = 0; k < 2; k++) {
+            int is_auto = (k + r) % 2;
+            usleep(gap_us);
+            double t = one_copy(x, dir, n, is_auto ? 3 : 0, 0);
+            (is_auto ? sa : sn)[r] = t;
+        }
+    prepare(x, dir, 0, n);
+    usleep(gap_us);
+    (void)one_copy(x, dir, n, 3, 0);
+    return check(x, dir, 0, n);
 }
 
 /* The smallest measured size from which `a` >= `b` at it and every larger
@@ -401,7 +431,7 @@ int main(int argc, char **argv)
     size_t minsz = 4096, maxsz = 4ull << 30, paths_at = 1ull << 30;
     int lat_reps = 2000, gpu = 0, quick = 0, scenarios = 0;
     double secs = 1.5;
-    const char *sections = "ceiling,sizes,paths,latency";
+    const char *sections = "ceiling,sizes,sporadic,paths,latency";
     static const struct option lo[] = {{"socket", 1, 0, 's'}, {"gpu", 1, 0, 'g'},      {"dir", 1, 0, 'd'},
                                        {"min", 1, 0, 'a'},    {"max", 1, 0, 'b'},      {"paths-at", 1, 0, 'p'},
                                        {"csv", 1, 0, 'c'},    {"lat-reps", 1, 0, 'l'}, {"quick", 0, 0, 'q'},
@@ -427,7 +457,7 @@ int main(int argc, char **argv)
                    "[--paths-at 1G] [--lat-reps N] [--csv FILE] [--quick] [--sections LIST]\n"
                    "       mma-bench --scenarios [--socket S] [--secs 1.5] [--csv FILE]\n"
                    "Needs real GPUs: a simulated mmad has no native side to compare with.\n"
-                   "--sections (default ceiling,sizes,paths,latency):\n"
+                   "--sections (default ceiling,sizes,sporadic,paths,latency):\n"
                    "  ceiling  all GPUs copy into their own memory at once, natively\n"
                    "  sizes    per size, native vs mma: one copy at a time (native, mma = through mmad\n"
                    "           without bypass, auto = as a user gets it, mma-stream), and from 1 MiB up\n"
@@ -438,6 +468,8 @@ int main(int argc, char **argv)
                    "           then the break-even size\n"
                    "           (mma >= native there and at every larger size) and mma/native at 8 MiB;\n"
                    "           every size's mma copies are checked byte for byte\n"
+                   "  sporadic 2, 8 and 64 MiB copies each after a pause of 1 or 10 ms, native and auto in\n"
+                   "           turns (what a copy costs that finds mmad idle)\n"
                    "  paths    1..N paths at --paths-at\n"
                    "  latency  p50/p99 of small copies (4K-4M, up to --max), native vs mma\n"
                    "--scenarios: A each GPU's own native process, one at a time; B all at once;\n"
@@ -459,6 +491,7 @@ int main(int argc, char **argv)
     }
     int sec_ceiling = strstr(sections, "ceiling") != NULL, sec_sizes = strstr(sections, "sizes") != NULL;
     int sec_paths = strstr(sections, "paths") != NULL, sec_lat = strstr(sections, "latency") != NULL;
+    int sec_spor = strstr(sections, "sporadic") != NULL;
     ctx_t x = {.gpu = gpu};
     MK(mma_connect(sock, &x.c));
     mma_info_t info;
@@ -652,6 +685,35 @@ int main(int argc, char **argv)
                    wall, 100.0 * (cpu1 - cpu0) / wall);
         if (x.csv)
             fprintf(x.csv, "%s,cpu,%s,%zu,0,,,,%.1f,,,\n", x.card, dn[d], big, 100.0 * (cpu1 - cpu0) / wall);
+        }
+        if (sec_spor) {
+            int r = quick ? 8 : 16;
+            printf("\n## %s sporadic copies: each after a pause, native and auto in turns, %d each (us)\n"
+                   "## a copy after a pause finds mmad's threads asleep and its relay kernels ended, and the box\n"
+                   "## itself slower for a while; auto/nat = native p50 / auto p50 (below 1.00x auto is slower)\n",
+                   dn[d], r);
+            printf("%8s %8s %10s %10s %10s %10s %9s %6s\n", "size", "pause", "nat p50", "nat p90", "auto p50",
+                   "auto p90", "auto/nat", "bytes");
+            size_t spor_sizes[] = {2u << 20, 8u << 20, 64u << 20};
+            unsigned gaps[] = {1000, 10000};
+            for (size_t i = 0; i < sizeof spor_sizes / sizeof spor_sizes[0]; i++) {
+                size_t s = spor_sizes[i];
+                if (s > maxsz || s > x.cap)
+                    continue;
+                for (size_t g = 0; g < sizeof gaps / sizeof gaps[0]; g++) {
+                    int ok_s = time_sporadic(&x, d, s, gaps[g], samples, samples2, r);
+                    verified &= ok_s;
+                    double n50 = pct(samples, r, 0.5) * 1e6, n90 = pct(samples, r, 0.9) * 1e6;
+                    double a50 = pct(samples2, r, 0.5) * 1e6, a90 = pct(samples2, r, 0.9) * 1e6;
+                    char hs[16];
+                    human(s, hs, sizeof hs);
+                    printf("%8s %6ums %10.1f %10.1f %10.1f %10.1f %8.2fx %6s\n", hs, gaps[g] / 1000, n50, n90, a50,
+                           a90, n50 / a50, ok_s ? "ok" : "BAD");
+                    if (x.csv)
+                        fprintf(x.csv, "%s,sporadic,%s,%zu,%u,%.2f,%.2f,%.3f,p90 %.2f/%.2f,,,\n", x.card, dn[d], s,
+                                gaps[g], n50, a50, n50 / a50, n90, a90);
+                }
+            }
         }
         if (!sec_paths && !sec_lat)
             continue;
