@@ -24,14 +24,18 @@
  * Start the mmads with --busy-gbps=0 --relay-kernel-busy-sm=0, or each takes
  * the others' copies for a neighbour's traffic and keeps off those links.
  *
+ * With --gap-us every copy (native too) follows a pause: sporadic copies,
+ * which find each mmad's threads asleep and its relay kernels ended.
+ *
  *   mma-ab [--dir h2d|d2h] [--gpu 0] [--sizes 8M,64M,256M] [--rounds 15]
- *          [--burst 4] [--per-gpu 256M] SOCKET1 SOCKET2 ...               */
+ *          [--burst 4] [--per-gpu 256M] [--gap-us 0] SOCKET1 SOCKET2 ... */
 #include <cuda_runtime_api.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "bench_util.h"
 #include "cuda_check.h"
@@ -51,6 +55,7 @@ typedef struct {
 } conf_t;
 
 static int dir, gpu, burst = 4, rounds = 15, ngpu;
+static unsigned gap_us; /* --gap-us: a pause before every copy (sporadic copies) */
 static size_t cap, per_gpu = (size_t)256 << 20;
 static cudaStream_t stream;
 static char *nat_host, *nat_dev;
@@ -154,10 +159,10 @@ int main(int argc, char **argv)
 {
     const char *sizes_arg = "8M,32M,64M,256M";
     static const struct option lo[] = {{"dir", 1, 0, 'd'},   {"gpu", 1, 0, 'g'},     {"sizes", 1, 0, 'z'},
-                                       {"rounds", 1, 0, 'r'}, {"burst", 1, 0, 'b'}, {"per-gpu", 1, 0, 'p'},
+                                       {"rounds", 1, 0, 'r'}, {"burst", 1, 0, 'b'}, {"per-gpu", 1, 0, 'p'}, {"gap-us", 1, 0, 'G'},
                                        {"help", 0, 0, 'h'},  {0}};
     int o;
-    while ((o = getopt_long(argc, argv, "d:g:z:r:b:p:h", lo, NULL)) != -1) {
+    while ((o = getopt_long(argc, argv, "d:g:z:r:b:p:G:h", lo, NULL)) != -1) {
         switch (o) {
         case 'd':
             if (strcmp(optarg, "h2d") && strcmp(optarg, "d2h")) {
@@ -171,12 +176,23 @@ int main(int argc, char **argv)
         case 'r': rounds = atoi(optarg); break;
         case 'b': burst = atoi(optarg); break;
         case 'p': per_gpu = bench_parse_size(optarg); break;
+        case 'G': {
+            char *end;
+            long g = strtol(optarg, &end, 10);
+            if (*end || g < 0 || g > 1000000) {
+                fprintf(stderr, "mma-ab: --gap-us %s: 0-1000000\n", optarg);
+                return 2;
+            }
+            gap_us = (unsigned)g;
+            break;
+        }
         default:
             printf("usage: mma-ab [--dir h2d|d2h] [--gpu 0] [--sizes 8M,32M,64M,256M] [--rounds 15] [--burst 4]\n"
-                   "              [--per-gpu 256M] SOCKET1 SOCKET2 ...\n"
+                   "              [--per-gpu 256M] [--gap-us 0] SOCKET1 SOCKET2 ...\n"
                    "Each SOCKET is an mmad of its own on the same GPUs (start them with --busy-gbps=0\n"
                    "--relay-kernel-busy-sm=0); copies through each are taken in turns, round by round,\n"
-                   "with native copies and the box ceiling in every round.\n");
+                   "with native copies and the box ceiling in every round. --gap-us: a pause before\n"
+                   "every copy, native or not (sporadic copies, which find mmad idle).\n");
             return o == 'h' ? 0 : 2;
         }
     }
@@ -252,6 +268,8 @@ int main(int argc, char **argv)
     printf("mma-ab %s | %d x %s | %s into gpu%d | %d rounds, bursts of %d (first not counted), ceiling of %zu MiB a "
            "GPU every round\n",
            date, ngpu, prop.name, dir ? "D2H" : "H2D", gpu, rounds, burst, per_gpu >> 20);
+    if (gap_us)
+        printf("every copy after a pause of %u us\n", gap_us);
     for (int i = 0; i < nc; i++)
         printf("config %d: %s\n", i + 1, c[i].sock);
     printf("row '1 spin': config 1's copies waited for by calling mma_query until done, not mma_wait;\n"
@@ -280,6 +298,8 @@ int main(int argc, char **argv)
                 int i = (k + r) % ne;
                 double b[100], call;
                 for (int q = 0; q < burst; q++) {
+                    if (gap_us)
+                        usleep(gap_us); /* --gap-us: every copy after a pause */
                     b[q] = one(i < nc ? &c[i] : i == nc ? &c[0] : NULL, n, i == nc, &call);
                     if (q)
                         tc[(size_t)i * per + (size_t)r * (burst - 1) + q - 1] = call;

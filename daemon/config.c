@@ -132,6 +132,10 @@ static const opt_t options[] = {
      "while chunks are in flight the engine thread polls this long after its last progress, then sleeps in "
      "growing steps (up to a quarter of a chunk's time on one link) between polls; more: completions are seen "
      "sooner at the cost of a busy core"},
+    {"idle-spin-us", OPT_DOUBLE, O(idle_spin_us), 0, "50", 0, 1000000,
+     "after its last work the engine thread stays awake this long before it sleeps, so that a copy coming "
+     "sooner skips a thread wake-up (tens to hundreds of microseconds on a virtual machine); the core is busy "
+     "meanwhile"},
     {"loop-spin-us", OPT_DOUBLE, O(loop_spin_us), 0, "100", 0, 100000,
      "after a copy request, the socket thread polls for the next one this long instead of sleeping (0: off)"},
     {"tail-spin", OPT_INT, O(tail_spin), 0, "1", 0, 1,

@@ -34,6 +34,7 @@ struct mmad_engine {
      * flags (bench/results/2026-11-27-4xH200-callcost), so this is cheap; a
      * sleep costs a wake-up. */
     uint64_t spin_ns;
+    uint64_t idle_spin_ns; /* --idle-spin-us: how long an idle engine stays awake */
     int tail_state;      /* what the hook was last told (engine thread) */
 };
 
@@ -316,10 +317,10 @@ static void *engine_main(void *arg)
         }
         if (!e->sched.jobs && e->sched.chunks_inflight == 0) {
             /* Idle. Copies often come back to back (a client waits for one,
-             * then sends the next): stay awake for 50 us after the last
-             * progress, so the next one skips a thread wake-up; then sleep
-             * until a job or a stop. */
-            if (mma_now_ns() - last_progress < 50000) {
+             * then sends the next): stay awake for --idle-spin-us after the
+             * last progress, so the next one skips a thread wake-up; then
+             * sleep until a job or a stop. */
+            if (mma_now_ns() - last_progress < e->idle_spin_ns) {
                 __builtin_ia32_pause();
                 continue;
             }
@@ -362,6 +363,7 @@ int mmad_engine_start(mmad_backend_t *be, const mmad_config_t *cfg, mmad_engine_
         return MMA_ERR_NOMEM;
     e->be = be;
     e->spin_ns = (uint64_t)(cfg->engine_spin_us * 1000.0);
+    e->idle_spin_ns = (uint64_t)(cfg->idle_spin_us * 1000.0);
     int rc = mmad_sched_init(&e->sched, be, cfg);
     if (rc != MMA_OK) {
         free(e);

@@ -46,6 +46,7 @@ typedef struct mmad_config {
     int max_clients;
     double loop_spin_us;      /* the socket thread polls this long after a copy request */
     double engine_spin_us;    /* the engine polls this long after its last progress before it sleeps */
+    double idle_spin_us;      /* engine thread awake this long after its last work */
     int tail_spin;            /* ... and through copies' last chunks */
     int submit_ring;          /* read clients' submission rings (flagpage.h) */
     int flag_slots_max;
