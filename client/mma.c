@@ -251,6 +251,7 @@ int mma_connect(const char *socket_path, mma_client_t **out)
     c->info.gpu_count = hr->gpu_count <= 64 ? (int)hr->gpu_count : 64; /* mmad serves at most 16 */
     c->info.simulated = hr->simulated;
     c->info.bypass_threshold = (size_t)hr->bypass_threshold;
+    c->info.cold_bypass = hr->has_cold_bypass ? (size_t)hr->cold_bypass : 0;
     c->info.sim_scale = hr->has_sim_scale ? hr->sim_scale : 1.0;
     if (offer_ring && hr->has_sq && hr->sq)
         c->sq = (mma_sq_t *)(void *)(c->flags + c->nslots);
@@ -750,6 +751,38 @@ static int sq_post(mma_client_t *c, const Mma__Segment *sg, uint32_t slot, uint6
     return rc == MMA_OK ? 1 : rc;
 }
 
+/* Whether mmad's socket thread sleeps (it reads no ring unasked), lock
+ * held; without a ring nothing says, and it counts as awake. */
+static int mmad_asleep(const mma_client_t *c)
+{
+    return c->sq && !atomic_load_explicit(&c->sq->polling, memory_order_seq_cst);
+}
+
+/* Wake mmad (a KICK, which makes it poll and wakes its engine), lock held:
+ * with a ring only where it sleeps and has read our earlier KICKs. */
+static int wake_mmad(mma_client_t *c)
+{
+    if (c->sq) {
+        if (!mmad_asleep(c) || atomic_load_explicit(&c->sq->kicks_read, memory_order_seq_cst) != c->sq_kicks)
+            return MMA_OK;
+        c->sq_kicks++;
+    }
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__KICK;
+    return mma_wire_send(c->fd, &req.base, NULL, 0);
+}
+
+int mma_prewarm(mma_client_t *c)
+{
+    if (!c)
+        return MMA_ERR_INVAL;
+    pthread_mutex_lock(&c->lock);
+    /* one poll(2): a user who prewarms should learn that mmad is gone */
+    int rc = daemon_alive(c) ? wake_mmad(c) : MMA_ERR_DISCONNECTED;
+    pthread_mutex_unlock(&c->lock);
+    return rc == MMA_OK ? MMA_OK : MMA_ERR_DISCONNECTED;
+}
+
 int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs, mma_stream_t stream,
                         const mma_copy_opts_t *opts, mma_copy_t *out)
 {
@@ -766,12 +799,17 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
     int rc = resolve(c, segs, nsegs, &dir, &gpu, &total);
     if (rc != MMA_OK)
         goto out;
-    if (c->cuda && !(flags & MMA_COPY_NO_BYPASS) && (total < c->info.bypass_threshold || c->dead)) {
+    int cold = c->cuda && !(flags & MMA_COPY_NO_BYPASS) && !c->dead && total < c->info.cold_bypass && mmad_asleep(c);
+    if (c->cuda && !(flags & MMA_COPY_NO_BYPASS) && (total < c->info.bypass_threshold || c->dead || cold)) {
         /* Native: below the threshold mmad cannot beat one link, and with
          * mmad gone this is how copies still complete. Decided before any
          * allocation, so a small copy costs what cudaMemcpyAsync costs; and
          * run without the lock, so that the client's other threads do not
-         * wait for this one's copy. */
+         * wait for this one's copy. Below --cold-bypass a copy that finds
+         * mmad asleep goes native too, and wakes it for the next ones (a
+         * failed KICK is the next request's to report). */
+        if (cold)
+            (void)wake_mmad(c);
         mma_stream_t st = stream;
         rc = native_stream(c, gpu, &st);
         pthread_mutex_unlock(&c->lock);

@@ -132,6 +132,10 @@ static const opt_t options[] = {
      "while chunks are in flight the engine thread polls this long after its last progress, then sleeps in "
      "growing steps (up to a quarter of a chunk's time on one link) between polls; more: completions are seen "
      "sooner at the cost of a busy core"},
+    {"cold-bypass", OPT_SIZE, O(cold_bypass), 0, "32M", 0, 1099511627776.0,
+     "cuda: a copy below this goes native in libmma while mmad's socket thread sleeps (it then wakes mmad, so "
+     "that the copies after it find it awake): waking mmad's two threads and relaunching its relay kernels "
+     "costs more than such a copy gains (4x H200 after a 1 ms pause: 100-300 us); 0: off"},
     {"idle-spin-us", OPT_DOUBLE, O(idle_spin_us), 0, "50", 0, 1000000,
      "after its last work the engine thread stays awake this long before it sleeps, so that a copy coming "
      "sooner skips a thread wake-up (tens to hundreds of microseconds on a virtual machine); the core is busy "

@@ -24,6 +24,7 @@ struct mmad_engine {
     pthread_cond_t cond;
     intake_t *in_head, *in_tail;
     int kicked;
+    int wake; /* mmad_engine_wake since the last intake */
     int stop;
     int waiting_reached; /* jobs whose slot has not shown `reached` */
     void (*tail_hook)(void *arg, int tail); /* under lock */
@@ -76,6 +77,15 @@ static void push(mmad_engine_t *e, int kind, void *ptr)
 void mmad_engine_submit(mmad_engine_t *e, mmad_job_t *job)
 {
     push(e, 0, job);
+}
+
+void mmad_engine_wake(mmad_engine_t *e)
+{
+    pthread_mutex_lock(&e->lock);
+    e->wake = 1;
+    e->kicked = 1;
+    pthread_cond_signal(&e->cond);
+    pthread_mutex_unlock(&e->lock);
 }
 
 void mmad_engine_conn_closed(mmad_engine_t *e, mmad_conn_t *conn)
@@ -143,8 +153,9 @@ static int take_intake(mmad_engine_t *e)
     pthread_mutex_lock(&e->lock);
     intake_t *it = e->in_head;
     e->in_head = e->in_tail = NULL;
+    int n = e->wake; /* mmad_engine_wake counts as work: the idle window starts again */
+    e->wake = 0;
     pthread_mutex_unlock(&e->lock);
-    int n = 0;
     while (it) {
         intake_t *next = it->next;
         if (it->kind == 0) {

@@ -16,6 +16,9 @@ int mmad_engine_start(mmad_backend_t *be, const mmad_config_t *cfg, mmad_engine_
 void mmad_engine_stop(mmad_engine_t *e);
 /* Hand over a job (the engine owns it from here). */
 void mmad_engine_submit(mmad_engine_t *e, mmad_job_t *job);
+/* Copies are coming (a client's KICK): an idle engine wakes now and stays
+ * awake for --idle-spin-us, so the first of them does not wait for it. */
+void mmad_engine_wake(mmad_engine_t *e);
 /* The client is gone: drop its queued chunks; the engine takes over the
  * caller's reference to conn and drops it when its last chunk has landed. */
 void mmad_engine_conn_closed(mmad_engine_t *e, mmad_conn_t *conn);

@@ -192,6 +192,8 @@ static void handle_hello(srv_client_t *cl, const Mma__Request *req, int *fds, in
     hr.sim_scale = s->be->simulated ? s->be->sim_scale : 1.0;
     hr.has_sq = 1;
     hr.sq = cl->conn->sq != NULL;
+    hr.has_cold_bypass = 1;
+    hr.cold_bypass = s->be->simulated ? 0 : s->cfg->cold_bypass;
     Mma__Response resp;
     resp_init(&resp, req, MMA_OK);
     resp.hello = &hr;
@@ -571,7 +573,14 @@ static void dispatch(srv_client_t *cl, const Mma__Request *req, int *fds, int *n
         handle_clients(cl, req);
         break;
     case MMA__REQ_TYPE__KICK:
-        break; /* on_client_io read the ring before this message */
+        /* on_client_io read the ring before this message. A KICK also says
+         * that copies are coming (a copy the client posted, or one it ran
+         * natively while this thread slept, mma_prewarm): poll for
+         * --loop-spin-us and wake the engine, so the next ones find both
+         * awake. */
+        cl->srv->last_copy_ns = mma_now_ns();
+        mmad_engine_wake(cl->srv->engine);
+        break;
     default:
         reply_error(cl, req, MMA_ERR_UNSUPPORTED, "unknown request type");
         break;

@@ -914,6 +914,55 @@ static void ring_burst(const mmad_proc_t *d, int n, size_t each, int stop, const
     mma_disconnect(c);
 }
 
+static int ring_polling(void *arg)
+{
+    return atomic_load((_Atomic uint32_t *)arg) != 0;
+}
+
+START_TEST(kick_wakes_mmad)
+{
+    /* A KICK with nothing in the ring (mma_prewarm, or a copy that went
+     * native while mmad slept) makes mmad's socket thread poll the ring for
+     * --loop-spin-us, as a copy request would. HELLO alone does not. */
+    static const char *const box[] = {"--sim-scale=0.25", "--loop-spin-us=100000", NULL};
+    mmad_proc_t d;
+    mmad_start(&d, box);
+    int fd = raw_connect(d.sock);
+    ck_assert_int_ge(fd, 0);
+    void *fv = NULL;
+    Mma__Response *r = raw_hello_ring(fd, 4, MMA_SQ_ENTRIES, &fv);
+    ck_assert(r && r->status == MMA_OK && r->hello && r->hello->sq);
+    ck_assert_msg(r->hello->has_cold_bypass && r->hello->cold_bypass == 0,
+                  "the simulated box has no native copies to fall back on");
+    mma__response__free_unpacked(r, NULL);
+    mma_sq_t *q = (mma_sq_t *)(void *)((mma_flag_slot_t *)fv + 4);
+    usleep(200000);
+    ck_assert_uint_eq(atomic_load(&q->polling), 0);
+    raw_kick(fd);
+    ck_assert_msg(wait_until(ring_polling, &q->polling, 5.0), "a KICK did not make mmad poll");
+    ck_assert_uint_eq(atomic_load(&q->kicks_read), 1);
+    close(fd);
+
+    /* mma_prewarm: fine while mmad runs, refused once it is gone. */
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_prewarm(NULL), MMA_ERR_INVAL);
+    ck_assert_int_eq(mma_connect(d.sock, &c), MMA_OK);
+    mma_info_t info;
+    ck_assert_int_eq(mma_get_info(c, &info), MMA_OK);
+    ck_assert_uint_eq(info.cold_bypass, 0);
+    ck_assert_int_eq(mma_prewarm(c), MMA_OK);
+    ck_assert_int_eq(mma_prewarm(c), MMA_OK); /* mmad polls now: no message */
+    ck_assert_int_eq(mmad_stop(&d), 0);
+    int rc = MMA_OK;
+    for (int i = 0; i < 100 && rc == MMA_OK; i++) {
+        rc = mma_prewarm(c);
+        usleep(10000);
+    }
+    ck_assert_int_eq(rc, MMA_ERR_DISCONNECTED);
+    mma_disconnect(c);
+}
+END_TEST
+
 START_TEST(submission_ring_full_and_off)
 {
     /* Beyond the ring, 5 messages: a stopped mmad's socket queues only ~10
@@ -2103,7 +2152,8 @@ int main(void)
     } cases[] = {
         {"clients", 90, {concurrent_clients_random_copies, one_client_many_threads}},
         {"protocol", 60, {daemon_side_validation, client_side_range_check, version_handshake,
-                          unknown_and_garbage_requests, submission_ring, submission_ring_full_and_off}},
+                          unknown_and_garbage_requests, submission_ring, submission_ring_full_and_off,
+                          kick_wakes_mmad}},
         {"lifecycle", 60, {client_dies_mid_copy, sigterm_with_copies_in_flight, one_daemon_per_socket,
                            stale_socket_file_replaced, command_line, cpu_by_thread_at_exit}},
         {"mmactl", 60, {mmactl_reports, mma_ab_arguments}},

@@ -81,6 +81,7 @@ typedef struct mma_info {
     int simulated;             /* 1 on the simulated box */
     size_t bypass_threshold;   /* copies below this many bytes go native */
     double sim_scale;          /* simulated box: its rates are the real ones x this; 1.0 on GPUs */
+    size_t cold_bypass;        /* copies below this go native while mmad sleeps (mmad --cold-bypass; 0: never) */
 } mma_info_t;
 
 #define MMA_FEATURE_SCATTER_GATHER (1u << 0)
@@ -96,6 +97,14 @@ int mma_connect(const char *socket_path, mma_client_t **out);
 void mma_disconnect(mma_client_t *client);
 
 int mma_get_info(mma_client_t *client, mma_info_t *out);
+
+/* Copies are coming: wake mmad now (its threads sleep after a pause, and
+ * waking them costs the first copy 100-300 us on a virtual machine), so
+ * that the next copies find it awake; e.g. when a request arrives, before
+ * its KV-cache fetch. Cheap where mmad is awake already (no message then).
+ * A copy below mma_info_t.cold_bypass that finds mmad asleep goes native
+ * and wakes it the same way. */
+int mma_prewarm(mma_client_t *client);
 
 /* Host memory the daemon can reach: memfd-backed, shared with mmad, page
  * aligned, pinned by the daemon. Free with mma_free(). */
