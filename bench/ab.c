@@ -25,10 +25,11 @@
  * the others' copies for a neighbour's traffic and keeps off those links.
  *
  * With --gap-us every copy (native too) follows a pause: sporadic copies,
- * which find each mmad's threads asleep and its relay kernels ended.
+ * which find each mmad's threads asleep and its relay kernels ended. With
+ * --as-used the copies go as a user's would (without MMA_COPY_NO_BYPASS).
  *
  *   mma-ab [--dir h2d|d2h] [--gpu 0] [--sizes 8M,64M,256M] [--rounds 15]
- *          [--burst 4] [--per-gpu 256M] [--gap-us 0] SOCKET1 SOCKET2 ... */
+ *          [--burst 4] [--per-gpu 256M] [--gap-us 0] [--as-used] SOCKET1 ... */
 #include <cuda_runtime_api.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -56,6 +57,7 @@ typedef struct {
 
 static int dir, gpu, burst = 4, rounds = 15, ngpu;
 static unsigned gap_us; /* --gap-us: a pause before every copy (sporadic copies) */
+static int as_used;     /* --as-used: copies as a user gets them (libmma may run them natively) */
 static size_t cap, per_gpu = (size_t)256 << 20;
 static cudaStream_t stream;
 static char *nat_host, *nat_dev;
@@ -78,7 +80,7 @@ static double one(conf_t *c, size_t n, int spin, double *call)
         CK(cudaStreamSynchronize(stream));
     } else {
         mma_segment_t s = {dir == 0 ? c->dev : c->host, dir == 0 ? c->host : c->dev, n};
-        mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
+        mma_copy_opts_t o = {.flags = as_used ? 0u : MMA_COPY_NO_BYPASS};
         mma_copy_t t;
         MK(mma_memcpy_sg_async(c->c, &s, 1, NULL, &o, &t));
         *call = mma_now_us() - t0;
@@ -159,10 +161,10 @@ int main(int argc, char **argv)
 {
     const char *sizes_arg = "8M,32M,64M,256M";
     static const struct option lo[] = {{"dir", 1, 0, 'd'},   {"gpu", 1, 0, 'g'},     {"sizes", 1, 0, 'z'},
-                                       {"rounds", 1, 0, 'r'}, {"burst", 1, 0, 'b'}, {"per-gpu", 1, 0, 'p'}, {"gap-us", 1, 0, 'G'},
+                                       {"rounds", 1, 0, 'r'}, {"burst", 1, 0, 'b'}, {"per-gpu", 1, 0, 'p'}, {"gap-us", 1, 0, 'G'}, {"as-used", 0, 0, 'U'},
                                        {"help", 0, 0, 'h'},  {0}};
     int o;
-    while ((o = getopt_long(argc, argv, "d:g:z:r:b:p:G:h", lo, NULL)) != -1) {
+    while ((o = getopt_long(argc, argv, "d:g:z:r:b:p:G:Uh", lo, NULL)) != -1) {
         switch (o) {
         case 'd':
             if (strcmp(optarg, "h2d") && strcmp(optarg, "d2h")) {
@@ -176,6 +178,7 @@ int main(int argc, char **argv)
         case 'r': rounds = atoi(optarg); break;
         case 'b': burst = atoi(optarg); break;
         case 'p': per_gpu = bench_parse_size(optarg); break;
+        case 'U': as_used = 1; break;
         case 'G': {
             char *end;
             long g = strtol(optarg, &end, 10);
@@ -188,11 +191,12 @@ int main(int argc, char **argv)
         }
         default:
             printf("usage: mma-ab [--dir h2d|d2h] [--gpu 0] [--sizes 8M,32M,64M,256M] [--rounds 15] [--burst 4]\n"
-                   "              [--per-gpu 256M] [--gap-us 0] SOCKET1 SOCKET2 ...\n"
+                   "              [--per-gpu 256M] [--gap-us 0] [--as-used] SOCKET1 SOCKET2 ...\n"
                    "Each SOCKET is an mmad of its own on the same GPUs (start them with --busy-gbps=0\n"
                    "--relay-kernel-busy-sm=0); copies through each are taken in turns, round by round,\n"
                    "with native copies and the box ceiling in every round. --gap-us: a pause before\n"
-                   "every copy, native or not (sporadic copies, which find mmad idle).\n");
+                   "every copy, native or not (sporadic copies, which find mmad idle). --as-used: copies as a\n"
+                   "user gets them (below the bypass threshold, or --cold-bypass while mmad sleeps, native).\n");
             return o == 'h' ? 0 : 2;
         }
     }
@@ -270,6 +274,8 @@ int main(int argc, char **argv)
            date, ngpu, prop.name, dir ? "D2H" : "H2D", gpu, rounds, burst, per_gpu >> 20);
     if (gap_us)
         printf("every copy after a pause of %u us\n", gap_us);
+    if (as_used)
+        printf("copies as a user gets them (libmma may run them natively)\n");
     for (int i = 0; i < nc; i++)
         printf("config %d: %s\n", i + 1, c[i].sock);
     printf("row '1 spin': config 1's copies waited for by calling mma_query until done, not mma_wait;\n"
