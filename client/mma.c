@@ -806,15 +806,22 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
          * allocation, so a small copy costs what cudaMemcpyAsync costs; and
          * run without the lock, so that the client's other threads do not
          * wait for this one's copy. Below --cold-bypass a copy that finds
-         * mmad asleep goes native too, and wakes it for the next ones (a
-         * failed KICK is the next request's to report). */
-        if (cold)
-            (void)wake_mmad(c);
+         * mmad asleep goes native too, and wakes it for the next ones,
+         * once the copy is queued, so that the KICK's system call and
+         * wake-up overlap the copy (a failed KICK is the next request's to
+         * report). */
         mma_stream_t st = stream;
         rc = native_stream(c, gpu, &st);
         pthread_mutex_unlock(&c->lock);
         if (rc == MMA_OK)
-            rc = native_run(segs, nsegs, st, !stream);
+            rc = native_run(segs, nsegs, st, !stream && !cold);
+        if (cold) {
+            pthread_mutex_lock(&c->lock);
+            (void)wake_mmad(c);
+            pthread_mutex_unlock(&c->lock);
+            if (rc == MMA_OK && !stream)
+                rc = mma_cuda_stream_sync(st);
+        }
         if (rc == MMA_OK && out)
             *out = 0;
         return rc;
