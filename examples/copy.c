@@ -25,7 +25,9 @@ int main(void)
         host[i] = (char)(i * 7);
 
     mma_copy_t t;
-    rc = mma_memcpy_async(c, dev, host, n, NULL, &t); /* host -> GPU 0, over every path */
+    rc = mma_prewarm(c); /* copies are coming: mmad wakes now, not on the first one */
+    if (rc == MMA_OK)
+        rc = mma_memcpy_async(c, dev, host, n, NULL, &t); /* host -> GPU 0, over every path */
     if (rc == MMA_OK)
         rc = mma_wait(c, t);
     if (rc == MMA_OK)
