@@ -115,9 +115,9 @@ static inline int mma_add_overflows(uint64_t a, uint64_t b, uint64_t *out)
 }
 
 #define MMA_VERSION_MAJOR 0
-#define MMA_VERSION_MINOR 1
+#define MMA_VERSION_MINOR 2
 #define MMA_VERSION_PATCH 0
 #define MMA_VERSION_NUM (MMA_VERSION_MAJOR * 10000 + MMA_VERSION_MINOR * 100 + MMA_VERSION_PATCH)
-#define MMA_VERSION_STR "0.1.0"
+#define MMA_VERSION_STR "0.2.0"
 
 #endif

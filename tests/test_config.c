@@ -273,7 +273,7 @@ START_TEST(help_and_version_return_1)
     fclose(tmp);
     const char *names[] = {"--socket", "--backend", "--sim-preset", "--sim-gpus", "--sim-scale", "--chunk-size",
                            "--min-chunk", "--staging-slots", "--path-depth", "--bypass-threshold", "--max-paths",
-                           "--max-clients", "--sim-fail-via", "--engine-spin-us", "--trace-gpu", "--log", "mmad 0.1.0"};
+                           "--max-clients", "--sim-fail-via", "--engine-spin-us", "--trace-gpu", "--log", "mmad 0.2.0"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         ck_assert_msg(strstr(buf, names[i]), "usage lacks %s", names[i]);
 }

@@ -1447,7 +1447,7 @@ START_TEST(mmactl_reports)
     ck_assert_int_eq(rc, 0);
     ck_assert_msg(strstr(out, "backend:sim\n"), "status: %s", out);
     ck_assert_ptr_nonnull(strstr(out, "simulated:yes\n"));
-    ck_assert_ptr_nonnull(strstr(out, "version:0.1.0\n"));
+    ck_assert_ptr_nonnull(strstr(out, "version:0.2.0\n"));
     ck_assert_ptr_nonnull(strstr(out, "gpus:4\n"));
     ck_assert_ptr_nonnull(strstr(out, "sim_scale:0.25\n"));
     ck_assert_ptr_nonnull(strstr(out, "chunk_size:1048576\n"));
