@@ -135,7 +135,8 @@ static const opt_t options[] = {
     {"cold-bypass", OPT_SIZE, O(cold_bypass), 0, "32M", 0, 1099511627776.0,
      "cuda: a copy below this goes native in libmma while mmad's socket thread sleeps (it then wakes mmad, so "
      "that the copies after it find it awake): waking mmad's two threads and relaunching its relay kernels "
-     "costs more than such a copy gains (4x H200 after a 1 ms pause: 100-300 us); 0: off"},
+     "costs such a copy 100-250 us on these VMs, more than it gains (2x H200, 2 MiB after a 1 ms pause: 0.44x "
+     "native without this, 0.98x with); 0: off"},
     {"idle-spin-us", OPT_DOUBLE, O(idle_spin_us), 0, "50", 0, 1000000,
      "after its last work the engine thread stays awake this long before it sleeps, so that a copy coming "
      "sooner skips a thread wake-up (tens to hundreds of microseconds on a virtual machine); the core is busy "
