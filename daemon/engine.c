@@ -25,6 +25,7 @@ struct mmad_engine {
     intake_t *in_head, *in_tail;
     int kicked;
     int wake; /* mmad_engine_wake since the last intake */
+    uint64_t awake_until; /* mmad_engine_wake: stay awake until then (under lock; read racily when idle) */
     int stop;
     int waiting_reached; /* jobs whose slot has not shown `reached` */
     void (*tail_hook)(void *arg, int tail); /* under lock */
@@ -79,10 +80,12 @@ void mmad_engine_submit(mmad_engine_t *e, mmad_job_t *job)
     push(e, 0, job);
 }
 
-void mmad_engine_wake(mmad_engine_t *e)
+void mmad_engine_wake(mmad_engine_t *e, uint64_t until_ns)
 {
     pthread_mutex_lock(&e->lock);
     e->wake = 1;
+    if (until_ns > e->awake_until)
+        e->awake_until = until_ns;
     e->kicked = 1;
     pthread_cond_signal(&e->cond);
     pthread_mutex_unlock(&e->lock);
@@ -331,7 +334,11 @@ static void *engine_main(void *arg)
              * then sends the next): stay awake for --idle-spin-us after the
              * last progress, so the next one skips a thread wake-up; then
              * sleep until a job or a stop. */
-            if (mma_now_ns() - last_progress < e->idle_spin_ns) {
+            uint64_t now = mma_now_ns();
+            pthread_mutex_lock(&e->lock);
+            uint64_t until = e->awake_until;
+            pthread_mutex_unlock(&e->lock);
+            if (now - last_progress < e->idle_spin_ns || now < until) {
                 __builtin_ia32_pause();
                 continue;
             }

@@ -17,8 +17,9 @@ void mmad_engine_stop(mmad_engine_t *e);
 /* Hand over a job (the engine owns it from here). */
 void mmad_engine_submit(mmad_engine_t *e, mmad_job_t *job);
 /* Copies are coming (a client's KICK): an idle engine wakes now and stays
- * awake for --idle-spin-us, so the first of them does not wait for it. */
-void mmad_engine_wake(mmad_engine_t *e);
+ * awake until until_ns (mma_now_ns), and --idle-spin-us after its last
+ * work, so the first of them does not wait for it. */
+void mmad_engine_wake(mmad_engine_t *e, uint64_t until_ns);
 /* The client is gone: drop its queued chunks; the engine takes over the
  * caller's reference to conn and drops it when its last chunk has landed. */
 void mmad_engine_conn_closed(mmad_engine_t *e, mmad_conn_t *conn);

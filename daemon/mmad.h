@@ -47,6 +47,7 @@ typedef struct mmad_config {
     double loop_spin_us;      /* the socket thread polls this long after a copy request */
     double engine_spin_us;    /* the engine polls this long after its last progress before it sleeps */
     double idle_spin_us;      /* engine thread awake this long after its last work */
+    double wake_spin_us;      /* after a KICK both threads stay awake this long */
     uint64_t cold_bypass;     /* cuda: copies below this go native while mmad sleeps (0: off) */
     int tail_spin;            /* ... and through copies' last chunks */
     int submit_ring;          /* read clients' submission rings (flagpage.h) */

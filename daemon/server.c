@@ -47,6 +47,7 @@ struct mmad_server {
     int stopping;
     uint8_t *rxbuf;
     uint64_t last_copy_ns; /* when the last copy request came (--loop-spin-us) */
+    uint64_t wake_until_ns; /* a KICK keeps this thread polling until then (--wake-spin-us) */
     /* --tail-spin: the engine says when a copy is on its last chunks */
     uv_async_t kick;             /* wakes this thread for such a tail */
     _Atomic int tail;            /* a copy is on its last chunks */
@@ -575,11 +576,13 @@ static void dispatch(srv_client_t *cl, const Mma__Request *req, int *fds, int *n
     case MMA__REQ_TYPE__KICK:
         /* on_client_io read the ring before this message. A KICK also says
          * that copies are coming (a copy the client posted, or one it ran
-         * natively while this thread slept, mma_prewarm): poll for
-         * --loop-spin-us and wake the engine, so the next ones find both
-         * awake. */
+         * natively while this thread slept, mma_prewarm): poll, and keep
+         * the engine awake, for --wake-spin-us, so that the next ones find
+         * both awake; a copy libmma ran natively takes up to ~0.6 ms (32
+         * MiB), and the next one comes after it. */
         cl->srv->last_copy_ns = mma_now_ns();
-        mmad_engine_wake(cl->srv->engine);
+        cl->srv->wake_until_ns = cl->srv->last_copy_ns + (uint64_t)(cl->srv->cfg->wake_spin_us * 1000.0);
+        mmad_engine_wake(cl->srv->engine, cl->srv->wake_until_ns);
         break;
     default:
         reply_error(cl, req, MMA_ERR_UNSUPPORTED, "unknown request type");
@@ -818,14 +821,19 @@ int mmad_server_create(const mmad_config_t *cfg, mmad_backend_t *be, mmad_engine
     return MMA_OK;
 }
 
-/* Whether the socket thread keeps polling (--loop-spin-us, --tail-spin):
- * within spin_ns of a copy request; through a copy's tail, for at most
- * TAIL_SPIN_MAX_NS since it began polling; and spin_ns after the tail. */
+/* Whether the socket thread keeps polling (--loop-spin-us, --tail-spin,
+ * --wake-spin-us): until a KICK's wake window ends; within spin_ns of a copy
+ * request; through a copy's tail, for at most TAIL_SPIN_MAX_NS since it
+ * began polling; and spin_ns after the tail. */
 static int keep_polling(mmad_server_t *s, uint64_t spin_ns, uint64_t since)
 {
-    if (!spin_ns || s->stopping)
+    if (s->stopping)
         return 0;
     uint64_t now = mma_now_ns();
+    if (now < s->wake_until_ns)
+        return 1;
+    if (!spin_ns)
+        return 0;
     if (now - s->last_copy_ns < spin_ns)
         return 1;
     if (!s->cfg->tail_spin)

@@ -923,8 +923,9 @@ START_TEST(kick_wakes_mmad)
 {
     /* A KICK with nothing in the ring (mma_prewarm, or a copy that went
      * native while mmad slept) makes mmad's socket thread poll the ring for
-     * --loop-spin-us, as a copy request would. HELLO alone does not. */
-    static const char *const box[] = {"--sim-scale=0.25", "--loop-spin-us=100000", NULL};
+     * --wake-spin-us, even where it polls after no copy request
+     * (--loop-spin-us=0). HELLO alone does not. */
+    static const char *const box[] = {"--sim-scale=0.25", "--loop-spin-us=0", "--wake-spin-us=500000", NULL};
     mmad_proc_t d;
     mmad_start(&d, box);
     int fd = raw_connect(d.sock);
