@@ -30,6 +30,7 @@ typedef struct srv_client {
     mmad_conn_t *conn;
     struct mmad_server *srv;
     struct srv_client *next;
+    int took_before; /* copies read from the ring just before the message in hand */
 } srv_client_t;
 
 struct mmad_server {
@@ -574,15 +575,19 @@ static void dispatch(srv_client_t *cl, const Mma__Request *req, int *fds, int *n
         handle_clients(cl, req);
         break;
     case MMA__REQ_TYPE__KICK:
-        /* on_client_io read the ring before this message. A KICK also says
-         * that copies are coming (a copy the client posted, or one it ran
-         * natively while this thread slept, mma_prewarm): poll, and keep
-         * the engine awake, for --wake-spin-us, so that the next ones find
-         * both awake; a copy libmma ran natively takes up to ~0.6 ms (32
-         * MiB), and the next one comes after it. */
-        cl->srv->last_copy_ns = mma_now_ns();
-        cl->srv->wake_until_ns = cl->srv->last_copy_ns + (uint64_t)(cl->srv->cfg->wake_spin_us * 1000.0);
-        mmad_engine_wake(cl->srv->engine, cl->srv->wake_until_ns);
+        /* on_client_io read the ring before this message. A KICK that
+         * brought no copy says that copies are coming (one libmma ran
+         * natively while this thread slept, --cold-bypass, or
+         * mma_prewarm): poll, and keep the engine awake, for
+         * --wake-spin-us, so that the next ones find both awake (a copy
+         * libmma ran natively takes up to ~0.6 ms, 32 MiB, and the next one
+         * comes after it). A KICK with copies is served like any copy
+         * request (--loop-spin-us), so back-to-back copies cost no more. */
+        if (!cl->took_before) {
+            cl->srv->last_copy_ns = mma_now_ns();
+            cl->srv->wake_until_ns = cl->srv->last_copy_ns + (uint64_t)(cl->srv->cfg->wake_spin_us * 1000.0);
+            mmad_engine_wake(cl->srv->engine, cl->srv->wake_until_ns);
+        }
         break;
     default:
         reply_error(cl, req, MMA_ERR_UNSUPPORTED, "unknown request type");
@@ -618,8 +623,11 @@ static void on_client_io(uv_poll_t *h, int status, int events)
         if (req && req->type == MMA__REQ_TYPE__KICK && cl->conn->sq)
             atomic_fetch_add_explicit(&cl->conn->sq->kicks_read, 1, memory_order_seq_cst);
         int took, turns = 0;
+        cl->took_before = 0;
         while ((took = sq_take(cl)) == SQ_PER_TURN && ++turns < 64)
-            ;
+            cl->took_before += took;
+        if (took > 0)
+            cl->took_before += took;
         if (took < 0) { /* the ring broke the protocol: the client is closing */
             if (req)
                 mma__request__free_unpacked(req, NULL);
