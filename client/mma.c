@@ -58,6 +58,7 @@ struct mma_client {
     mma_sq_t *sq;     /* the submission ring, where mmad reads it (NULL: every copy is a message) */
     uint64_t sq_tail; /* entries posted to it (under lock) */
     uint64_t sq_kicks; /* KICKs sent */
+    _Atomic uint64_t last_mmad_ns; /* a copy through mmad was sent or seen done (--cold-small) */
     uint64_t *slot_seq; /* last seq issued on each slot */
     uint64_t *slot_due; /* when each slot's copy should be done (ns, monotonic) */
     uint64_t *slot_start; /* when it was submitted */
@@ -252,6 +253,8 @@ int mma_connect(const char *socket_path, mma_client_t **out)
     c->info.simulated = hr->simulated;
     c->info.bypass_threshold = (size_t)hr->bypass_threshold;
     c->info.cold_bypass = hr->has_cold_bypass ? (size_t)hr->cold_bypass : 0;
+    c->info.cold_small = hr->has_cold_small ? (size_t)hr->cold_small : 0;
+    c->info.relays_warm_us = hr->has_relays_warm_us ? hr->relays_warm_us : 0;
     c->info.sim_scale = hr->has_sim_scale ? hr->sim_scale : 1.0;
     if (offer_ring && hr->has_sq && hr->sq)
         c->sq = (mma_sq_t *)(void *)(c->flags + c->nslots);
@@ -602,7 +605,7 @@ static void learn_rate(mma_client_t *c, uint32_t slot, uint64_t seq, int phase)
     pthread_mutex_unlock(&c->lock);
 }
 
-int mma_wait(mma_client_t *c, mma_copy_t t)
+static int wait_copy(mma_client_t *c, mma_copy_t t)
 {
     int st = mma_query(c, t);
     if (st != MMA_PENDING)
@@ -648,6 +651,15 @@ int mma_wait(mma_client_t *c, mma_copy_t t)
         if (!alive && !c->cuda && mma_query(c, t) == MMA_PENDING)
             return MMA_ERR_DISCONNECTED;
     }
+}
+
+int mma_wait(mma_client_t *c, mma_copy_t t)
+{
+    int st = wait_copy(c, t);
+    /* a copy through mmad seen done: its relay kernels linger from about now (--cold-small) */
+    if (c && t && st != MMA_ERR_INVAL)
+        atomic_store_explicit(&c->last_mmad_ns, mma_now_ns(), memory_order_relaxed);
+    return st;
 }
 
 /* ---- copies ---- */
@@ -772,6 +784,16 @@ static int wake_mmad(mma_client_t *c)
     return mma_wire_send(c->fd, &req.base, NULL, 0);
 }
 
+/* Whether mmad's resident relay kernels have ended since this client's
+ * last copy through mmad (--cold-small): it sent none, and saw none done,
+ * for relays_warm_us. Another client's copies may have kept them going; then
+ * a small copy goes native that need not have. */
+static int kernels_ended(mma_client_t *c)
+{
+    uint64_t last = atomic_load_explicit(&c->last_mmad_ns, memory_order_relaxed);
+    return c->info.relays_warm_us && mma_now_ns() - last > (uint64_t)c->info.relays_warm_us * 1000;
+}
+
 int mma_prewarm(mma_client_t *c)
 {
     if (!c)
@@ -799,7 +821,9 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
     int rc = resolve(c, segs, nsegs, &dir, &gpu, &total);
     if (rc != MMA_OK)
         goto out;
-    int cold = c->cuda && !(flags & MMA_COPY_NO_BYPASS) && !c->dead && total < c->info.cold_bypass && mmad_asleep(c);
+    int asleep = mmad_asleep(c);
+    int cold = c->cuda && !(flags & MMA_COPY_NO_BYPASS) && !c->dead &&
+               ((total < c->info.cold_bypass && asleep) || (total < c->info.cold_small && kernels_ended(c)));
     if (c->cuda && !(flags & MMA_COPY_NO_BYPASS) && (total < c->info.bypass_threshold || c->dead || cold)) {
         /* Native: below the threshold mmad cannot beat one link, and with
          * mmad gone this is how copies still complete. Decided before any
@@ -815,10 +839,12 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
         pthread_mutex_unlock(&c->lock);
         if (rc == MMA_OK)
             rc = native_run(segs, nsegs, st, !stream && !cold);
-        if (cold) {
+        if (cold && asleep) {
             pthread_mutex_lock(&c->lock);
             (void)wake_mmad(c);
             pthread_mutex_unlock(&c->lock);
+        }
+        if (cold) {
             if (rc == MMA_OK && !stream)
                 rc = mma_cuda_stream_sync(st);
         }
@@ -871,6 +897,7 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
      * there, and spinning would take a core from the simulation. */
     uint64_t start = mma_now_ns();
     c->slot_start[slot] = start;
+    atomic_store_explicit(&c->last_mmad_ns, start, memory_order_relaxed);
     c->slot_bytes[slot] = total;
     c->slot_dir[slot] = (unsigned char)dir;
     c->slot_due[slot] = c->info.simulated

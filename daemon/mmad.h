@@ -49,6 +49,7 @@ typedef struct mmad_config {
     double idle_spin_us;      /* engine thread awake this long after its last work */
     double wake_spin_us;      /* after a KICK both threads stay awake this long */
     uint64_t cold_bypass;     /* cuda: copies below this go native while mmad sleeps (0: off) */
+    uint64_t cold_small;      /* cuda: copies below this go native once the relay kernels have ended (0: off) */
     int tail_spin;            /* ... and through copies' last chunks */
     int submit_ring;          /* read clients' submission rings (flagpage.h) */
     int flag_slots_max;

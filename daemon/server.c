@@ -196,6 +196,9 @@ static void handle_hello(srv_client_t *cl, const Mma__Request *req, int *fds, in
     hr.sq = cl->conn->sq != NULL;
     hr.has_cold_bypass = 1;
     hr.cold_bypass = s->be->simulated ? 0 : s->cfg->cold_bypass;
+    hr.has_cold_small = hr.has_relays_warm_us = 1;
+    hr.cold_small = s->be->simulated ? 0 : s->cfg->cold_small;
+    hr.relays_warm_us = s->be->relay_kernel_resident ? (uint32_t)s->cfg->relay_linger_us : 0;
     Mma__Response resp;
     resp_init(&resp, req, MMA_OK);
     resp.hello = &hr;

@@ -950,7 +950,9 @@ START_TEST(kick_wakes_mmad)
     ck_assert_int_eq(mma_connect(d.sock, &c), MMA_OK);
     mma_info_t info;
     ck_assert_int_eq(mma_get_info(c, &info), MMA_OK);
-    ck_assert_uint_eq(info.cold_bypass, 0);
+    ck_assert_uint_eq(info.cold_bypass, 0); /* the simulated box: nothing to run natively */
+    ck_assert_uint_eq(info.cold_small, 0);
+    ck_assert_uint_eq(info.relays_warm_us, 0);
     ck_assert_int_eq(mma_prewarm(c), MMA_OK);
     ck_assert_int_eq(mma_prewarm(c), MMA_OK); /* mmad polls now: no message */
     ck_assert_int_eq(mmad_stop(&d), 0);

@@ -82,6 +82,8 @@ typedef struct mma_info {
     size_t bypass_threshold;   /* copies below this many bytes go native */
     double sim_scale;          /* simulated box: its rates are the real ones x this; 1.0 on GPUs */
     size_t cold_bypass;        /* copies below this go native while mmad sleeps (mmad --cold-bypass; 0: never) */
+    size_t cold_small;         /* and below this once mmad's relay kernels have ended (--cold-small) ... */
+    uint32_t relays_warm_us;   /* ... this long after the client's last copy through mmad (0: never) */
 } mma_info_t;
 
 #define MMA_FEATURE_SCATTER_GATHER (1u << 0)
