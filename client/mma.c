@@ -59,6 +59,7 @@ struct mma_client {
     uint64_t sq_tail; /* entries posted to it (under lock) */
     uint64_t sq_kicks; /* KICKs sent */
     _Atomic uint64_t last_mmad_ns; /* a copy through mmad was sent or seen done (--cold-small) */
+    uint64_t cold_small_ns;        /* a copy ran natively for --cold-small (lock) */
     uint64_t *slot_seq; /* last seq issued on each slot */
     uint64_t *slot_due; /* when each slot's copy should be done (ns, monotonic) */
     uint64_t *slot_start; /* when it was submitted */
@@ -784,14 +785,21 @@ static int wake_mmad(mma_client_t *c)
     return mma_wire_send(c->fd, &req.base, NULL, 0);
 }
 
-/* Whether mmad's resident relay kernels have ended since this client's
- * last copy through mmad (--cold-small): it sent none, and saw none done,
- * for relays_warm_us. Another client's copies may have kept them going; then
- * a small copy goes native that need not have. */
+/* Whether a small copy goes native because mmad's resident relay kernels
+ * have ended (--cold-small): this client sent no copy through mmad, and saw
+ * none done, for relays_warm_us, and the last copy it ran natively for this
+ * reason was longer ago than that. A copy that comes sooner after one is
+ * the second of a burst: it goes through mmad and relaunches the kernels
+ * for the rest. Another client's copies may have kept them going; then a
+ * small copy goes native that need not have. Lock held. */
 static int kernels_ended(mma_client_t *c)
 {
+    uint64_t now = mma_now_ns(), warm = (uint64_t)c->info.relays_warm_us * 1000;
     uint64_t last = atomic_load_explicit(&c->last_mmad_ns, memory_order_relaxed);
-    return c->info.relays_warm_us && mma_now_ns() - last > (uint64_t)c->info.relays_warm_us * 1000;
+    if (!warm || now - last <= warm || now - c->cold_small_ns <= warm)
+        return 0;
+    c->cold_small_ns = now;
+    return 1;
 }
 
 int mma_prewarm(mma_client_t *c)

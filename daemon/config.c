@@ -137,10 +137,12 @@ static const opt_t options[] = {
      "that the copies after it find it awake): waking mmad's two threads and relaunching its relay kernels "
      "costs such a copy 100-250 us on these VMs, more than it gains (2x H200, 2 MiB after a 1 ms pause: 0.44x "
      "native without this, 0.98x with); 0: off"},
-    {"cold-small", OPT_SIZE, O(cold_small), 0, "4M", 0, 1099511627776.0,
+    {"cold-small", OPT_SIZE, O(cold_small), 0, "8M", 0, 1099511627776.0,
      "cuda: a copy below this also goes native in libmma once the client has had no copy through mmad for "
-     "--relay-linger-us (mmad's resident relay kernels have ended): relaunching them costs such a copy more "
-     "than it gains (2x H200, 2 MiB after a 1 ms pause: 0.62-0.73x native through mmad); 0: off"},
+     "--relay-linger-us (mmad's resident relay kernels have ended), unless it follows such a native copy within "
+     "that time (then it relaunches them for the rest of its burst): relaunching them costs such a copy more "
+     "than it gains (2x H200 after a 1 ms pause, through mmad: 2 MiB 0.54-0.83x native, 4 MiB 0.90-0.91x); "
+     "0: off"},
     {"wake-spin-us", OPT_DOUBLE, O(wake_spin_us), 0, "2000", 0, 1000000,
      "after a client's KICK (a copy posted while mmad slept, one libmma ran natively for --cold-bypass, "
      "mma_prewarm) both of mmad's threads stay awake this long, so that the copies after it find them awake; "

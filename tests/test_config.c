@@ -150,7 +150,7 @@ START_TEST(yield_and_plan_options)
     ck_assert_double_eq_tol(cfg.idle_spin_us, 50, 1e-12);   /* the default */
     ck_assert_double_eq_tol(cfg.wake_spin_us, 2000, 1e-12); /* the default */
     ck_assert_uint_eq(cfg.cold_bypass, 32u << 20);          /* the default */
-    ck_assert_uint_eq(cfg.cold_small, 4u << 20);            /* the default */
+    ck_assert_uint_eq(cfg.cold_small, 8u << 20);            /* the default */
     ck_assert_int_eq(PARSE("--idle-spin-us=2000", "--plan-learn=3"), 0);
     ck_assert_double_eq_tol(cfg.idle_spin_us, 2000, 1e-12);
     ck_assert_int_eq(cfg.plan_learn, 3);
