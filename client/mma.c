@@ -829,19 +829,24 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
     int rc = resolve(c, segs, nsegs, &dir, &gpu, &total);
     if (rc != MMA_OK)
         goto out;
-    int asleep = mmad_asleep(c);
-    int cold = c->cuda && !(flags & MMA_COPY_NO_BYPASS) && !c->dead &&
-               ((total < c->info.cold_bypass && asleep) || (total < c->info.cold_small && kernels_ended(c)));
-    if (c->cuda && !(flags & MMA_COPY_NO_BYPASS) && (total < c->info.bypass_threshold || c->dead || cold)) {
+    int bypass = c->cuda && !(flags & MMA_COPY_NO_BYPASS);
+    int native = total < c->info.bypass_threshold || c->dead;
+    int asleep = 0, cold = 0;
+    if (bypass && !native) {
+        asleep = mmad_asleep(c);
+        cold = (total < c->info.cold_bypass && asleep) || (total < c->info.cold_small && kernels_ended(c));
+    }
+    if (bypass && (native || cold)) {
         /* Native: below the threshold mmad cannot beat one link, and with
          * mmad gone this is how copies still complete. Decided before any
          * allocation, so a small copy costs what cudaMemcpyAsync costs; and
          * run without the lock, so that the client's other threads do not
-         * wait for this one's copy. Below --cold-bypass a copy that finds
-         * mmad asleep goes native too, and wakes it for the next ones,
-         * once the copy is queued, so that the KICK's system call and
-         * wake-up overlap the copy (a failed KICK is the next request's to
-         * report). */
+         * wait for this one's copy. A copy that would find mmad asleep
+         * (--cold-bypass) or its relay kernels ended (--cold-small) goes
+         * native too; where mmad sleeps, the copy's KICK wakes it for the
+         * next ones once the copy is queued, so that the system call and
+         * the wake-up overlap the copy (a failed KICK is the next request's
+         * to report). */
         mma_stream_t st = stream;
         rc = native_stream(c, gpu, &st);
         pthread_mutex_unlock(&c->lock);
@@ -852,10 +857,8 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
             (void)wake_mmad(c);
             pthread_mutex_unlock(&c->lock);
         }
-        if (cold) {
-            if (rc == MMA_OK && !stream)
-                rc = mma_cuda_stream_sync(st);
-        }
+        if (cold && rc == MMA_OK && !stream)
+            rc = mma_cuda_stream_sync(st);
         if (rc == MMA_OK && out)
             *out = 0;
         return rc;
