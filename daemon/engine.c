@@ -25,7 +25,7 @@ struct mmad_engine {
     intake_t *in_head, *in_tail;
     int kicked;
     int wake; /* mmad_engine_wake since the last intake */
-    uint64_t awake_until; /* mmad_engine_wake: stay awake until then (under lock; read racily when idle) */
+    uint64_t awake_until; /* mmad_engine_wake: stay awake until then (mma_now_ns; under lock) */
     int stop;
     int waiting_reached; /* jobs whose slot has not shown `reached` */
     void (*tail_hook)(void *arg, int tail); /* under lock */
