@@ -468,7 +468,7 @@ int main(int argc, char **argv)
                    "           then the break-even size\n"
                    "           (mma >= native there and at every larger size) and mma/native at 8 MiB;\n"
                    "           every size's mma copies are checked byte for byte\n"
-                   "  sporadic 2, 8 and 64 MiB copies each after a pause of 1 or 10 ms, native and auto in\n"
+                   "  sporadic 2, 8, 16 and 64 MiB copies each after a pause of 1 or 10 ms, native and auto in\n"
                    "           turns (what a copy costs that finds mmad idle)\n"
                    "  paths    1..N paths at --paths-at\n"
                    "  latency  p50/p99 of small copies (4K-4M, up to --max), native vs mma\n"
@@ -694,7 +694,7 @@ int main(int argc, char **argv)
                    dn[d], r);
             printf("%8s %8s %10s %10s %10s %10s %9s %6s\n", "size", "pause", "nat p50", "nat p90", "auto p50",
                    "auto p90", "auto/nat", "bytes");
-            size_t spor_sizes[] = {2u << 20, 8u << 20, 64u << 20};
+            size_t spor_sizes[] = {2u << 20, 8u << 20, 16u << 20, 64u << 20};
             unsigned gaps[] = {1000, 10000};
             for (size_t i = 0; i < sizeof spor_sizes / sizeof spor_sizes[0]; i++) {
                 size_t s = spor_sizes[i];

@@ -583,7 +583,7 @@ static void dispatch(srv_client_t *cl, const Mma__Request *req, int *fds, int *n
          * natively while this thread slept, --cold-bypass, or
          * mma_prewarm): poll, and keep the engine awake, for
          * --wake-spin-us, so that the next ones find both awake (a copy
-         * libmma ran natively takes up to ~0.6 ms, 32 MiB, and the next one
+         * libmma ran natively takes up to ~0.3 ms, 16 MiB, and the next one
          * comes after it). A KICK with copies is served like any copy
          * request (--loop-spin-us), so back-to-back copies cost no more. */
         if (!cl->took_before) {

@@ -149,7 +149,7 @@ START_TEST(yield_and_plan_options)
     ck_assert_double_eq_tol(cfg.engine_spin_us, 20, 1e-12); /* the default */
     ck_assert_double_eq_tol(cfg.idle_spin_us, 50, 1e-12);   /* the default */
     ck_assert_double_eq_tol(cfg.wake_spin_us, 2000, 1e-12); /* the default */
-    ck_assert_uint_eq(cfg.cold_bypass, 32u << 20);          /* the default */
+    ck_assert_uint_eq(cfg.cold_bypass, 16u << 20);          /* the default */
     ck_assert_uint_eq(cfg.cold_small, 8u << 20);            /* the default */
     ck_assert_int_eq(PARSE("--idle-spin-us=2000", "--plan-learn=3"), 0);
     ck_assert_double_eq_tol(cfg.idle_spin_us, 2000, 1e-12);
