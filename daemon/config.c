@@ -132,12 +132,11 @@ static const opt_t options[] = {
      "while chunks are in flight the engine thread polls this long after its last progress, then sleeps in "
      "growing steps (up to a quarter of a chunk's time on one link) between polls; more: completions are seen "
      "sooner at the cost of a busy core"},
-    {"cold-bypass", OPT_SIZE, O(cold_bypass), 0, "-1", -1, 1099511627776.0,
+    {"cold-bypass", OPT_SIZE, O(cold_bypass), 0, "32M", 0, 1099511627776.0,
      "cuda: a copy below this goes native in libmma while mmad's socket thread sleeps (it then wakes mmad, so "
      "that the copies after it find it awake): waking mmad's two threads and relaunching its relay kernels "
-     "costs such a copy 100-250 us on these VMs, more than it gains (2x H200, 2 MiB after a 1 ms pause: 0.44x "
-     "native without this, 0.98x with; 16 MiB after 10 ms 0.80-0.89x through mmad; 4x H200, 16 MiB every "
-     "2 ms through a sleeping mmad: 1.3x native); -1: 16M with 4 GPUs or more, 32M with fewer; 0: off"},
+     "costs such a copy 100-250 us on these VMs, more than it gains (2 MiB after a 1 ms pause: 0.44x native "
+     "through mmad on 2x H200; 16 MiB after 10 ms: 0.91x on 4x H100, 0.80-0.89x on 2x H200); 0: off"},
     {"cold-small", OPT_SIZE, O(cold_small), 0, "8M", 0, 1099511627776.0,
      "cuda: a copy below this also goes native in libmma once the client has had no copy through mmad for "
      "--relay-linger-us (mmad's resident relay kernels have ended), unless it follows such a native copy within "
@@ -145,8 +144,8 @@ static const opt_t options[] = {
      "than it gains (2x H200 after a 1 ms pause, through mmad: 2 MiB 0.54-0.83x native, 4 MiB 0.90-0.91x); "
      "0: off"},
     {"wake-spin-us", OPT_DOUBLE, O(wake_spin_us), 0, "2000", 0, 1000000,
-     "after a client's KICK (a copy posted while mmad slept, one libmma ran natively for --cold-bypass, "
-     "mma_prewarm) both of mmad's threads stay awake this long, so that the copies after it find them awake; "
+     "after a client's KICK that brings no copy (one libmma ran natively for --cold-bypass, mma_prewarm) both "
+     "of mmad's threads stay awake this long, so that the copies after it find them awake; "
      "the cores are busy meanwhile"},
     {"idle-spin-us", OPT_DOUBLE, O(idle_spin_us), 0, "50", 0, 1000000,
      "after its last work the engine thread stays awake this long before it sleeps, so that a copy coming "
@@ -247,13 +246,6 @@ static int set_opt(mmad_config_t *cfg, const opt_t *o, const char *val)
     }
     }
     return -1;
-}
-
-int64_t mmad_cold_bypass(const mmad_config_t *cfg, int gpu_count)
-{
-    if (cfg->cold_bypass >= 0)
-        return cfg->cold_bypass;
-    return gpu_count >= 4 ? (int64_t)16 << 20 : (int64_t)32 << 20;
 }
 
 void mmad_config_defaults(mmad_config_t *cfg)

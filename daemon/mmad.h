@@ -48,7 +48,7 @@ typedef struct mmad_config {
     double engine_spin_us;    /* the engine polls this long after its last progress before it sleeps */
     double idle_spin_us;      /* engine thread awake this long after its last work */
     double wake_spin_us;      /* after a KICK both threads stay awake this long */
-    int64_t cold_bypass;      /* cuda: copies below this go native while mmad sleeps (0: off; -1: by GPU count) */
+    uint64_t cold_bypass;     /* cuda: copies below this go native while mmad sleeps (0: off) */
     uint64_t cold_small;      /* cuda: copies below this go native once the relay kernels have ended (0: off) */
     int tail_spin;            /* ... and through copies' last chunks */
     int submit_ring;          /* read clients' submission rings (flagpage.h) */
@@ -77,10 +77,6 @@ typedef struct mmad_config {
 } mmad_config_t;
 
 void mmad_config_defaults(mmad_config_t *cfg);
-/* --cold-bypass as it applies on a box of gpu_count GPUs: -1 means 16 MiB
- * with 4 GPUs or more (a copy through a sleeping mmad gains from 16 MiB
- * there), 32 MiB with fewer (two paths gain less per byte). */
-int64_t mmad_cold_bypass(const mmad_config_t *cfg, int gpu_count);
 /* Parse argv; returns 0, 1 when --help/--version printed, or <0 on error
  * (the message already printed). */
 int mmad_config_parse(mmad_config_t *cfg, int argc, char **argv);

@@ -195,7 +195,7 @@ static void handle_hello(srv_client_t *cl, const Mma__Request *req, int *fds, in
     hr.has_sq = 1;
     hr.sq = cl->conn->sq != NULL;
     hr.has_cold_bypass = 1;
-    hr.cold_bypass = s->be->simulated ? 0 : (uint64_t)mmad_cold_bypass(s->cfg, s->be->gpu_count);
+    hr.cold_bypass = s->be->simulated ? 0 : s->cfg->cold_bypass;
     hr.has_cold_small = hr.has_relays_warm_us = 1;
     hr.cold_small = s->be->simulated ? 0 : s->cfg->cold_small;
     hr.relays_warm_us = s->be->relay_kernel_resident ? (uint32_t)s->cfg->relay_linger_us : 0;
@@ -583,7 +583,7 @@ static void dispatch(srv_client_t *cl, const Mma__Request *req, int *fds, int *n
          * natively while this thread slept, --cold-bypass, or
          * mma_prewarm): poll, and keep the engine awake, for
          * --wake-spin-us, so that the next ones find both awake (a copy
-         * libmma ran natively takes up to ~0.3 ms, 16 MiB, and the next one
+         * libmma ran natively takes up to ~0.6 ms, 32 MiB, and the next one
          * comes after it). A KICK with copies is served like any copy
          * request (--loop-spin-us), so back-to-back copies cost no more. */
         if (!cl->took_before) {
