@@ -728,6 +728,27 @@ static int copy_native(mma_client_t *c, const mma_segment_t *segs, size_t nsegs,
     return rc == MMA_OK ? native_run(segs, nsegs, st, !stream) : rc;
 }
 
+/* Whether mmad's socket thread sleeps (it reads no ring unasked), lock
+ * held; without a ring nothing says, and it counts as awake. */
+static int mmad_asleep(const mma_client_t *c)
+{
+    return c->sq && !atomic_load_explicit(&c->sq->polling, memory_order_seq_cst);
+}
+
+/* Wake mmad (a KICK, which makes it poll and wakes its engine), lock held:
+ * with a ring only where it sleeps and has read our earlier KICKs. */
+static int wake_mmad(mma_client_t *c)
+{
+    if (c->sq) {
+        if (!mmad_asleep(c) || atomic_load_explicit(&c->sq->kicks_read, memory_order_seq_cst) != c->sq_kicks)
+            return MMA_OK;
+        c->sq_kicks++;
+    }
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__KICK;
+    return mma_wire_send(c->fd, &req.base, NULL, 0);
+}
+
 /* Post a one-segment copy to the submission ring (flagpage.h), under the
  * client's lock. Returns 1 once posted (with a KICK sent where mmad was not
  * polling and had read every earlier one), 0 where it cannot go there (no ring, or no room: send it as a
@@ -754,35 +775,8 @@ static int sq_post(mma_client_t *c, const Mma__Segment *sg, uint32_t slot, uint6
     atomic_store_explicit(&e->pos, t + 1, memory_order_release);
     c->sq_tail = t + 1;
     atomic_store_explicit(&q->tail, t + 1, memory_order_seq_cst);
-    if (atomic_load_explicit(&q->polling, memory_order_seq_cst) ||
-        atomic_load_explicit(&q->kicks_read, memory_order_seq_cst) != c->sq_kicks)
-        return 1; /* mmad reads the ring unasked, or has a KICK of ours still to read */
-    c->sq_kicks++;
-    Mma__Request req = MMA__REQUEST__INIT;
-    req.type = MMA__REQ_TYPE__KICK;
-    int rc = mma_wire_send(c->fd, &req.base, NULL, 0);
+    int rc = wake_mmad(c); /* no KICK where mmad reads the ring unasked or has one of ours to read */
     return rc == MMA_OK ? 1 : rc;
-}
-
-/* Whether mmad's socket thread sleeps (it reads no ring unasked), lock
- * held; without a ring nothing says, and it counts as awake. */
-static int mmad_asleep(const mma_client_t *c)
-{
-    return c->sq && !atomic_load_explicit(&c->sq->polling, memory_order_seq_cst);
-}
-
-/* Wake mmad (a KICK, which makes it poll and wakes its engine), lock held:
- * with a ring only where it sleeps and has read our earlier KICKs. */
-static int wake_mmad(mma_client_t *c)
-{
-    if (c->sq) {
-        if (!mmad_asleep(c) || atomic_load_explicit(&c->sq->kicks_read, memory_order_seq_cst) != c->sq_kicks)
-            return MMA_OK;
-        c->sq_kicks++;
-    }
-    Mma__Request req = MMA__REQUEST__INIT;
-    req.type = MMA__REQ_TYPE__KICK;
-    return mma_wire_send(c->fd, &req.base, NULL, 0);
 }
 
 /* Whether a small copy goes native because mmad's resident relay kernels
