@@ -30,7 +30,6 @@ typedef struct srv_client {
     mmad_conn_t *conn;
     struct mmad_server *srv;
     struct srv_client *next;
-    int took_before; /* copies read from the ring just before the message in hand */
 } srv_client_t;
 
 struct mmad_server {
@@ -357,6 +356,23 @@ static int sq_take(srv_client_t *cl)
     return n;
 }
 
+/* All of cl's ring, SQ_PER_TURN entries a turn (at most 64 turns, as in
+ * sq_take_all): how many copies it held, or -1 where it broke the protocol
+ * (the client is closing). */
+static int sq_drain(srv_client_t *cl)
+{
+    int total = 0;
+    for (int turn = 0; turn < 64; turn++) {
+        int took = sq_take(cl);
+        if (took < 0)
+            return -1;
+        total += took;
+        if (took < SQ_PER_TURN)
+            break;
+    }
+    return total;
+}
+
 /* Every client's ring until all are empty, SQ_PER_TURN entries a turn
  * (at most 64 turns: a client has at most its flag slots' worth of copies
  * in flight, so only one that breaks the protocol keeps a ring full). */
@@ -548,7 +564,8 @@ out:
     free(cp);
 }
 
-static void dispatch(srv_client_t *cl, const Mma__Request *req, int *fds, int *nfds)
+/* ring_copies: the copies read from cl's ring just before req. */
+static void dispatch(srv_client_t *cl, const Mma__Request *req, int *fds, int *nfds, int ring_copies)
 {
     if (!cl->hello_done && req->type != MMA__REQ_TYPE__HELLO) {
         reply_error(cl, req, MMA_ERR_PROTO, "the first message must be HELLO");
@@ -586,7 +603,7 @@ static void dispatch(srv_client_t *cl, const Mma__Request *req, int *fds, int *n
          * libmma ran natively takes up to ~0.6 ms, 32 MiB, and the next one
          * comes after it). A KICK with copies is served like any copy
          * request (--loop-spin-us), so back-to-back copies cost no more. */
-        if (!cl->took_before) {
+        if (!ring_copies) {
             cl->srv->last_copy_ns = mma_now_ns();
             cl->srv->wake_until_ns = cl->srv->last_copy_ns + (uint64_t)(cl->srv->cfg->wake_spin_us * 1000.0);
             mmad_engine_wake(cl->srv->engine, cl->srv->wake_until_ns);
@@ -625,12 +642,7 @@ static void on_client_io(uv_poll_t *h, int status, int events)
          * copies the client posted before sending any message come first. */
         if (req && req->type == MMA__REQ_TYPE__KICK && cl->conn->sq)
             atomic_fetch_add_explicit(&cl->conn->sq->kicks_read, 1, memory_order_seq_cst);
-        int took, turns = 0;
-        cl->took_before = 0;
-        while ((took = sq_take(cl)) == SQ_PER_TURN && ++turns < 64)
-            cl->took_before += took;
-        if (took > 0)
-            cl->took_before += took;
+        int took = sq_drain(cl);
         if (took < 0) { /* the ring broke the protocol: the client is closing */
             if (req)
                 mma__request__free_unpacked(req, NULL);
@@ -642,7 +654,7 @@ static void on_client_io(uv_poll_t *h, int status, int events)
             MMA_WARN("client %u: undecodable request (%zu bytes)", cl->conn->id, len);
             reply_error(cl, NULL, MMA_ERR_PROTO, "undecodable request");
         } else {
-            dispatch(cl, req, fds, &nfds);
+            dispatch(cl, req, fds, &nfds, took);
             mma__request__free_unpacked(req, NULL);
         }
         for (int k = 0; k < nfds; k++)
