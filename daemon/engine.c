@@ -24,8 +24,9 @@ struct mmad_engine {
     pthread_cond_t cond;
     intake_t *in_head, *in_tail;
     int kicked;
-    int wake; /* mmad_engine_wake since the last intake */
-    uint64_t awake_until; /* mmad_engine_wake: stay awake until then (mma_now_ns; under lock) */
+    /* mmad_engine_wake: an idle engine stays awake until then (mma_now_ns);
+     * written by the socket thread alone, read while idle without the lock */
+    _Atomic uint64_t awake_until;
     int stop;
     int waiting_reached; /* jobs whose slot has not shown `reached` */
     void (*tail_hook)(void *arg, int tail); /* under lock */
@@ -82,10 +83,13 @@ void mmad_engine_submit(mmad_engine_t *e, mmad_job_t *job)
 
 void mmad_engine_wake(mmad_engine_t *e, uint64_t until_ns)
 {
+    /* at least the idle window, as work would give it */
+    uint64_t idle = mma_now_ns() + e->idle_spin_ns;
+    if (idle > until_ns)
+        until_ns = idle;
+    if (until_ns > atomic_load_explicit(&e->awake_until, memory_order_relaxed))
+        atomic_store_explicit(&e->awake_until, until_ns, memory_order_relaxed);
     pthread_mutex_lock(&e->lock);
-    e->wake = 1;
-    if (until_ns > e->awake_until)
-        e->awake_until = until_ns;
     e->kicked = 1;
     pthread_cond_signal(&e->cond);
     pthread_mutex_unlock(&e->lock);
@@ -156,9 +160,8 @@ static int take_intake(mmad_engine_t *e)
     pthread_mutex_lock(&e->lock);
     intake_t *it = e->in_head;
     e->in_head = e->in_tail = NULL;
-    int n = e->wake; /* mmad_engine_wake counts as work: the idle window starts again */
-    e->wake = 0;
     pthread_mutex_unlock(&e->lock);
+    int n = 0;
     while (it) {
         intake_t *next = it->next;
         if (it->kind == 0) {
@@ -335,10 +338,8 @@ static void *engine_main(void *arg)
              * last progress, so the next one skips a thread wake-up; then
              * sleep until a job or a stop. */
             uint64_t now = mma_now_ns();
-            pthread_mutex_lock(&e->lock);
-            uint64_t until = e->awake_until;
-            pthread_mutex_unlock(&e->lock);
-            if (now - last_progress < e->idle_spin_ns || now < until) {
+            if (now - last_progress < e->idle_spin_ns ||
+                now < atomic_load_explicit(&e->awake_until, memory_order_relaxed)) {
                 __builtin_ia32_pause();
                 continue;
             }
