@@ -41,7 +41,10 @@ _Static_assert(sizeof(mma_flag_slot_t) == 64, "flag slot is one cache line");
  *           far, send one more. It posts only while tail - head < MMA_SQ_ENTRIES.
  *   mmad:   polling = 0 (seq_cst), then reads tail (seq_cst) once more
  *           before it sleeps; either it sees the entry or the client sees 0.
- *           On a KICK, kicks_read + 1 (seq_cst) before it reads tail.
+ *           On a KICK, kicks_read + 1 (seq_cst) before it reads tail. A
+ *           KICK that brings no entry (libmma ran a copy natively while mmad
+ *           slept, --cold-bypass, or mma_prewarm) keeps both of mmad's
+ *           threads awake for --wake-spin-us.
  *           For each entry from head to tail, with pos == head + 1: copy it
  *           out, head + 1 (release), then validate and queue it as a COPY. */
 #define MMA_SQ_ENTRIES 256u
