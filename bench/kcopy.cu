@@ -30,8 +30,35 @@
  * Whether a peer's copy engine rides the peer's own PCIe link shows in
  * split-ce against native and ceil: were it routed over gpu0's link, four
  * paths would move no more than native.
- * The bytes of every run's last repetition are checked (ceil: gpu0's part). */
+ * The bytes of every run's last repetition are checked (ceil: gpu0's part).
+ *
+ * "hosts" mode (mma-kcopy REPS hosts) asks whether the kind of pinned host
+ * memory changes what these ways move: mmad's relay kernels read (H2D) or
+ * write (D2H) memory that libmma maps from a memfd and cudaHostRegisters,
+ * where the static split above used cudaHostAlloc. In rounds, each kind in
+ * turn, at 8 and 64 MiB: native, ceil, split (32 and 16 blocks) and k1@16.
+ *   alloc    cudaHostAlloc (Portable | Mapped)
+ *   memfd    memfd_create + mmap + cudaHostRegister, as mma_host_alloc
+ *   memfd-thp  the same after madvise(MADV_HUGEPAGE) (shmem THP, where the
+ *            kernel allows it: shmem_enabled is printed)
+ *   anon-thp   private anonymous memory, 2 MiB aligned, MADV_HUGEPAGE,
+ *            registered (not shareable; shows whether page size matters)
+ *   numa     the driver's own pinned host memory: cuMemCreate on host NUMA
+ *            node 0 with a POSIX fd handle (shareable), mapped for the CPU
+ *            and every GPU
+ *
+ * "mix" mode (mma-kcopy REPS mix): can a peer's copy engine fill what its
+ * relay kernel leaves of its link? A kernel's host reads carry ~92% of a
+ * copy engine's on one link. On gpu1's link alone (link1), then the whole box
+ * (box, a quarter direct): each peer's part goes partly by its kernel in one
+ * hop and, at once on a second stream, a fraction (frac) by its copy engine
+ * through its own memory, staged (host -> peer, then the NVLink hop; "nohop":
+ * the staged bytes stay on the peer). link1 frac 1 nohop is the copy engine
+ * alone, frac 0 the kernel alone; ceil rows are the same bytes' ceiling. */
 #include <cuda.h> /* driver API types; cuMemcpyDtoDAsync is fetched at run time */
+#include <errno.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -45,10 +72,19 @@
 #define MAXG 8
 
 /* How a peer's part goes where `blocks` is not a kernel's (> 0). */
-enum { HOW_CE = 0, HOW_CEIL = -1, HOW_D2D = -2, HOW_PEER = -3, HOW_DRV = -4 };
+enum { HOW_CE = 0, HOW_CEIL = -1, HOW_D2D = -2, HOW_PEER = -3, HOW_DRV = -4, HOW_MIX = -5 };
+/* HOW_MIX (mix mode): each peer's part is copied by a kernel of mix_blocks
+ * blocks in one hop and, at the same time on a second stream, mix_frac of it
+ * by the peer's copy engine through its own memory (staged: host -> peer,
+ * then the NVLink hop peer -> gpu0; D2H the reverse); mix_hop 0 leaves the
+ * hop out (the staged bytes stay on the peer: what the link carries alone). */
+static double mix_frac;
+static int mix_blocks = 16, mix_hop = 1;
 
 typedef CUresult (*dtod_fn)(CUdeviceptr, CUdeviceptr, size_t, CUstream);
 static dtod_fn drv_dtod;
+/* The 4th column of a row: the host memory's kind in hosts mode. */
+static const char *row_tag = "";
 /* The first error of a split-d2d/peer/drv call: that way is refused. */
 static cudaError_t how_err;
 
@@ -65,6 +101,7 @@ typedef struct {
     char *dev;   /* on gpu0 */
     char *own[MAXG]; /* ceil: each GPU's own buffer (own[0] == dev) */
     cudaStream_t s[MAXG];
+    cudaStream_t s2[MAXG]; /* mix mode: the peers' staged pieces */
 } box_t;
 
 /* ceil: every GPU moves its n/ngpu between its slice of host memory and its
@@ -115,7 +152,22 @@ static void issue(box_t *b, int d, size_t n, double dshare, int npeer, int block
             TRY(cudaMemcpyAsync(dst, src, part, cudaMemcpyDeviceToDevice, b->s[k]));
         else if (blocks == HOW_PEER)
             TRY(cudaMemcpyPeerAsync(dst, d == 0 ? 0 : k, src, d == 0 ? k : 0, part, b->s[k]));
-        else if (blocks == HOW_DRV)
+        else if (blocks == HOW_MIX) {
+            size_t sp = (size_t)((double)part * mix_frac) & ~(size_t)4095, kp = part - sp;
+            /* the staged piece first: H2D its hop then hides behind the kernel's
+             * bytes; D2H its hop comes first, so too */
+            if (sp && d == 0) {
+                CK(cudaMemcpyAsync(b->own[k] + off, b->host + off, sp, cudaMemcpyHostToDevice, b->s2[k]));
+                if (mix_hop)
+                    CK(cudaMemcpyPeerAsync(b->dev + off, 0, b->own[k] + off, k, sp, b->s2[k]));
+            } else if (sp) {
+                if (mix_hop)
+                    CK(cudaMemcpyPeerAsync(b->own[k] + off, k, b->dev + off, 0, sp, b->s2[k]));
+                CK(cudaMemcpyAsync(b->host + off, b->own[k] + off, sp, cudaMemcpyDeviceToHost, b->s2[k]));
+            }
+            if (kp)
+                CK(mmad_relay_kernel_launch(dst + sp, src + sp, kp, mix_blocks, b->s[k]));
+        } else if (blocks == HOW_DRV)
             TRY(drv_dtod((CUdeviceptr)(uintptr_t)dst, (CUdeviceptr)(uintptr_t)src, part, (CUstream)b->s[k]) ==
                         CUDA_SUCCESS
                     ? cudaSuccess
@@ -132,6 +184,8 @@ static void sync_all(box_t *b)
     for (int g = 0; g < b->ngpu; g++) {
         CK(cudaSetDevice(g));
         CK(cudaStreamSynchronize(b->s[g]));
+        if (b->s2[g])
+            CK(cudaStreamSynchronize(b->s2[g]));
     }
 }
 
@@ -210,15 +264,255 @@ static void measure(box_t *b, int d, size_t n, double dshare, int npeer, int blo
         if (r >= 0)
             t[r] = mma_now_us() - t0;
     }
-    int ok = check(b, d, n, salt, blocks == HOW_CEIL);
+    /* mix without the hop leaves the staged H2D bytes on the peer: nothing to check on gpu0 */
+    int unchecked = blocks == HOW_MIX && !mix_hop && d == 0 && mix_frac > 0;
+    int ok = unchecked ? 1 : check(b, d, n, salt, blocks == HOW_CEIL);
     qsort(t, (size_t)reps, sizeof *t, mma_cmp_double);
     double p50 = t[reps / 2], p90 = t[reps * 9 / 10];
     printf("%s,%s,%zu,%s,%.2f,%d,%.1f,%.1f,%.1f,%s\n", d ? "D2H" : "H2D", name, n,
-           "", dshare, blocks, p50, p90, n / p50 / 1e3, ok ? "ok" : "BAD");
+           row_tag, dshare, blocks, p50, p90, n / p50 / 1e3, unchecked ? "n/a" : ok ? "ok" : "BAD");
     fflush(stdout);
     free(t);
     if (!ok && blocks > HOW_D2D) /* the named-otherwise ways may copy wrongly: shown, not fatal */
         exit(2);
+}
+
+/* ---- hosts mode: the kind of pinned host memory ---- */
+
+enum { HK_ALLOC, HK_MEMFD, HK_MEMFD_THP, HK_ANON_THP, HK_NUMA, NHK };
+static const char *hk_name[NHK] = {"alloc", "memfd", "memfd-thp", "anon-thp", "numa"};
+
+typedef CUresult (*gran_fn)(size_t *, const CUmemAllocationProp *, CUmemAllocationGranularity_flags);
+typedef CUresult (*create_fn)(CUmemGenericAllocationHandle *, size_t, const CUmemAllocationProp *, unsigned long long);
+typedef CUresult (*reserve_fn)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+typedef CUresult (*map_fn)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long);
+typedef CUresult (*access_fn)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
+typedef CUresult (*export_fn)(void *, CUmemGenericAllocationHandle, CUmemAllocationHandleType, unsigned long long);
+
+static void *drv(const char *name, int version)
+{
+    void *fn = NULL;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion(name, &fn, version, cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+        (void)cudaGetLastError();
+        return NULL;
+    }
+    return fn;
+}
+
+/* cap bytes of host memory of kind k, or NULL (and why on stdout) where
+ * this machine cannot give it. */
+static char *host_get(int k, size_t cap, int ngpu)
+{
+    void *p = NULL;
+    if (k == HK_ALLOC) {
+        CK(cudaHostAlloc(&p, cap, cudaHostAllocPortable | cudaHostAllocMapped));
+        return (char *)p;
+    }
+    if (k == HK_NUMA) {
+        gran_fn gran = (gran_fn)drv("cuMemGetAllocationGranularity", 12020);
+        create_fn create = (create_fn)drv("cuMemCreate", 12020);
+        reserve_fn reserve = (reserve_fn)drv("cuMemAddressReserve", 12020);
+        map_fn map = (map_fn)drv("cuMemMap", 12020);
+        access_fn access = (access_fn)drv("cuMemSetAccess", 12020);
+        export_fn exp = (export_fn)drv("cuMemExportToShareableHandle", 12020);
+        if (!gran || !create || !reserve || !map || !access || !exp) {
+            printf("# host memory numa: no cuMem* entry points here\n");
+            return NULL;
+        }
+        CUmemAllocationProp prop;
+        memset(&prop, 0, sizeof prop);
+        prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+        prop.location.type = CU_MEM_LOCATION_TYPE_HOST_NUMA;
+        prop.location.id = 0;
+        prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+        size_t g = 0;
+        CUresult r = gran(&g, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED);
+        if (r != CUDA_SUCCESS || !g) {
+            printf("# host memory numa: cuMemGetAllocationGranularity: %d\n", (int)r);
+            return NULL;
+        }
+        size_t sz = (cap + g - 1) / g * g;
+        CUmemGenericAllocationHandle h;
+        CUdeviceptr va;
+        if ((r = create(&h, sz, &prop, 0)) != CUDA_SUCCESS || (r = reserve(&va, sz, g, 0, 0)) != CUDA_SUCCESS ||
+            (r = map(va, sz, 0, h, 0)) != CUDA_SUCCESS) {
+            printf("# host memory numa: cuMemCreate/Reserve/Map: %d\n", (int)r);
+            return NULL;
+        }
+        CUmemAccessDesc ad[MAXG + 1];
+        memset(ad, 0, sizeof ad);
+        for (int d = 0; d < ngpu; d++) {
+            ad[d].location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+            ad[d].location.id = d;
+            ad[d].flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+        }
+        ad[ngpu].location.type = CU_MEM_LOCATION_TYPE_HOST_NUMA;
+        ad[ngpu].location.id = 0;
+        ad[ngpu].flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+        if ((r = access(va, sz, ad, (size_t)ngpu + 1)) != CUDA_SUCCESS) {
+            printf("# host memory numa: cuMemSetAccess: %d\n", (int)r);
+            return NULL;
+        }
+        int fd = -1;
+        r = exp(&fd, h, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
+        printf("# host memory numa: granularity %zu KiB, POSIX fd export %s\n", g >> 10,
+               r == CUDA_SUCCESS ? "ok" : "refused");
+        if (fd >= 0)
+            close(fd);
+        return (char *)(uintptr_t)va;
+    }
+    size_t al = (size_t)2 << 20, sz = cap + al;
+    char *m;
+    if (k == HK_ANON_THP) {
+        m = (char *)mmap(NULL, sz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    } else {
+        int fd = memfd_create(hk_name[k], MFD_CLOEXEC);
+        if (fd < 0 || ftruncate(fd, (off_t)sz) != 0) {
+            printf("# host memory %s: memfd: %s\n", hk_name[k], strerror(errno));
+            return NULL;
+        }
+        m = (char *)mmap(NULL, sz, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        close(fd);
+    }
+    if (m == MAP_FAILED) {
+        printf("# host memory %s: mmap: %s\n", hk_name[k], strerror(errno));
+        return NULL;
+    }
+    if (k != HK_MEMFD) {
+        /* memfd-thp keeps the memfd's offset 0 at the mapping's start (a
+         * shared mapping's huge pages follow file offsets; mmap of 2 MiB+
+         * is usually 2 MiB aligned there anyway); anon-thp aligns */
+        if (k == HK_ANON_THP)
+            m = (char *)(((uintptr_t)m + al - 1) & ~(uintptr_t)(al - 1));
+        if (madvise(m, cap, MADV_HUGEPAGE) != 0)
+            printf("# host memory %s: madvise: %s\n", hk_name[k], strerror(errno));
+    }
+    memset(m, 0, cap); /* fault it in (huge pages where granted) before pinning */
+    CK(cudaHostRegister(m, cap, cudaHostRegisterPortable | cudaHostRegisterMapped));
+    return m;
+}
+
+/* Kilobytes of AnonHugePages / ShmemHugePages in /proc/meminfo. */
+static void print_huge(const char *when)
+{
+    FILE *f = fopen("/proc/meminfo", "r");
+    char line[256];
+    printf("# %s:", when);
+    while (f && fgets(line, sizeof line, f))
+        if (strncmp(line, "AnonHugePages", 13) == 0 || strncmp(line, "ShmemHugePages", 14) == 0) {
+            line[strcspn(line, "\n")] = 0;
+            printf(" %s;", line);
+        }
+    printf("\n");
+    if (f)
+        fclose(f);
+    f = fopen("/sys/kernel/mm/transparent_hugepage/shmem_enabled", "r");
+    if (f && fgets(line, sizeof line, f))
+        printf("# shmem_enabled: %s", line);
+    if (f)
+        fclose(f);
+}
+
+static int hosts_mode(box_t *b, int reps)
+{
+    size_t cap = (size_t)64 << 20;
+    char *host[NHK];
+    print_huge("before");
+    for (int k = 0; k < NHK; k++) {
+        CK(cudaSetDevice(0));
+        host[k] = host_get(k, cap, b->ngpu);
+        /* a kind the copy engine or a peer's kernel cannot use is left out, said why */
+        cudaError_t e = cudaSuccess;
+        if (host[k]) {
+            e = cudaMemcpy(b->own[0], host[k], 4096, cudaMemcpyHostToDevice);
+            if (e == cudaSuccess) {
+                CK(cudaSetDevice(1));
+                e = mmad_relay_kernel_launch(b->own[0], host[k], 4096, 1, b->s[1]);
+                if (e == cudaSuccess)
+                    e = cudaStreamSynchronize(b->s[1]);
+            }
+        }
+        if (e != cudaSuccess) {
+            printf("# host memory %s: unusable: %s\n", hk_name[k], cudaGetErrorString(e));
+            (void)cudaGetLastError();
+            host[k] = NULL;
+        }
+    }
+    print_huge("after");
+    int np = b->ngpu - 1;
+    printf("dir,what,bytes,host,direct_share,blocks,p50_us,p90_us,GBps,bytes_ok\n");
+    size_t sizes[] = {(size_t)8 << 20, (size_t)64 << 20};
+    for (int round = 0; round < 3; round++)
+        for (int d = 0; d < 2; d++)
+            for (size_t i = 0; i < 2; i++)
+                for (int k = 0; k < NHK; k++) {
+                    if (!host[k])
+                        continue;
+                    b->host = host[k];
+                    size_t n = sizes[i];
+                    char tag[48];
+                    snprintf(tag, sizeof tag, "%s r%d", hk_name[k], round);
+                    row_tag = tag;
+                    measure(b, d, n, 1, 0, 0, 0, reps, "native");
+                    measure(b, d, n, 0, 0, HOW_CEIL, 0, reps, "ceil");
+                    measure(b, d, n, 0.25, np, 32, 0, reps, "split");
+                    measure(b, d, n, 0.25, np, 16, 0, reps, "split");
+                    if (n == ((size_t)64 << 20))
+                        measure(b, d, n, 0, 1, 16, 1, reps, "k1");
+                }
+    return 0;
+}
+
+/* ---- mix mode: a kernel and the copy engine on one peer's link at once ---- */
+
+static void mix_row(box_t *b, int d, size_t n, double dshare, int npeer, int p1, double frac, int hop, int round,
+                    int reps, const char *name)
+{
+    char tag[48];
+    snprintf(tag, sizeof tag, "r%d frac %.2f%s", round, frac, hop ? "" : " nohop");
+    row_tag = tag;
+    mix_frac = frac;
+    mix_hop = hop;
+    measure(b, d, n, dshare, npeer, HOW_MIX, p1, reps, name);
+}
+
+static int mix_mode(box_t *b, int reps)
+{
+    for (int g = 0; g < b->ngpu; g++) {
+        CK(cudaSetDevice(g));
+        CK(cudaStreamCreateWithFlags(&b->s2[g], cudaStreamNonBlocking));
+    }
+    int np = b->ngpu - 1;
+    printf("dir,what,bytes,round/frac,direct_share,blocks,p50_us,p90_us,GBps,bytes_ok\n");
+    double fr[] = {0.1, 0.2, 0.3};
+    for (int round = 0; round < 3; round++)
+        for (int d = 0; d < 2; d++) {
+            size_t n = (size_t)64 << 20;
+            /* gpu1's link alone: its copy engine into its own memory (frac 1,
+             * no hop), its kernel alone (frac 0), both at once */
+            mix_row(b, d, n, 0, 1, 1, 1.0, 0, round, reps, "link1");
+            mix_row(b, d, n, 0, 1, 1, 0.0, 0, round, reps, "link1");
+            for (int i = 0; i < 3; i++)
+                mix_row(b, d, n, 0, 1, 1, fr[i], 0, round, reps, "link1");
+            for (int i = 0; i < 2; i++)
+                mix_row(b, d, n, 0, 1, 1, fr[i], 1, round, reps, "link1");
+            /* the whole box: a quarter direct, the rest over the peers */
+            size_t sizes[] = {(size_t)64 << 20, (size_t)256 << 20};
+            for (int j = 0; j < 2; j++) {
+                n = sizes[j];
+                row_tag = round == 0 ? "r0" : round == 1 ? "r1" : "r2";
+                measure(b, d, n, 0, 0, HOW_CEIL, 0, reps, "ceil");
+                mix_row(b, d, n, 0.25, np, 0, 0.0, 1, round, reps, "box");
+                for (int i = 0; i < 3; i++)
+                    mix_row(b, d, n, 0.25, np, 0, fr[i], 1, round, reps, "box");
+                mix_row(b, d, n, 0.23, np, 0, 0.2, 1, round, reps, "box");
+                row_tag = round == 0 ? "r0" : round == 1 ? "r1" : "r2";
+                measure(b, d, n, 0, 0, HOW_CEIL, 0, reps, "ceil");
+            }
+        }
+    return 0;
 }
 
 int main(int argc, char **argv)
@@ -226,8 +520,10 @@ int main(int argc, char **argv)
     int reps = argc > 1 ? atoi(argv[1]) : 50;
     /* "short": 8, 64 and 256 MiB; native, ceil, kernels and copy engines */
     int brief = argc > 2 && strcmp(argv[2], "short") == 0;
-    if (reps < 4 || (argc > 2 && !brief)) {
-        fprintf(stderr, "usage: mma-kcopy [REPS>=4] [short]\n");
+    int hosts = argc > 2 && strcmp(argv[2], "hosts") == 0;
+    int mix = argc > 2 && strcmp(argv[2], "mix") == 0;
+    if (reps < 4 || (argc > 2 && !brief && !hosts && !mix)) {
+        fprintf(stderr, "usage: mma-kcopy [REPS>=4] [short|hosts|mix]\n");
         return 2;
     }
     box_t b;
@@ -240,7 +536,8 @@ int main(int argc, char **argv)
     if (b.ngpu > 4)
         b.ngpu = 4;
     size_t cap = (size_t)256 << 20;
-    CK(cudaHostAlloc((void **)&b.host, cap, cudaHostAllocPortable | cudaHostAllocMapped));
+    if (!hosts)
+        CK(cudaHostAlloc((void **)&b.host, cap, cudaHostAllocPortable | cudaHostAllocMapped));
     for (int g = 0; g < b.ngpu; g++) {
         CK(cudaSetDevice(g));
         CK(cudaStreamCreateWithFlags(&b.s[g], cudaStreamNonBlocking));
@@ -263,6 +560,10 @@ int main(int argc, char **argv)
     CK(cudaGetDeviceProperties(&p, 0));
     printf("# mma-kcopy on %d x %s, %d SMs, %d reps, %d threads a block\n", b.ngpu, p.name,
            p.multiProcessorCount, reps, MMAD_RELAY_THREADS);
+    if (hosts)
+        return hosts_mode(&b, reps);
+    if (mix)
+        return mix_mode(&b, reps);
     printf("dir,what,bytes,,direct_share,blocks,p50_us,p90_us,GBps,bytes_ok\n");
     int np = b.ngpu - 1;
     for (int d = 0; d < 2; d++) {
