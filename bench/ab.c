@@ -14,7 +14,8 @@
  *
  * Per size and configuration it prints the median copy time, GB/s, against
  * native, % of the ceiling (the median of each round's copy against that
- * round's ceiling), against the first configuration (the median of the
+ * round's ceiling), % of the same-bytes ceiling (likewise, against every GPU
+ * copying size/ngpu at once in that round), against the first configuration (the median of the
  * rounds' ratios) and the time spent in the call that submits a copy. Row
  * "1 spin" is the first configuration again, each copy waited for by calling
  * mma_query until it is done instead of mma_wait (which sleeps until shortly
@@ -96,9 +97,10 @@ static double one(conf_t *c, size_t n, int spin, double *call)
     return mma_now_us() - t0;
 }
 
-/* The box ceiling once: every GPU copies per_gpu bytes into (D2H: out of)
- * its own memory at once; aggregate GB/s until the last is done. */
-static double ceiling(void)
+/* The box ceiling once: every GPU copies per bytes (at most per_gpu) into
+ * (D2H: out of) its own memory at once; aggregate GB/s until the last is
+ * done. */
+static double ceiling_of(size_t per)
 {
     for (int g = 0; g < ngpu; g++) {
         CK(cudaSetDevice(g));
@@ -108,16 +110,38 @@ static double ceiling(void)
     for (int g = 0; g < ngpu; g++) {
         CK(cudaSetDevice(g));
         if (dir == 0)
-            CK(cudaMemcpyAsync(ceil_dev[g], ceil_host[g], per_gpu, cudaMemcpyHostToDevice, ceil_st[g]));
+            CK(cudaMemcpyAsync(ceil_dev[g], ceil_host[g], per, cudaMemcpyHostToDevice, ceil_st[g]));
         else
-            CK(cudaMemcpyAsync(ceil_host[g], ceil_dev[g], per_gpu, cudaMemcpyDeviceToHost, ceil_st[g]));
+            CK(cudaMemcpyAsync(ceil_host[g], ceil_dev[g], per, cudaMemcpyDeviceToHost, ceil_st[g]));
     }
     for (int g = 0; g < ngpu; g++) {
         CK(cudaSetDevice(g));
         CK(cudaStreamSynchronize(ceil_st[g]));
     }
     CK(cudaSetDevice(gpu));
-    return (double)per_gpu * ngpu / (mma_now_us() - t0) / 1e3;
+    return (double)per * ngpu / (mma_now_us() - t0) / 1e3;
+}
+
+static double ceiling(void)
+{
+    return ceiling_of(per_gpu);
+}
+
+/* The same-bytes ceiling once: every GPU copies n/ngpu into its own memory
+ * at once, after one such round that warms up; the median of three, in GB/s
+ * of all n bytes. It pays a copy's start and end as one copy of n does;
+ * the ceiling of per_gpu a GPU has none of them. 0 where n/ngpu does not
+ * fit. */
+static double same_ceiling(size_t n)
+{
+    size_t per = (n / (size_t)ngpu) & ~(size_t)4095;
+    if (!per || per > per_gpu)
+        return 0;
+    double r[3];
+    (void)ceiling_of(per);
+    for (int i = 0; i < 3; i++)
+        r[i] = ceiling_of(per);
+    return bench_median(r, 3);
 }
 
 static void fill(char *p, size_t n, uint64_t seed)
@@ -280,8 +304,11 @@ int main(int argc, char **argv)
         printf("config %d: %s\n", i + 1, c[i].sock);
     printf("row '1 spin': config 1's copies waited for by calling mma_query until done, not mma_wait;\n"
            "call us: median time in the call that submits a copy (mma_memcpy_sg_async / cudaMemcpyAsync)\n");
-    printf("%6s %-8s %9s %9s %8s %8s %8s %8s %6s\n", "size", "config", "p50 us", "GB/s", "vs nat", "%ceil", "vs 1",
-           "call us", "bytes");
+    printf("%%same: against each round's same-bytes ceiling (every GPU copies size/%d into its own memory at once,\n"
+           "the median of 3 after a warm-up; it pays a copy's start and end as one copy of the size does)\n",
+           ngpu);
+    printf("%6s %-8s %9s %9s %8s %8s %8s %8s %8s %6s\n", "size", "config", "p50 us", "GB/s", "vs nat", "%ceil", "%same",
+           "vs 1", "call us", "bytes");
 
     int bad = 0;
     int per = rounds * (burst - 1);
@@ -291,8 +318,9 @@ int main(int argc, char **argv)
     double *tc = calloc((size_t)ne * per, sizeof(double)); /* call times */
     double *rt = calloc((size_t)ne * rounds, sizeof(double)); /* per round median */
     double *ce = calloc((size_t)rounds, sizeof(double));
+    double *cs = calloc((size_t)rounds, sizeof(double)); /* same-bytes ceilings */
     double *tmp = calloc((size_t)per + rounds, sizeof(double));
-    if (!t || !tc || !rt || !ce || !tmp)
+    if (!t || !tc || !rt || !ce || !cs || !tmp)
         return 1;
     for (int si = 0; si < ns; si++) {
         size_t n = sizes[si];
@@ -300,6 +328,7 @@ int main(int argc, char **argv)
             prepare(&c[i], n);
         for (int r = 0; r < rounds; r++) {
             ce[r] = ceiling();
+            cs[r] = same_ceiling(n);
             for (int k = 0; k < ne; k++) {
                 int i = (k + r) % ne;
                 double b[100], call;
@@ -325,6 +354,15 @@ int main(int argc, char **argv)
             for (int r = 0; r < rounds; r++)
                 tmp[r] = n / rt[(size_t)i * rounds + r] / 1e3 / ce[r] * 100;
             double pc = bench_median(tmp, rounds);
+            double ps = 0;
+            if (cs[0] > 0) {
+                for (int r = 0; r < rounds; r++)
+                    tmp[r] = n / rt[(size_t)i * rounds + r] / 1e3 / cs[r] * 100;
+                ps = bench_median(tmp, rounds);
+            }
+            char pss[16] = "-";
+            if (ps > 0)
+                snprintf(pss, sizeof pss, "%.1f%%", ps);
             for (int r = 0; r < rounds; r++)
                 tmp[r] = rt[(size_t)0 * rounds + r] / rt[(size_t)i * rounds + r];
             double v1 = bench_median(tmp, rounds);
@@ -349,8 +387,8 @@ int main(int argc, char **argv)
             snprintf(sz, sizeof sz, "%zuM", n >> 20);
             if (n < (1u << 20))
                 snprintf(sz, sizeof sz, "%zuK", n >> 10);
-            printf("%6s %-8s %9.1f %9.2f %8s %7.1f%% %8s %8.1f %6s\n", i == 0 ? sz : "", name, p50, n / p50 / 1e3,
-                   i <= nc ? nv : "1.00x", pc, v1s, call, ok);
+            printf("%6s %-8s %9.1f %9.2f %8s %7.1f%% %8s %8s %8.1f %6s\n", i == 0 ? sz : "", name, p50, n / p50 / 1e3,
+                   i <= nc ? nv : "1.00x", pc, pss, v1s, call, ok);
         }
         for (int r = 0; r < rounds; r++)
             tmp[r] = ce[r];
@@ -360,6 +398,16 @@ int main(int argc, char **argv)
             hi = ce[r] > hi ? ce[r] : hi;
         }
         printf("%6s ceiling %9s %9.1f (median of rounds; %.1f-%.1f)\n", "", "", bench_median(tmp, rounds), lo, hi);
+        if (cs[0] > 0) {
+            for (int r = 0; r < rounds; r++)
+                tmp[r] = cs[r];
+            lo = hi = cs[0];
+            for (int r = 1; r < rounds; r++) {
+                lo = cs[r] < lo ? cs[r] : lo;
+                hi = cs[r] > hi ? cs[r] : hi;
+            }
+            printf("%6s same %12s %9.1f (median of rounds; %.1f-%.1f)\n", "", "", bench_median(tmp, rounds), lo, hi);
+        }
         fflush(stdout);
     }
     printf("bytes: %s\n", bad ? "SOME DIFFER" : "every configuration's last copy of every size matches");

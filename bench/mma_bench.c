@@ -298,13 +298,12 @@ static void ceil_close(ctx_t *x)
     x->ceil_per_gpu = 0;
 }
 
-/* One round of the box ceiling: every GPU copies ceil_per_gpu bytes into
- * (D2H: out of) its own memory at once. Aggregate GB/s until the last is
- * done; end[g]: when GPU g's copy ended (s from the start). */
-static double ceil_round(ctx_t *x, int dir, double *end)
+/* One round of the box ceiling: every GPU copies per_gpu bytes (at most
+ * ceil_per_gpu) into (D2H: out of) its own memory at once. Aggregate GB/s
+ * until the last is done; end[g]: when GPU g's copy ended (s from the start). */
+static double ceil_round_of(ctx_t *x, int dir, size_t per_gpu, double *end)
 {
     int n = x->ngpu;
-    size_t per_gpu = x->ceil_per_gpu;
     for (int g = 0; g < n; g++)
         CK(cudaStreamSynchronize(x->ceil_st[g]));
     double t0 = mma_now_s();
@@ -338,6 +337,11 @@ static double ceil_round(ctx_t *x, int dir, double *end)
     for (int g = 0; g < n; g++)
         all = end[g] > all ? end[g] : all;
     return (double)per_gpu * n / all / 1e9;
+}
+
+static double ceil_round(ctx_t *x, int dir, double *end)
+{
+    return ceil_round_of(x, dir, x->ceil_per_gpu, end);
 }
 
 /* The box ceiling at the start: the best of four rounds after a warm-up. */
@@ -374,6 +378,28 @@ static double local_ceiling(ctx_t *x, int dir)
     for (int i = 0; i < LOCAL_CEIL_ROUNDS; i++)
         r[i] = ceil_round(x, dir, end);
     return bench_median(r, LOCAL_CEIL_ROUNDS);
+}
+
+/* Rounds of the same-bytes ceiling (each is short: a copy's bytes spread
+ * over all GPUs), after one that warms up. */
+#define SAME_CEIL_ROUNDS 9
+
+/* The same-bytes ceiling beside one size's copies: every GPU copies n/ngpu
+ * bytes into its own memory at once, the median of SAME_CEIL_ROUNDS rounds
+ * in GB/s of all n bytes. What the links move for the same bytes, with the
+ * same fixed costs (a copy's start and end) that one copy of n pays; the
+ * ceiling of ceil_per_gpu a GPU has none of them. 0 without the ceiling
+ * section or where n/ngpu does not fit its buffers. */
+static double same_ceiling(ctx_t *x, int dir, size_t n)
+{
+    size_t per = (n / (size_t)x->ngpu) & ~(size_t)4095;
+    if (!x->ceil_per_gpu || !per || per > x->ceil_per_gpu)
+        return 0;
+    double r[SAME_CEIL_ROUNDS], end[16];
+    (void)ceil_round_of(x, dir, per, end);
+    for (int i = 0; i < SAME_CEIL_ROUNDS; i++)
+        r[i] = ceil_round_of(x, dir, per, end);
+    return bench_median(r, SAME_CEIL_ROUNDS);
 }
 
 /* mmad's pid, from the socket's peer credentials, for its CPU use. */
@@ -524,7 +550,7 @@ int main(int argc, char **argv)
             return 1;
         }
         fprintf(x.csv, "card,section,dir,size,paths,native_gbps,mma_gbps,speedup,extra,natq_gbps,mmaq_gbps,"
-                       "ceilq_pct,local_ceil_gbps\n");
+                       "ceilq_pct,local_ceil_gbps,same_ceil_gbps\n");
     }
     time_t now = time(NULL);
     char date[32];
@@ -572,11 +598,13 @@ int main(int argc, char **argv)
                "## ceil GB/s = the %s box ceiling again beside each size's copies from 1 MiB (median of %d rounds,"
                " taken after its native copies);\n"
                "## %%ceiling, %%ceil-q = mma, mma-q against it (below 1 MiB against the start's); %%start = mma against"
-               " the start's best-of-4 ceiling\n",
-               dn[d], gpu, QDEPTH, dn[d], LOCAL_CEIL_ROUNDS);
-        printf("%8s %11s %10s %10s %10s %8s %8s %8s %9s %9s %9s %10s %10s %8s\n", "size", "native GB/s", "mma GB/s",
-               "auto GB/s", "mma-stream", "mma/nat", "auto/nat", "nat/nat2", "ceil GB/s", "%ceiling", "%start",
-               "nat-q GB/s", "mma-q GB/s", "%ceil-q");
+               " the start's best-of-4 ceiling\n"
+               "## same GB/s = the same-bytes ceiling: every GPU copies size/%d into its own memory at once (median of %d"
+               " rounds; it pays a copy's start and end as mma's copy does); %%same = mma against it\n",
+               dn[d], gpu, QDEPTH, dn[d], LOCAL_CEIL_ROUNDS, x.ngpu, SAME_CEIL_ROUNDS);
+        printf("%8s %11s %10s %10s %10s %8s %8s %8s %9s %9s %9s %9s %7s %10s %10s %8s\n", "size", "native GB/s",
+               "mma GB/s", "auto GB/s", "mma-stream", "mma/nat", "auto/nat", "nat/nat2", "ceil GB/s", "%ceiling", "%start",
+               "same GB/s", "%same", "nat-q GB/s", "mma-q GB/s", "%ceil-q");
         size_t szs[64];
         double gns[64], gms[64], gnqs[64], gmqs[64];
         int nsz = 0;
@@ -587,6 +615,7 @@ int main(int argc, char **argv)
              * (native, so before the settling wait): mma's copies below are
              * held against this and against the one from the start. */
             double lc = n >= (1u << 20) ? local_ceiling(&x, d) : 0;
+            double sc = n >= (1u << 20) ? same_ceiling(&x, d, n) : 0;
             after_native(n);
             prepare(&x, d, 0, n);
             double tm = time_copy(&x, d, n, 1, 0, samples, reps);
@@ -634,17 +663,22 @@ int main(int argc, char **argv)
                 snprintf(q, sizeof q, " %10s %10s %8s", "-", "-", "-");
             }
             char pc[16] = "-", ps[16] = "-", lcs[16] = "-"; /* no ceiling section: no share of it */
+            char scs[16] = "-", psc[16] = "-";
+            if (sc > 0) {
+                snprintf(scs, sizeof scs, "%.1f", sc);
+                snprintf(psc, sizeof psc, "%.1f%%", 100.0 * gm / sc);
+            }
             if (cl > 0)
                 snprintf(pc, sizeof pc, "%.1f%%", 100.0 * gm / cl);
             if (ceil_gbps[d] > 0)
                 snprintf(ps, sizeof ps, "%.1f%%", 100.0 * gm / ceil_gbps[d]);
             if (lc > 0)
                 snprintf(lcs, sizeof lcs, "%.1f", lc);
-            printf("%8s %11.2f %10.2f %10.2f %10.2f %7.2fx %7.2fx %8s %9s %9s %9s%s%s\n", hs, gn, gm, ga, gs, gm / gn,
-                   auto_nat, ctl, lcs, pc, ps, q, ok_n ? "" : "  MISMATCH");
+            printf("%8s %11.2f %10.2f %10.2f %10.2f %7.2fx %7.2fx %8s %9s %9s %9s %9s %7s%s%s\n", hs, gn, gm, ga, gs,
+                   gm / gn, auto_nat, ctl, lcs, pc, ps, scs, psc, q, ok_n ? "" : "  MISMATCH");
             if (x.csv)
-                fprintf(x.csv, "%s,size,%s,%zu,0,%.3f,%.3f,%.3f,stream %.3f auto %.3f ctl %s%s,%s,%.3f\n", x.card, dn[d],
-                        n, gn, gm, gm / gn, gs, ga, ctl, ok_n ? "" : " MISMATCH", qcsv, lc);
+                fprintf(x.csv, "%s,size,%s,%zu,0,%.3f,%.3f,%.3f,stream %.3f auto %.3f ctl %s%s,%s,%.3f,%.3f\n", x.card,
+                        dn[d], n, gn, gm, gm / gn, gs, ga, ctl, ok_n ? "" : " MISMATCH", qcsv, lc, sc);
             if (n > maxsz / 2)
                 break;
         }
