@@ -15,8 +15,9 @@
  * Per size and configuration it prints the median copy time, GB/s, against
  * native, % of the ceiling (the median of each round's copy against that
  * round's ceiling), % of the same-bytes ceiling (likewise, against every GPU
- * copying size/ngpu at once in that round), against the first configuration (the median of the
- * rounds' ratios) and the time spent in the call that submits a copy. Row
+ * copying size/ngpu at once in that round), against the first configuration
+ * (the median of the rounds' ratios), the time spent in the call that submits a copy and the
+ * CPU its mmad used while its bursts ran (all threads, in % of one core). Row
  * "1 spin" is the first configuration again, each copy waited for by calling
  * mma_query until it is done instead of mma_wait (which sleeps until shortly
  * before a copy's expected end): what waiting costs. The bytes of each
@@ -31,6 +32,7 @@
  *
  *   mma-ab [--dir h2d|d2h] [--gpu 0] [--sizes 8M,64M,256M] [--rounds 15]
  *          [--burst 4] [--per-gpu 256M] [--gap-us 0] [--as-used] SOCKET1 ... */
+#define _GNU_SOURCE /* SO_PEERCRED in bench_util.h */
 #include <cuda_runtime_api.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -52,6 +54,7 @@
 
 typedef struct {
     const char *sock;
+    pid_t pid; /* its mmad, for the CPU it uses while its copies run */
     mma_client_t *c;
     char *host, *dev; /* registered with this mmad */
 } conf_t;
@@ -264,6 +267,7 @@ int main(int argc, char **argv)
     for (int i = 0; i < nc; i++) {
         c[i].sock = argv[optind + i];
         MK(mma_connect(c[i].sock, &c[i].c));
+        c[i].pid = bench_daemon_pid(c[i].sock);
         mma_info_t info;
         MK(mma_get_info(c[i].c, &info));
         if (info.simulated) {
@@ -307,8 +311,9 @@ int main(int argc, char **argv)
     printf("%%same: against each round's same-bytes ceiling (every GPU copies size/%d into its own memory at once,\n"
            "the median of 3 after a warm-up; it pays a copy's start and end as one copy of the size does)\n",
            ngpu);
-    printf("%6s %-8s %9s %9s %8s %8s %8s %8s %8s %6s\n", "size", "config", "p50 us", "GB/s", "vs nat", "%ceil", "%same",
-           "vs 1", "call us", "bytes");
+    printf("cpu: the config's mmad (all threads, /proc/PID/task/*/schedstat) over its bursts' wall time\n");
+    printf("%6s %-8s %9s %9s %8s %8s %8s %8s %8s %6s %6s\n", "size", "config", "p50 us", "GB/s", "vs nat", "%ceil",
+           "%same", "vs 1", "call us", "cpu", "bytes");
 
     int bad = 0;
     int per = rounds * (burst - 1);
@@ -319,25 +324,38 @@ int main(int argc, char **argv)
     double *rt = calloc((size_t)ne * rounds, sizeof(double)); /* per round median */
     double *ce = calloc((size_t)rounds, sizeof(double));
     double *cs = calloc((size_t)rounds, sizeof(double)); /* same-bytes ceilings */
+    /* per row: its mmad's CPU and the wall time of its bursts (ns) */
+    double *cpu = calloc((size_t)ne, sizeof(double)), *wall = calloc((size_t)ne, sizeof(double));
     double *tmp = calloc((size_t)per + rounds, sizeof(double));
-    if (!t || !tc || !rt || !ce || !cs || !tmp)
+    if (!t || !tc || !rt || !ce || !cs || !tmp || !cpu || !wall)
         return 1;
     for (int si = 0; si < ns; si++) {
         size_t n = sizes[si];
         for (int i = 0; i < nc; i++)
             prepare(&c[i], n);
+        for (int i = 0; i < ne; i++)
+            cpu[i] = wall[i] = 0;
         for (int r = 0; r < rounds; r++) {
             ce[r] = ceiling();
             cs[r] = same_ceiling(n);
             for (int k = 0; k < ne; k++) {
                 int i = (k + r) % ne;
                 double b[100], call;
+                conf_t *cf = i < nc ? &c[i] : i == nc ? &c[0] : NULL;
+                double c0 = cf ? bench_cpu_ns(cf->pid) : -1, w0 = mma_now_us();
                 for (int q = 0; q < burst; q++) {
                     if (gap_us)
                         usleep(gap_us); /* --gap-us: every copy after a pause */
                     b[q] = one(i < nc ? &c[i] : i == nc ? &c[0] : NULL, n, i == nc, &call);
                     if (q)
                         tc[(size_t)i * per + (size_t)r * (burst - 1) + q - 1] = call;
+                }
+                double c1 = cf ? bench_cpu_ns(cf->pid) : -1;
+                if (c0 >= 0 && c1 >= 0 && cpu[i] >= 0) {
+                    cpu[i] += c1 - c0;
+                    wall[i] += (mma_now_us() - w0) * 1e3;
+                } else {
+                    cpu[i] = -1; /* not readable: not shown */
                 }
                 for (int q = 1; q < burst; q++)
                     t[(size_t)i * per + (size_t)r * (burst - 1) + q - 1] = b[q];
@@ -379,7 +397,9 @@ int main(int argc, char **argv)
                 bad += !good;
                 ok = good ? "ok" : "DIFFER";
             }
-            char nv[16], v1s[16] = "-";
+            char nv[16], v1s[16] = "-", cpus[16] = "-";
+            if (i <= nc && cpu[i] >= 0 && wall[i] > 0)
+                snprintf(cpus, sizeof cpus, "%.0f%%", 100.0 * cpu[i] / wall[i]);
             snprintf(nv, sizeof nv, "%.2fx", nat / p50);
             if (i <= nc)
                 snprintf(v1s, sizeof v1s, "%.3fx", v1);
@@ -387,8 +407,8 @@ int main(int argc, char **argv)
             snprintf(sz, sizeof sz, "%zuM", n >> 20);
             if (n < (1u << 20))
                 snprintf(sz, sizeof sz, "%zuK", n >> 10);
-            printf("%6s %-8s %9.1f %9.2f %8s %7.1f%% %8s %8s %8.1f %6s\n", i == 0 ? sz : "", name, p50, n / p50 / 1e3,
-                   i <= nc ? nv : "1.00x", pc, pss, v1s, call, ok);
+            printf("%6s %-8s %9.1f %9.2f %8s %7.1f%% %8s %8s %8.1f %6s %6s\n", i == 0 ? sz : "", name, p50,
+                   n / p50 / 1e3, i <= nc ? nv : "1.00x", pc, pss, v1s, call, cpus, ok);
         }
         for (int r = 0; r < rounds; r++)
             tmp[r] = ce[r];

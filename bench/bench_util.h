@@ -3,7 +3,13 @@
 #ifndef MMA_BENCH_UTIL_H
 #define MMA_BENCH_UTIL_H
 
+#include <dirent.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 #include "util.h"
 
@@ -24,6 +30,55 @@ static inline double bench_median(double *v, int n)
 {
     qsort(v, (size_t)n, sizeof *v, mma_cmp_double);
     return n ? v[n / 2] : 0;
+}
+
+/* mmad's pid, from the socket's peer credentials (SO_PEERCRED: the
+ * includer defines _GNU_SOURCE), for its CPU use; -1 where it cannot tell. */
+static inline pid_t bench_daemon_pid(const char *sock)
+{
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    snprintf(a.sun_path, sizeof a.sun_path, "%s", sock);
+    int fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
+    pid_t pid = -1;
+    if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0) {
+        struct ucred cr;
+        socklen_t l = sizeof cr;
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &l) == 0)
+            pid = cr.pid;
+    }
+    if (fd >= 0)
+        close(fd);
+    return pid;
+}
+
+/* Nanoseconds on a CPU so far of all of process pid's threads (the first
+ * field of each /proc/PID/task/TID/schedstat: no clock-tick rounding, so
+ * a few milliseconds of copies can be measured); -1 where it cannot be read. */
+static inline double bench_cpu_ns(pid_t pid)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/task", (int)pid);
+    DIR *d = pid > 0 ? opendir(path) : NULL;
+    if (!d)
+        return -1;
+    double sum = 0;
+    int any = 0;
+    for (struct dirent *e; (e = readdir(d)) != NULL;) {
+        if (e->d_name[0] == '.')
+            continue;
+        char p2[300];
+        snprintf(p2, sizeof p2, "/proc/%d/task/%s/schedstat", (int)pid, e->d_name);
+        FILE *f = fopen(p2, "r");
+        unsigned long long run = 0;
+        if (f && fscanf(f, "%llu", &run) == 1) {
+            sum += (double)run;
+            any = 1;
+        }
+        if (f)
+            fclose(f);
+    }
+    closedir(d);
+    return any ? sum : -1;
 }
 
 #endif

@@ -402,24 +402,6 @@ static double same_ceiling(ctx_t *x, int dir, size_t n)
     return bench_median(r, SAME_CEIL_ROUNDS);
 }
 
-/* mmad's pid, from the socket's peer credentials, for its CPU use. */
-static pid_t daemon_pid(const char *sock)
-{
-    struct sockaddr_un a = {.sun_family = AF_UNIX};
-    snprintf(a.sun_path, sizeof a.sun_path, "%s", sock);
-    int fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
-    pid_t pid = -1;
-    if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0) {
-        struct ucred cr;
-        socklen_t l = sizeof cr;
-        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &l) == 0)
-            pid = cr.pid;
-    }
-    if (fd >= 0)
-        close(fd);
-    return pid;
-}
-
 static double cpu_seconds(pid_t pid)
 {
     char path[64], buf[1024];
@@ -557,7 +539,7 @@ int main(int argc, char **argv)
     strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", gmtime(&now));
     printf("mma-bench %s | %d x %s | target gpu%d | mmad %s, bypass below %zu B\n", date, x.ngpu, x.card, gpu,
            info.backend, info.bypass_threshold);
-    pid_t dpid = daemon_pid(sock);
+    pid_t dpid = bench_daemon_pid(sock);
 
     int do_dir[2] = {strcmp(dirs, "d2h") != 0, strcmp(dirs, "h2d") != 0};
     static const char *dn[2] = {"H2D", "D2H"};

@@ -14,6 +14,7 @@
  * table has them just before its pairs), and then each kind alone (REPS
  * copies back to back). Every pair's last copies are checked.
  *   mma-pairs [--socket S] [--gpu 0] [--size 16K] [--reps 200]           */
+#define _GNU_SOURCE /* SO_PEERCRED in bench_util.h */
 #include <cuda_runtime_api.h>
 #include <getopt.h>
 #include <stdio.h>

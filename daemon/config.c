@@ -132,6 +132,10 @@ static const opt_t options[] = {
      "while chunks are in flight the engine thread polls this long after its last progress, then sleeps in "
      "growing steps (up to a quarter of a chunk's time on one link) between polls; more: completions are seen "
      "sooner at the cost of a busy core"},
+    {"engine-spin-queued", OPT_INT, O(engine_spin_queued), 0, "0", 0, 1,
+     "0: while no copy is in its tail and every path with a chunk in flight has its next one queued behind it, "
+     "the engine skips --engine-spin-us and sleeps at once (from a quarter of the step cap): a chunk's end seen "
+     "late then idles no link, since the queued chunk runs meanwhile; 1: it spins there too"},
     {"cold-bypass", OPT_SIZE, O(cold_bypass), 0, "32M", 0, 1099511627776.0,
      "cuda: a copy below this goes native in libmma while mmad's socket thread sleeps (it then wakes mmad, so "
      "that the copies after it find it awake): waking mmad's two threads and relaunching its relay kernels "

@@ -38,6 +38,7 @@ struct mmad_engine {
      * sleep costs a wake-up. */
     uint64_t spin_ns;
     uint64_t idle_spin_ns; /* --idle-spin-us: how long an idle engine stays awake */
+    int spin_queued;       /* --engine-spin-queued */
     int tail_state;      /* what the hook was last told (engine thread) */
 };
 
@@ -347,26 +348,39 @@ static void *engine_main(void *arg)
             backoff = 0;
         } else if (e->be->event_driven && e->waiting_reached == 0) {
             wait_for_work(e, 50 * 1000000ull); /* the backend wakes us */
-        } else if (spins < 16 || mma_now_ns() - last_progress < e->spin_ns || tail != TAIL_NONE) {
-            /* Polling the GPU or a `reached` flag: spin for a while after
-             * the last progress, since completions often come within
-             * microseconds, and all the while a copy waits only for its
-             * last chunks (a sleep there would be added to the copy's
-             * time: up to the backoff cap, 40 us for 8 MiB chunks)... */
-            spins++;
-            __builtin_ia32_pause();
         } else {
+            /* Every busy path has its next chunk queued behind the one
+             * running, no copy is in its tail and no `reached` flag is
+             * awaited: a chunk's end seen a sleep late then leaves no link
+             * idle (--engine-spin-queued=0). */
+            int queued = !e->spin_queued && tail == TAIL_NONE && e->waiting_reached == 0 &&
+                         mmad_sched_paths_queued(&e->sched);
+            if (tail != TAIL_NONE || (!queued && (spins < 16 || mma_now_ns() - last_progress < e->spin_ns))) {
+                /* Polling the GPU or a `reached` flag: spin for a while
+                 * after the last progress, since completions often come
+                 * within microseconds, and all the while a copy waits only
+                 * for its last chunks (a sleep there would be added to the
+                 * copy's time: up to the backoff cap, 40 us for 8 MiB
+                 * chunks)... */
+                spins++;
+                __builtin_ia32_pause();
+                continue;
+            }
             /* ...then back off from 2 us up to a quarter of the time an
-             * average chunk in flight takes on one link (at ~50 GB/s), at most
-             * 100 us: with two chunks queued per path a link never idles for
-             * that, and a long copy costs a fraction of a core. While only a
-             * `reached` flag is awaited, stay at 2-8 us. */
+             * average chunk in flight takes on one link (at ~50 GB/s), at
+             * most 100 us: with two chunks queued per path a link never
+             * idles for that, and a long copy costs a fraction of a core.
+             * While only a `reached` flag is awaited, stay at 2-8 us. Where
+             * `queued`, sleep at once and from a quarter of the cap (with
+             * it spinning there, mmad used 94-101% of a core over 1 GiB
+             * copies on 4x H100). */
             uint64_t cap = 8000;
             if (e->sched.chunks_inflight > 0) {
                 cap = e->sched.bytes_inflight / (uint64_t)e->sched.chunks_inflight / 50 / 4;
                 cap = cap < 2000 ? 2000 : cap > 100000 ? 100000 : cap;
             }
-            backoff = backoff ? backoff * 2 : 2000;
+            uint64_t first = queued && cap / 4 > 2000 ? cap / 4 : 2000;
+            backoff = backoff ? backoff * 2 : first;
             if (backoff > cap)
                 backoff = cap;
             wait_for_work(e, backoff);
@@ -383,6 +397,7 @@ int mmad_engine_start(mmad_backend_t *be, const mmad_config_t *cfg, mmad_engine_
     e->be = be;
     e->spin_ns = (uint64_t)(cfg->engine_spin_us * 1000.0);
     e->idle_spin_ns = (uint64_t)(cfg->idle_spin_us * 1000.0);
+    e->spin_queued = cfg->engine_spin_queued;
     int rc = mmad_sched_init(&e->sched, be, cfg);
     if (rc != MMA_OK) {
         free(e);

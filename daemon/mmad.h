@@ -46,6 +46,7 @@ typedef struct mmad_config {
     int max_clients;
     double loop_spin_us;      /* the socket thread polls this long after a copy request */
     double engine_spin_us;    /* the engine polls this long after its last progress before it sleeps */
+    int engine_spin_queued;   /* 1: ... even when every busy path has its next chunk queued */
     double idle_spin_us;      /* engine thread awake this long after its last work */
     double wake_spin_us;      /* after a KICK both threads stay awake this long */
     uint64_t cold_bypass;     /* cuda: copies below this go native while mmad sleeps (0: off) */

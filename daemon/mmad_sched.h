@@ -165,6 +165,11 @@ mmad_job_t *mmad_sched_chunk_done(mmad_sched_t *s, mmad_chunk_t *c);
  * flight are returned as a list (linked by ->next) for the caller to finish. */
 mmad_job_t *mmad_sched_cancel_conn(mmad_sched_t *s, mmad_conn_t *conn);
 
+/* 1 when chunks are in flight and every path with a chunk in flight has
+ * another queued behind it: an end noticed late then leaves no link idle
+ * (the engine sleeps instead of spinning). */
+int mmad_sched_paths_queued(const mmad_sched_t *s);
+
 /* The paths a job to `target` in `dir` may use, direct first. */
 int mmad_sched_paths_for(const mmad_sched_t *s, int target, int max_paths, int *vias);
 

@@ -192,6 +192,18 @@ void mmad_sched_destroy(mmad_sched_t *s)
     pthread_mutex_destroy(&s->stats_lock);
 }
 
+int mmad_sched_paths_queued(const mmad_sched_t *s)
+{
+    if (s->chunks_inflight == 0)
+        return 0;
+    for (int t = 0; t < s->ngpu; t++)
+        for (int v = 0; v < s->ngpu; v++)
+            for (int d = 0; d < 2; d++)
+                if (s->paths[t][v][d].inflight == 1)
+                    return 0;
+    return 1;
+}
+
 int mmad_sched_paths_for(const mmad_sched_t *s, int target, int max_paths, int *vias)
 {
     int limit = s->ngpu;

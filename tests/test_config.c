@@ -147,6 +147,7 @@ START_TEST(yield_and_plan_options)
     ck_assert_double_eq_tol(cfg.loop_spin_us, 0, 1e-12);
     ck_assert_int_eq(cfg.tail_spin, 0);
     ck_assert_double_eq_tol(cfg.engine_spin_us, 20, 1e-12); /* the default */
+    ck_assert_int_eq(cfg.engine_spin_queued, 0);            /* the default */
     ck_assert_double_eq_tol(cfg.idle_spin_us, 50, 1e-12);   /* the default */
     ck_assert_double_eq_tol(cfg.wake_spin_us, 2000, 1e-12); /* the default */
     ck_assert_uint_eq(cfg.cold_bypass, 32u << 20);          /* the default */
@@ -156,12 +157,13 @@ START_TEST(yield_and_plan_options)
     ck_assert_int_eq(PARSE("--idle-spin-us=2000", "--plan-learn=3"), 0);
     ck_assert_double_eq_tol(cfg.idle_spin_us, 2000, 1e-12);
     ck_assert_int_eq(cfg.plan_learn, 3);
-    ck_assert_int_eq(PARSE("--engine-spin-us=100000", "--tail-spin=1"), 0);
+    ck_assert_int_eq(PARSE("--engine-spin-us=100000", "--tail-spin=1", "--engine-spin-queued=1"), 0);
+    ck_assert_int_eq(cfg.engine_spin_queued, 1);
     ck_assert_double_eq_tol(cfg.engine_spin_us, 100000, 1e-12);
     ck_assert_int_eq(cfg.trace_gpu, 0); /* the default */
     ck_assert_int_eq(PARSE("--trace=/tmp/t.csv", "--trace-gpu=1"), 0);
     ck_assert_int_eq(cfg.trace_gpu, 1);
-    const char *bad[] = {"--trace-gpu=2", "--engine-spin-us=-1", "--idle-spin-us=-1", "--wake-spin-us=-1", "--cold-bypass=-1", "--engine-spin-us=2000000", "--loop-spin-us=-1", "--loop-spin-us=200000", "--tail-spin=2", "--yield-frac=1.5", "--yield-frac=-0.1", "--yield-probe-ms=0", "--link-gbps=0",
+    const char *bad[] = {"--trace-gpu=2", "--engine-spin-us=-1", "--engine-spin-queued=2", "--idle-spin-us=-1", "--wake-spin-us=-1", "--cold-bypass=-1", "--engine-spin-us=2000000", "--loop-spin-us=-1", "--loop-spin-us=200000", "--tail-spin=2", "--yield-frac=1.5", "--yield-frac=-0.1", "--yield-probe-ms=0", "--link-gbps=0",
                          "--plan-split=3",   "--plan-learn=4", "--issue-cost-us=-2", "--relay-overhead-us=-1.5",
                          "--sim-busy-share=0", "--sim-busy-share=1.1", "--busy-gbps=-1"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {

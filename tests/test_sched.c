@@ -352,6 +352,41 @@ START_TEST(fill_respects_depth_and_staging)
 }
 END_TEST
 
+START_TEST(paths_queued_while_every_busy_path_has_a_next_chunk)
+{
+    ck_assert_int_eq(mmad_sched_paths_queued(&s), 0); /* nothing in flight */
+    mmad_job_t *a = job_simple(&conn_x, 0, 0, 1u << 20, 0);
+    mmad_sched_add(&s, a);
+    ck_assert_int_eq(mmad_sched_fill(&s), 8); /* depth 2 on each of 4 paths */
+    ck_assert_int_eq(mmad_sched_paths_queued(&s), 1);
+    /* a relay's first chunk ends: that path runs its last one, a refill is due */
+    int i = find_inflight(a, 2);
+    ck_assert_int_ge(i, 0);
+    ck_assert_ptr_null(complete(i, MMA_OK));
+    ck_assert_int_eq(s.paths[0][2][MMA_DIR_H2D].inflight, 1);
+    ck_assert_int_eq(mmad_sched_paths_queued(&s), 0);
+    ck_assert_int_eq(mmad_sched_fill(&s), 1);
+    ck_assert_int_eq(mmad_sched_paths_queued(&s), 1);
+    /* drain: once the last chunks run, some path has one left */
+    int seen_single = 0;
+    mmad_job_t *j = NULL;
+    while (fb.ninflight > 0) {
+        j = complete(fb.ninflight - 1, MMA_OK);
+        mmad_sched_fill(&s);
+        check_limits();
+        int single = 0;
+        for (int v = 0; v < NGPU; v++)
+            single |= s.paths[0][v][MMA_DIR_H2D].inflight == 1;
+        ck_assert_int_eq(mmad_sched_paths_queued(&s), fb.ninflight > 0 && !single);
+        seen_single |= single;
+    }
+    ck_assert(seen_single);
+    ck_assert_ptr_eq(j, a);
+    ck_assert_int_eq(mmad_sched_paths_queued(&s), 0);
+    job_free(a);
+}
+END_TEST
+
 START_TEST(one_staging_slot)
 {
     mmad_sched_destroy(&s);
@@ -1874,6 +1909,7 @@ int main(void)
     tcase_add_test(tc, chunk_len_rule);
     tcase_add_test(tc, paths_for_order);
     tcase_add_test(tc, fill_respects_depth_and_staging);
+    tcase_add_test(tc, paths_queued_while_every_busy_path_has_a_next_chunk);
     tcase_add_test(tc, one_staging_slot);
     tcase_add_test(tc, direct_path_first);
     tcase_add_test(tc, chunks_cover_every_byte_once);
