@@ -53,6 +53,11 @@ def bandwidth(d):
         lc = [(s, float(r[12])) for s, r in zip(size, pts) if len(r) > 12 and r[12] and float(r[12]) > 0]
         if lc:
             ax.plot([s for s, _ in lc], [v for _, v in lc], "x:", color="gray", label="box ceiling beside each size")
+        # same_ceil_gbps (13): every GPU copying size/ngpu at once (newer runs, from 1 MiB)
+        sc = [(s, float(r[13])) for s, r in zip(size, pts) if len(r) > 13 and r[13] and float(r[13]) > 0]
+        if sc:
+            ax.plot([s for s, _ in sc], [v for _, v in sc], "+--", color="black", alpha=0.6,
+                    label="box ceiling, same bytes (each GPU size/ngpu)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("copy size (bytes)")
         ax.set_ylabel("GB/s")
