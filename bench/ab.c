@@ -16,8 +16,9 @@
  * native, % of the ceiling (the median of each round's copy against that
  * round's ceiling), % of the same-bytes ceiling (likewise, against every GPU
  * copying size/ngpu at once in that round), against the first configuration
- * (the median of the rounds' ratios), the time spent in the call that submits a copy and the
- * CPU its mmad used while its bursts ran (all threads, in % of one core). Row
+ * (the median of the rounds' ratios), the time spent in the call that
+ * submits a copy and the CPU its mmad used while its bursts ran (all
+ * threads, in % of one core). Row
  * "1 spin" is the first configuration again, each copy waited for by calling
  * mma_query until it is done instead of mma_wait (which sleeps until shortly
  * before a copy's expected end): what waiting costs. The bytes of each
