@@ -196,6 +196,19 @@ static mmad_job_t *complete(int i, int status)
     return mmad_sched_chunk_done(&s, got[0]);
 }
 
+/* Complete the in-flight chunks oldest first, refilling as they land,
+ * until none is left. Returns what the last completion returned: the job
+ * its chunk finished, or NULL. */
+static mmad_job_t *drain(void)
+{
+    mmad_job_t *f = NULL;
+    while (fb.ninflight > 0) {
+        f = complete(0, MMA_OK);
+        mmad_sched_fill(&s);
+    }
+    return f;
+}
+
 /* Index of the in-flight chunk on (via) for `job`, or -1. */
 static int find_inflight(const mmad_job_t *job, int via)
 {
@@ -624,10 +637,7 @@ START_TEST(relays_yield_to_direct)
     mmad_sched_add(&s, b);
     mmad_sched_fill(&s);
     ck_assert_int_ge(find_inflight(a, 1), 0);
-    while (fb.ninflight > 0) {
-        complete(0, MMA_OK);
-        mmad_sched_fill(&s);
-    }
+    drain();
     job_free(a);
     job_free(b);
 
@@ -640,10 +650,7 @@ START_TEST(relays_yield_to_direct)
     mmad_sched_fill(&s);
     ck_assert_int_ge(find_inflight(a, 1), 0);
     ck_assert_int_ge(find_inflight(b, 0), 0);
-    while (fb.ninflight > 0) {
-        complete(0, MMA_OK);
-        mmad_sched_fill(&s);
-    }
+    drain();
     job_free(a);
     job_free(b);
 }
@@ -758,10 +765,7 @@ START_TEST(max_paths_one_uses_direct_only)
     ck_assert_int_eq(mmad_sched_fill(&s), 4);
     for (int i = n0; i < fb.nlog; i++)
         ck_assert(fb.log[i].via == 2 || fb.log[i].via == 3);
-    while (fb.ninflight > 0) {
-        f = complete(0, MMA_OK);
-        mmad_sched_fill(&s);
-    }
+    f = drain();
     ck_assert_ptr_eq(f, b);
     job_free(b);
 }
@@ -1136,10 +1140,7 @@ START_TEST(planned_job_one_chunk_per_path)
     ck_assert_ptr_null(s.plans);
     ck_assert_uint_eq(c->chunk_len, 512u << 10);
     ck_assert_int_eq(mmad_sched_fill(&s), 8);
-    while (fb.ninflight > 0) {
-        f = complete(0, MMA_OK);
-        mmad_sched_fill(&s);
-    }
+    f = drain();
     ck_assert_ptr_eq(f, c);
     job_free(c);
 }
@@ -1199,10 +1200,7 @@ START_TEST(plan_split_mid_size_equal_pieces)
     mmad_sched_add(&s, a);
     ck_assert_ptr_nonnull(s.plans);
     mmad_sched_fill(&s);
-    while (fb.ninflight > 0) {
-        complete(0, MMA_OK);
-        mmad_sched_fill(&s);
-    }
+    drain();
     ck_assert_uint_eq(a->landed, total);
     const int order[4] = {1, 2, 3, 0};
     for (int p = 0; p < 4; p++) {
@@ -1246,10 +1244,7 @@ static mmad_job_t *run_planned_copy(int dir)
     mmad_job_t *a = job_new(&conn_x, 1, dir, 0, &total, 1, 0, 0);
     mmad_sched_add(&s, a);
     mmad_sched_fill(&s);
-    while (fb.ninflight > 0) {
-        complete(0, MMA_OK);
-        mmad_sched_fill(&s);
-    }
+    drain();
     ck_assert_uint_eq(a->landed, total);
     return a;
 }
