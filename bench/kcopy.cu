@@ -289,6 +289,8 @@ typedef CUresult (*map_fn)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHa
 typedef CUresult (*access_fn)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
 typedef CUresult (*export_fn)(void *, CUmemGenericAllocationHandle, CUmemAllocationHandleType, unsigned long long);
 
+/* The driver entry point `name` (CUDA version `version`), or NULL where
+ * this driver lacks it. */
 static void *drv(const char *name, int version)
 {
     void *fn = NULL;
@@ -549,13 +551,7 @@ int main(int argc, char **argv)
         CK(cudaMalloc((void **)&b.own[g], cap));
     }
     b.dev = b.own[0];
-    void *fn = NULL;
-    cudaDriverEntryPointQueryResult found;
-    if (cudaGetDriverEntryPointByVersion("cuMemcpyDtoDAsync", &fn, 12000, cudaEnableDefault, &found) == cudaSuccess &&
-        found == cudaDriverEntryPointSuccess)
-        drv_dtod = (dtod_fn)fn;
-    else
-        (void)cudaGetLastError();
+    drv_dtod = (dtod_fn)drv("cuMemcpyDtoDAsync", 12000); /* NULL: split-drv is left out */
     struct cudaDeviceProp p;
     CK(cudaGetDeviceProperties(&p, 0));
     printf("# mma-kcopy on %d x %s, %d SMs, %d reps, %d threads a block\n", b.ngpu, p.name,
