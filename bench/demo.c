@@ -3,9 +3,11 @@
  * baseline is a plain cudaMemcpy; on the simulated box (no GPU here) it is
  * mmad with one path, and the figures are the box's scaled-down rates.
  *   mma-demo [--socket PATH] [--gpu N] [--mib N] [--reps N] [--sweep]
- * --sweep adds the same copy over 1..N paths; on the simulated box it also
+ * --mib: the copy's size (default 64 simulated, 1024 on GPUs); --reps 1-15:
+ * copies timed per figure (their median; default 3). --sweep adds the same copy over 1..N paths; on the simulated box it also
  * prints what the simulated rates mean at the real box's scale. */
 #include <cuda_runtime_api.h>
+#include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,10 +30,27 @@ static void fill(uint8_t *p, size_t n, uint64_t seed)
     }
 }
 
+#define MAX_REPS 15
+
+/* A whole number in [lo, hi] for option `name`, or a line that says why not
+ * (returns -1). */
+static int int_arg(const char *name, const char *s, long lo, long hi, long *out)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end || errno || v < lo || v > hi) {
+        fprintf(stderr, "mma-demo: %s %s: a whole number from %ld to %ld\n", name, s, lo, hi);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
 /* One timed copy (median of reps). paths 0 = all; native = plain CUDA. */
 static double timed(mma_client_t *c, void *dst, const void *src, size_t n, int paths, int native, int reps)
 {
-    double best[16];
+    double best[MAX_REPS];
     for (int r = 0; r < reps; r++) {
         double t0 = mma_now_s();
         if (native) {
@@ -62,7 +81,7 @@ int main(int argc, char **argv)
 {
     const char *sock = NULL;
     int gpu = 0, reps = 3, sweep = 0;
-    long mib = 0;
+    long mib = 0, v;
     static const struct option lo[] = {{"socket", required_argument, 0, 's'}, {"gpu", required_argument, 0, 'g'},
                                        {"mib", required_argument, 0, 'm'},    {"reps", required_argument, 0, 'r'},
                                        {"help", no_argument, 0, 'h'},         {"sweep", no_argument, 0, 'w'},
@@ -71,17 +90,26 @@ int main(int argc, char **argv)
     while ((o = getopt_long(argc, argv, "s:g:m:r:hw", lo, NULL)) != -1) {
         switch (o) {
         case 's': sock = optarg; break;
-        case 'g': gpu = atoi(optarg); break;
-        case 'm': mib = atol(optarg); break;
-        case 'r': reps = atoi(optarg); break;
+        case 'g':
+            if (int_arg("--gpu", optarg, 0, 1023, &v))
+                return 2;
+            gpu = (int)v;
+            break;
+        case 'm':
+            if (int_arg("--mib", optarg, 1, 1L << 20, &mib))
+                return 2;
+            break;
+        case 'r':
+            if (int_arg("--reps", optarg, 1, MAX_REPS, &v))
+                return 2;
+            reps = (int)v;
+            break;
         case 'w': sweep = 1; break;
         default:
             printf("usage: mma-demo [--socket PATH] [--gpu N] [--mib N] [--reps N] [--sweep]\n");
             return o == 'h' ? 0 : 2;
         }
     }
-    if (reps < 1 || reps > 15)
-        reps = 3;
     mma_client_t *c;
     int rc = mma_connect(sock, &c);
     if (rc != MMA_OK) {

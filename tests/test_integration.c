@@ -1617,6 +1617,47 @@ START_TEST(mma_ab_arguments)
 }
 END_TEST
 
+/* mma-demo (bench/demo.c): bad arguments are refused with exit 2 and a
+ * line that names the option, before it connects; --reps at its top runs
+ * against the simulated box and checks every byte. */
+START_TEST(mma_demo_arguments)
+{
+    static const struct {
+        const char *args[4];
+        const char *says;
+    } bad[] = {
+        {{"--reps", "16", NULL}, "--reps 16: a whole number from 1 to 15"},
+        {{"--reps", "0", NULL}, "--reps 0"},
+        {{"--reps", "3x", NULL}, "--reps 3x"},
+        {{"--mib", "-1", NULL}, "--mib -1"},
+        {{"--gpu", "one", NULL}, "--gpu one"},
+        {{"--frob", NULL}, "usage"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        const char *argv[8] = {MMA_DEMO_PATH, "--socket", "/nonexistent/mmad.sock"};
+        for (int k = 0; bad[i].args[k]; k++)
+            argv[k + 3] = bad[i].args[k];
+        char *out = NULL, *err = NULL;
+        int rc = tool_run(argv, &out, &err);
+        ck_assert_msg(rc == 2, "case %zu: exit %d, stderr: %s", i, rc, err);
+        ck_assert_msg(strstr(err, bad[i].says) || strstr(out, bad[i].says), "case %zu: wanted '%s' in: %s%s", i,
+                      bad[i].says, out, err);
+        free(out);
+        free(err);
+    }
+    mmad_proc_t d;
+    mmad_start(&d, NULL);
+    const char *good[] = {MMA_DEMO_PATH, "--socket", d.sock, "--mib", "2", "--reps", "15", NULL};
+    char *out = NULL, *err = NULL;
+    int rc = tool_run(good, &out, &err);
+    ck_assert_msg(rc == 0, "exit %d, stderr: %s", rc, err);
+    ck_assert_msg(strstr(out, "SIMULATED") && strstr(out, "every byte matches"), "stdout: %s", out);
+    free(out);
+    free(err);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
 /* ======================================================================
  * g. fault injection
  * ==================================================================== */
@@ -2159,7 +2200,7 @@ int main(void)
                           kick_wakes_mmad}},
         {"lifecycle", 60, {client_dies_mid_copy, sigterm_with_copies_in_flight, one_daemon_per_socket,
                            stale_socket_file_replaced, command_line, cpu_by_thread_at_exit}},
-        {"mmactl", 60, {mmactl_reports, mma_ab_arguments}},
+        {"mmactl", 60, {mmactl_reports, mma_ab_arguments, mma_demo_arguments}},
         {"faults", 60, {failing_relay_is_set_aside}},
         {"api_errors", 60, {api_errors}},
         {"yield", 120, {busy_relays_yield, idle_box_relays_do_not_yield, busy_links_stop_relays}},
