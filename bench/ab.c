@@ -21,7 +21,12 @@
  * threads, in % of one core). Row
  * "1 spin" is the first configuration again, each copy waited for by calling
  * mma_query until it is done instead of mma_wait (which sleeps until shortly
- * before a copy's expected end): what waiting costs. The bytes of each
+ * before a copy's expected end): what waiting costs. With --as-used, row
+ * "nat c1" is a bare cudaMemcpyAsync on config 1's buffers and a stream of
+ * its own: what config 1's copies would take natively, so that "1" against
+ * it is what going through libmma (and, for a copy libmma runs natively, its
+ * KICK that wakes mmad) costs, apart from which buffers and stream a copy
+ * uses. The bytes of each
  * configuration's last copy of every size are checked.
  *
  * Start the mmads with --busy-gbps=0 --relay-kernel-busy-sm=0, or each takes
@@ -64,7 +69,7 @@ static int dir, gpu, burst = 4, rounds = 15, ngpu;
 static unsigned gap_us; /* --gap-us: a pause before every copy (sporadic copies) */
 static int as_used;     /* --as-used: copies as a user gets them (libmma may run them natively) */
 static size_t cap, per_gpu = (size_t)256 << 20;
-static cudaStream_t stream;
+static cudaStream_t stream, stream2;
 static char *nat_host, *nat_dev;
 static char *ceil_host[MAXG], *ceil_dev[MAXG];
 static cudaStream_t ceil_st[MAXG];
@@ -77,12 +82,15 @@ static cudaStream_t ceil_st[MAXG];
 static double one(conf_t *c, size_t n, int spin, double *call)
 {
     double t0 = mma_now_us();
-    if (!c) {
-        char *dst = dir == 0 ? nat_dev : nat_host;
-        const char *src = dir == 0 ? nat_host : nat_dev;
-        CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDefault, stream));
+    if (!c || spin == 2) {
+        /* native: on the bench's own buffers, or (spin 2, the "nat c1"
+         * row) bare on c's buffers and a stream of its own */
+        char *dst = !c ? (dir == 0 ? nat_dev : nat_host) : dir == 0 ? c->dev : c->host;
+        const char *src = !c ? (dir == 0 ? nat_host : nat_dev) : dir == 0 ? c->host : c->dev;
+        cudaStream_t st = c ? stream2 : stream;
+        CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDefault, st));
         *call = mma_now_us() - t0;
-        CK(cudaStreamSynchronize(stream));
+        CK(cudaStreamSynchronize(st));
     } else {
         mma_segment_t s = {dir == 0 ? c->dev : c->host, dir == 0 ? c->host : c->dev, n};
         mma_copy_opts_t o = {.flags = as_used ? 0u : MMA_COPY_NO_BYPASS};
@@ -283,6 +291,7 @@ int main(int argc, char **argv)
     }
     CK(cudaSetDevice(gpu));
     CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    CK(cudaStreamCreateWithFlags(&stream2, cudaStreamNonBlocking));
     CK(cudaHostAlloc((void **)&nat_host, cap, cudaHostAllocPortable));
     CK(cudaMalloc((void **)&nat_dev, cap));
     for (int g = 0; g < ngpu; g++) {
@@ -312,14 +321,17 @@ int main(int argc, char **argv)
     printf("%%same: against each round's same-bytes ceiling (every GPU copies size/%d into its own memory at once,\n"
            "the median of 3 after a warm-up; it pays a copy's start and end as one copy of the size does)\n",
            ngpu);
+    if (as_used)
+        printf("row 'nat c1': bare cudaMemcpyAsync on config 1's buffers, on a stream of its own\n");
     printf("cpu: the config's mmad (all threads, /proc/PID/task/*/schedstat) over its bursts' wall time\n");
     printf("%6s %-8s %9s %9s %8s %8s %8s %8s %8s %6s %6s\n", "size", "config", "p50 us", "GB/s", "vs nat", "%ceil",
            "%same", "vs 1", "call us", "cpu", "bytes");
 
     int bad = 0;
     int per = rounds * (burst - 1);
-    /* rows: configs 0..nc-1, config 0 spinning (nc), native (nc + 1) */
-    int ne = nc + 2;
+    /* rows: configs 0..nc-1, config 0 spinning (nc), native (nc + 1),
+     * with --as-used native on config 0's buffers (nc + 2) */
+    int ne = nc + 2 + as_used;
     double *t = calloc((size_t)ne * per, sizeof(double));
     double *tc = calloc((size_t)ne * per, sizeof(double)); /* call times */
     double *rt = calloc((size_t)ne * rounds, sizeof(double)); /* per round median */
@@ -343,11 +355,12 @@ int main(int argc, char **argv)
                 int i = (k + r) % ne;
                 double b[100], call;
                 conf_t *cf = i < nc ? &c[i] : i == nc ? &c[0] : NULL;
+                conf_t *cc = i == nc + 2 ? &c[0] : cf; /* nat c1: config 1's buffers, no mmad */
                 double c0 = cf ? bench_cpu_ns(cf->pid) : -1, w0 = mma_now_us();
                 for (int q = 0; q < burst; q++) {
                     if (gap_us)
                         usleep(gap_us); /* --gap-us: every copy after a pause */
-                    b[q] = one(i < nc ? &c[i] : i == nc ? &c[0] : NULL, n, i == nc, &call);
+                    b[q] = one(cc, n, i == nc ? 1 : i == nc + 2 ? 2 : 0, &call);
                     if (q)
                         tc[(size_t)i * per + (size_t)r * (burst - 1) + q - 1] = call;
                 }
@@ -390,8 +403,10 @@ int main(int argc, char **argv)
                 snprintf(name, sizeof name, "%d", i + 1);
             else if (i == nc)
                 snprintf(name, sizeof name, "1 spin");
+            else if (i == nc + 2)
+                snprintf(name, sizeof name, "nat c1");
             const char *ok = "-";
-            if (i == nc)
+            if (i == nc || i == nc + 2)
                 ok = "as 1"; /* the same buffers as config 1's: checked there */
             if (i < nc) {
                 int good = check(&c[i], n);
@@ -402,14 +417,14 @@ int main(int argc, char **argv)
             if (i <= nc && cpu[i] >= 0 && wall[i] > 0)
                 snprintf(cpus, sizeof cpus, "%.0f%%", 100.0 * cpu[i] / wall[i]);
             snprintf(nv, sizeof nv, "%.2fx", nat / p50);
-            if (i <= nc)
+            if (i != nc + 1)
                 snprintf(v1s, sizeof v1s, "%.3fx", v1);
             char sz[32];
             snprintf(sz, sizeof sz, "%zuM", n >> 20);
             if (n < (1u << 20))
                 snprintf(sz, sizeof sz, "%zuK", n >> 10);
             printf("%6s %-8s %9.1f %9.2f %8s %7.1f%% %8s %8s %8.1f %6s %6s\n", i == 0 ? sz : "", name, p50,
-                   n / p50 / 1e3, i <= nc ? nv : "1.00x", pc, pss, v1s, call, cpus, ok);
+                   n / p50 / 1e3, i != nc + 1 ? nv : "1.00x", pc, pss, v1s, call, cpus, ok);
         }
         for (int r = 0; r < rounds; r++)
             tmp[r] = ce[r];

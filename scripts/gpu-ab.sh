@@ -7,7 +7,8 @@
 #   SIZES=8M,32M,64M,256M ROUNDS=15 DIRS="h2d d2h" PER_GPU=256M scripts/gpu-ab.sh [BUILD_DIR] "CONFIG 1" "CONFIG 2" ...
 # PER_GPU: bytes each GPU copies in every round's box ceiling. GAP_US: a pause
 # before every copy (sporadic copies; default 0). AS_USED=1: copies as a user
-# gets them (libmma may run them natively).
+# gets them (libmma may run them natively). AB_BIN: another mma-ab binary
+# (default BUILD_DIR/mma-ab).
 # An empty CONFIG is mmad's defaults; one that begins with bin=PATH runs
 # that mmad binary (an A/B of builds) with the options after it.
 set -uo pipefail
@@ -49,7 +50,7 @@ done
 rc=0
 for d in ${DIRS:-h2d d2h}; do
   # in the background, so that a TERM (timeout) is handled at once
-  "$B/mma-ab" --dir "$d" --sizes "${SIZES:-8M,32M,64M,256M}" --rounds "${ROUNDS:-15}" --per-gpu "${PER_GPU:-256M}" \
+  "${AB_BIN:-$B/mma-ab}" --dir "$d" --sizes "${SIZES:-8M,32M,64M,256M}" --rounds "${ROUNDS:-15}" --per-gpu "${PER_GPU:-256M}" \
     --gap-us "${GAP_US:-0}" ${AS_USED:+--as-used} \
     "${socks[@]}" >"$OUT/ab/ab-$d.txt" 2>&1 &
   ab_pid=$!
