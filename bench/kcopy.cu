@@ -47,6 +47,13 @@
  *            node 0 with a POSIX fd handle (shareable), mapped for the CPU
  *            and every GPU
  *
+ * "cold" mode (mma-kcopy REPS cold [GAP_US]) asks the same of copies after a
+ * pause (10 ms unless given), as a sporadic KV fetch finds the box: one
+ * native copy between gpu0 and each kind's memory, 2 and 8 MiB, each copy
+ * after the pause, the kinds taken in turns copy by copy (so that drift
+ * falls on all alike); per kind the median and p90 of REPS copies, and the
+ * median against alloc's.
+ *
  * "mix" mode (mma-kcopy REPS mix): can a peer's copy engine fill what its
  * relay kernel leaves of its link? A kernel's host reads carry ~92% of a
  * copy engine's on one link. On gpu1's link alone (link1), then the whole box
@@ -417,10 +424,41 @@ static void print_huge(const char *when)
         fclose(f);
 }
 
+static void hosts_get(box_t *b, char **host, size_t cap);
+
 static int hosts_mode(box_t *b, int reps)
 {
     size_t cap = (size_t)64 << 20;
     char *host[NHK];
+    hosts_get(b, host, cap);
+    int np = b->ngpu - 1;
+    printf("dir,what,bytes,host,direct_share,blocks,p50_us,p90_us,GBps,bytes_ok\n");
+    size_t sizes[] = {(size_t)8 << 20, (size_t)64 << 20};
+    for (int round = 0; round < 3; round++)
+        for (int d = 0; d < 2; d++)
+            for (size_t i = 0; i < 2; i++)
+                for (int k = 0; k < NHK; k++) {
+                    if (!host[k])
+                        continue;
+                    b->host = host[k];
+                    size_t n = sizes[i];
+                    char tag[48];
+                    snprintf(tag, sizeof tag, "%s r%d", hk_name[k], round);
+                    row_tag = tag;
+                    measure(b, d, n, 1, 0, 0, 0, reps, "native");
+                    measure(b, d, n, 0, 0, HOW_CEIL, 0, reps, "ceil");
+                    measure(b, d, n, 0.25, np, 32, 0, reps, "split");
+                    measure(b, d, n, 0.25, np, 16, 0, reps, "split");
+                    if (n == ((size_t)64 << 20))
+                        measure(b, d, n, 0, 1, 16, 1, reps, "k1");
+                }
+    return 0;
+}
+
+/* The kinds of host memory this machine gives (others NULL, said why),
+ * each checked usable by gpu0's copy engine and a kernel on gpu1. */
+static void hosts_get(box_t *b, char **host, size_t cap)
+{
     print_huge("before");
     for (int k = 0; k < NHK; k++) {
         CK(cudaSetDevice(0));
@@ -443,27 +481,75 @@ static int hosts_mode(box_t *b, int reps)
         }
     }
     print_huge("after");
-    int np = b->ngpu - 1;
-    printf("dir,what,bytes,host,direct_share,blocks,p50_us,p90_us,GBps,bytes_ok\n");
-    size_t sizes[] = {(size_t)8 << 20, (size_t)64 << 20};
-    for (int round = 0; round < 3; round++)
-        for (int d = 0; d < 2; d++)
-            for (size_t i = 0; i < 2; i++)
-                for (int k = 0; k < NHK; k++) {
+}
+
+static int cmp_dbl(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static int cold_mode(box_t *b, int reps, unsigned gap_us)
+{
+    size_t cap = (size_t)8 << 20;
+    char *host[NHK];
+    hosts_get(b, host, cap);
+    double *t = (double *)calloc((size_t)NHK * reps, sizeof(double));
+    if (!t)
+        return 1;
+    printf("# native copies between gpu0 and each kind of host memory, each after %u us, kinds in turns\n", gap_us);
+    printf("dir,bytes,host,p50_us,p90_us,GBps,vs_alloc,bytes_ok\n");
+    CK(cudaSetDevice(0));
+    size_t sizes[] = {(size_t)2 << 20, (size_t)8 << 20};
+    for (int d = 0; d < 2; d++)
+        for (size_t i = 0; i < 2; i++) {
+            size_t n = sizes[i];
+            for (int k = 0; k < NHK; k++)
+                if (host[k])
+                    for (size_t j = 0; j < n; j++)
+                        host[k][j] = (char)(j * 7 + k);
+            for (int r = 0; r < reps; r++)
+                for (int q = 0; q < NHK; q++) {
+                    int k = (q + r) % NHK; /* which goes first rotates */
                     if (!host[k])
                         continue;
-                    b->host = host[k];
-                    size_t n = sizes[i];
-                    char tag[48];
-                    snprintf(tag, sizeof tag, "%s r%d", hk_name[k], round);
-                    row_tag = tag;
-                    measure(b, d, n, 1, 0, 0, 0, reps, "native");
-                    measure(b, d, n, 0, 0, HOW_CEIL, 0, reps, "ceil");
-                    measure(b, d, n, 0.25, np, 32, 0, reps, "split");
-                    measure(b, d, n, 0.25, np, 16, 0, reps, "split");
-                    if (n == ((size_t)64 << 20))
-                        measure(b, d, n, 0, 1, 16, 1, reps, "k1");
+                    usleep(gap_us);
+                    double t0 = mma_now_us();
+                    if (d == 0)
+                        CK(cudaMemcpyAsync(b->dev, host[k], n, cudaMemcpyHostToDevice, b->s[0]));
+                    else
+                        CK(cudaMemcpyAsync(host[k], b->dev, n, cudaMemcpyDeviceToHost, b->s[0]));
+                    CK(cudaStreamSynchronize(b->s[0]));
+                    t[(size_t)k * reps + r] = mma_now_us() - t0;
+                    if (d == 0 && r == reps - 1) {
+                        /* the copy's bytes: gpu0's buffer back against the kind's */
+                        char *back = (char *)malloc(n);
+                        if (!back)
+                            return 1;
+                        CK(cudaMemcpy(back, b->dev, n, cudaMemcpyDeviceToHost));
+                        if (memcmp(back, host[k], n))
+                            t[(size_t)k * reps + r] = -1;
+                        free(back);
+                    }
                 }
+            double alloc50 = 0;
+            for (int k = 0; k < NHK; k++) {
+                if (!host[k])
+                    continue;
+                double *v = t + (size_t)k * reps;
+                int bad = 0;
+                for (int r = 0; r < reps; r++)
+                    bad |= v[r] < 0;
+                qsort(v, (size_t)reps, sizeof *v, cmp_dbl);
+                double p50 = v[reps / 2], p90 = v[reps * 9 / 10];
+                if (k == HK_ALLOC)
+                    alloc50 = p50;
+                printf("%s,%zu,%s,%.1f,%.1f,%.1f,%.3f,%s\n", d ? "D2H" : "H2D", n, hk_name[k], p50, p90,
+                       n / p50 / 1e3, alloc50 > 0 ? alloc50 / p50 : 0.0, bad ? "DIFFER" : d ? "-" : "ok");
+            }
+            fflush(stdout);
+        }
+    free(t);
     return 0;
 }
 
@@ -524,8 +610,18 @@ int main(int argc, char **argv)
     int brief = argc > 2 && strcmp(argv[2], "short") == 0;
     int hosts = argc > 2 && strcmp(argv[2], "hosts") == 0;
     int mix = argc > 2 && strcmp(argv[2], "mix") == 0;
-    if (reps < 4 || (argc > 2 && !brief && !hosts && !mix)) {
-        fprintf(stderr, "usage: mma-kcopy [REPS>=4] [short|hosts|mix]\n");
+    int cold = argc > 2 && strcmp(argv[2], "cold") == 0;
+    long gap = 10000;
+    if (cold && argc > 3) {
+        char *end;
+        gap = strtol(argv[3], &end, 10);
+        if (*end || gap < 0 || gap > 1000000) {
+            fprintf(stderr, "mma-kcopy: cold GAP_US %s: 0-1000000\n", argv[3]);
+            return 2;
+        }
+    }
+    if (reps < 4 || (argc > 2 && !brief && !hosts && !mix && !cold) || (argc > 3 && !cold)) {
+        fprintf(stderr, "usage: mma-kcopy [REPS>=4] [short|hosts|mix|cold [GAP_US]]\n");
         return 2;
     }
     box_t b;
@@ -538,7 +634,7 @@ int main(int argc, char **argv)
     if (b.ngpu > 4)
         b.ngpu = 4;
     size_t cap = (size_t)256 << 20;
-    if (!hosts)
+    if (!hosts && !cold)
         CK(cudaHostAlloc((void **)&b.host, cap, cudaHostAllocPortable | cudaHostAllocMapped));
     for (int g = 0; g < b.ngpu; g++) {
         CK(cudaSetDevice(g));
@@ -558,6 +654,8 @@ int main(int argc, char **argv)
            p.multiProcessorCount, reps, MMAD_RELAY_THREADS);
     if (hosts)
         return hosts_mode(&b, reps);
+    if (cold)
+        return cold_mode(&b, reps, (unsigned)gap);
     if (mix)
         return mix_mode(&b, reps);
     printf("dir,what,bytes,,direct_share,blocks,p50_us,p90_us,GBps,bytes_ok\n");
