@@ -2,7 +2,7 @@
  *
  *   mma-bench [--socket S] [--gpu T] [--dir h2d|d2h|both] [--min 4K] [--max 4G]
  *             [--paths-at 1G] [--lat-reps N] [--csv FILE] [--quick]
- *             [--sections ceiling,sizes,sporadic,paths,latency]
+ *             [--sections ceiling,sizes,sporadic,paths,latency] [--warm-ms 3]
  *   mma-bench --scenarios [--socket S] [--secs 1.5] [--csv FILE]
  *
  * --scenarios runs the contention, fairness and priority scenarios (see
@@ -139,6 +139,7 @@ static double one_copy(ctx_t *x, int dir, size_t n, int mode, int paths)
  * other copies; so every mode warms up alike. What a copy after a pause
  * costs is the sporadic section's. */
 #define WARM_S 0.003
+static double warm_s = WARM_S; /* --warm-ms */
 
 /* Median seconds of one copy (modes as one_copy), after the warm-up. */
 static double time_copy(ctx_t *x, int dir, size_t n, int mode, int paths, double *samples, int reps)
@@ -146,7 +147,7 @@ static double time_copy(ctx_t *x, int dir, size_t n, int mode, int paths, double
     double w0 = mma_now_s();
     do
         (void)one_copy(x, dir, n, mode, paths);
-    while (mma_now_s() - w0 < WARM_S);
+    while (mma_now_s() - w0 < warm_s);
     for (int r = 0; r < reps; r++)
         samples[r] = one_copy(x, dir, n, mode, paths);
     return pct(samples, reps, 0.5);
@@ -442,7 +443,7 @@ int main(int argc, char **argv)
                                        {"min", 1, 0, 'a'},    {"max", 1, 0, 'b'},      {"paths-at", 1, 0, 'p'},
                                        {"csv", 1, 0, 'c'},    {"lat-reps", 1, 0, 'l'}, {"quick", 0, 0, 'q'},
                                        {"help", 0, 0, 'h'},   {"sections", 1, 0, 'S'}, {"scenarios", 0, 0, 'X'},
-                                       {"secs", 1, 0, 'T'},   {0}};
+                                       {"secs", 1, 0, 'T'},   {"warm-ms", 1, 0, 'W'},  {0}};
     int o;
     while ((o = getopt_long(argc, argv, "s:g:d:a:b:p:c:l:qh", lo, NULL)) != -1) {
         switch (o) {
@@ -458,9 +459,19 @@ int main(int argc, char **argv)
         case 'S': sections = optarg; break;
         case 'X': scenarios = 1; break;
         case 'T': secs = atof(optarg); break;
+        case 'W': {
+            char *end;
+            double w = strtod(optarg, &end);
+            if (end == optarg || *end || !(w >= 0 && w <= 10000)) {
+                fprintf(stderr, "mma-bench: --warm-ms %s: 0-10000\n", optarg);
+                return 2;
+            }
+            warm_s = w / 1e3;
+            break;
+        }
         default:
             printf("usage: mma-bench [--socket S] [--gpu T] [--dir h2d|d2h|both] [--min 4K] [--max 4G] "
-                   "[--paths-at 1G] [--lat-reps N] [--csv FILE] [--quick] [--sections LIST]\n"
+                   "[--paths-at 1G] [--lat-reps N] [--csv FILE] [--quick] [--sections LIST] [--warm-ms 3]\n"
                    "       mma-bench --scenarios [--socket S] [--secs 1.5] [--csv FILE]\n"
                    "Needs real GPUs: a simulated mmad has no native side to compare with.\n"
                    "--sections (default ceiling,sizes,sporadic,paths,latency):\n"
@@ -478,6 +489,7 @@ int main(int argc, char **argv)
                    "           turns (what a copy costs that finds mmad idle)\n"
                    "  paths    1..N paths at --paths-at\n"
                    "  latency  p50/p99 of small copies (4K-4M, up to --max), native vs mma\n"
+                   "--warm-ms: copies before every timed series, at least one (default 3)\n"
                    "--scenarios: A each GPU's own native process, one at a time; B all at once;\n"
                    "  C0 B plus one more native process loading gpu0 (C's baseline); C B plus one\n"
                    "  multipath client loading gpu0 (natives vs C0, target >= 90%%, and vs B);\n"
