@@ -1617,6 +1617,34 @@ START_TEST(mma_ab_arguments)
 }
 END_TEST
 
+/* mma-bench: a bad --warm-ms or an unknown option is refused with exit 2
+ * and a line that says why, before it connects. */
+START_TEST(mma_bench_arguments)
+{
+    static const struct {
+        const char *args[4];
+        const char *says;
+    } bad[] = {
+        {{"--warm-ms", "x", NULL}, "--warm-ms x: 0-10000"},
+        {{"--warm-ms", "20000", NULL}, "--warm-ms 20000"},
+        {{"--warm-ms", "-1", NULL}, "--warm-ms -1"},
+        {{"--frob", NULL}, "usage"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        const char *argv[8] = {MMA_BENCH_PATH, "--socket", "/nonexistent/mmad.sock"};
+        for (int k = 0; bad[i].args[k]; k++)
+            argv[k + 3] = bad[i].args[k];
+        char *out = NULL, *err = NULL;
+        int rc = tool_run(argv, &out, &err);
+        ck_assert_msg(rc == 2, "case %zu: exit %d, stderr: %s", i, rc, err);
+        ck_assert_msg(strstr(err, bad[i].says) || strstr(out, bad[i].says), "case %zu: wanted '%s' in: %s%s", i,
+                      bad[i].says, out, err);
+        free(out);
+        free(err);
+    }
+}
+END_TEST
+
 /* mma-demo (bench/demo.c): bad arguments are refused with exit 2 and a
  * line that names the option, before it connects; --reps at its top runs
  * against the simulated box and checks every byte. */
@@ -2200,7 +2228,7 @@ int main(void)
                           kick_wakes_mmad}},
         {"lifecycle", 60, {client_dies_mid_copy, sigterm_with_copies_in_flight, one_daemon_per_socket,
                            stale_socket_file_replaced, command_line, cpu_by_thread_at_exit}},
-        {"mmactl", 60, {mmactl_reports, mma_ab_arguments, mma_demo_arguments}},
+        {"mmactl", 60, {mmactl_reports, mma_ab_arguments, mma_demo_arguments, mma_bench_arguments}},
         {"faults", 60, {failing_relay_is_set_aside}},
         {"api_errors", 60, {api_errors}},
         {"yield", 120, {busy_relays_yield, idle_box_relays_do_not_yield, busy_links_stop_relays}},
