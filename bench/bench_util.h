@@ -25,6 +25,44 @@ static inline size_t bench_parse_size(const char *s)
     return (size_t)(v * (double)m);
 }
 
+/* A size option of a tool: "64M", "4K", "1G", "0.5M" or plain bytes, from
+ * lo to hi, into *out; otherwise a line on stderr that says what is wrong
+ * (returns -1). */
+static inline int bench_size_arg(const char *tool, const char *name, const char *s, size_t lo, size_t hi,
+                                 size_t *out)
+{
+    char *e;
+    double v = strtod(s, &e);
+    double m = 1;
+    if (*e == 'K' || *e == 'k')
+        m = 1024.0, e++;
+    else if (*e == 'M' || *e == 'm')
+        m = 1024.0 * 1024, e++;
+    else if (*e == 'G' || *e == 'g')
+        m = 1024.0 * 1024 * 1024, e++;
+    double b = v * m;
+    if (e == s || *e || !(b >= (double)lo && b <= (double)hi)) {
+        fprintf(stderr, "%s: %s %s: a size from %zu to %zu bytes (K, M, G allowed)\n", tool, name, s, lo, hi);
+        return -1;
+    }
+    *out = (size_t)b;
+    return 0;
+}
+
+/* A whole-number option of a tool, from lo to hi, into *out; otherwise a
+ * line on stderr (returns -1). */
+static inline int bench_int_arg(const char *tool, const char *name, const char *s, long lo, long hi, int *out)
+{
+    char *e;
+    long v = strtol(s, &e, 10);
+    if (e == s || *e || v < lo || v > hi) {
+        fprintf(stderr, "%s: %s %s: a whole number from %ld to %ld\n", tool, name, s, lo, hi);
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
 /* The median of v[0..n) (the upper one of an even n), v sorted in place. */
 static inline double bench_median(double *v, int n)
 {

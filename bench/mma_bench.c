@@ -448,17 +448,47 @@ int main(int argc, char **argv)
     while ((o = getopt_long(argc, argv, "s:g:d:a:b:p:c:l:qh", lo, NULL)) != -1) {
         switch (o) {
         case 's': sock = optarg; break;
-        case 'g': gpu = atoi(optarg); break;
-        case 'd': dirs = optarg; break;
-        case 'a': minsz = bench_parse_size(optarg); break;
-        case 'b': maxsz = bench_parse_size(optarg); break;
-        case 'p': paths_at = bench_parse_size(optarg); break;
+        case 'g':
+            if (bench_int_arg("mma-bench", "--gpu", optarg, 0, 1023, &gpu))
+                return 2;
+            break;
+        case 'd':
+            if (strcmp(optarg, "h2d") && strcmp(optarg, "d2h") && strcmp(optarg, "both")) {
+                fprintf(stderr, "mma-bench: --dir %s: h2d, d2h or both\n", optarg);
+                return 2;
+            }
+            dirs = optarg;
+            break;
+        case 'a':
+            if (bench_size_arg("mma-bench", "--min", optarg, 4096, (size_t)1 << 40, &minsz))
+                return 2;
+            break;
+        case 'b':
+            if (bench_size_arg("mma-bench", "--max", optarg, 4096, (size_t)1 << 40, &maxsz))
+                return 2;
+            break;
+        case 'p':
+            if (bench_size_arg("mma-bench", "--paths-at", optarg, 4096, (size_t)1 << 40, &paths_at))
+                return 2;
+            break;
         case 'c': csvpath = optarg; break;
-        case 'l': lat_reps = atoi(optarg); break;
+        case 'l':
+            /* --quick takes a quarter: at least 4 copies a figure */
+            if (bench_int_arg("mma-bench", "--lat-reps", optarg, 16, 1000000, &lat_reps))
+                return 2;
+            break;
         case 'q': quick = 1; break;
         case 'S': sections = optarg; break;
         case 'X': scenarios = 1; break;
-        case 'T': secs = atof(optarg); break;
+        case 'T': {
+            char *end;
+            secs = strtod(optarg, &end);
+            if (end == optarg || *end || !(secs >= 0.1 && secs <= 3600)) {
+                fprintf(stderr, "mma-bench: --secs %s: 0.1-3600\n", optarg);
+                return 2;
+            }
+            break;
+        }
         case 'W': {
             char *end;
             double w = strtod(optarg, &end);
@@ -497,6 +527,10 @@ int main(int argc, char **argv)
                    QDEPTH, QDEPTH);
             return o == 'h' ? 0 : 2;
         }
+    }
+    if (minsz > maxsz) {
+        fprintf(stderr, "mma-bench: --min %zu is above --max %zu\n", minsz, maxsz);
+        return 2;
     }
     if (!sock)
         sock = getenv("MMA_SOCKET") ? getenv("MMA_SOCKET") : "/run/mma/mmad.sock";

@@ -116,17 +116,22 @@ int main(int argc, char **argv)
     while ((o = getopt_long(argc, argv, "s:g:n:r:h", lo, NULL)) != -1) {
         switch (o) {
         case 's': sock = optarg; break;
-        case 'g': gpu = atoi(optarg); break;
-        case 'n': n = bench_parse_size(optarg); break;
-        case 'r': reps = atoi(optarg); break;
+        case 'g':
+            if (bench_int_arg("mma-pairs", "--gpu", optarg, 0, 1023, &gpu))
+                return 2;
+            break;
+        case 'n':
+            if (bench_size_arg("mma-pairs", "--size", optarg, 16, (size_t)64 << 20, &n))
+                return 2;
+            break;
+        case 'r':
+            if (bench_int_arg("mma-pairs", "--reps", optarg, 10, 10000000, &reps))
+                return 2;
+            break;
         default:
             printf("usage: mma-pairs [--socket S] [--gpu 0] [--size 16K] [--reps 200]\n");
             return o == 'h' ? 0 : 2;
         }
-    }
-    if (n < 16 || n > (64u << 20) || reps < 10) {
-        fprintf(stderr, "mma-pairs: --size 16 B to 64M, --reps at least 10\n");
-        return 2;
     }
     int ngpu = 0;
     if (cudaGetDeviceCount(&ngpu) != cudaSuccess || ngpu == 0) {

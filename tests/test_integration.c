@@ -1573,15 +1573,41 @@ START_TEST(mmactl_reports)
 }
 END_TEST
 
+/* A tool's bad arguments: each case (up to 4 arguments after the tool's
+ * path and `pre`, a NULL-ended list) must exit 2 with `says` in its output,
+ * before it does anything else. */
+typedef struct {
+    const char *args[5];
+    const char *says;
+} bad_args_t;
+
+static void refuses(const char *tool, const char *const *pre, const bad_args_t *bad, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        const char *argv[10] = {tool};
+        int a = 1;
+        for (int k = 0; pre && pre[k]; k++)
+            argv[a++] = pre[k];
+        for (int k = 0; bad[i].args[k] && k < 4; k++)
+            argv[a++] = bad[i].args[k];
+        char *out = NULL, *err = NULL;
+        int rc = tool_run(argv, &out, &err);
+        ck_assert_msg(rc == 2, "%s case %zu: exit %d, stderr: %s", tool, i, rc, err);
+        ck_assert_msg(strstr(err, bad[i].says) || strstr(out, bad[i].says), "%s case %zu: wanted '%s' in: %s%s",
+                      tool, i, bad[i].says, out, err);
+        free(out);
+        free(err);
+    }
+}
+
+static const char *const no_mmad[] = {"--socket", "/nonexistent/mmad.sock", NULL};
+
 /* mma-ab (bench/ab.c): bad arguments are refused with exit 2 and a line
  * that says what is wrong, before anything else; good ones on a machine
  * without a GPU exit 77 and say so (it compares mmads on real GPUs only). */
 START_TEST(mma_ab_arguments)
 {
-    static const struct {
-        const char *args[6];
-        const char *says;
-    } bad[] = {
+    static const bad_args_t bad[] = {
         {{"--rounds", "1", NULL}, "sockets"},
         {{"--rounds", "0", "/tmp/x.sock", NULL}, "--rounds"},
         {{"--burst", "1", "/tmp/x.sock", NULL}, "--burst"},
@@ -1591,18 +1617,7 @@ START_TEST(mma_ab_arguments)
         {{"--per-gpu", "0", "/tmp/x.sock", NULL}, "--per-gpu"},
         {{"--frob", "/tmp/x.sock", NULL}, "usage"},
     };
-    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-        const char *argv[8] = {MMA_AB_PATH};
-        for (int k = 0; bad[i].args[k]; k++)
-            argv[k + 1] = bad[i].args[k];
-        char *out = NULL, *err = NULL;
-        int rc = tool_run(argv, &out, &err);
-        ck_assert_msg(rc == 2, "case %zu: exit %d, stderr: %s", i, rc, err);
-        ck_assert_msg(strstr(err, bad[i].says) || strstr(out, bad[i].says), "case %zu: wanted '%s' in: %s%s", i,
-                      bad[i].says, out, err);
-        free(out);
-        free(err);
-    }
+    refuses(MMA_AB_PATH, NULL, bad, sizeof bad / sizeof bad[0]);
     /* Good arguments: here (CI, no GPU) exit 77 with the reason; on a GPU
      * box there is no mmad on this socket, so it fails to connect (1). */
     const char *good[] = {MMA_AB_PATH, "--sizes", "8M", "--rounds", "1", "/nonexistent/mmad.sock", NULL};
@@ -1617,31 +1632,33 @@ START_TEST(mma_ab_arguments)
 }
 END_TEST
 
-/* mma-bench: a bad --warm-ms or an unknown option is refused with exit 2
- * and a line that says why, before it connects. */
+/* mma-bench and mma-pairs: a bad option value or an unknown option is
+ * refused with exit 2 and a line that says why, before either connects. */
 START_TEST(mma_bench_arguments)
 {
-    static const struct {
-        const char *args[4];
-        const char *says;
-    } bad[] = {
+    static const bad_args_t bench[] = {
         {{"--warm-ms", "x", NULL}, "--warm-ms x: 0-10000"},
         {{"--warm-ms", "20000", NULL}, "--warm-ms 20000"},
         {{"--warm-ms", "-1", NULL}, "--warm-ms -1"},
+        {{"--gpu", "x", NULL}, "--gpu x: a whole number"},
+        {{"--dir", "up", NULL}, "--dir up: h2d, d2h or both"},
+        {{"--min", "1K", NULL}, "--min 1K: a size from 4096"},
+        {{"--max", "3Q", NULL}, "--max 3Q"},
+        {{"--paths-at", "0", NULL}, "--paths-at 0"},
+        {{"--lat-reps", "3", NULL}, "--lat-reps 3: a whole number from 16"},
+        {{"--secs", "-1", NULL}, "--secs -1"},
+        {{"--min", "1G", "--max", "64M", NULL}, "is above --max"},
         {{"--frob", NULL}, "usage"},
     };
-    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-        const char *argv[8] = {MMA_BENCH_PATH, "--socket", "/nonexistent/mmad.sock"};
-        for (int k = 0; bad[i].args[k]; k++)
-            argv[k + 3] = bad[i].args[k];
-        char *out = NULL, *err = NULL;
-        int rc = tool_run(argv, &out, &err);
-        ck_assert_msg(rc == 2, "case %zu: exit %d, stderr: %s", i, rc, err);
-        ck_assert_msg(strstr(err, bad[i].says) || strstr(out, bad[i].says), "case %zu: wanted '%s' in: %s%s", i,
-                      bad[i].says, out, err);
-        free(out);
-        free(err);
-    }
+    refuses(MMA_BENCH_PATH, no_mmad, bench, sizeof bench / sizeof bench[0]);
+    static const bad_args_t pairs[] = {
+        {{"--size", "8", NULL}, "--size 8: a size from 16"},
+        {{"--size", "1T", NULL}, "--size 1T"},
+        {{"--reps", "5", NULL}, "--reps 5: a whole number from 10"},
+        {{"--gpu", "-1", NULL}, "--gpu -1"},
+        {{"--frob", NULL}, "usage"},
+    };
+    refuses(MMA_PAIRS_PATH, no_mmad, pairs, sizeof pairs / sizeof pairs[0]);
 }
 END_TEST
 
@@ -1650,10 +1667,7 @@ END_TEST
  * against the simulated box and checks every byte. */
 START_TEST(mma_demo_arguments)
 {
-    static const struct {
-        const char *args[4];
-        const char *says;
-    } bad[] = {
+    static const bad_args_t bad[] = {
         {{"--reps", "16", NULL}, "--reps 16: a whole number from 1 to 15"},
         {{"--reps", "0", NULL}, "--reps 0"},
         {{"--reps", "3x", NULL}, "--reps 3x"},
@@ -1661,18 +1675,7 @@ START_TEST(mma_demo_arguments)
         {{"--gpu", "one", NULL}, "--gpu one"},
         {{"--frob", NULL}, "usage"},
     };
-    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-        const char *argv[8] = {MMA_DEMO_PATH, "--socket", "/nonexistent/mmad.sock"};
-        for (int k = 0; bad[i].args[k]; k++)
-            argv[k + 3] = bad[i].args[k];
-        char *out = NULL, *err = NULL;
-        int rc = tool_run(argv, &out, &err);
-        ck_assert_msg(rc == 2, "case %zu: exit %d, stderr: %s", i, rc, err);
-        ck_assert_msg(strstr(err, bad[i].says) || strstr(out, bad[i].says), "case %zu: wanted '%s' in: %s%s", i,
-                      bad[i].says, out, err);
-        free(out);
-        free(err);
-    }
+    refuses(MMA_DEMO_PATH, no_mmad, bad, sizeof bad / sizeof bad[0]);
     mmad_proc_t d;
     mmad_start(&d, NULL);
     const char *good[] = {MMA_DEMO_PATH, "--socket", d.sock, "--mib", "2", "--reps", "15", NULL};
