@@ -6,14 +6,15 @@
  * --mib: the copy's size (default 64 simulated, 1024 on GPUs); --reps 1-15:
  * copies timed per figure (their median; default 3). --sweep adds the same copy over 1..N paths; on the simulated box it also
  * prints what the simulated rates mean at the real box's scale. */
+#define _GNU_SOURCE /* SO_PEERCRED in bench_util.h */
 #include <cuda_runtime_api.h>
-#include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include "bench_util.h"
 #include "mma.h"
 #include "util.h"
 #define TOOL_NAME "mma-demo"
@@ -31,21 +32,6 @@ static void fill(uint8_t *p, size_t n, uint64_t seed)
 }
 
 #define MAX_REPS 15
-
-/* A whole number in [lo, hi] for option `name`, or a line that says why not
- * (returns -1). */
-static int int_arg(const char *name, const char *s, long lo, long hi, long *out)
-{
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (end == s || *end || errno || v < lo || v > hi) {
-        fprintf(stderr, "mma-demo: %s %s: a whole number from %ld to %ld\n", name, s, lo, hi);
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
 
 /* One timed copy (median of reps). paths 0 = all; native = plain CUDA. */
 static double timed(mma_client_t *c, void *dst, const void *src, size_t n, int paths, int native, int reps)
@@ -80,8 +66,7 @@ static double timed(mma_client_t *c, void *dst, const void *src, size_t n, int p
 int main(int argc, char **argv)
 {
     const char *sock = NULL;
-    int gpu = 0, reps = 3, sweep = 0;
-    long mib = 0, v;
+    int gpu = 0, reps = 3, sweep = 0, mib = 0;
     static const struct option lo[] = {{"socket", required_argument, 0, 's'}, {"gpu", required_argument, 0, 'g'},
                                        {"mib", required_argument, 0, 'm'},    {"reps", required_argument, 0, 'r'},
                                        {"help", no_argument, 0, 'h'},         {"sweep", no_argument, 0, 'w'},
@@ -91,18 +76,16 @@ int main(int argc, char **argv)
         switch (o) {
         case 's': sock = optarg; break;
         case 'g':
-            if (int_arg("--gpu", optarg, 0, 1023, &v))
+            if (bench_int_arg("mma-demo", "--gpu", optarg, 0, 1023, &gpu))
                 return 2;
-            gpu = (int)v;
             break;
         case 'm':
-            if (int_arg("--mib", optarg, 1, 1L << 20, &mib))
+            if (bench_int_arg("mma-demo", "--mib", optarg, 1, 1L << 20, &mib))
                 return 2;
             break;
         case 'r':
-            if (int_arg("--reps", optarg, 1, MAX_REPS, &v))
+            if (bench_int_arg("mma-demo", "--reps", optarg, 1, MAX_REPS, &reps))
                 return 2;
-            reps = (int)v;
             break;
         case 'w': sweep = 1; break;
         default:
@@ -145,14 +128,14 @@ int main(int argc, char **argv)
     int ok = memcmp(host, back, n) == 0;
 
     printf("\n%-5s %8s  %-22s %10s  %10s  %7s\n", "dir", "size", "baseline", "base GB/s", "mma GB/s", "speedup");
-    printf("%-5s %6ldMiB  %-22s %10.3f  %10.3f  %6.2fx\n", "H2D", mib, base, h_nat, h_mma, h_mma / h_nat);
-    printf("%-5s %6ldMiB  %-22s %10.3f  %10.3f  %6.2fx\n", "D2H", mib, base, d_nat, d_mma, d_mma / d_nat);
+    printf("%-5s %6dMiB  %-22s %10.3f  %10.3f  %6.2fx\n", "H2D", mib, base, h_nat, h_mma, h_mma / h_nat);
+    printf("%-5s %6dMiB  %-22s %10.3f  %10.3f  %6.2fx\n", "D2H", mib, base, d_nat, d_mma, d_mma / d_nat);
     printf("\nround trip host -> gpu%d -> host: %s (%zu bytes compared)\n", gpu, ok ? "every byte matches" : "MISMATCH",
            n);
     printf("per-path traffic: mmactl paths%s\n", sock ? " --socket ..." : "");
     if (sweep) {
         double k = info.simulated ? 1.0 / info.sim_scale : 1.0;
-        printf("\n%d-GPU box, %ld MiB into gpu%d over 1..%d paths%s\n", info.gpu_count, mib, gpu, info.gpu_count,
+        printf("\n%d-GPU box, %d MiB into gpu%d over 1..%d paths%s\n", info.gpu_count, mib, gpu, info.gpu_count,
                info.simulated ? " (GB/s at the real box's scale = simulated x 1/sim_scale)" : "");
         printf("%6s %12s %12s\n", "paths", "H2D GB/s", "D2H GB/s");
         for (int p = 1; p <= info.gpu_count; p++) {
