@@ -63,6 +63,21 @@ static inline int bench_int_arg(const char *tool, const char *name, const char *
     return 0;
 }
 
+/* A number option of a tool, from lo to hi, into *out; otherwise a line on
+ * stderr (returns -1). */
+static inline int bench_double_arg(const char *tool, const char *name, const char *s, double lo, double hi,
+                                   double *out)
+{
+    char *e;
+    double v = strtod(s, &e);
+    if (e == s || *e || !(v >= lo && v <= hi)) {
+        fprintf(stderr, "%s: %s %s: %g-%g\n", tool, name, s, lo, hi);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
 /* The median of v[0..n) (the upper one of an even n), v sorted in place. */
 static inline double bench_median(double *v, int n)
 {

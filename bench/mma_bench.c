@@ -480,25 +480,15 @@ int main(int argc, char **argv)
         case 'q': quick = 1; break;
         case 'S': sections = optarg; break;
         case 'X': scenarios = 1; break;
-        case 'T': {
-            char *end;
-            secs = strtod(optarg, &end);
-            if (end == optarg || *end || !(secs >= 0.1 && secs <= 3600)) {
-                fprintf(stderr, "mma-bench: --secs %s: 0.1-3600\n", optarg);
+        case 'T':
+            if (bench_double_arg("mma-bench", "--secs", optarg, 0.1, 3600, &secs))
                 return 2;
-            }
             break;
-        }
-        case 'W': {
-            char *end;
-            double w = strtod(optarg, &end);
-            if (end == optarg || *end || !(w >= 0 && w <= 10000)) {
-                fprintf(stderr, "mma-bench: --warm-ms %s: 0-10000\n", optarg);
+        case 'W':
+            if (bench_double_arg("mma-bench", "--warm-ms", optarg, 0, 10000, &warm_s))
                 return 2;
-            }
-            warm_s = w / 1e3;
+            warm_s /= 1e3;
             break;
-        }
         default:
             printf("usage: mma-bench [--socket S] [--gpu T] [--dir h2d|d2h|both] [--min 4K] [--max 4G] "
                    "[--paths-at 1G] [--lat-reps N] [--csv FILE] [--quick] [--sections LIST] [--warm-ms 3]\n"
