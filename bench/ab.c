@@ -26,8 +26,8 @@
  * its own: what config 1's copies would take natively, so that "1" against
  * it is what going through libmma (and, for a copy libmma runs natively, its
  * KICK that wakes mmad) costs, apart from which buffers and stream a copy
- * uses. The bytes of each
- * configuration's last copy of every size are checked.
+ * uses. The bytes of each configuration's last copy of every size are
+ * checked.
  *
  * Start the mmads with --busy-gbps=0 --relay-kernel-busy-sm=0, or each takes
  * the others' copies for a neighbour's traffic and keeps off those links.

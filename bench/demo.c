@@ -4,8 +4,9 @@
  * mmad with one path, and the figures are the box's scaled-down rates.
  *   mma-demo [--socket PATH] [--gpu N] [--mib N] [--reps N] [--sweep]
  * --mib: the copy's size (default 64 simulated, 1024 on GPUs); --reps 1-15:
- * copies timed per figure (their median; default 3). --sweep adds the same copy over 1..N paths; on the simulated box it also
- * prints what the simulated rates mean at the real box's scale. */
+ * copies timed per figure (their median; default 3). --sweep adds the same
+ * copy over 1..N paths; on the simulated box it also prints what the
+ * simulated rates mean at the real box's scale. */
 #define _GNU_SOURCE /* SO_PEERCRED in bench_util.h */
 #include <cuda_runtime_api.h>
 #include <getopt.h>
