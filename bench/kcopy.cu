@@ -483,12 +483,6 @@ static void hosts_get(box_t *b, char **host, size_t cap)
     print_huge("after");
 }
 
-static int cmp_dbl(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 static int cold_mode(box_t *b, int reps, unsigned gap_us)
 {
     size_t cap = (size_t)8 << 20;
@@ -540,7 +534,7 @@ static int cold_mode(box_t *b, int reps, unsigned gap_us)
                 int bad = 0;
                 for (int r = 0; r < reps; r++)
                     bad |= v[r] < 0;
-                qsort(v, (size_t)reps, sizeof *v, cmp_dbl);
+                qsort(v, (size_t)reps, sizeof *v, mma_cmp_double);
                 double p50 = v[reps / 2], p90 = v[reps * 9 / 10];
                 if (k == HK_ALLOC)
                     alloc50 = p50;
