@@ -209,19 +209,28 @@ int main(int argc, char **argv)
             }
             dir = strcmp(optarg, "d2h") == 0;
             break;
-        case 'g': gpu = atoi(optarg); break;
+        case 'g':
+            if (bench_int_arg("mma-ab", "--gpu", optarg, 0, 1023, &gpu))
+                return 2;
+            break;
         case 'z': sizes_arg = optarg; break;
-        case 'r': rounds = atoi(optarg); break;
-        case 'b': burst = atoi(optarg); break;
-        case 'p': per_gpu = bench_parse_size(optarg); break;
+        case 'r':
+            if (bench_int_arg("mma-ab", "--rounds", optarg, 1, 1000, &rounds))
+                return 2;
+            break;
+        case 'b':
+            if (bench_int_arg("mma-ab", "--burst", optarg, 2, 100, &burst))
+                return 2;
+            break;
+        case 'p':
+            if (bench_size_arg("mma-ab", "--per-gpu", optarg, 4096, (size_t)1 << 40, &per_gpu))
+                return 2;
+            break;
         case 'U': as_used = 1; break;
         case 'G': {
-            char *end;
-            long g = strtol(optarg, &end, 10);
-            if (*end || g < 0 || g > 1000000) {
-                fprintf(stderr, "mma-ab: --gap-us %s: 0-1000000\n", optarg);
+            int g;
+            if (bench_int_arg("mma-ab", "--gap-us", optarg, 0, 1000000, &g))
                 return 2;
-            }
             gap_us = (unsigned)g;
             break;
         }
@@ -237,21 +246,22 @@ int main(int argc, char **argv)
         }
     }
     int nc = argc - optind;
-    if (nc < 1 || nc > MAXC || rounds < 1 || rounds > 1000 || burst < 2 || burst > 100) {
-        fprintf(stderr, "mma-ab: 1-%d sockets, --rounds 1-1000, --burst 2-100 (see --help)\n", MAXC);
+    if (nc < 1 || nc > MAXC) {
+        fprintf(stderr, "mma-ab: 1-%d sockets (see --help)\n", MAXC);
         return 2;
     }
-    if (per_gpu < 4096 || per_gpu % 16) {
-        fprintf(stderr, "mma-ab: --per-gpu: at least 4K and a multiple of 16 bytes\n");
+    if (per_gpu % 16) {
+        fprintf(stderr, "mma-ab: --per-gpu: a multiple of 16 bytes\n");
         return 2;
     }
     size_t sizes[MAXS];
     int ns = 0;
     cap = 0;
     for (char *s = strtok(strdup(sizes_arg), ","); s && ns < MAXS; s = strtok(NULL, ",")) {
-        sizes[ns] = bench_parse_size(s);
-        if (sizes[ns] < 4096 || sizes[ns] % 16) {
-            fprintf(stderr, "mma-ab: size %s: at least 4K and a multiple of 16 bytes\n", s);
+        if (bench_size_arg("mma-ab", "--sizes", s, 4096, (size_t)1 << 40, &sizes[ns]))
+            return 2;
+        if (sizes[ns] % 16) {
+            fprintf(stderr, "mma-ab: --sizes %s: a multiple of 16 bytes\n", s);
             return 2;
         }
         if (sizes[ns] > cap)

@@ -13,18 +13,6 @@
 
 #include "util.h"
 
-/* "64M", "4K", "1G", "0.5M" or plain bytes. */
-static inline size_t bench_parse_size(const char *s)
-{
-    char *e;
-    double v = strtod(s, &e);
-    size_t m = *e == 'K' || *e == 'k'   ? 1u << 10
-               : *e == 'M' || *e == 'm' ? 1u << 20
-               : *e == 'G' || *e == 'g' ? 1u << 30
-                                        : 1;
-    return (size_t)(v * (double)m);
-}
-
 /* A size option of a tool: "64M", "4K", "1G", "0.5M" or plain bytes, from
  * lo to hi, into *out; otherwise a line on stderr that says what is wrong
  * (returns -1). */

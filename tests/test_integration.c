@@ -1609,12 +1609,16 @@ START_TEST(mma_ab_arguments)
 {
     static const bad_args_t bad[] = {
         {{"--rounds", "1", NULL}, "sockets"},
-        {{"--rounds", "0", "/tmp/x.sock", NULL}, "--rounds"},
-        {{"--burst", "1", "/tmp/x.sock", NULL}, "--burst"},
+        {{"--rounds", "0", "/tmp/x.sock", NULL}, "--rounds 0: a whole number from 1 to 1000"},
+        {{"--burst", "1", "/tmp/x.sock", NULL}, "--burst 1: a whole number from 2 to 100"},
+        {{"--gpu", "x", "/tmp/x.sock", NULL}, "--gpu x"},
+        {{"--gap-us", "-5", "/tmp/x.sock", NULL}, "--gap-us -5"},
         {{"--dir", "sideways", "/tmp/x.sock", NULL}, "h2d or d2h"},
-        {{"--sizes", "1K", "/tmp/x.sock", NULL}, "at least 4K"},
+        {{"--sizes", "1K", "/tmp/x.sock", NULL}, "--sizes 1K: a size from 4096"},
+        {{"--sizes", "8M,64Q", "/tmp/x.sock", NULL}, "--sizes 64Q"},
+        {{"--sizes", "4100", "/tmp/x.sock", NULL}, "a multiple of 16"},
         {{"--sizes", ",", "/tmp/x.sock", NULL}, "names no size"},
-        {{"--per-gpu", "0", "/tmp/x.sock", NULL}, "--per-gpu"},
+        {{"--per-gpu", "0", "/tmp/x.sock", NULL}, "--per-gpu 0"},
         {{"--frob", "/tmp/x.sock", NULL}, "usage"},
     };
     refuses(MMA_AB_PATH, NULL, bad, sizeof bad / sizeof bad[0]);
