@@ -153,26 +153,36 @@ static double time_copy(ctx_t *x, int dir, size_t n, int mode, int paths, double
     return pct(samples, reps, 0.5);
 }
 
-
-/* Native (mode 0), native on a second stream (4) and mma as a user gets it
- * (3) taken in turns, copy by copy, so drift on the box (other threads,
- * clocks) falls on all alike; which goes first rotates, so that none is
- * always the copy that follows another's. Their samples in s[0], s[1], s[2].
- * The second stream is the control: below the bypass, mma's copy is a
- * native copy on libmma's own stream, and two streams taken in turns differ
- * by themselves (16 KiB H2D on H200: 0.81x, the second stream's copies
- * slower, over the first few hundred turns, then ~0.97x;
- * bench/results/2026-11-27-1xH200-pairs/). */
-static void time_turns(ctx_t *x, int dir, size_t n, double *s[3], int reps)
+/* Copies of modes[0..nm) (as one_copy) taken in turns, copy by copy, so
+ * drift on the box (other threads, clocks) falls on all alike; which goes
+ * first rotates, so that none is always the copy that follows another's.
+ * Mode i's samples in s[i]; with warm, one turn first that is not kept; each
+ * copy after a pause of gap_us. */
+static void time_in_turns(ctx_t *x, int dir, size_t n, const int *modes, int nm, double **s, int reps, int warm,
+                          unsigned gap_us)
 {
-    static const int modes[3] = {0, 4, 3};
-    for (int r = -1; r < reps; r++)
-        for (int k = 0; k < 3; k++) {
-            int i = (k + (r + 3)) % 3;
+    for (int r = warm ? -1 : 0; r < reps; r++)
+        for (int k = 0; k < nm; k++) {
+            int i = (k + r + nm) % nm;
+            if (gap_us)
+                usleep(gap_us);
             double t = one_copy(x, dir, n, modes[i], 0);
             if (r >= 0)
                 s[i][r] = t;
         }
+}
+
+/* Native (mode 0), native on a second stream (4) and mma as a user gets it
+ * (3) in turns (time_in_turns), after one warm-up turn. Their samples in
+ * s[0], s[1], s[2]. The second stream is the control: below the bypass,
+ * mma's copy is a native copy on libmma's own stream, and two streams taken
+ * in turns differ by themselves (16 KiB H2D on H200: 0.81x, the second
+ * stream's copies slower, over the first few hundred turns, then ~0.97x;
+ * bench/results/2026-11-27-1xH200-pairs/). */
+static void time_turns(ctx_t *x, int dir, size_t n, double *s[3], int reps)
+{
+    static const int modes[3] = {0, 4, 3};
+    time_in_turns(x, dir, n, modes, 3, s, reps, 1, 0);
 }
 
 /* GB/s with QDEPTH copies in flight: copy k goes to [k*n, (k+1)*n) of the
@@ -231,19 +241,14 @@ static int check(ctx_t *x, int dir, size_t off, size_t len)
     return memcmp(x->back + off, x->host + off, len) == 0;
 }
 
-/* Sporadic copies: native (mode 0) and auto (3) in turns, each after a
- * pause of gap_us, the order swapped every turn; their samples in sn, sa.
- * Then one more auto copy into a cleared destination, checked: 1 when its
- * bytes match. */
+/* Sporadic copies: native (mode 0) and auto (3) in turns (time_in_turns),
+ * each after a pause of gap_us; their samples in sn, sa. Then one more auto
+ * copy into a cleared destination, checked: 1 when its bytes match. */
 static int time_sporadic(ctx_t *x, int dir, size_t n, unsigned gap_us, double *sn, double *sa, int reps)
 {
-    for (int r = 0; r < reps; r++)
-        for (int k = 0; k < 2; k++) {
-            int is_auto = (k + r) % 2;
-            usleep(gap_us);
-            double t = one_copy(x, dir, n, is_auto ? 3 : 0, 0);
-            (is_auto ? sa : sn)[r] = t;
-        }
+    static const int modes[2] = {0, 3};
+    double *s[2] = {sn, sa};
+    time_in_turns(x, dir, n, modes, 2, s, reps, 0, gap_us);
     prepare(x, dir, 0, n);
     usleep(gap_us);
     (void)one_copy(x, dir, n, 3, 0);
