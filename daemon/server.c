@@ -306,6 +306,10 @@ static void handle_copy(srv_client_t *cl, const Mma__Request *req)
  * the rings are read until all are empty, since a client that saw this
  * thread polling sent no KICK for what it posted. */
 #define SQ_PER_TURN 64
+/* Turns a ring is read in at most (sq_drain, sq_take_all): a client has at
+ * most its flag slots' worth of copies in flight, so only one that breaks
+ * the protocol keeps a ring full. */
+#define SQ_MAX_TURNS 64
 
 /* Take the copies cl posted to its submission ring (flagpage.h) and queue
  * them in order. A ring that breaks the protocol (an entry posted past the
@@ -356,13 +360,13 @@ static int sq_take(srv_client_t *cl)
     return n;
 }
 
-/* All of cl's ring, SQ_PER_TURN entries a turn (at most 64 turns, as in
- * sq_take_all): how many copies it held, or -1 where it broke the protocol
- * (the client is closing). */
+/* All of cl's ring, SQ_PER_TURN entries a turn (at most SQ_MAX_TURNS): how
+ * many copies it held, or -1 where it broke the protocol (the client is
+ * closing). */
 static int sq_drain(srv_client_t *cl)
 {
     int total = 0;
-    for (int turn = 0; turn < 64; turn++) {
+    for (int turn = 0; turn < SQ_MAX_TURNS; turn++) {
         int took = sq_take(cl);
         if (took < 0)
             return -1;
@@ -374,11 +378,10 @@ static int sq_drain(srv_client_t *cl)
 }
 
 /* Every client's ring until all are empty, SQ_PER_TURN entries a turn
- * (at most 64 turns: a client has at most its flag slots' worth of copies
- * in flight, so only one that breaks the protocol keeps a ring full). */
+ * (at most SQ_MAX_TURNS), the clients taken in turns. */
 static void sq_take_all(mmad_server_t *s)
 {
-    for (int more = 1, turns = 0; more && turns < 64; turns++) {
+    for (int more = 1, turns = 0; more && turns < SQ_MAX_TURNS; turns++) {
         more = 0;
         for (srv_client_t *cl = s->clients; cl; cl = cl->next)
             if (sq_take(cl) == SQ_PER_TURN)
