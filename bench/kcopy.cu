@@ -113,17 +113,25 @@ typedef struct {
 
 /* ceil: every GPU moves its n/ngpu between its slice of host memory and its
  * own memory, on its own stream. */
+/* GPU g's slice of n bytes in ceil: [*off, *off + *len), n/ngpu rounded
+ * down to 4 KiB, the last GPU taking the rest. */
+static void ceil_slice(const box_t *b, size_t n, int g, size_t *off, size_t *len)
+{
+    size_t part = (n / (size_t)b->ngpu) & ~(size_t)4095;
+    *off = part * (size_t)g;
+    *len = g == b->ngpu - 1 ? n - *off : part;
+}
+
 static void issue_ceil(box_t *b, int d, size_t n)
 {
-    size_t part = (n / (size_t)b->ngpu) & ~(size_t)4095, off = 0;
     for (int g = 0; g < b->ngpu; g++) {
-        size_t len = g == b->ngpu - 1 ? n - off : part;
+        size_t off, len;
+        ceil_slice(b, n, g, &off, &len);
         CK(cudaSetDevice(g));
         if (d == 0)
             CK(cudaMemcpyAsync(b->own[g] + off, b->host + off, len, cudaMemcpyHostToDevice, b->s[g]));
         else
             CK(cudaMemcpyAsync(b->host + off, b->own[g] + off, len, cudaMemcpyDeviceToHost, b->s[g]));
-        off += len;
     }
 }
 
@@ -226,12 +234,11 @@ static int check(box_t *b, int d, size_t n, unsigned salt, int ceil)
     if (!h)
         exit(1);
     if (d == 0 && ceil) {
-        size_t part = (n / (size_t)b->ngpu) & ~(size_t)4095, off = 0;
         for (int g = 0; g < b->ngpu; g++) {
-            size_t len = g == b->ngpu - 1 ? n - off : part;
+            size_t off, len;
+            ceil_slice(b, n, g, &off, &len);
             CK(cudaSetDevice(g));
             CK(cudaMemcpy((char *)h + off, b->own[g] + off, len, cudaMemcpyDeviceToHost));
-            off += len;
         }
     } else if (d == 0) {
         CK(cudaSetDevice(0));
