@@ -19,10 +19,10 @@ all but the first SKIP, prints:
     bench/trace_drift.py TRACE.csv[.gz] [--dir h2d] [--mib 64] [--skip 20]
 """
 import argparse
-import csv
-import gzip
 import statistics as st
 from collections import Counter, defaultdict
+
+from trace_csv import read_jobs
 
 
 def main():
@@ -32,10 +32,7 @@ def main():
     ap.add_argument("--mib", type=float)
     ap.add_argument("--skip", type=int, default=20)
     a = ap.parse_args()
-    f = gzip.open(a.trace, "rt") if a.trace.endswith(".gz") else open(a.trace)
-    jobs = defaultdict(list)
-    for r in csv.DictReader(f):
-        jobs[int(r["job"])].append(r)
+    jobs = read_jobs(a.trace)
     kinds = Counter((rs[0]["dir"], int(rs[0]["job_bytes"])) for rs in jobs.values())
     want = [k for k in kinds if (not a.dir or k[0] == a.dir) and (not a.mib or k[1] == int(a.mib * 2**20))]
     if not want:

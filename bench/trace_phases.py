@@ -10,10 +10,10 @@ path's end; then the first dozen times.
 
     bench/trace_phases.py TRACE.csv[.gz] [MAX_MIB]
 """
-import csv
-import gzip
 import statistics as st
 import sys
+
+from trace_csv import read_jobs
 
 
 def main():
@@ -21,17 +21,17 @@ def main():
         sys.exit(__doc__)
     path = sys.argv[1]
     max_bytes = (int(sys.argv[2]) if len(sys.argv) > 2 else 1 << 20) << 20
-    f = gzip.open(path, "rt") if path.endswith(".gz") else open(path)
     jobs = {}
-    for row in csv.DictReader(f):
-        j = jobs.setdefault(int(row["job"]), dict(bytes=int(row["job_bytes"]), dir=row["dir"], target=row["target"],
-                                                  q=int(row["t_queued"]), sent=int(row["t_sent"]), done=0,
-                                                  direct=0, ends={}))
-        done, via = int(row["t_done"]), row["via"]
-        j["done"] = max(j["done"], done)
-        j["ends"][via] = max(j["ends"].get(via, 0), done)
-        if via == row["target"]:
-            j["direct"] += int(row["len"])
+    for k, rows in read_jobs(path).items():
+        r0 = rows[0]
+        j = jobs[k] = dict(bytes=int(r0["job_bytes"]), dir=r0["dir"], target=r0["target"], q=int(r0["t_queued"]),
+                           sent=int(r0["t_sent"]), done=0, direct=0, ends={})
+        for row in rows:
+            done, via = int(row["t_done"]), row["via"]
+            j["done"] = max(j["done"], done)
+            j["ends"][via] = max(j["ends"].get(via, 0), done)
+            if via == row["target"]:
+                j["direct"] += int(row["len"])
     phases, cur = [], []
     for k in sorted(jobs):
         j = jobs[k]

@@ -15,10 +15,11 @@ Where mmad's cuda backend timed the chunks' copies on the GPUs too (its
   bench/trace_summary.py trace.csv [--min-bytes N] [--skip N]
 """
 import argparse
-import csv
 import statistics
 import sys
 from collections import defaultdict
+
+from trace_csv import read_jobs
 
 
 def med(xs):
@@ -36,10 +37,7 @@ def main():
     ap.add_argument("--min-bytes", type=int, default=1 << 20)
     ap.add_argument("--skip", type=int, default=2, help="first copies of each size left out (warm-up)")
     a = ap.parse_args()
-    jobs = defaultdict(list)
-    with open(a.csv) as f:
-        for r in csv.DictReader(f):
-            jobs[int(r["job"])].append(r)
+    jobs = read_jobs(a.csv)
     # Only copies that had mmad to themselves: a copy whose time overlaps
     # another's (mma-bench's 4-in-flight columns, other clients) is left out.
     span = {j: (int(rs[0]["t_queued"]), max(int(r["t_done"]) for r in rs)) for j, rs in jobs.items()}
