@@ -196,9 +196,10 @@ static int check(conf_t *c, size_t n)
 int main(int argc, char **argv)
 {
     const char *sizes_arg = "8M,32M,64M,256M";
-    static const struct option lo[] = {{"dir", 1, 0, 'd'},   {"gpu", 1, 0, 'g'},     {"sizes", 1, 0, 'z'},
-                                       {"rounds", 1, 0, 'r'}, {"burst", 1, 0, 'b'}, {"per-gpu", 1, 0, 'p'}, {"gap-us", 1, 0, 'G'}, {"as-used", 0, 0, 'U'},
-                                       {"help", 0, 0, 'h'},  {0}};
+    static const struct option lo[] = {{"dir", 1, 0, 'd'},    {"gpu", 1, 0, 'g'},     {"sizes", 1, 0, 'z'},
+                                       {"rounds", 1, 0, 'r'}, {"burst", 1, 0, 'b'},   {"per-gpu", 1, 0, 'p'},
+                                       {"gap-us", 1, 0, 'G'}, {"as-used", 0, 0, 'U'}, {"help", 0, 0, 'h'},
+                                       {0}};
     int o;
     while ((o = getopt_long(argc, argv, "d:g:z:r:b:p:G:Uh", lo, NULL)) != -1) {
         switch (o) {
