@@ -33,11 +33,11 @@ def bandwidth(d):
         mma = [float(r[6]) for r in pts]
         auto = [float(r[8].split("auto ")[1].split()[0]) if "auto " in r[8] else None for r in pts]
 
-        def queued(col):  # natq_gbps (9) / mmaq_gbps (10): newer runs, sizes >= 1 MiB
-            q = [(s, float(r[col])) for s, r in zip(size, pts) if len(r) > col and r[col]]
+        def column(col):  # a column newer runs fill from 1 MiB: (sizes, values) where it has one
+            q = [(s, float(r[col])) for s, r in zip(size, pts) if len(r) > col and r[col] and float(r[col]) > 0]
             return [s for s, _ in q], [v for _, v in q]
 
-        natq, mmaq = queued(9), queued(10)
+        natq, mmaq = column(9), column(10)  # natq_gbps, mmaq_gbps
         fig, ax = plt.subplots(figsize=(7, 4.2))
         ax.plot(size, nat, "o-", label="native cudaMemcpyAsync (one link)")
         ax.plot(size, mma, "s-", label="mma through mmad (all paths)")
@@ -49,15 +49,12 @@ def bandwidth(d):
             ax.plot(*mmaq, "s--", color="C1", alpha=0.7, label="mma, 4 copies in flight")
         if dirn in ceil:
             ax.axhline(ceil[dirn], color="gray", ls=":", label=f"box ceiling at the start (best) {ceil[dirn]:.0f} GB/s")
-        # local_ceil_gbps (12): the ceiling again beside each size's copies (newer runs, from 1 MiB)
-        lc = [(s, float(r[12])) for s, r in zip(size, pts) if len(r) > 12 and r[12] and float(r[12]) > 0]
-        if lc:
-            ax.plot([s for s, _ in lc], [v for _, v in lc], "x:", color="gray", label="box ceiling beside each size")
-        # same_ceil_gbps (13): every GPU copying size/ngpu at once (newer runs, from 1 MiB)
-        sc = [(s, float(r[13])) for s, r in zip(size, pts) if len(r) > 13 and r[13] and float(r[13]) > 0]
-        if sc:
-            ax.plot([s for s, _ in sc], [v for _, v in sc], "+--", color="black", alpha=0.6,
-                    label="box ceiling, same bytes (each GPU size/ngpu)")
+        lc = column(12)  # local_ceil_gbps: the ceiling again beside each size's copies
+        if lc[0]:
+            ax.plot(*lc, "x:", color="gray", label="box ceiling beside each size")
+        sc = column(13)  # same_ceil_gbps: every GPU copying size/ngpu at once
+        if sc[0]:
+            ax.plot(*sc, "+--", color="black", alpha=0.6, label="box ceiling, same bytes (each GPU size/ngpu)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("copy size (bytes)")
         ax.set_ylabel("GB/s")
