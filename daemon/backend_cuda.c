@@ -105,9 +105,11 @@
  * PCIe read of host memory. */
 #define RESIDENT_RELAY_OVERHEAD_US 1.0
 #define KERNEL_QUIET_NS 1000000000ull
-/* A resident relay kernel ends after this long even while chunks keep
- * coming (the engine starts the next one): calls that wait for the whole
- * GPU (cudaFree, cudaHostUnregister on the loop thread) wait no longer. */
+/* A resident relay kernel's life: after it, the kernel ends at the first
+ * chunk not yet posted (between copies) and the engine starts the next one
+ * at once; fed without a pause it ends after MMAD_RELAY_HARD_LIFE of this
+ * (3 ms) anyway. Calls that wait for the whole GPU (cudaFree,
+ * cudaHostUnregister on the loop thread) wait no longer. */
 #define RESIDENT_LIFE_NS 2000000ull
 #define COMPUTE_LOOK_NS 250000000ull
 
@@ -690,7 +692,7 @@ static void kernel_ends(const mmad_chunk_t *c, void **dst, const void **src)
  * r->from on; the via GPU's context is current. */
 static int resident_launch(cuda_be_t *s, resident_t *r)
 {
-    if (++r->gen == 0)
+    if (++r->gen >= 1u << 31) /* the exit word's top bit is MMAD_RELAY_EXIT_LIFE */
         r->gen = 1;
     r->err = mmad_relay_resident_launch(r->ring, r->exit_word, r->state, r->from, r->gen, s->linger_ns,
                                         RESIDENT_LIFE_NS, s->kernel_blocks, r->stream);
@@ -704,17 +706,21 @@ static int resident_launch(cuda_be_t *s, resident_t *r)
 }
 
 /* Has r's kernel ended? Then r->from is where; and descriptors posted
- * since need a new launch (GPU v's context is made current for it). */
+ * since need a new launch (GPU v's context is made current for it), as
+ * does a kernel that ended for its life: chunks are coming, and the next
+ * copy's should find a kernel running, not wait for its launch. */
 static int resident_tend(cuda_be_t *s, int v, resident_t *r)
 {
+    int life = 0;
     if (r->alive) {
         unsigned long long w = __atomic_load_n(r->exit_word, __ATOMIC_ACQUIRE);
-        if ((uint32_t)(w >> 32) != r->gen)
+        if ((uint32_t)((w & ~MMAD_RELAY_EXIT_LIFE) >> 32) != r->gen)
             return MMA_OK;
         r->alive = 0;
+        life = (w & MMAD_RELAY_EXIT_LIFE) != 0;
         r->from = r->next_seq - (uint32_t)((uint32_t)r->next_seq - (uint32_t)w);
     }
-    if (r->from == r->next_seq)
+    if (r->from == r->next_seq && !life)
         return MMA_OK;
     int rc = use_dev(s, v);
     return rc == MMA_OK ? resident_launch(s, r) : rc;

@@ -85,19 +85,24 @@ __device__ static void hand_over(mmad_relay_state_t *st, unsigned slot, unsigned
  * share; the block that finishes a descriptor last writes its completion
  * word (host memory) after a system-wide fence, so that every byte of every
  * block is visible before the word is. After linger_ns without a new
- * descriptor, or once it has run for life_ns, block 0 hands over an exit
- * instead and writes gen:seq into *exit_word (the host then knows that
- * descriptors from seq on need a new launch); it only ends there, at a
- * descriptor it has not handed over ahead, and hands none over ahead once
- * past its life bound, so that it gets there. The life bound keeps a busy
- * kernel from holding off for long what waits for the whole GPU to be
- * idle (cudaFree, cudaHostUnregister). */
+ * descriptor block 0 hands over an exit instead and writes gen:seq into
+ * *exit_word (the host then knows that descriptors from seq on need a new
+ * launch). Once it has run for life_ns it ends at the first descriptor the
+ * ring does not hold yet, without lingering: between copies, not in the
+ * middle of one whose next chunk waits (a relay path that stops there ends
+ * its copy late by a relaunch). A kernel fed without a pause ends anyway
+ * after MMAD_RELAY_HARD_LIFE(life_ns), where it stops handing over ahead so
+ * that it gets to that point. An exit for its life sets MMAD_RELAY_EXIT_LIFE
+ * in *exit_word: the host starts the next kernel at once, for the next copy.
+ * The life bound keeps a busy kernel from holding off for long what waits
+ * for the whole GPU to be idle (cudaFree, cudaHostUnregister). */
 __global__ void mmad_relay_resident(const mmad_relay_desc_t *ring, unsigned long long *exit_word,
                                     mmad_relay_state_t *st, uint64_t seq, uint32_t gen, uint64_t linger_ns,
                                     uint64_t life_ns)
 {
     __shared__ mmad_relay_desc_t d;
     uint64_t born = now_ns();
+    uint64_t hard_ns = MMAD_RELAY_HARD_LIFE(life_ns);
     uint64_t next = seq; /* block 0's thread 0: the first descriptor not handed over */
     for (;; seq++) {
         unsigned slot = (unsigned)(seq % MMAD_RELAY_RING);
@@ -108,7 +113,10 @@ __global__ void mmad_relay_resident(const mmad_relay_desc_t *ring, unsigned long
                 if (next == seq) {
                     const volatile mmad_relay_desc_t *h = ring + slot;
                     uint64_t t0 = now_ns();
-                    leave = t0 - born > life_ns;
+                    /* life: past its life, end here unless the chunk is
+                     * already posted; past the hard bound, end anyway */
+                    int life = t0 - born > life_ns;
+                    leave = t0 - born > hard_ns || (life && h->seq != seq);
                     while (!leave && h->seq != seq)
                         if (now_ns() - t0 > linger_ns) {
                             leave = 1;
@@ -119,12 +127,12 @@ __global__ void mmad_relay_resident(const mmad_relay_desc_t *ring, unsigned long
                     next = seq + 1;
                     if (leave) {
                         __threadfence_system();
-                        *(volatile unsigned long long *)exit_word = tag;
+                        *(volatile unsigned long long *)exit_word = tag | (life ? MMAD_RELAY_EXIT_LIFE : 0ull);
                     }
                 }
-                /* Not past the life bound: a kernel always fed ahead would
-                 * never reach the wait above, where it ends. */
-                while (!leave && next <= seq + RELAY_LOOKAHEAD && now_ns() - born <= life_ns) {
+                /* Not past the hard bound: a kernel always fed ahead would
+                 * never reach the check above, where it ends. */
+                while (!leave && next <= seq + RELAY_LOOKAHEAD && now_ns() - born <= hard_ns) {
                     unsigned ns = (unsigned)(next % MMAD_RELAY_RING);
                     const volatile mmad_relay_desc_t *h = ring + ns;
                     if (h->seq != next)

@@ -51,12 +51,21 @@ extern "C" {
  * when len is small); returns the launch's error. */
 cudaError_t mmad_relay_kernel_launch(void *dst, const void *src, uint64_t len, int blocks, cudaStream_t st);
 
+/* A resident kernel's exit word: generation << 32 | the low 32 bits of the
+ * first sequence number it did not take, and this bit where it ended for
+ * its life (not for want of chunks). Generations stay below 2^31. */
+#define MMAD_RELAY_EXIT_LIFE (1ull << 63)
+/* Past its life a resident kernel ends at the first chunk not yet posted;
+ * one fed without a pause ends after this anyway. */
+#define MMAD_RELAY_HARD_LIFE(life_ns) ((life_ns) + (life_ns) / 2)
+
 /* Start a resident kernel of `blocks` blocks on st that takes the ring's
  * descriptors from sequence number seq on, and ends once none came for
- * linger_ns or it has run for life_ns, writing (gen << 32 | low 32 bits of
- * the next seq) into *exit_word. ring and exit_word are host-mapped memory;
- * state is on st's GPU. Every block must be resident at once (blocks wait
- * for block 0). */
+ * linger_ns, or, after life_ns, once the next is not posted yet (at the
+ * latest after MMAD_RELAY_HARD_LIFE), writing its exit word into
+ * *exit_word. gen must be below 2^31. ring and exit_word are host-mapped
+ * memory; state is on st's GPU. Every block must be resident at once
+ * (blocks wait for block 0). */
 cudaError_t mmad_relay_resident_launch(const mmad_relay_desc_t *ring, unsigned long long *exit_word,
                                        mmad_relay_state_t *state, uint64_t seq, uint32_t gen,
                                        uint64_t linger_ns, uint64_t life_ns, int blocks, cudaStream_t st);
