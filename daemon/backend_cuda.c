@@ -267,6 +267,11 @@ typedef struct cuda_be {
     _Atomic uint64_t n_kernel;
     uint64_t linger_ns;           /* --relay-linger-us; 0: a launch per one-hop relay */
     int use_resident;             /* one-hop relays go to resident kernels */
+    /* resident kernel launches by what the last kernel there ended for:
+     * [0] none ran or it lingered out (a copy after a pause), [1] its life,
+     * with chunks already waiting (their relay path paused mid-copy for
+     * the launch), [2] its life, ahead of the next chunk */
+    uint64_t res_launch_why[3];
     void *res_host;               /* every ring and exit word, host-mapped */
     unsigned long long *res_dummy; /* where a cancelled descriptor's kernel writes */
     int hop_target;          /* --hop-side=target: the NVLink hop runs on the target's stream */
@@ -723,7 +728,11 @@ static int resident_tend(cuda_be_t *s, int v, resident_t *r)
     if (r->from == r->next_seq && !life)
         return MMA_OK;
     int rc = use_dev(s, v);
-    return rc == MMA_OK ? resident_launch(s, r) : rc;
+    if (rc == MMA_OK)
+        rc = resident_launch(s, r);
+    if (rc == MMA_OK)
+        s->res_launch_why[life ? (r->from == r->next_seq ? 2 : 1) : 0]++;
+    return rc;
 }
 
 /* Make a descriptor no kernel has taken copy nothing (it still has its
@@ -1728,9 +1737,12 @@ static void cuda_destroy(mmad_backend_t *be)
                  s->t_hop_ns / 1e3 / (double)s->n_copy, s->t_mark_ns / 1e3 / (double)s->n_copy,
                  s->t_ctx_ns / 1e3 / (double)s->n_copy, s->copy_driver ? "driver" : "runtime");
     if (s->n_kernel)
-        MMA_INFO("cuda: %llu of those were one-hop relays (%llu resident kernel launches)",
+        MMA_INFO("cuda: %llu of those were one-hop relays (%llu resident kernel launches: %llu after a pause, "
+                 "%llu at a kernel's life with chunks waiting, %llu at its life ahead of the next chunk)",
                  (unsigned long long)s->n_kernel,
-                 (unsigned long long)atomic_load_explicit(&s->base.relay_kernel_launches, memory_order_relaxed));
+                 (unsigned long long)atomic_load_explicit(&s->base.relay_kernel_launches, memory_order_relaxed),
+                 (unsigned long long)s->res_launch_why[0], (unsigned long long)s->res_launch_why[1],
+                 (unsigned long long)s->res_launch_why[2]);
     for (int gi = 0; gi < be->gpu_count; gi++) {
         cuda_gpu_t *g = &s->gpu[gi];
         if (CU(cudaSetDevice(gi)) != MMA_OK)
