@@ -48,6 +48,7 @@
 #include <unistd.h>
 
 #include "bench_util.h"
+#include "ceiling.h"
 #include "cuda_check.h"
 #include "mma.h"
 #include "util.h"
@@ -56,7 +57,7 @@
 
 #define MAXC 6
 #define MAXS 16
-#define MAXG 16
+#define MAXG BENCH_MAXG
 
 typedef struct {
     const char *sock;
@@ -71,8 +72,7 @@ static int as_used;     /* --as-used: copies as a user gets them (libmma may run
 static size_t cap, per_gpu = (size_t)256 << 20;
 static cudaStream_t stream, stream2;
 static char *nat_host, *nat_dev;
-static char *ceil_host[MAXG], *ceil_dev[MAXG];
-static cudaStream_t ceil_st[MAXG];
+static bench_box_t box; /* the box ceiling's buffers (cudaHostAlloc memory) */
 
 
 /* Microseconds of one copy of n bytes: through c's mmad (host-ordered, no
@@ -109,51 +109,16 @@ static double one(conf_t *c, size_t n, int spin, double *call)
     return mma_now_us() - t0;
 }
 
-/* The box ceiling once: every GPU copies per bytes (at most per_gpu) into
- * (D2H: out of) its own memory at once; aggregate GB/s until the last is
- * done. */
-static double ceiling_of(size_t per)
-{
-    for (int g = 0; g < ngpu; g++) {
-        CK(cudaSetDevice(g));
-        CK(cudaStreamSynchronize(ceil_st[g]));
-    }
-    double t0 = mma_now_us();
-    for (int g = 0; g < ngpu; g++) {
-        CK(cudaSetDevice(g));
-        if (dir == 0)
-            CK(cudaMemcpyAsync(ceil_dev[g], ceil_host[g], per, cudaMemcpyHostToDevice, ceil_st[g]));
-        else
-            CK(cudaMemcpyAsync(ceil_host[g], ceil_dev[g], per, cudaMemcpyDeviceToHost, ceil_st[g]));
-    }
-    for (int g = 0; g < ngpu; g++) {
-        CK(cudaSetDevice(g));
-        CK(cudaStreamSynchronize(ceil_st[g]));
-    }
-    CK(cudaSetDevice(gpu));
-    return (double)per * ngpu / (mma_now_us() - t0) / 1e3;
-}
-
+/* The box ceiling once: every GPU copies per_gpu bytes at once. */
 static double ceiling(void)
 {
-    return ceiling_of(per_gpu);
+    return bench_ceil_round(&box, dir, per_gpu, NULL);
 }
 
-/* The same-bytes ceiling once: every GPU copies n/ngpu into its own memory
- * at once, after one such round that warms up; the median of three, in GB/s
- * of all n bytes. It pays a copy's start and end as one copy of n does;
- * the ceiling of per_gpu a GPU has none of them. 0 where n/ngpu does not
- * fit. */
+/* The same-bytes ceiling of an n-byte copy: the median of three rounds. */
 static double same_ceiling(size_t n)
 {
-    size_t per = (n / (size_t)ngpu) & ~(size_t)4095;
-    if (!per || per > per_gpu)
-        return 0;
-    double r[3];
-    (void)ceiling_of(per);
-    for (int i = 0; i < 3; i++)
-        r[i] = ceiling_of(per);
-    return bench_median(r, 3);
+    return bench_same_ceiling(&box, dir, n, 3);
 }
 
 static void fill(char *p, size_t n, uint64_t seed)
@@ -305,12 +270,15 @@ int main(int argc, char **argv)
     CK(cudaStreamCreateWithFlags(&stream2, cudaStreamNonBlocking));
     CK(cudaHostAlloc((void **)&nat_host, cap, cudaHostAllocPortable));
     CK(cudaMalloc((void **)&nat_dev, cap));
+    box.ngpu = ngpu;
+    box.home = gpu;
+    box.cap = per_gpu;
     for (int g = 0; g < ngpu; g++) {
         CK(cudaSetDevice(g));
-        CK(cudaStreamCreateWithFlags(&ceil_st[g], cudaStreamNonBlocking));
-        CK(cudaMalloc((void **)&ceil_dev[g], per_gpu));
-        CK(cudaHostAlloc((void **)&ceil_host[g], per_gpu, cudaHostAllocPortable));
-        memset(ceil_host[g], 0x5a, per_gpu);
+        CK(cudaStreamCreateWithFlags(&box.st[g], cudaStreamNonBlocking));
+        CK(cudaMalloc((void **)&box.dev[g], per_gpu));
+        CK(cudaHostAlloc((void **)&box.host[g], per_gpu, cudaHostAllocPortable));
+        memset(box.host[g], 0x5a, per_gpu);
     }
     CK(cudaSetDevice(gpu));
     struct cudaDeviceProp prop;

@@ -26,20 +26,11 @@
 #include <unistd.h>
 
 #include "bench_util.h"
+#include "ceiling.h"
 #include "mma.h"
 #include "util.h"
 #define TOOL_NAME "mma-bench"
 #include "tool_check.h"
-
-#define CK(call)                                                                          \
-    do {                                                                                  \
-        cudaError_t e_ = (call);                                                          \
-        if (e_ != cudaSuccess) {                                                          \
-            fprintf(stderr, "mma-bench: %s: %s\n", #call, cudaGetErrorString(e_));       \
-            exit(1);                                                                      \
-        }                                                                                 \
-    } while (0)
-
 
 static void human(size_t n, char *out, size_t len)
 {
@@ -71,9 +62,7 @@ typedef struct ctx {
     const char *card;
     /* the box ceiling's buffers (ceil_open), kept for the local ceilings
      * beside each size's copies */
-    size_t ceil_per_gpu;
-    char *ceil_h[16], *ceil_d[16];
-    cudaStream_t ceil_st[16];
+    bench_box_t box;
 } ctx_t;
 
 /* After a native phase of n-byte copies: mmad's link monitor (NVML, a
@@ -275,77 +264,35 @@ static size_t break_even(const size_t *sz, const double *a, const double *b, int
  * client's) and of device memory for every GPU, with a stream each. */
 static void ceil_open(ctx_t *x, size_t per_gpu)
 {
-    if (x->ceil_per_gpu)
+    bench_box_t *b = &x->box;
+    if (b->cap)
         return;
+    b->ngpu = x->ngpu;
+    b->home = x->gpu;
     for (int g = 0; g < x->ngpu; g++) {
         CK(cudaSetDevice(g));
-        CK(cudaMalloc((void **)&x->ceil_d[g], per_gpu));
-        CK(cudaStreamCreateWithFlags(&x->ceil_st[g], cudaStreamNonBlocking));
-        MK(mma_host_alloc(x->c, per_gpu, (void **)&x->ceil_h[g]));
-        memset(x->ceil_h[g], g + 1, per_gpu);
+        CK(cudaMalloc((void **)&b->dev[g], per_gpu));
+        CK(cudaStreamCreateWithFlags(&b->st[g], cudaStreamNonBlocking));
+        MK(mma_host_alloc(x->c, per_gpu, (void **)&b->host[g]));
+        memset(b->host[g], g + 1, per_gpu);
     }
     CK(cudaSetDevice(x->gpu));
-    x->ceil_per_gpu = per_gpu;
+    b->cap = per_gpu;
 }
 
 static void ceil_close(ctx_t *x)
 {
-    if (!x->ceil_per_gpu)
+    bench_box_t *b = &x->box;
+    if (!b->cap)
         return;
     for (int g = 0; g < x->ngpu; g++) {
         CK(cudaSetDevice(g));
-        CK(cudaFree(x->ceil_d[g]));
-        CK(cudaStreamDestroy(x->ceil_st[g]));
-        MK(mma_free(x->c, x->ceil_h[g]));
+        CK(cudaFree(b->dev[g]));
+        CK(cudaStreamDestroy(b->st[g]));
+        MK(mma_free(x->c, b->host[g]));
     }
     CK(cudaSetDevice(x->gpu));
-    x->ceil_per_gpu = 0;
-}
-
-/* One round of the box ceiling: every GPU copies per_gpu bytes (at most
- * ceil_per_gpu) into (D2H: out of) its own memory at once. Aggregate GB/s
- * until the last is done; end[g]: when GPU g's copy ended (s from the start). */
-static double ceil_round_of(ctx_t *x, int dir, size_t per_gpu, double *end)
-{
-    int n = x->ngpu;
-    for (int g = 0; g < n; g++)
-        CK(cudaStreamSynchronize(x->ceil_st[g]));
-    double t0 = mma_now_s();
-    int done[16] = {0};
-    for (int g = 0; g < n; g++) {
-        CK(cudaSetDevice(g));
-        if (dir == 0)
-            CK(cudaMemcpyAsync(x->ceil_d[g], x->ceil_h[g], per_gpu, cudaMemcpyHostToDevice, x->ceil_st[g]));
-        else
-            CK(cudaMemcpyAsync(x->ceil_h[g], x->ceil_d[g], per_gpu, cudaMemcpyDeviceToHost, x->ceil_st[g]));
-    }
-    /* When each GPU's copy ends: does the host side serve every link
-     * alike? */
-    for (int left = n; left > 0;) {
-        for (int g = 0; g < n; g++) {
-            if (done[g])
-                continue;
-            cudaError_t q = cudaStreamQuery(x->ceil_st[g]);
-            if (q == cudaErrorNotReady) {
-                (void)cudaGetLastError(); /* still copying: not an error */
-                continue;
-            }
-            CK(q);
-            end[g] = mma_now_s() - t0;
-            done[g] = 1;
-            left--;
-        }
-    }
-    CK(cudaSetDevice(x->gpu));
-    double all = 0;
-    for (int g = 0; g < n; g++)
-        all = end[g] > all ? end[g] : all;
-    return (double)per_gpu * n / all / 1e9;
-}
-
-static double ceil_round(ctx_t *x, int dir, double *end)
-{
-    return ceil_round_of(x, dir, x->ceil_per_gpu, end);
+    b->cap = 0;
 }
 
 /* The box ceiling at the start: the best of four rounds after a warm-up. */
@@ -354,7 +301,7 @@ static double ceiling(ctx_t *x, int dir, size_t per_gpu)
     ceil_open(x, per_gpu);
     double best = 0, best_end[16] = {0}, end[16];
     for (int r = 0; r < 5; r++) {
-        double gbps = ceil_round(x, dir, end);
+        double gbps = bench_ceil_round(&x->box, dir, per_gpu, end);
         if (r > 0 && gbps > best) { /* r = 0 warms up */
             best = gbps;
             memcpy(best_end, end, sizeof end);
@@ -376,11 +323,11 @@ static double ceiling(ctx_t *x, int dir, size_t per_gpu)
  * the ceiling section. */
 static double local_ceiling(ctx_t *x, int dir)
 {
-    if (!x->ceil_per_gpu)
+    if (!x->box.cap)
         return 0;
-    double r[LOCAL_CEIL_ROUNDS], end[16];
+    double r[LOCAL_CEIL_ROUNDS];
     for (int i = 0; i < LOCAL_CEIL_ROUNDS; i++)
-        r[i] = ceil_round(x, dir, end);
+        r[i] = bench_ceil_round(&x->box, dir, x->box.cap, NULL);
     return bench_median(r, LOCAL_CEIL_ROUNDS);
 }
 
@@ -388,22 +335,11 @@ static double local_ceiling(ctx_t *x, int dir)
  * over all GPUs), after one that warms up. */
 #define SAME_CEIL_ROUNDS 9
 
-/* The same-bytes ceiling beside one size's copies: every GPU copies n/ngpu
- * bytes into its own memory at once, the median of SAME_CEIL_ROUNDS rounds
- * in GB/s of all n bytes. What the links move for the same bytes, with the
- * same fixed costs (a copy's start and end) that one copy of n pays; the
- * ceiling of ceil_per_gpu a GPU has none of them. 0 without the ceiling
- * section or where n/ngpu does not fit its buffers. */
+/* The same-bytes ceiling beside one size's copies (bench_same_ceiling):
+ * 0 without the ceiling section. */
 static double same_ceiling(ctx_t *x, int dir, size_t n)
 {
-    size_t per = (n / (size_t)x->ngpu) & ~(size_t)4095;
-    if (!x->ceil_per_gpu || !per || per > x->ceil_per_gpu)
-        return 0;
-    double r[SAME_CEIL_ROUNDS], end[16];
-    (void)ceil_round_of(x, dir, per, end);
-    for (int i = 0; i < SAME_CEIL_ROUNDS; i++)
-        r[i] = ceil_round_of(x, dir, per, end);
-    return bench_median(r, SAME_CEIL_ROUNDS);
+    return x->box.cap ? bench_same_ceiling(&x->box, dir, n, SAME_CEIL_ROUNDS) : 0;
 }
 
 static double cpu_seconds(pid_t pid)
