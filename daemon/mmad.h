@@ -68,7 +68,7 @@ typedef struct mmad_config {
     int trace_gpu;            /* with it, each chunk's copies timed on the GPUs too */
     double yield_probe_ms;    /* a yielding relay lets one chunk through this often */
     double link_gbps;         /* per-link rate assumed until one is measured; the reference's floor */
-    int plan_split;           /* 1: copies of at most one chunk per path get a planned split; 2: up to path_depth */
+    int plan_split;           /* 1: copies of at most one chunk per path get a planned split; 2: up to path_depth; 3: also one-hop copies */
     int plan_learn;           /* planned splits learn each path's weight: 1 its rate, 2 a start and rate, 3 even ends */
     uint64_t relay_edge;      /* planned relays end (H2D) / start (D2H) with a piece this small; 0: off */
     double issue_cost_us;     /* engine time per chunk issued (<0: the backend's) */

@@ -16,7 +16,8 @@
  * path never yields.
  *
  * Planned splits. A copy small enough for one chunk per path (plan_split 1),
- * or for path_depth chunks per path (plan_split 2), gets a share per path
+ * or for path_depth chunks per path (plan_split 2), or any whose relays go
+ * in one hop (plan_split 3: they take no staging buffer), gets a share per path
  * whose lengths make the paths finish together, allowing for the engine
  * issuing chunks one after another (direct first) and the extra latency of a
  * relay: later and slower-starting paths get less, and below ~2 MiB (4x H200
@@ -112,7 +113,7 @@ typedef struct mmad_sched {
     int yield_to_direct;
     int own_jobs[MMAD_MAX_GPUS][2];
     /* planned splits */
-    int plan_split;              /* 1: copies of <= 1 chunk per path; 2: <= path_depth chunks */
+    int plan_split;              /* 1: copies of <= 1 chunk per path; 2: <= path_depth chunks; 3: also one-hop copies */
     int plan_learn;              /* 1: learn plan_w (rate weights); 2: plan_fit (start + rate); 3: plan_e */
     uint64_t plan_learn_min;     /* only shares of at least this teach plan_w */
     uint64_t relay_edge;         /* a planned relay's small last (H2D) / first (D2H) piece; 0: none */

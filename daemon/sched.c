@@ -702,9 +702,18 @@ void mmad_sched_add(mmad_sched_t *s, mmad_job_t *job)
     job->chunk_len = mmad_sched_chunk_len(s, job->total, n);
     job->trace_id = ++s->jobs_added;
     /* A copy of at most one chunk per path: plan it, one chunk each; with
-     * --plan-split=2 also one of at most path_depth chunks per path. */
+     * --plan-split=2 also one of at most path_depth chunks per path; with 3
+     * also any copy whose relays go in one hop, however many chunks a path
+     * gets: a one-hop relay takes no staging buffer, so its share need not
+     * fit path_depth of them (on two GPUs a 64 MiB copy is 4 chunks a path,
+     * and equal chunks end the slower relay a part of a chunk late). */
     int per_path = s->plan_split >= 2 ? s->path_depth : 1;
-    if (s->plan_split && job->total > 0 && job->total <= (uint64_t)n * (uint64_t)per_path * s->chunk_size)
+    uint64_t most = (uint64_t)n * (uint64_t)per_path * s->chunk_size;
+    if (s->plan_split >= 3 && job->total > most && job->total < s->be->relay_kernel_below) {
+        per_path = (int)((job->total + s->chunk_size - 1) / s->chunk_size);
+        most = job->total;
+    }
+    if (s->plan_split && job->total > 0 && job->total <= most)
         plan_job(s, job, vias, n, per_path);
     job->next = NULL;
     /* Latency jobs go after the last latency job; bulk jobs at the end. */

@@ -1341,6 +1341,45 @@ START_TEST(one_hop_relays_plan_no_edge_and_more_share)
 }
 END_TEST
 
+START_TEST(plan_split_3_plans_one_hop_copies_of_many_chunks)
+{
+    /* A 4 MiB copy in 256 KiB chunks is 4 chunks a path, more than
+     * path_depth (2): --plan-split=2 leaves it equal chunks, which share it
+     * alike whatever the paths' learned weights. With 3, a copy whose
+     * relays go in one hop (below the backend's one-hop size) is planned:
+     * a path that ran slower in earlier copies of its size (weight 0.5)
+     * gets less. A copy that stages keeps equal chunks (its relay shares
+     * would not fit the staging buffers). */
+    const uint64_t total = 4u << 20;
+    for (int mode = 0; mode < 3; mode++) {
+        mmad_sched_destroy(&s);
+        start(256u << 10, 16u << 10, 2, 4, 0);
+        s.plan_split = mode == 0 ? 2 : 3;
+        s.plan_learn = 3;
+        s.be->relay_kernel_below = mode == 2 ? 0 : 8u << 20;
+        s.be->relay_kernel_overhead_us = 1.0;
+        s.issue_cost_ns = 0;
+        int k = mmad_plan_class(total);
+        s.plan_e[1][3][MMA_DIR_H2D][k] = 0.5;
+        mmad_job_t *a = job_new(&conn_x, 1, MMA_DIR_H2D, 0, &total, 1, 0, 0);
+        mmad_sched_add(&s, a);
+        mmad_sched_fill(&s);
+        drain();
+        ck_assert_uint_eq(a->landed, total);
+        uint64_t per[NGPU] = {0};
+        for (int i = 0; i < fb.nlog; i++)
+            per[fb.log[i].via] += fb.log[i].len;
+        if (mode == 1)
+            ck_assert_msg(per[3] < per[2] * 3 / 4, "--plan-split=3: via 3 (weight 0.5) carried %llu, via 2 %llu",
+                          (unsigned long long)per[3], (unsigned long long)per[2]);
+        else
+            ck_assert_msg(per[3] == per[2], "mode %d: equal chunks, yet via 3 carried %llu and via 2 %llu", mode,
+                          (unsigned long long)per[3], (unsigned long long)per[2]);
+        job_free(a);
+    }
+}
+END_TEST
+
 START_TEST(relay_overhead_option_covers_one_hop)
 {
     /* --relay-overhead-us left at -1: one-hop plans use the backend's
@@ -1936,6 +1975,7 @@ int main(void)
     tcase_add_test(plan, plan_even_skips_a_late_start);
     tcase_add_test(plan, relay_edge_piece_last_h2d_first_d2h);
     tcase_add_test(plan, one_hop_relays_plan_no_edge_and_more_share);
+    tcase_add_test(plan, plan_split_3_plans_one_hop_copies_of_many_chunks);
     tcase_add_test(plan, edge_one_hop_first_and_last_pieces);
     tcase_add_test(plan, resident_relays_go_first_and_start_together);
     tcase_add_test(plan, relay_overhead_option_covers_one_hop);
