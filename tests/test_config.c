@@ -59,7 +59,7 @@ START_TEST(defaults)
     ck_assert_double_eq_tol(cfg.busy_gbps, 10, 1e-12);
     ck_assert_double_eq_tol(cfg.yield_probe_ms, 20, 1e-12);
     ck_assert_double_eq_tol(cfg.link_gbps, 45, 1e-12);
-    ck_assert_int_eq(cfg.plan_split, 2);
+    ck_assert_int_eq(cfg.plan_split, 3);
     ck_assert_int_eq(cfg.plan_learn, 3);
     ck_assert_uint_eq(cfg.relay_edge, 2u << 20);
     /* One-hop relays below 128 MiB (64 MiB copies ran faster with them on
