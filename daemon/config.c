@@ -96,10 +96,10 @@ static const opt_t options[] = {
      "a yielding relay lets one chunk through this often and resumes if that chunk ran fast enough"},
     {"link-gbps", OPT_DOUBLE, O(link_gbps), 0, "45", 0.001, 10000,
      "per-link rate assumed until one is measured (planned splits) and the lowest reference for yielding"},
-    {"plan-split", OPT_INT, O(plan_split), 0, "3", 0, 3,
+    {"plan-split", OPT_INT, O(plan_split), 0, "3", 0, 4,
      "1: a copy of at most one chunk per path gets one chunk per path, sized so all paths finish together; "
      "2: also a copy of at most path-depth chunks per path (each share cut in equal pieces); 3: also any copy "
-     "whose relays go in one hop (below --relay-kernel), however many chunks; 0: equal chunks"},
+     "whose relays go in one hop (below --relay-kernel), however many chunks; 4: every copy; 0: equal chunks"},
     {"plan-learn", OPT_INT, O(plan_learn), 0, "3", 0, 3,
      "1: planned splits weight each path by the rate it showed in earlier planned copies (from when their "
      "chunks ended), so paths that run slower (a relay, a link the host side serves less) get less; 2: learn "

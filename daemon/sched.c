@@ -706,10 +706,12 @@ void mmad_sched_add(mmad_sched_t *s, mmad_job_t *job)
      * also any copy whose relays go in one hop, however many chunks a path
      * gets: a one-hop relay takes no staging buffer, so its share need not
      * fit path_depth of them (on two GPUs a 64 MiB copy is 4 chunks a path,
-     * and equal chunks end the slower relay a part of a chunk late). */
+     * and equal chunks end the slower relay a part of a chunk late); with
+     * 4 every copy, its staged relays' shares cut into chunks that take
+     * staging buffers in turn, path_depth at a time. */
     int per_path = s->plan_split >= 2 ? s->path_depth : 1;
     uint64_t most = (uint64_t)n * (uint64_t)per_path * s->chunk_size;
-    if (s->plan_split >= 3 && job->total > most && job->total < s->be->relay_kernel_below) {
+    if (job->total > most && (s->plan_split >= 4 || (s->plan_split == 3 && job->total < s->be->relay_kernel_below))) {
         per_path = (int)((job->total + s->chunk_size - 1) / s->chunk_size);
         most = job->total;
     }

@@ -164,7 +164,7 @@ START_TEST(yield_and_plan_options)
     ck_assert_int_eq(PARSE("--trace=/tmp/t.csv", "--trace-gpu=1"), 0);
     ck_assert_int_eq(cfg.trace_gpu, 1);
     const char *bad[] = {"--trace-gpu=2", "--engine-spin-us=-1", "--engine-spin-queued=2", "--idle-spin-us=-1", "--wake-spin-us=-1", "--cold-bypass=-1", "--engine-spin-us=2000000", "--loop-spin-us=-1", "--loop-spin-us=200000", "--tail-spin=2", "--yield-frac=1.5", "--yield-frac=-0.1", "--yield-probe-ms=0", "--link-gbps=0",
-                         "--plan-split=4",   "--plan-learn=4", "--issue-cost-us=-2", "--relay-overhead-us=-1.5",
+                         "--plan-split=5",   "--plan-learn=4", "--issue-cost-us=-2", "--relay-overhead-us=-1.5",
                          "--sim-busy-share=0", "--sim-busy-share=1.1", "--busy-gbps=-1"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         mmad_config_defaults(&cfg);

@@ -1348,15 +1348,16 @@ START_TEST(plan_split_3_plans_one_hop_copies_of_many_chunks)
      * alike whatever the paths' learned weights. With 3, a copy whose
      * relays go in one hop (below the backend's one-hop size) is planned:
      * a path that ran slower in earlier copies of its size (weight 0.5)
-     * gets less. A copy that stages keeps equal chunks (its relay shares
-     * would not fit the staging buffers). */
+     * gets less. A copy that stages keeps equal chunks (mode 2), unless
+     * --plan-split=4 plans every copy (mode 3), staged relays' shares
+     * taking their staging buffers in turn. */
     const uint64_t total = 4u << 20;
-    for (int mode = 0; mode < 3; mode++) {
+    for (int mode = 0; mode < 4; mode++) {
         mmad_sched_destroy(&s);
         start(256u << 10, 16u << 10, 2, 4, 0);
-        s.plan_split = mode == 0 ? 2 : 3;
+        s.plan_split = mode == 0 ? 2 : mode == 3 ? 4 : 3;
         s.plan_learn = 3;
-        s.be->relay_kernel_below = mode == 2 ? 0 : 8u << 20;
+        s.be->relay_kernel_below = mode >= 2 ? 0 : 8u << 20;
         s.be->relay_kernel_overhead_us = 1.0;
         s.issue_cost_ns = 0;
         int k = mmad_plan_class(total);
@@ -1369,8 +1370,8 @@ START_TEST(plan_split_3_plans_one_hop_copies_of_many_chunks)
         uint64_t per[NGPU] = {0};
         for (int i = 0; i < fb.nlog; i++)
             per[fb.log[i].via] += fb.log[i].len;
-        if (mode == 1)
-            ck_assert_msg(per[3] < per[2] * 3 / 4, "--plan-split=3: via 3 (weight 0.5) carried %llu, via 2 %llu",
+        if (mode == 1 || mode == 3)
+            ck_assert_msg(per[3] < per[2] * 3 / 4, "mode %d: via 3 (weight 0.5) carried %llu, via 2 %llu", mode,
                           (unsigned long long)per[3], (unsigned long long)per[2]);
         else
             ck_assert_msg(per[3] == per[2], "mode %d: equal chunks, yet via 3 carried %llu and via 2 %llu", mode,
