@@ -299,7 +299,7 @@ static void ceil_close(ctx_t *x)
 static double ceiling(ctx_t *x, int dir, size_t per_gpu)
 {
     ceil_open(x, per_gpu);
-    double best = 0, best_end[16] = {0}, end[16];
+    double best = 0, best_end[BENCH_MAXG] = {0}, end[BENCH_MAXG];
     for (int r = 0; r < 5; r++) {
         double gbps = bench_ceil_round(&x->box, dir, per_gpu, end);
         if (r > 0 && gbps > best) { /* r = 0 warms up */
