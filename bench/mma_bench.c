@@ -342,26 +342,6 @@ static double same_ceiling(ctx_t *x, int dir, size_t n)
     return x->box.cap ? bench_same_ceiling(&x->box, dir, n, SAME_CEIL_ROUNDS) : 0;
 }
 
-static double cpu_seconds(pid_t pid)
-{
-    char path[64], buf[1024];
-    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return -1;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
-    char *p = strrchr(buf, ')');
-    if (!p)
-        return -1;
-    unsigned long ut = 0, stt = 0;
-    /* fields after ")": state(3) ... utime(14) stime(15) */
-    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &stt) != 2)
-        return -1;
-    return (double)(ut + stt) / (double)sysconf(_SC_CLK_TCK);
-}
-
 static void fill(char *p, size_t n, uint64_t seed)
 {
     uint64_t *q = (uint64_t *)p, x = seed | 1;
@@ -662,18 +642,20 @@ int main(int argc, char **argv)
         printf("queued break-even (mma-q >= nat-q at this size and every larger one measured): %s\n", beq);
         /* The daemon's CPU while it sustains large copies back to back. */
         size_t big = maxsz >= (1u << 30) ? (1u << 30) : maxsz;
-        double cpu0 = cpu_seconds(dpid), t0 = mma_now_s();
+        double cpu0 = bench_cpu_user_sys_s(dpid), ns0 = bench_cpu_ns(dpid), t0 = mma_now_s();
         int nb = 0;
         while (mma_now_s() - t0 < 2.0 || nb < 3) {
             time_copy(&x, d, big, 1, 0, samples, 1);
             nb += 2;
         }
-        double wall = mma_now_s() - t0, cpu1 = cpu_seconds(dpid);
+        double wall = mma_now_s() - t0, cpu1 = bench_cpu_user_sys_s(dpid), ns1 = bench_cpu_ns(dpid);
         char bs[16];
         human(big, bs, sizeof bs);
         if (dpid > 0 && cpu0 >= 0)
-            printf("mmad CPU while sustaining %s %s copies for %.1f s: %.0f%% of one core (user+sys)\n", dn[d], bs,
-                   wall, 100.0 * (cpu1 - cpu0) / wall);
+            printf("mmad CPU while sustaining %s %s copies for %.1f s: %.0f%% of one core (user+sys, /proc/PID/stat; "
+                   "run time in schedstat: %.0f%%)\n",
+                   dn[d], bs, wall, 100.0 * (cpu1 - cpu0) / wall,
+                   ns0 >= 0 && ns1 >= 0 ? (ns1 - ns0) / 1e9 / wall * 100.0 : -1.0);
         if (x.csv)
             fprintf(x.csv, "%s,cpu,%s,%zu,0,,,,%.1f,,,\n", x.card, dn[d], big, 100.0 * (cpu1 - cpu0) / wall);
         }
