@@ -1482,6 +1482,17 @@ typedef struct monitor {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     int stop;
+    /* Each GPU's link is read by a thread of its own that lives as long as
+     * the monitor ("mmad-link<g>"): the round thread posts round numbers
+     * (go), each reader reads once per round and counts itself done (fin).
+     * Threads made anew each round (~80 a second on 4 GPUs) hid their CPU
+     * time from per-thread counts once they had ended. */
+    pthread_cond_t go, fin;
+    uint64_t round;
+    int done;
+    pthread_t reader[MMAD_MAX_GPUS];
+    int reader_on[MMAD_MAX_GPUS];
+    struct monitor_read *rd; /* [MMAD_MAX_GPUS] */
 } monitor_t;
 
 #define MONITOR_GAP_NS 20000000ull
@@ -1599,25 +1610,50 @@ static void *monitor_read_gpu(void *arg)
     return NULL;
 }
 
-/* Rounds of readings, every GPU's link read at the same time by a thread of
- * its own (one reading waits ~27 ms for the counter's window: one after
+/* A GPU's reader: one reading per round posted, until the monitor stops. */
+static void *monitor_reader(void *arg)
+{
+    monitor_read_t *r = arg;
+    monitor_t *m = r->m;
+    char name[16];
+    snprintf(name, sizeof name, "mmad-link%d", r->g);
+    pthread_setname_np(pthread_self(), name);
+    uint64_t seen = 0;
+    pthread_mutex_lock(&m->lock);
+    for (;;) {
+        while (!m->stop && m->round == seen)
+            pthread_cond_wait(&m->go, &m->lock);
+        if (m->stop)
+            break;
+        seen = m->round;
+        pthread_mutex_unlock(&m->lock);
+        monitor_read_gpu(r);
+        pthread_mutex_lock(&m->lock);
+        m->done++;
+        pthread_cond_signal(&m->fin);
+    }
+    pthread_mutex_unlock(&m->lock);
+    return NULL;
+}
+
+/* Rounds of readings, every GPU's link read at the same time by its reader
+ * thread (one reading waits ~27 ms for the counter's window: one after
  * another, 4 GPUs took ~0.24 s a round, and relays stopped ~0.5 s after a
- * neighbour began loading its GPU). Where a thread cannot start, its GPU is
- * read in line. */
+ * neighbour began loading its GPU). A GPU whose reader could not start is
+ * read here, in line. */
 static void *monitor_main(void *arg)
 {
     monitor_t *m = arg;
     cuda_be_t *s = m->s;
     mmad_backend_t *be = &s->base;
     pthread_setname_np(pthread_self(), "mmad-links");
-    monitor_read_t rd[MMAD_MAX_GPUS];
-    pthread_t th[MMAD_MAX_GPUS];
-    int logged = 0;
+    monitor_read_t *rd = m->rd;
+    int logged = 0, readers = 0;
+    for (int g = 0; g < be->gpu_count; g++)
+        readers += m->reader_on[g];
     for (;;) {
         uint64_t ta = mma_now_ns();
         for (int g = 0; g < be->gpu_count; g++) {
-            rd[g].m = m;
-            rd[g].g = g;
             rd[g].ta = ta;
             for (int d = 0; d < 2; d++)
                 rd[g].own0[d] = atomic_load_explicit(&s->own_bytes[g][d], memory_order_relaxed);
@@ -1625,19 +1661,25 @@ static void *monitor_main(void *arg)
         if (monitor_sleep(m, MONITOR_GAP_NS))
             break;
         uint64_t tr = mma_now_ns();
-        int started[MMAD_MAX_GPUS] = {0};
+        pthread_mutex_lock(&m->lock);
+        m->round++;
+        m->done = 0;
+        pthread_cond_broadcast(&m->go);
+        pthread_mutex_unlock(&m->lock);
         for (int g = 0; g < be->gpu_count; g++)
-            started[g] = pthread_create(&th[g], NULL, monitor_read_gpu, &rd[g]) == 0;
-        for (int g = 0; g < be->gpu_count; g++) {
-            if (started[g])
-                pthread_join(th[g], NULL);
-            else
+            if (!m->reader_on[g])
                 monitor_read_gpu(&rd[g]);
-        }
+        pthread_mutex_lock(&m->lock);
+        while (!m->stop && m->done < readers)
+            pthread_cond_wait(&m->fin, &m->lock);
+        int stop = m->stop;
+        pthread_mutex_unlock(&m->lock);
+        if (stop)
+            break;
         atomic_fetch_add_explicit(&be->foreign_seq, 1, memory_order_release);
         if (!logged) {
-            MMA_INFO("cuda: one round of link readings (%d GPUs, both directions, in parallel) took %.1f ms",
-                     be->gpu_count, (double)(mma_now_ns() - tr) / 1e6);
+            MMA_INFO("cuda: one round of link readings (%d GPUs, both directions, %d reader threads) took %.1f ms",
+                     be->gpu_count, readers, (double)(mma_now_ns() - tr) / 1e6);
             logged = 1;
         }
     }
@@ -1649,8 +1691,17 @@ static void monitor_stop(cuda_be_t *s)
     monitor_t *m = s->monitor;
     if (!m)
         return;
+    pthread_mutex_lock(&m->lock);
+    m->stop = 1;
+    pthread_cond_broadcast(&m->cond);
+    pthread_cond_broadcast(&m->go);
+    pthread_cond_broadcast(&m->fin);
+    pthread_mutex_unlock(&m->lock);
     if (m->started)
-        worker_stop(&m->lock, &m->cond, &m->stop, m->thread);
+        pthread_join(m->thread, NULL);
+    for (int g = 0; g < MMAD_MAX_GPUS; g++)
+        if (m->reader_on[g])
+            pthread_join(m->reader[g], NULL);
     if (m->shutdown)
         (void)m->shutdown();
     if (m->lib)
@@ -1659,6 +1710,9 @@ static void monitor_stop(cuda_be_t *s)
         free(m->proc_buf[g]);
     pthread_mutex_destroy(&m->lock);
     pthread_cond_destroy(&m->cond);
+    pthread_cond_destroy(&m->go);
+    pthread_cond_destroy(&m->fin);
+    free(m->rd);
     free(m);
     s->monitor = NULL;
     s->base.foreign_known = 0;
@@ -1676,7 +1730,10 @@ static void monitor_start(cuda_be_t *s, double busy_gbps)
     m->s = s;
     pthread_mutex_init(&m->lock, NULL);
     mma_cond_init_monotonic(&m->cond); /* monitor_sleep's deadlines are CLOCK_MONOTONIC */
+    pthread_cond_init(&m->go, NULL);
+    pthread_cond_init(&m->fin, NULL);
     s->monitor = m;
+    m->rd = calloc(MMAD_MAX_GPUS, sizeof *m->rd);
     const char *why = NULL;
     nvml_void_fn init = NULL;
     nvml_by_bus_fn by_bus = NULL;
@@ -1702,6 +1759,13 @@ static void monitor_start(cuda_be_t *s, double busy_gbps)
             why = "NVML does not know a GPU's PCI bus id";
         else if (m->pcie(m->dev[g], NVML_PCIE_RX, &kbps) != NVML_OK)
             why = "NVML has no PCIe throughput counters here";
+    }
+    if (!why && !m->rd)
+        why = "out of memory";
+    for (int g = 0; !why && g < be->gpu_count; g++) {
+        m->rd[g].m = m;
+        m->rd[g].g = g;
+        m->reader_on[g] = pthread_create(&m->reader[g], NULL, monitor_reader, &m->rd[g]) == 0;
     }
     if (!why && pthread_create(&m->thread, NULL, monitor_main, m) != 0)
         why = "the monitor thread cannot start";
