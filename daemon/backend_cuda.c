@@ -895,13 +895,20 @@ static mmad_chunk_t *lane_pop(lane_t *L)
 #define LANE_SPIN_NS 30000ull
 #define LANE_SPIN_BELOW (2u << 20)
 
+/* Name the calling thread after its GPU ("mmad-lane2"), as the exit log
+ * and top show it. */
+static void name_gpu_thread(const char *prefix, int gpu)
+{
+    char name[16];
+    snprintf(name, sizeof name, "%s%d", prefix, gpu);
+    pthread_setname_np(pthread_self(), name);
+}
+
 static void *lane_main(void *arg)
 {
     lane_t *L = arg;
     cuda_be_t *s = L->s;
-    char name[16];
-    snprintf(name, sizeof name, "mmad-lane%d", L->gpu);
-    pthread_setname_np(pthread_self(), name);
+    name_gpu_thread("mmad-lane", L->gpu);
     if (DRV(s->drv.ctx_set(s->ctx[L->gpu])) != MMA_OK)
         MMA_ERROR("cuda: lane for gpu%d cannot make its context current; its relays will fail", L->gpu);
     uint64_t spin_until = 0;
@@ -1641,9 +1648,7 @@ static void *monitor_reader(void *arg)
 {
     monitor_read_t *r = arg;
     monitor_t *m = r->m;
-    char name[16];
-    snprintf(name, sizeof name, "mmad-link%d", r->g);
-    pthread_setname_np(pthread_self(), name);
+    name_gpu_thread("mmad-link", r->g);
     uint64_t seen = 0;
     pthread_mutex_lock(&m->lock);
     for (;;) {
