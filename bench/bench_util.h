@@ -6,7 +6,6 @@
 #include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <sys/un.h>
@@ -123,28 +122,15 @@ static inline double bench_cpu_ns(pid_t pid)
     return any ? sum : -1;
 }
 
-/* Seconds of user+sys CPU time so far of process pid, all threads (utime +
- * stime of /proc/PID/stat, in clock ticks: what issue 4's CPU target names;
- * right over a second or more, too coarse for a few milliseconds, where
- * bench_cpu_ns serves); -1 where it cannot be read. */
+/* Seconds of user+sys CPU time so far of process pid, all threads, ended
+ * ones too (/proc/PID/stat, in clock ticks: what issue 4's CPU target
+ * names; right over a second or more, too coarse for a few milliseconds,
+ * where bench_cpu_ns serves); -1 where it cannot be read. */
 static inline double bench_cpu_user_sys_s(pid_t pid)
 {
-    char path[64], buf[1024];
+    char path[64];
     snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    FILE *f = pid > 0 ? fopen(path, "r") : NULL;
-    if (!f)
-        return -1;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
-    char *p = strrchr(buf, ')'); /* the command name may hold spaces */
-    if (!p)
-        return -1;
-    unsigned long ut = 0, stt = 0;
-    /* fields after ")": state(3) ... utime(14) stime(15) */
-    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &stt) != 2)
-        return -1;
-    return (double)(ut + stt) / (double)sysconf(_SC_CLK_TCK);
+    return pid > 0 ? mma_stat_cpu_s(path, NULL, 0) : -1;
 }
 
 #endif

@@ -4,7 +4,10 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 static inline uint64_t mma_now_ns(void)
 {
@@ -119,5 +122,31 @@ static inline int mma_add_overflows(uint64_t a, uint64_t b, uint64_t *out)
 #define MMA_VERSION_PATCH 0
 #define MMA_VERSION_NUM (MMA_VERSION_MAJOR * 10000 + MMA_VERSION_MINOR * 100 + MMA_VERSION_PATCH)
 #define MMA_VERSION_STR "0.2.0"
+
+/* user+sys CPU seconds in a /proc stat file: a thread's
+ * (/proc/PID/task/TID/stat) or a whole process's (/proc/PID/stat, which
+ * also holds threads that have ended), in clock ticks; its command name
+ * into comm (when comm is not NULL); -1 where it cannot be read. */
+static inline double mma_stat_cpu_s(const char *path, char *comm, size_t cap)
+{
+    char buf[1024];
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    /* pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt
+     * majflt cmajflt utime stime ...; comm may hold spaces */
+    char *lp = strchr(buf, '('), *rp = strrchr(buf, ')');
+    unsigned long ut, st;
+    long hz = sysconf(_SC_CLK_TCK);
+    if (!lp || !rp || rp < lp || hz <= 0 ||
+        sscanf(rp + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
+        return -1;
+    if (comm)
+        snprintf(comm, cap, "%.*s", (int)(rp - lp - 1), lp + 1);
+    return (double)(ut + st) / (double)hz;
+}
 
 #endif

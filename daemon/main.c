@@ -22,29 +22,6 @@ static int level_of(const char *s)
     return MMA_LOG_INFO;
 }
 
-/* user+sys seconds of a /proc stat file (a thread's or the process's), and
- * the command name in comm; -1 where it cannot be read. */
-static double stat_cpu_s(const char *path, char *comm, size_t cap)
-{
-    char buf[512];
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return -1;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
-    /* pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt
-     * majflt cmajflt utime stime ...; comm may hold spaces */
-    char *lp = strchr(buf, '('), *rp = strrchr(buf, ')');
-    unsigned long ut, st;
-    long hz = sysconf(_SC_CLK_TCK);
-    if (!lp || !rp || rp < lp || hz <= 0 ||
-        sscanf(rp + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
-        return -1;
-    snprintf(comm, cap, "%.*s", (int)(rp - lp - 1), lp + 1);
-    return (double)(ut + st) / (double)hz;
-}
-
 /* At the end, each thread's CPU time (user+sys, /proc/self/task) in one
  * log line, so that one sees what mmad's threads cost: mmad (the socket
  * thread), mmad-engine, mmad-links and mmad-link<N> (the link monitor),
@@ -66,7 +43,7 @@ static void log_thread_cpu(void)
             continue;
         char path[320];
         snprintf(path, sizeof path, "/proc/self/task/%s/stat", e->d_name);
-        double sec = stat_cpu_s(path, comm, sizeof comm);
+        double sec = mma_stat_cpu_s(path, comm, sizeof comm);
         if (sec < 0)
             continue;
         total += sec;
@@ -75,7 +52,7 @@ static void log_thread_cpu(void)
     }
     closedir(dir);
     MMA_INFO("cpu by thread (user+sys): %s; all threads %.2f s; the process, ended threads too, %.2f s",
-             len ? list : "none over 5 ms", total, stat_cpu_s("/proc/self/stat", comm, sizeof comm));
+             len ? list : "none over 5 ms", total, mma_stat_cpu_s("/proc/self/stat", comm, sizeof comm));
 }
 
 int main(int argc, char **argv)
