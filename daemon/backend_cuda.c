@@ -1470,6 +1470,15 @@ typedef int (*nvml_proc_util_fn)(void *device, nvml_proc_sample_t *samples, unsi
                                  unsigned long long since_us);
 enum { NVML_OK = 0, NVML_INSUFFICIENT_SIZE = 7, NVML_PCIE_TX = 0, NVML_PCIE_RX = 1 };
 
+/* One GPU's part of a round: its link's counter in both directions, less
+ * mmad's own bytes over the same span. */
+typedef struct monitor_read {
+    struct monitor *m;
+    int g;
+    uint64_t ta;          /* when the round began */
+    uint64_t own0[2];     /* mmad's bytes on this link then */
+} monitor_read_t;
+
 typedef struct monitor {
     cuda_be_t *s;
     void *lib;
@@ -1509,7 +1518,7 @@ typedef struct monitor {
     int done;
     pthread_t reader[MMAD_MAX_GPUS];
     int reader_on[MMAD_MAX_GPUS];
-    struct monitor_read *rd; /* [MMAD_MAX_GPUS] */
+    monitor_read_t rd[MMAD_MAX_GPUS];
 } monitor_t;
 
 #define MONITOR_GAP_NS 20000000ull
@@ -1541,15 +1550,6 @@ static void monitor_wake(struct monitor *m)
     pthread_cond_signal(&m->cond);
     pthread_mutex_unlock(&m->lock);
 }
-
-/* One GPU's part of a round: its link's counter in both directions, less
- * mmad's own bytes over the same span. */
-typedef struct monitor_read {
-    monitor_t *m;
-    int g;
-    uint64_t ta;          /* when the round began */
-    uint64_t own0[2];     /* mmad's bytes on this link then */
-} monitor_read_t;
 
 /* Did another process run kernels on GPU g since the last look (NVML's
  * per-process SM samples)? Then one-hop relays through g stage for a
@@ -1754,7 +1754,6 @@ static void monitor_stop(cuda_be_t *s)
     pthread_cond_destroy(&m->cond);
     pthread_cond_destroy(&m->go);
     pthread_cond_destroy(&m->fin);
-    free(m->rd);
     free(m);
     s->monitor = NULL;
     s->base.foreign_known = 0;
@@ -1775,7 +1774,6 @@ static void monitor_start(cuda_be_t *s, double busy_gbps)
     pthread_cond_init(&m->go, NULL);
     pthread_cond_init(&m->fin, NULL);
     s->monitor = m;
-    m->rd = calloc(MMAD_MAX_GPUS, sizeof *m->rd);
     const char *why = NULL;
     nvml_void_fn init = NULL;
     nvml_by_bus_fn by_bus = NULL;
@@ -1802,8 +1800,6 @@ static void monitor_start(cuda_be_t *s, double busy_gbps)
         else if (m->pcie(m->dev[g], NVML_PCIE_RX, &kbps) != NVML_OK)
             why = "NVML has no PCIe throughput counters here";
     }
-    if (!why && !m->rd)
-        why = "out of memory";
     for (int g = 0; !why && g < be->gpu_count; g++) {
         m->rd[g].m = m;
         m->rd[g].g = g;
