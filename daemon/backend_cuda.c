@@ -27,10 +27,10 @@
  *
  * Calls. Copies go through the runtime (cudaMemcpyAsync); event records,
  * stream waits, completion marks and context switches through the driver
- * API (cu* entry points fetched at run time), with the engine thread's
- * current context switched only when the GPU changes. In mmad a copy call
- * costs ~5.2 us through the runtime and ~6.3 us through the driver
- * (--copy-api=driver), measured on 4x H200
+ * API (cu* entry points fetched at run time), with the calling thread's
+ * current context switched only when the GPU changes (use_dev). In mmad a
+ * copy call costs ~5.2 us through the runtime and ~6.3 us through the
+ * driver (--copy-api=driver), measured on 4x H200
  * (bench/results/2026-11-27-4xH200-copy-api).
  *
  * Completion. After a chunk's last copy the stream writes a sequence number
@@ -59,10 +59,15 @@
  * reserves the chunk's slot and word and hands it over; the lane issues the
  * copies (its GPU's context current) and publishes the outcome in
  * c->stage, which poll reads before the flag. A GPU's event pool then
- * serves only its lane (relay hop events). region_open and region_close run
- * on the loop thread; the one thing they keep is the cache of opened IPC
- * mappings, under ipc_lock. The CUDA runtime itself is thread-safe, but its
- * current device is per thread, so each thread sets the context it needs. */
+ * serves only its lane (relay hop events). region_open runs on the loop
+ * thread, region_close on whichever thread drops a region's last reference:
+ * the loop thread, or the engine thread where a job outlived its client's
+ * registration (the client went away while its copies were queued or ran);
+ * the one thing they keep is the cache of opened IPC mappings, under
+ * ipc_lock. The CUDA runtime itself is thread-safe, but its current device
+ * is per thread, so each thread sets the context it needs, and use_dev asks
+ * the driver which one is current rather than trusting a cached index (a
+ * region_close on the engine thread switches it behind the engine's back). */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
@@ -128,6 +133,7 @@ typedef struct drv {
     CUresult (*wait_event)(CUstream, CUevent, unsigned int);
     CUresult (*write64)(CUstream, CUdeviceptr, cuuint64_t, unsigned int);
     CUresult (*ctx_set)(CUcontext);
+    CUresult (*ctx_get)(CUcontext *);
     CUresult (*device_get)(CUdevice *, int);
     CUresult (*primary_retain)(CUcontext *, CUdevice);
     CUresult (*primary_release)(CUdevice);
@@ -235,7 +241,6 @@ typedef struct cuda_be {
     cuda_gpu_t gpu[MMAD_MAX_GPUS];
     drv_t drv;
     CUcontext ctx[MMAD_MAX_GPUS]; /* primary contexts, retained */
-    int cur_dev;                  /* engine thread's current context, -1 unknown */
     int use_flags;                /* completion by stream-written flags */
     volatile uint64_t *flags;     /* FLAG_CAP host-mapped completion words */
     uint64_t flag_want[FLAG_CAP]; /* what each word holds once its chunk is done */
@@ -411,15 +416,23 @@ static void drain(cudaStream_t st)
     (void)CU(cudaStreamSynchronize(st));
 }
 
-/* Make GPU d's context current on the engine thread (a no-op when it is). */
+/* Make GPU d's primary context current on the calling thread (a no-op
+ * when it is). The current context belongs to the thread, and more than
+ * use_dev switch it: region_close closes IPC mappings with each of their
+ * GPUs current (cudaSetDevice), on the engine thread too, and the main
+ * thread sets up with each GPU current in turn. An index cached per backend
+ * went stale that way: use_dev then skipped the switch, and a relay kernel
+ * launched on the via GPU's stream failed (invalid resource handle), which
+ * set that relay path aside for the daemon's life. So the driver is asked
+ * (cuCtxGetCurrent reads the thread's own context stack, no GPU work); where
+ * even that fails, the switch itself reports the error. */
 static int use_dev(cuda_be_t *s, int d)
 {
-    if (s->cur_dev == d)
+    CUcontext cur = NULL;
+    if (s->drv.ctx_get(&cur) == CUDA_SUCCESS && cur == s->ctx[d])
         return MMA_OK;
     uint64_t t0 = mma_now_ns();
-    s->cur_dev = -1;
     DRV_CHECK(s->drv.ctx_set(s->ctx[d]));
-    s->cur_dev = d;
     s->t_ctx_ns += mma_now_ns() - t0;
     return MMA_OK;
 }
@@ -649,17 +662,16 @@ static int submit_direct(cuda_be_t *s, mmad_chunk_t *c)
     return MMA_OK;
 }
 
-/* Queue the relay's two hops: `first` (GPU d1's stream) fills the staging
- * buffer, `second` (GPU d2's) empties it once `hop` (recorded after the
- * first) is reached; second == first needs no event. With `ctx` the engine
- * thread makes each stream's GPU current before using it (the hops are on
- * two GPUs); without, the via GPU's context is current throughout. Returns 1
- * in *queued once any copy was queued. */
-static int queue_relay(cuda_be_t *s, mmad_chunk_t *c, char *stage, cudaEvent_t hop, cudaStream_t first,
+/* Queue the relay's two hops: `first` (GPU d1's stream, d1 current now)
+ * fills the staging buffer, `second` (GPU d2's) empties it once `hop`
+ * (recorded after the first) is reached; second == first needs no event.
+ * With `ctx` the engine thread makes each stream's GPU current before using
+ * it (the hops are on two GPUs); without, the via GPU's context is current
+ * throughout. Returns 1 in *queued once any copy was queued. */
+static int queue_relay(cuda_be_t *s, mmad_chunk_t *c, char *stage, cudaEvent_t hop, cudaStream_t first, int d1,
                        cudaStream_t second, int d2, int ctx, int *queued)
 {
     int h2d = c->dir == MMA_DIR_H2D;
-    int d1 = s->cur_dev; /* first's GPU, current here */
     gt_mark(s, c, 0, d1, first);
     int rc = h2d ? copy_on(s, stage, 0, c->host, 1, c->len, first) : copy_on(s, stage, 0, c->dev, 0, c->len, first);
     if (rc != MMA_OK)
@@ -855,7 +867,7 @@ static int issue_relay(cuda_be_t *s, mmad_chunk_t *c)
     if (rc != MMA_OK)
         return rc;
     int queued = 0;
-    rc = queue_relay(s, c, g->staging[slot], hop, first, second, d2, ctx, &queued);
+    rc = queue_relay(s, c, g->staging[slot], hop, first, d1, second, d2, ctx, &queued);
     /* The second stream's wait has captured `hop`; it may be reused now. */
     if (hop)
         event_put(pool, hop);
@@ -1930,6 +1942,7 @@ static int drv_load(cuda_be_t *s)
         {(void **)&d->wait_event, "cuStreamWaitEvent"},
         {(void **)&d->write64, "cuStreamWriteValue64"},
         {(void **)&d->ctx_set, "cuCtxSetCurrent"},
+        {(void **)&d->ctx_get, "cuCtxGetCurrent"},
         {(void **)&d->device_get, "cuDeviceGet"},
         {(void **)&d->primary_retain, "cuDevicePrimaryCtxRetain"},
         {(void **)&d->primary_release, "cuDevicePrimaryCtxRelease"},
@@ -2164,7 +2177,6 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
                            : s->kernel_below        ? KERNEL_BYPASS_THRESHOLD
                                                     : DEFAULT_BYPASS_THRESHOLD;
 
-    s->cur_dev = -1;
     s->use_flags = strcmp(cfg->completion, "events") != 0; /* gpu_setup clears it where unsupported */
     int rc = drv_load(s);
     for (int g = 0; g < n && rc == MMA_OK; g++)
