@@ -4,7 +4,7 @@
  * Random data; H2D and D2H; sizes 1 B .. 1 GiB with odd sizes and unaligned
  * offsets; every target GPU; scatter-gather; stream order (a kernel writes
  * the source before the copy, a kernel reads the destination after it);
- * several client processes at once. */
+ * several client processes at once; clients that go away mid-copy. */
 #define _GNU_SOURCE
 #include <check.h>
 #include <cuda_runtime_api.h>
@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -514,6 +515,207 @@ START_TEST(one_hop_resident_kernels)
 }
 END_TEST
 
+/* The socket of this process's one connection to the private mmad, found
+ * by the address it is connected to (libmma keeps it to itself); -1 unless
+ * exactly one is open. */
+static int mmad_socket_fd(void)
+{
+    int found = -1, n = 0;
+    for (int fd = 0; fd < 1024; fd++) {
+        struct sockaddr_un a;
+        socklen_t len = sizeof a;
+        memset(&a, 0, sizeof a);
+        if (getpeername(fd, (struct sockaddr *)&a, &len) == 0 && a.sun_family == AF_UNIX &&
+            strncmp(a.sun_path, sock_path, sizeof a.sun_path) == 0) {
+            found = fd;
+            n++;
+        }
+    }
+    return n == 1 ? found : -1;
+}
+
+#define DROP_ROUNDS 16
+#define DROP_COPIES 6
+#define DROP_SZ (16u << 20) /* one hop (below --relay-kernel) */
+#define DROP_TRAFFIC 3
+
+/* One round of a client that goes away mid-copy: DROP_COPIES one-hop H2D
+ * copies, each into an allocation of its own on gpu0, then, once the first
+ * has landed, its socket shut under libmma (as if the client had died, but
+ * with its memory still there). mmad unregisters its regions at once; the
+ * copies still queued or in flight hold the last references, so the engine
+ * thread closes the regions, IPC mappings on every via GPU included, when
+ * it cancels or completes them. Each copy that reports MMA_OK (landed by
+ * mmad, or finished natively by libmma's rescue) has every byte checked;
+ * a cancelled one (MMA_ERR_CANCELLED) landed only in part, if at all, and
+ * is not checked. The memory goes only after mmad had time to drop its
+ * mappings. Returns 0 or what failed. */
+static int drop_mid_copy(void)
+{
+    mma_client_t *c;
+    if (mma_connect(sock_path, &c) != MMA_OK)
+        return 20;
+    int fd = mmad_socket_fd();
+    if (fd < 0)
+        return 21;
+    size_t n = DROP_SZ;
+    uint8_t *h, *d[DROP_COPIES];
+    if (mma_host_alloc(c, n * DROP_COPIES, (void **)&h) != MMA_OK)
+        return 22;
+    for (int i = 0; i < DROP_COPIES; i++)
+        if (mma_device_alloc(c, 0, n, (void **)&d[i]) != MMA_OK)
+            return 22;
+    fill_rand(h, n * DROP_COPIES);
+    mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
+    mma_copy_t t[DROP_COPIES];
+    for (int i = 0; i < DROP_COPIES; i++) {
+        mma_segment_t sg = {d[i], h + (size_t)i * n, n};
+        if (mma_memcpy_sg_async(c, &sg, 1, NULL, &o, &t[i]) != MMA_OK)
+            return 23;
+    }
+    int landed[DROP_COPIES];
+    if (mma_wait(c, t[0]) != MMA_OK)
+        return 24;
+    landed[0] = 1;
+    if (shutdown(fd, SHUT_RDWR) != 0)
+        return 25;
+    for (int i = 1; i < DROP_COPIES; i++) {
+        int st = mma_wait(c, t[i]);
+        if (st != MMA_OK && st != MMA_ERR_CANCELLED)
+            return 26;
+        landed[i] = st == MMA_OK;
+    }
+    usleep(300000); /* mmad's last chunks land in ~1 ms, then it closes the mappings */
+    uint8_t *back = malloc(n);
+    if (!back)
+        return 27;
+    for (int i = 0; i < DROP_COPIES; i++) {
+        if (!landed[i])
+            continue;
+        memset(back, 0xEE, n);
+        if (cudaMemcpy(back, d[i], n, cudaMemcpyDeviceToHost) != cudaSuccess) {
+            free(back);
+            return 28;
+        }
+        if (memcmp(back, h + (size_t)i * n, n) != 0) {
+            free(back);
+            return 29;
+        }
+    }
+    free(back);
+    mma_disconnect(c);
+    return 0;
+}
+
+/* Copies to gpu1 round trip until *stop, alternating two random patterns
+ * (so a copy that did not happen shows), every byte checked: one-hop relays
+ * through gpu0 while drop_mid_copy's regions on gpu0 close. Returns 0 or
+ * what failed. */
+static int traffic_to_gpu1(const volatile int *stop)
+{
+    mma_client_t *c;
+    if (mma_connect(sock_path, &c) != MMA_OK)
+        return 40;
+    size_t n = DROP_SZ;
+    uint8_t *h[2], *back, *d;
+    if (mma_host_alloc(c, n, (void **)&h[0]) != MMA_OK || mma_host_alloc(c, n, (void **)&h[1]) != MMA_OK ||
+        mma_host_alloc(c, n, (void **)&back) != MMA_OK || mma_device_alloc(c, 1, n, (void **)&d) != MMA_OK)
+        return 41;
+    fill_rand(h[0], n);
+    fill_rand(h[1], n);
+    mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
+    for (int i = 0; !__atomic_load_n(stop, __ATOMIC_ACQUIRE); i++) {
+        mma_segment_t up = {d, h[i % 2], n}, down = {back, d, n};
+        mma_copy_t t;
+        if (mma_memcpy_sg_async(c, &up, 1, NULL, &o, &t) != MMA_OK || mma_wait(c, t) != MMA_OK)
+            return 42;
+        if (mma_memcpy_sg_async(c, &down, 1, NULL, &o, &t) != MMA_OK || mma_wait(c, t) != MMA_OK)
+            return 43;
+        if (memcmp(back, h[i % 2], n) != 0)
+            return 44;
+    }
+    mma_disconnect(c);
+    return 0;
+}
+
+/* Regions closed on mmad's engine thread (their client went away while
+ * its copies were queued or in flight) switch that thread's current GPU as
+ * they close their IPC mappings. Relays must go on regardless: an engine
+ * that believed a stale current GPU launched relay kernels on a via GPU's
+ * stream with another GPU current, the launch failed, and that relay path
+ * was set aside for the daemon's life. So: DROP_ROUNDS clients that go away
+ * mid-copy (drop_mid_copy, regions on gpu0) while DROP_TRAFFIC clients keep
+ * one-hop copies to gpu1 going through gpu0; every byte checked, no path
+ * set aside, and afterwards copies to gpu0 and to gpu1 still relay in one
+ * hop. */
+START_TEST(relays_after_engine_closes_regions)
+{
+    if (ngpu < 2) {
+        printf("relays_after_engine_closes_regions: one GPU, no relays to test\n");
+        return;
+    }
+    long long before = one_hop_chunks();
+    volatile int *stop = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    ck_assert(stop != MAP_FAILED);
+    *stop = 0;
+    /* children first: this process touches CUDA only once they are forked */
+    pid_t traffic[DROP_TRAFFIC];
+    for (int k = 0; k < DROP_TRAFFIC; k++) {
+        traffic[k] = fork();
+        if (traffic[k] == 0) {
+            rng_state ^= (uint64_t)(k + 1) * 0x9E3779B97F4A7C15ull;
+            _exit(traffic_to_gpu1(stop));
+        }
+        ck_assert_int_gt(traffic[k], 0);
+    }
+    pid_t dropper = fork();
+    if (dropper == 0) {
+        for (int r = 0; r < DROP_ROUNDS; r++) {
+            int rc = drop_mid_copy();
+            if (rc)
+                _exit(rc);
+        }
+        _exit(0);
+    }
+    ck_assert_int_gt(dropper, 0);
+    int st = 0;
+    ck_assert(waitpid(dropper, &st, 0) == dropper);
+    __atomic_store_n(stop, 1, __ATOMIC_RELEASE);
+    for (int k = 0; k < DROP_TRAFFIC; k++) {
+        int ts = 0;
+        ck_assert(waitpid(traffic[k], &ts, 0) == traffic[k]);
+        ck_assert_msg(WIFEXITED(ts) && WEXITSTATUS(ts) == 0, "traffic client %d failed with %d", k,
+                      WIFEXITED(ts) ? WEXITSTATUS(ts) : -1);
+    }
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the client going away mid-copy failed with %d",
+                  WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+    munmap((void *)stop, 4096);
+    expect_one_hop_since("relays_after_engine_closes_regions", before);
+    expect_no_failed_path("relays_after_engine_closes_regions");
+    /* later copies, each way of the pair, still relay in one hop */
+    mma_client_t *c;
+    MM(mma_connect(sock_path, &c));
+    size_t cap = DROP_SZ + 8192;
+    uint8_t *h, *back;
+    MM(mma_host_alloc(c, cap, (void **)&h));
+    MM(mma_host_alloc(c, cap, (void **)&back));
+    for (int g = 0; g < 2; g++) {
+        uint8_t *d;
+        MM(mma_device_alloc(c, g, cap, (void **)&d));
+        long long hops = one_hop_chunks();
+        round_trip(c, h, back, d, DROP_SZ, 0, 0);
+        expect_one_hop_since(g ? "relays_after_engine_closes_regions, then gpu1"
+                               : "relays_after_engine_closes_regions, then gpu0",
+                             hops);
+        MM(mma_free(c, d));
+    }
+    MM(mma_free(c, back));
+    MM(mma_free(c, h));
+    mma_disconnect(c);
+    expect_no_failed_path("relays_after_engine_closes_regions");
+}
+END_TEST
+
 START_TEST(bypass_small)
 {
     mma_client_t *c;
@@ -769,6 +971,7 @@ int main(void)
     tcase_add_test(tc, bypass_small);
     tcase_add_test(tc, one_hop_relays);
     tcase_add_test(tc, one_hop_resident_kernels);
+    tcase_add_test(tc, relays_after_engine_closes_regions);
     tcase_add_test(tc, one_hop_keeps_off_busy_gpu);
     tcase_add_test(tc, daemon_dies);
     tcase_add_test(tc, trace_gpu_times);
