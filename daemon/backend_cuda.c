@@ -927,8 +927,11 @@ static void *lane_main(void *arg)
     for (;;) {
         mmad_chunk_t *c = lane_pop(L);
         if (c) {
+            /* read before lane_run: once it publishes c->stage the engine
+             * may complete the chunk and reuse it */
+            uint64_t len = c->len;
             lane_run(L, c);
-            spin_until = c->len < LANE_SPIN_BELOW ? mma_now_ns() + LANE_SPIN_NS : 0;
+            spin_until = len < LANE_SPIN_BELOW ? mma_now_ns() + LANE_SPIN_NS : 0;
             continue;
         }
         uint64_t hint = atomic_load_explicit(&L->awake_until, memory_order_relaxed);
