@@ -1152,7 +1152,10 @@ static void chunk_release(cuda_be_t *s, mmad_chunk_t *c)
 }
 
 /* A chunk whose mark has not come for long: did one of its copies fail?
- * (cudaStreamQuery returns the error of a failed copy on that stream.) */
+ * (cudaStreamQuery returns the error of a failed copy on that stream.) The
+ * streams are the ones its submit used: a one-hop relay launched alone runs
+ * on the via GPU's PCIe stream (issue_kernel_relay), with --relay-per-slot
+ * too, where its staging slot's stream stays idle. */
 static cudaError_t chunk_stream_error(cuda_be_t *s, const mmad_chunk_t *c)
 {
     cuda_gpu_t *g = &s->gpu[c->via];
@@ -1168,6 +1171,8 @@ static cudaError_t chunk_stream_error(cuda_be_t *s, const mmad_chunk_t *c)
         st[n++] = r->stream;
     } else if (c->via == c->target) {
         st[n++] = g->direct[c->dir];
+    } else if (c->kernel_dev) {
+        st[n++] = g->pcie[c->dir];
     } else if (s->relay_per_slot) {
         st[n++] = g->slot_stream[c->staging];
     } else {
