@@ -70,6 +70,7 @@
  * region_close on the engine thread switches it behind the engine's back). */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -2055,6 +2056,44 @@ static int resident_setup(cuda_be_t *s)
     return MMA_OK;
 }
 
+/* Every block of a resident kernel must be resident at once (blocks wait
+ * for block 0's hand-over and count each chunk done together:
+ * relay_kernel.h), and a via GPU runs one for each direction at the same
+ * time. --relay-kernel-blocks (up to 1024 of 512 threads; an H200 holds
+ * 4 x 132) is cut to half what the occupancy calculator says the smallest
+ * of those GPUs holds, with a warning. Where not even one block each fits,
+ * one-hop relays launch a kernel per chunk instead (as
+ * --relay-linger-us=0). The main thread, before resident_setup. */
+static int resident_blocks(cuda_be_t *s)
+{
+    int fit = INT_MAX;
+    for (int gi = 0; gi < s->base.gpu_count; gi++) {
+        if (!s->kernel_ok[gi])
+            continue;
+        int blocks = 0;
+        int rc = use_dev(s, gi);
+        if (rc == MMA_OK)
+            rc = CU(mmad_relay_resident_fit(&blocks));
+        if (rc != MMA_OK)
+            return rc;
+        if (blocks / 2 < fit)
+            fit = blocks / 2;
+    }
+    if (fit == INT_MAX || s->kernel_blocks <= fit)
+        return MMA_OK;
+    if (fit < 1) {
+        MMA_WARN("cuda: a GPU here cannot hold two resident relay kernels at once; one-hop relays launch a "
+                 "kernel per chunk (as --relay-linger-us=0)");
+        s->use_resident = 0;
+        return MMA_OK;
+    }
+    MMA_WARN("cuda: --relay-kernel-blocks=%d: a resident relay kernel needs all its blocks resident at once, "
+             "beside the other direction's; using %d",
+             s->kernel_blocks, fit);
+    s->kernel_blocks = fit;
+    return MMA_OK;
+}
+
 /* Turn on peer access between every pair that supports it and decide which
  * relays may run: a relay through v for target t copies between v's and t's
  * memory in both directions' chunks, so it needs access both ways. */
@@ -2211,6 +2250,8 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
     /* Resident kernels write completion words themselves and are fed by the
      * engine thread alone. */
     s->use_resident = s->kernel_below && s->linger_ns && s->use_flags && !s->use_lanes;
+    if (rc == MMA_OK && s->use_resident)
+        rc = resident_blocks(s);
     if (rc == MMA_OK && s->use_resident)
         rc = resident_setup(s);
     be->relay_kernel_resident = s->use_resident;

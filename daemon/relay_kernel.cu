@@ -179,3 +179,16 @@ extern "C" cudaError_t mmad_relay_resident_launch(const mmad_relay_desc_t *ring,
                                                                life_ns);
     return cudaGetLastError();
 }
+
+extern "C" cudaError_t mmad_relay_resident_fit(int *blocks)
+{
+    int dev = 0, sms = 0, per_sm = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err == cudaSuccess)
+        err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (err == cudaSuccess)
+        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, mmad_relay_resident, MMAD_RELAY_THREADS, 0);
+    if (err == cudaSuccess)
+        *blocks = per_sm * sms;
+    return err;
+}

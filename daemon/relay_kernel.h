@@ -70,6 +70,12 @@ cudaError_t mmad_relay_resident_launch(const mmad_relay_desc_t *ring, unsigned l
                                        mmad_relay_state_t *state, uint64_t seq, uint32_t gen,
                                        uint64_t linger_ns, uint64_t life_ns, int blocks, cudaStream_t st);
 
+/* How many blocks of the resident kernel the current device holds at once
+ * (the occupancy calculator's blocks per SM times its SMs), in *blocks: a
+ * launch of more never has them all resident, and its blocks wait for one
+ * another. */
+cudaError_t mmad_relay_resident_fit(int *blocks);
+
 #ifdef __cplusplus
 }
 #endif
