@@ -1489,6 +1489,15 @@ typedef struct nvml_proc_sample {
 } nvml_proc_sample_t;
 typedef int (*nvml_proc_util_fn)(void *device, nvml_proc_sample_t *samples, unsigned int *count,
                                  unsigned long long since_us);
+/* nvmlProcessInfo_t, as nvmlDeviceGetComputeRunningProcesses_v3 fills it */
+typedef struct nvml_proc_info {
+    unsigned int pid;
+    unsigned long long used_memory;
+    unsigned int gpu_instance, compute_instance;
+} nvml_proc_info_t;
+typedef int (*nvml_procs_fn)(void *device, unsigned int *count, nvml_proc_info_t *infos);
+/* The most compute processes of one GPU monitor_own_pid looks through. */
+#define OWN_PID_CAP 256
 enum { NVML_OK = 0, NVML_INSUFFICIENT_SIZE = 7, NVML_PCIE_TX = 0, NVML_PCIE_RX = 1 };
 
 /* One GPU's part of a round: its link's counter in both directions, less
@@ -1506,6 +1515,12 @@ typedef struct monitor {
     nvml_void_fn shutdown;
     nvml_pcie_fn pcie;
     nvml_proc_util_fn proc_util;           /* NULL: NVML cannot say; relay kernels run regardless */
+    nvml_procs_fn procs;                   /* NULL: NVML cannot list compute processes */
+    /* mmad's own pid as NVML names processes (monitor_own_pid); 0 while
+     * not known, when getpid() stands in */
+    _Atomic unsigned int own_pid;
+    uint64_t own_look_ns;                  /* monitor_own_pid's last look */
+    int own_logged;
     unsigned long long proc_since[MMAD_MAX_GPUS]; /* newest sample seen per GPU */
     nvml_proc_sample_t *proc_buf[MMAD_MAX_GPUS];   /* per GPU: each is read by a thread of its own */
     unsigned int proc_cap[MMAD_MAX_GPUS];
@@ -1572,6 +1587,70 @@ static void monitor_wake(struct monitor *m)
     pthread_mutex_unlock(&m->lock);
 }
 
+/* mmad's own pid as NVML names processes, so that monitor_compute leaves
+ * mmad's own resident kernels out (they keep their blocks busy while they
+ * linger). NVML names processes by their pid in the host's PID namespace:
+ * in a container getpid() is another number, mmad's own kernels read as
+ * another process's, and relays through each GPU staged, came back after
+ * KERNEL_QUIET_NS, staged again. /proc cannot tell (NSpid starts at the
+ * namespace of the /proc mounted, a container's own). But mmad holds a
+ * context on every GPU it drives from start to exit, so NVML lists its pid
+ * among every GPU's compute processes: getpid() where listed; else, once
+ * one pid alone is listed on every GPU, that one. While another process
+ * also holds a context on every GPU the two cannot be told apart and
+ * getpid() stands in (README, --relay-kernel-busy-sm). The round thread,
+ * every COMPUTE_LOOK_NS until known. */
+static void monitor_own_pid(monitor_t *m)
+{
+    cuda_be_t *s = m->s;
+    uint64_t t = mma_now_ns();
+    if (!m->procs || !m->proc_util || !s->kernel_below || !s->kernel_busy_sm ||
+        atomic_load_explicit(&m->own_pid, memory_order_relaxed) || t - m->own_look_ns < COMPUTE_LOOK_NS)
+        return;
+    m->own_look_ns = t;
+    unsigned int me = (unsigned int)getpid();
+    nvml_proc_info_t info[OWN_PID_CAP];
+    unsigned int every[OWN_PID_CAP]; /* pids listed on every GPU so far */
+    int nevery = -1;
+    for (int g = 0; g < s->base.gpu_count; g++) {
+        unsigned int n = OWN_PID_CAP;
+        if (m->procs(m->dev[g], &n, info) != NVML_OK || n > OWN_PID_CAP)
+            return; /* NVML cannot say now (or too many): the next look */
+        for (unsigned int i = 0; i < n; i++)
+            if (info[i].pid == me) {
+                atomic_store_explicit(&m->own_pid, me, memory_order_relaxed);
+                return;
+            }
+        int kept = 0;
+        for (int k = 0; nevery >= 0 && k < nevery; k++)
+            for (unsigned int i = 0; i < n; i++)
+                if (info[i].pid == every[k]) {
+                    every[kept++] = every[k];
+                    break;
+                }
+        for (unsigned int i = 0; nevery < 0 && i < n; i++) {
+            int dup = 0;
+            for (int k = 0; k < kept; k++)
+                dup |= every[k] == info[i].pid;
+            if (!dup && info[i].pid)
+                every[kept++] = info[i].pid;
+        }
+        nevery = kept;
+    }
+    if (nevery == 1) {
+        atomic_store_explicit(&m->own_pid, every[0], memory_order_relaxed);
+        MMA_INFO("cuda: NVML names this process pid %u (pid %u in its own PID namespace): its own relay kernels are "
+                 "told from other processes' by that",
+                 every[0], me);
+    } else if (!m->own_logged) {
+        m->own_logged = 1;
+        MMA_WARN("cuda: NVML lists no pid %u (this process in its PID namespace) and %d processes with contexts on "
+                 "every GPU, so it cannot tell which one is mmad: mmad's own relay kernels may read as another "
+                 "process's (--relay-kernel-busy-sm) until that changes",
+                 me, nevery < 0 ? 0 : nevery);
+    }
+}
+
 /* Did another process run kernels on GPU g since the last look (NVML's
  * per-process SM samples)? Then one-hop relays through g stage for a
  * while; the log says when that starts and ends. */
@@ -1589,6 +1668,9 @@ static void monitor_compute(monitor_t *m, int g)
         return;
     m->compute_read_ns[g] = t;
     unsigned int other = 0, sm = 0;
+    unsigned int own = atomic_load_explicit(&m->own_pid, memory_order_relaxed);
+    if (!own)
+        own = (unsigned int)getpid();
     /* Samples newer than proc_since only (NVML stamps them in wall-clock
      * microseconds). NVML wants room for every sample it keeps, whatever
      * the time given (4x H200: 72), and says how many with
@@ -1613,7 +1695,7 @@ static void monitor_compute(monitor_t *m, int g)
         /* At least --relay-kernel-busy-sm: on 2x H200 a client process that
          * only copies through mmad showed 1-8% (once 45%), a kernel
          * filling gpu1's memory on every SM far more. */
-        if (p->pid != (unsigned int)getpid() && p->sm >= s->kernel_busy_sm) {
+        if (p->pid != own && p->sm >= s->kernel_busy_sm) {
             other = p->pid;
             sm = p->sm;
         }
@@ -1723,6 +1805,7 @@ static void *monitor_main(void *arg)
             break;
         if (idle && !atomic_load_explicit(&m->idle, memory_order_relaxed))
             active = mma_now_ns(); /* woken by a chunk: busy cadence from here */
+        monitor_own_pid(m);
         uint64_t tr = mma_now_ns();
         pthread_mutex_lock(&m->lock);
         m->round++;
@@ -1806,6 +1889,7 @@ static void monitor_start(cuda_be_t *s, double busy_gbps)
         by_bus = (nvml_by_bus_fn)dlsym(m->lib, "nvmlDeviceGetHandleByPciBusId_v2");
         m->pcie = (nvml_pcie_fn)dlsym(m->lib, "nvmlDeviceGetPcieThroughput");
         m->proc_util = (nvml_proc_util_fn)dlsym(m->lib, "nvmlDeviceGetProcessUtilization");
+        m->procs = (nvml_procs_fn)dlsym(m->lib, "nvmlDeviceGetComputeRunningProcesses_v3");
         if (!init || !by_bus || !m->pcie)
             why = "libnvidia-ml lacks a function it needs";
         else if (init() != NVML_OK)
