@@ -35,7 +35,8 @@ static const opt_t options[] = {
     {"sim-gpus", OPT_INT, O(sim_gpus), 0, "0", 0, MMAD_MAX_GPUS, "simulated GPU count (0: the preset's)"},
     {"sim-scale", OPT_DOUBLE, O(sim_scale), 0, "0.01", 1e-4, 1.0,
      "simulated link rates are the real ones times this (0.01: 55.5 GB/s -> 555 MB/s)"},
-    {"chunk-size", OPT_SIZE, O(chunk_size), 0, "8M", 4096, 1u << 30, "largest micro-transfer"},
+    {"chunk-size", OPT_SIZE, O(chunk_size), 0, "8M", 4096, 1u << 30,
+     "largest micro-transfer (and staging buffer size); a multiple of 4096"},
     {"min-chunk", OPT_SIZE, O(min_chunk), 0, "512K", 4096, 1u << 30,
      "smallest piece a large copy is split into"},
     {"staging-slots", OPT_INT, O(staging_slots), 0, "4", 1, 64,
@@ -345,6 +346,14 @@ int mmad_config_parse(mmad_config_t *cfg, int argc, char **argv)
             fprintf(stderr, "mmad: --%s must be %s, not '%s'\n", words[k].name, list, v);
             return -1;
         }
+    }
+    /* Chunks, staging buffers and a relay's pieces are cut in whole pages;
+     * a chunk size between pages let a page-rounded piece outgrow its
+     * staging buffer. */
+    if (cfg->chunk_size % 4096) {
+        fprintf(stderr, "mmad: --chunk-size must be a multiple of 4096 (whole pages), not %llu\n",
+                (unsigned long long)cfg->chunk_size);
+        return -1;
     }
     if (cfg->min_chunk > cfg->chunk_size)
         cfg->min_chunk = cfg->chunk_size;

@@ -103,7 +103,10 @@ int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cf
     s->relay_first = cfg->relay_first;
     s->edge_one_hop = cfg->edge_one_hop;
     s->plan_learn_min = s->plan_learn == 2 ? PLAN_FIT_MIN : PLAN_LEARN_MIN;
-    s->relay_edge = cfg->relay_edge < s->chunk_size ? (cfg->relay_edge + 4095) & ~(uint64_t)4095 : 0;
+    /* The edge is whole pages, and a piece never more than a chunk (a
+     * staging buffer): an edge that rounds up past one is no edge. */
+    uint64_t edge = (cfg->relay_edge + 4095) & ~(uint64_t)4095;
+    s->relay_edge = cfg->relay_edge < s->chunk_size && edge <= s->chunk_size ? edge : 0;
     for (int t = 0; t < MMAD_MAX_GPUS; t++)
         for (int v = 0; v < MMAD_MAX_GPUS; v++)
             for (int d = 0; d < 2; d++) {

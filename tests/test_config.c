@@ -296,6 +296,29 @@ START_TEST(log_level_words)
 }
 END_TEST
 
+/* A chunk is a staging buffer and pieces are cut in whole pages: a chunk
+ * size between pages let a relay's edge piece (--relay-edge, rounded up to
+ * pages) outgrow its staging buffer. */
+START_TEST(chunk_size_whole_pages)
+{
+    const char *bad[] = {"--chunk-size=6000", "--chunk-size=4097", "--chunk-size=1000000", "--chunk-size=1.1M"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        mmad_config_defaults(&cfg);
+        const char *err = refusal_of(bad[i]);
+        ck_assert_msg(strstr(err, "--chunk-size must be a multiple of 4096"), "%s: %s", bad[i], err);
+    }
+    const char *good[] = {"--chunk-size=4096", "--chunk-size=8192", "--chunk-size=1.5M", "--chunk-size=8M"};
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        mmad_config_defaults(&cfg);
+        char *argv[] = {"mmad", (char *)good[i], NULL};
+        ck_assert_msg(mmad_config_parse(&cfg, 2, argv) == 0, "%s was refused", good[i]);
+    }
+    /* The reviewer's case: refused before any copy could run. */
+    mmad_config_defaults(&cfg);
+    ck_assert_int_lt(PARSE_BAD("--chunk-size=6000", "--relay-edge=5000", "--path-depth=8"), 0);
+}
+END_TEST
+
 START_TEST(unknown_and_malformed_arguments)
 {
     ck_assert_int_lt(PARSE_BAD("--frobnicate"), 0);
@@ -371,6 +394,7 @@ int main(void)
     tcase_add_test(tc, out_of_range_refused);
     tcase_add_test(tc, non_finite_doubles_refused);
     tcase_add_test(tc, log_level_words);
+    tcase_add_test(tc, chunk_size_whole_pages);
     tcase_add_test(tc, unknown_and_malformed_arguments);
     tcase_add_test(tc, backend_choice);
     tcase_add_test(tc, help_and_version_return_1);

@@ -1276,6 +1276,54 @@ START_TEST(relay_edge_piece_last_h2d_first_d2h)
 }
 END_TEST
 
+/* --relay-edge is rounded up to whole pages, which must not take it past
+ * a chunk (a staging buffer): with --chunk-size=6000 (refused by the option
+ * parser now, but not by the scheduler's own arithmetic) and
+ * --relay-edge=5000 the edge became 8192 and a 160000-byte H2D copy wrote
+ * an 8 KiB piece into a 6000-byte staging buffer (ASan, backend_sim.c).
+ * With a page-multiple chunk an edge below it rounds to at most a chunk. */
+START_TEST(relay_edge_never_exceeds_a_chunk)
+{
+    const struct {
+        uint64_t chunk, edge, want;
+    } cases[] = {{6000, 5000, 0}, {8192, 5000, 8192}, {12288, 5000, 8192}, {8192, 8192, 0}, {6000, 4096, 4096}};
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        for (int dir = 0; dir < 2; dir++) {
+            mmad_sched_destroy(&s);
+            start(cases[k].chunk, 4096, 8, 8, 0);
+            mmad_sched_destroy(&s);
+            mmad_config_t cfg;
+            mmad_config_defaults(&cfg);
+            cfg.chunk_size = cases[k].chunk;
+            cfg.min_chunk = 4096;
+            cfg.path_depth = 8;
+            cfg.staging_slots = 8;
+            cfg.relay_edge = cases[k].edge;
+            cfg.yield_frac = 0;
+            /* as the simulated box plans by default: no issue cost or relay
+             * latency, so every path gets a share */
+            cfg.issue_cost_us = 0;
+            cfg.relay_overhead_us = 0;
+            ck_assert_int_eq(mmad_sched_init(&s, &fb.base, &cfg), MMA_OK);
+            ck_assert_msg(s.relay_edge == cases[k].want, "chunk %llu edge %llu: relay_edge %llu",
+                          (unsigned long long)cases[k].chunk, (unsigned long long)cases[k].edge,
+                          (unsigned long long)s.relay_edge);
+            const uint64_t total = 160000;
+            mmad_job_t *a = job_new(&conn_x, 0, dir, 0, &total, 1, 0, 0);
+            mmad_sched_add(&s, a);
+            mmad_sched_fill(&s);
+            drain();
+            ck_assert_uint_eq(a->landed, total);
+            for (int i = 0; i < fb.nlog; i++)
+                ck_assert_msg(fb.log[i].len <= cases[k].chunk, "chunk %llu edge %llu dir %d: a %llu-byte piece via %d",
+                              (unsigned long long)cases[k].chunk, (unsigned long long)cases[k].edge, dir,
+                              (unsigned long long)fb.log[i].len, fb.log[i].via);
+            job_free(a);
+        }
+    }
+}
+END_TEST
+
 START_TEST(edge_one_hop_first_and_last_pieces)
 {
     /* --edge-one-hop: a staged copy's relays (the copy is not below the
@@ -1975,6 +2023,7 @@ int main(void)
     tcase_add_test(plan, plan_even_recovers_after_a_slow_spell);
     tcase_add_test(plan, plan_even_skips_a_late_start);
     tcase_add_test(plan, relay_edge_piece_last_h2d_first_d2h);
+    tcase_add_test(plan, relay_edge_never_exceeds_a_chunk);
     tcase_add_test(plan, one_hop_relays_plan_no_edge_and_more_share);
     tcase_add_test(plan, plan_split_3_plans_one_hop_copies_of_many_chunks);
     tcase_add_test(plan, edge_one_hop_first_and_last_pieces);
