@@ -322,6 +322,11 @@ static void *engine_main(void *arg)
             cancel_all(e);
         progress += check_reached(e);
         progress += mmad_sched_fill(&e->sched);
+        mmad_job_t *failed = mmad_sched_take_failed(&e->sched);
+        if (failed) {
+            complete_list(failed);
+            progress++;
+        }
         progress += reap(e);
         int tail = tail_scan(e);
         tail_update(e, tail);

@@ -841,6 +841,10 @@ static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via, int npaths, uint64
             return 0;
         }
         j->status = rc;
+        /* Nothing more is carved from it, and a job with no chunk in flight
+         * has none to finish it: mmad_sched_take_failed hands it over. */
+        if (j->inflight == 0)
+            s->failed_pending = 1;
         return 0;
     }
     j->cur_off += len;
@@ -1096,6 +1100,28 @@ mmad_job_t *mmad_sched_chunk_done(mmad_sched_t *s, mmad_chunk_t *c)
     if (j->status == MMA_OK)
         s->bytes_done += j->total;
     return j;
+}
+
+mmad_job_t *mmad_sched_take_failed(mmad_sched_t *s)
+{
+    if (!s->failed_pending)
+        return NULL;
+    s->failed_pending = 0;
+    /* Unlinked here rather than where the submit failed: mmad_sched_fill
+     * walks the job list around that call. */
+    mmad_job_t *done = NULL;
+    mmad_job_t *j = s->jobs;
+    while (j) {
+        mmad_job_t *next = j->next;
+        if (j->status != MMA_OK && j->inflight == 0) {
+            unlink_job(s, j);
+            s->jobs_done++;
+            j->next = done;
+            done = j;
+        }
+        j = next;
+    }
+    return done;
 }
 
 mmad_job_t *mmad_sched_cancel_conn(mmad_sched_t *s, mmad_conn_t *conn)

@@ -141,6 +141,58 @@ START_TEST(tail_hook_hears_each_copys_end)
 }
 END_TEST
 
+/* A backend that refuses every chunk: the simulated box with its submit
+ * replaced. */
+static int refuse_submit(mmad_backend_t *be, mmad_chunk_t *c)
+{
+    (void)be;
+    (void)c;
+    return MMA_ERR_BACKEND;
+}
+
+/* A copy whose first chunk the backend refuses has nothing in flight to
+ * finish it: the engine still completes it, with the backend's error, so
+ * that its client's wait ends (it hung, and the engine polled for it). */
+START_TEST(refused_first_chunk_completes_the_copy)
+{
+    mmad_config_t cfg;
+    mmad_config_defaults(&cfg);
+    cfg.sim_scale = 0.05;
+    mmad_backend_t *be = NULL;
+    ck_assert_int_eq(mmad_backend_sim_create(&cfg, &be), MMA_OK);
+    const mmad_backend_ops_t *sim_ops = be->ops;
+    static mmad_backend_ops_t refusing;
+    refusing = *sim_ops;
+    refusing.submit = refuse_submit;
+    be->ops = &refusing;
+    mmad_engine_t *e = NULL;
+    ck_assert_int_eq(mmad_engine_start(be, &cfg, &e), MMA_OK);
+
+    const uint64_t n = 1u << 20;
+    uint8_t *host = malloc(n), *dev = calloc(1, n);
+    ck_assert_ptr_nonnull(host);
+    ck_assert_ptr_nonnull(dev);
+    memset(host, 0x5a, n);
+    mmad_conn_t *c = conn_new();
+    for (uint64_t seq = 1; seq <= 2; seq++) {
+        mmad_job_t *j = job_new(c, host, dev, n, seq);
+        j->max_paths = seq == 1 ? 1 : 0; /* the direct path alone, then every path */
+        mmad_engine_submit(e, j);
+        wait_done(c, seq);
+        ck_assert_int_eq((int)atomic_load(&c->flags[0].status), MMA_ERR_BACKEND);
+    }
+    ck_assert_int_eq(atomic_load(&c->inflight), 0);
+    ck_assert_uint_eq(mmad_engine_sched(e)->jobs_done, 2);
+
+    mmad_engine_stop(e);
+    be->ops = sim_ops;
+    be->ops->destroy(be);
+    mmad_conn_unref(c);
+    free(host);
+    free(dev);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("engine");
@@ -148,6 +200,10 @@ int main(void)
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, tail_hook_hears_each_copys_end);
     suite_add_tcase(s, tc);
+    TCase *fail = tcase_create("failures");
+    tcase_set_timeout(fail, 30);
+    tcase_add_test(fail, refused_first_chunk_completes_the_copy);
+    suite_add_tcase(s, fail);
     SRunner *r = srunner_create(s);
     srunner_run_all(r, CK_NORMAL);
     int failed = srunner_ntests_failed(r);

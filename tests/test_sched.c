@@ -35,6 +35,7 @@ typedef struct fake_be {
     } log[8192];
     int nlog;
     int fail_submit_via; /* submit() refuses relays through this GPU */
+    int fail_submit_direct; /* submit() refuses direct chunks */
     /* timed runs: bytes/ns of each path (0: untimed), when each path is free
      * again, and when each chunk in flight lands (in step with inflight[]) */
     double rate[NGPU][NGPU][2];
@@ -59,6 +60,8 @@ static int fake_submit(mmad_backend_t *be, mmad_chunk_t *c)
 {
     fake_be_t *f = (fake_be_t *)be;
     if (c->via == f->fail_submit_via && c->via != c->target)
+        return MMA_ERR_BACKEND;
+    if (f->fail_submit_direct && c->via == c->target)
         return MMA_ERR_BACKEND;
     ck_assert_int_lt(f->ninflight, MAXC);
     ck_assert_int_lt(f->nlog, 8192);
@@ -867,6 +870,65 @@ START_TEST(failed_direct_chunk_fails_the_job)
     ck_assert_uint_eq(s.bytes_done, 0);
     ck_assert_uint_eq(s.jobs_done, 1);
     job_free(a);
+}
+END_TEST
+
+/* The backend refuses a job's first chunk, on the direct path: the job
+ * fails, and with no chunk in flight no chunk's end would ever finish it
+ * (its client waited forever, and the engine polled for it). It comes back
+ * from mmad_sched_take_failed, unlinked, with the backend's error; other
+ * jobs go on. */
+START_TEST(submit_refused_on_direct_with_nothing_in_flight)
+{
+    mmad_job_t *a = job_simple(&conn_x, 0, 0, 1u << 20, 0);
+    a->max_paths = 1; /* the direct path only: its first chunk is refused */
+    ck_assert_ptr_null(mmad_sched_take_failed(&s)); /* nothing failed yet */
+    fb.fail_submit_direct = 1;
+    mmad_sched_add(&s, a);
+    ck_assert_int_eq(mmad_sched_fill(&s), 0);
+    ck_assert_int_eq(a->status, MMA_ERR_BACKEND);
+    ck_assert_int_eq(a->inflight, 0);
+    mmad_job_t *got = mmad_sched_take_failed(&s);
+    ck_assert_ptr_eq(got, a);
+    ck_assert_ptr_null(got->next);
+    ck_assert_ptr_null(s.jobs);
+    ck_assert_uint_eq(s.jobs_done, 1);
+    ck_assert_uint_eq(s.bytes_done, 0);
+    ck_assert_ptr_null(mmad_sched_take_failed(&s)); /* handed over once */
+    job_free(a);
+
+    /* A refusal while the job has chunks in flight leaves it to them: the
+     * last one to land finishes it, as a failed chunk would. */
+    fb.fail_submit_direct = 0;
+    mmad_job_t *b = job_simple(&conn_x, 0, 0, 1u << 20, 0);
+    b->max_paths = 1;
+    mmad_job_t *c = job_simple(&conn_y, 1, 0, 256u << 10, 2u << 20);
+    mmad_sched_add(&s, b);
+    mmad_sched_add(&s, c);
+    ck_assert_int_gt(mmad_sched_fill(&s), 0);
+    ck_assert_int_eq(b->inflight, 2);
+    fb.fail_submit_direct = 1;
+    ck_assert_ptr_null(complete(find_inflight(b, 0), MMA_OK));
+    mmad_sched_fill(&s); /* b's next chunk is refused */
+    ck_assert_int_eq(b->status, MMA_ERR_BACKEND);
+    ck_assert_ptr_null(mmad_sched_take_failed(&s)); /* b still has a chunk in flight */
+    fb.fail_submit_direct = 0;
+    mmad_job_t *f = NULL;
+    int finished_b = 0, finished_c = 0;
+    while (fb.ninflight > 0) {
+        f = complete(0, MMA_OK);
+        finished_b += f == b;
+        finished_c += f == c;
+        mmad_sched_fill(&s);
+        ck_assert_ptr_null(mmad_sched_take_failed(&s));
+    }
+    ck_assert_int_eq(finished_b, 1);
+    ck_assert_int_eq(finished_c, 1);
+    ck_assert_int_eq(b->status, MMA_ERR_BACKEND);
+    ck_assert_int_eq(c->status, MMA_OK);
+    ck_assert_uint_eq(c->landed, c->total);
+    job_free(b);
+    job_free(c);
 }
 END_TEST
 
@@ -2004,6 +2066,7 @@ int main(void)
     tcase_add_test(tc, failed_relay_is_set_aside_and_retried);
     tcase_add_test(tc, submit_refused_on_relay);
     tcase_add_test(tc, failed_direct_chunk_fails_the_job);
+    tcase_add_test(tc, submit_refused_on_direct_with_nothing_in_flight);
     tcase_add_test(tc, cancel_conn);
     tcase_add_test(tc, not_runnable_waits);
     suite_add_tcase(su, tc);
