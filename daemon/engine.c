@@ -434,7 +434,12 @@ void mmad_engine_stop(mmad_engine_t *e)
     pthread_mutex_unlock(&e->lock);
     pthread_join(e->thread, NULL);
     take_intake(e); /* anything handed over after the thread left */
-    e->be->wake = NULL;
+    /* A backend thread may still be inside wake(e) for a chunk the engine
+     * has already reaped: wait it out before e goes. */
+    if (e->be->ops->wake_off)
+        e->be->ops->wake_off(e->be);
+    else
+        e->be->wake = NULL;
     mmad_sched_destroy(&e->sched);
     pthread_mutex_destroy(&e->lock);
     pthread_cond_destroy(&e->cond);

@@ -141,6 +141,86 @@ START_TEST(tail_hook_hears_each_copys_end)
 }
 END_TEST
 
+/* A wake() that takes its time, noting when it is inside. */
+typedef struct {
+    pthread_mutex_t lock;
+    int inside, calls, returned;
+} slow_wake_t;
+
+static void slow_wake(void *arg)
+{
+    slow_wake_t *w = arg;
+    pthread_mutex_lock(&w->lock);
+    w->inside = 1;
+    w->calls++;
+    pthread_mutex_unlock(&w->lock);
+    struct timespec ts = {0, 200000000};
+    nanosleep(&ts, NULL);
+    pthread_mutex_lock(&w->lock);
+    w->inside = 0;
+    w->returned++;
+    pthread_mutex_unlock(&w->lock);
+}
+
+static int slow_wake_inside(slow_wake_t *w)
+{
+    pthread_mutex_lock(&w->lock);
+    int in = w->inside;
+    pthread_mutex_unlock(&w->lock);
+    return in;
+}
+
+/* The engine stops once every chunk has been reaped, but the simulated
+ * box's worker calls wake() after it queued the chunk as done, so it could
+ * still be on its way into wake(engine) while mmad_engine_stop freed the
+ * engine (it re-read wake after dropping its lock, too). wake_off returns
+ * only when no worker is inside wake(), and none calls it after. */
+START_TEST(sim_wake_off_waits_for_a_wake_in_progress)
+{
+    mmad_config_t cfg;
+    mmad_config_defaults(&cfg);
+    cfg.sim_scale = 0.05;
+    mmad_backend_t *be = NULL;
+    ck_assert_int_eq(mmad_backend_sim_create(&cfg, &be), MMA_OK);
+    ck_assert_ptr_nonnull(be->ops->wake_off);
+    slow_wake_t w = {.lock = PTHREAD_MUTEX_INITIALIZER};
+    be->wake = slow_wake;
+    be->wake_arg = &w;
+    static char host[4096], dev[4096];
+    memset(host, 7, sizeof host);
+    mmad_chunk_t c = {.target = 0, .via = 0, .dir = MMA_DIR_H2D, .host = host, .dev = dev, .len = sizeof host};
+    ck_assert_int_eq(be->ops->submit(be, &c), MMA_OK);
+    uint64_t until = mma_now_ns() + 5000000000ull;
+    while (!slow_wake_inside(&w)) {
+        ck_assert_msg(mma_now_ns() < until, "the worker never called wake");
+        struct timespec ts = {0, 100000};
+        nanosleep(&ts, NULL);
+    }
+    be->ops->wake_off(be);
+    pthread_mutex_lock(&w.lock);
+    ck_assert_int_eq(w.inside, 0);
+    ck_assert_int_eq(w.returned, 1);
+    pthread_mutex_unlock(&w.lock);
+    ck_assert_ptr_null(be->wake);
+    mmad_chunk_t *out[4];
+    ck_assert_int_eq(be->ops->poll(be, out, 4), 1);
+    ck_assert_ptr_eq(out[0], &c);
+    ck_assert_mem_eq(dev, host, sizeof host);
+    /* Off: the next chunk lands without a call. */
+    ck_assert_int_eq(be->ops->submit(be, &c), MMA_OK);
+    until = mma_now_ns() + 5000000000ull;
+    while (be->ops->poll(be, out, 4) == 0) {
+        ck_assert_msg(mma_now_ns() < until, "the second chunk never landed");
+        struct timespec ts = {0, 100000};
+        nanosleep(&ts, NULL);
+    }
+    pthread_mutex_lock(&w.lock);
+    ck_assert_int_eq(w.calls, 1);
+    pthread_mutex_unlock(&w.lock);
+    be->ops->destroy(be);
+}
+END_TEST
+
 /* A backend that refuses every chunk: the simulated box with its submit
  * replaced. */
 static int refuse_submit(mmad_backend_t *be, mmad_chunk_t *c)
@@ -200,9 +280,10 @@ int main(void)
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, tail_hook_hears_each_copys_end);
     suite_add_tcase(s, tc);
-    TCase *fail = tcase_create("failures");
+    TCase *fail = tcase_create("failures_and_stop");
     tcase_set_timeout(fail, 30);
     tcase_add_test(fail, refused_first_chunk_completes_the_copy);
+    tcase_add_test(fail, sim_wake_off_waits_for_a_wake_in_progress);
     suite_add_tcase(s, fail);
     SRunner *r = srunner_create(s);
     srunner_run_all(r, CK_NORMAL);
