@@ -156,6 +156,13 @@ static void handle_hello(srv_client_t *cl, const Mma__Request *req, int *fds, in
     if (slots > 0) {
         size_t len = (size_t)slots * sizeof(mma_flag_slot_t) + (ring ? sizeof(mma_sq_t) : 0);
         struct stat st;
+        /* Sealed before sized (mmad_region_new_mapped says why). */
+        if (!mmad_memfd_sealed(fds[0])) {
+            MMA_WARN("client %u (pid %d): flag page refused: " MMAD_MEMFD_UNSEALED, cl->conn->id,
+                     (int)cl->conn->pid);
+            reply_error(cl, req, MMA_ERR_INVAL, "flag page: " MMAD_MEMFD_UNSEALED);
+            return;
+        }
         if (fstat(fds[0], &st) != 0 || (size_t)st.st_size < len) {
             reply_error(cl, req, MMA_ERR_INVAL, "flag page memfd is smaller than its slots");
             return;
@@ -217,6 +224,18 @@ static void reply_region(srv_client_t *cl, const Mma__Request *req, mmad_region_
     send_resp(cl, &resp);
 }
 
+/* A region's memfd (host memory, or a simulated GPU's) must be sealed
+ * against shrinking: refused here in words (mmad_region_new_mapped refuses
+ * it again). 1 when refused; the fd is left to the caller. */
+static int refuse_unsealed(srv_client_t *cl, const Mma__Request *req, int fd)
+{
+    if (mmad_memfd_sealed(fd))
+        return 0;
+    MMA_WARN("client %u (pid %d): registration refused: " MMAD_MEMFD_UNSEALED, cl->conn->id, (int)cl->conn->pid);
+    reply_error(cl, req, MMA_ERR_INVAL, MMAD_MEMFD_UNSEALED);
+    return 1;
+}
+
 static void handle_register(srv_client_t *cl, const Mma__Request *req, int *fds, int *nfds)
 {
     mmad_server_t *s = cl->srv;
@@ -228,6 +247,8 @@ static void handle_register(srv_client_t *cl, const Mma__Request *req, int *fds,
             reply_error(cl, req, MMA_ERR_INVAL, "REGISTER_HOST needs its size and one memfd");
             return;
         }
+        if (refuse_unsealed(cl, req, fds[0]))
+            return;
         rc = mmad_region_new_mapped(s->be, MMAD_REGION_HOST, -1, fds[0], req->register_host->size, &r);
         *nfds = 0; /* consumed */
     } else {
@@ -246,6 +267,8 @@ static void handle_register(srv_client_t *cl, const Mma__Request *req, int *fds,
                 reply_error(cl, req, MMA_ERR_UNSUPPORTED, "device memory as a memfd is for the simulated box");
                 return;
             }
+            if (refuse_unsealed(cl, req, fds[0]))
+                return;
             rc = mmad_region_new_mapped(s->be, MMAD_REGION_DEVICE, (int)d->gpu, fds[0], d->size, &r);
             *nfds = 0;
         } else if (d->has_ipc_handle) {

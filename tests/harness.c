@@ -334,14 +334,26 @@ Mma__Response *raw_call(int fd, Mma__Request *req, const int *fds, int nfds, int
     return raw_recv(fd, 10.0, eof);
 }
 
-void *memfd_map(size_t size, int *fd)
+static void *memfd_map_sealed(size_t size, int *fd, int sealed)
 {
-    *fd = memfd_create("mma-test", MFD_CLOEXEC);
+    *fd = memfd_create("mma-test", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     ck_assert_int_ge(*fd, 0);
     ck_assert_int_eq(ftruncate(*fd, (off_t)size), 0);
+    if (sealed) /* as libmma does: mmad maps only memfds that cannot shrink */
+        ck_assert_int_eq(fcntl(*fd, F_ADD_SEALS, F_SEAL_SHRINK), 0);
     void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, *fd, 0);
     ck_assert_ptr_ne(p, MAP_FAILED);
     return p;
+}
+
+void *memfd_map(size_t size, int *fd)
+{
+    return memfd_map_sealed(size, fd, 1);
+}
+
+void *memfd_map_unsealed(size_t size, int *fd)
+{
+    return memfd_map_sealed(size, fd, 0);
 }
 
 /* Hello with a flag page of nslots (0: none) and, with sq_entries, a

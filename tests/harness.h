@@ -71,8 +71,11 @@ Mma__Response *raw_hello(int fd, uint32_t api_version, uint32_t nslots, void **f
 Mma__Response *raw_hello_ring(int fd, uint32_t nslots, uint32_t sq_entries, void **flags);
 size_t raw_ring_page_len(uint32_t nslots);
 
-/* A memfd of `size` bytes mapped here; *fd keeps the descriptor. */
+/* A memfd of `size` bytes mapped here, sealed against shrinking as mmad
+ * requires; *fd keeps the descriptor. */
 void *memfd_map(size_t size, int *fd);
+/* The same without the seal (mmad must refuse it). */
+void *memfd_map_unsealed(size_t size, int *fd);
 
 /* Count lines of /proc/<pid>/maps containing `needle`. */
 int count_maps(pid_t pid, const char *needle);

@@ -723,6 +723,97 @@ START_TEST(daemon_side_validation)
 }
 END_TEST
 
+/* mmad maps each client's flag page and region memfds. A memfd that is not
+ * sealed against shrinking could be cut short later under that mapping, and
+ * mmad's next touch of the lost pages (completing a slot, reading the ring,
+ * a chunk's copy) would kill it with SIGBUS; the socket is open to every
+ * local user. So every such memfd must carry F_SEAL_SHRINK: one without it
+ * is refused in words, nothing of it is mapped, and mmad goes on serving
+ * this client and others. */
+START_TEST(unsealed_memfds_refused)
+{
+    mmad_proc_t d;
+    mmad_start(&d, fast_box);
+    int fd = raw_connect(d.sock);
+    ck_assert_int_ge(fd, 0);
+    enum { NSLOTS = 8, SZ = 65536 };
+
+    /* HELLO with an unsealed flag page. */
+    int pfd;
+    void *page = memfd_map_unsealed(NSLOTS * sizeof(mma_flag_slot_t), &pfd);
+    Mma__Hello h = MMA__HELLO__INIT;
+    h.api_version = MMA_API_VERSION;
+    h.has_flag_slots = 1;
+    h.flag_slots = NSLOTS;
+    h.name = "unsealed";
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__HELLO;
+    req.hello = &h;
+    Mma__Response *r = raw_call(fd, &req, &pfd, 1, NULL);
+    ck_assert_ptr_nonnull(r);
+    ck_assert_msg(r->status == MMA_ERR_INVAL, "an unsealed flag page got %s", mma_status_name(r->status));
+    ck_assert_ptr_null(r->hello);
+    ck_assert_msg(r->error && strstr(r->error, "memfd must be sealed against shrinking (F_SEAL_SHRINK)"),
+                  "error '%s' does not say why", r->error ? r->error : "");
+    mma__response__free_unpacked(r, NULL);
+    munmap(page, NSLOTS * sizeof(mma_flag_slot_t));
+    close(pfd);
+
+    /* The same connection shakes hands with a sealed page. */
+    void *fv = NULL;
+    r = raw_hello(fd, MMA_API_VERSION, NSLOTS, &fv);
+    ck_assert(r && r->status == MMA_OK && r->hello);
+    mma__response__free_unpacked(r, NULL);
+    mma_flag_slot_t *fl = fv;
+
+    /* Regions: host, and a simulated GPU's, unsealed; and one made without
+     * MFD_ALLOW_SEALING (sealed against more seals, not against shrinking). */
+    int ufd, ufd2;
+    void *um = memfd_map_unsealed(SZ, &ufd), *um2 = memfd_map_unsealed(SZ, &ufd2);
+    raw_register(fd, 0, -1, SZ, ufd, MMA_ERR_INVAL, "memfd must be sealed against shrinking (F_SEAL_SHRINK)");
+    raw_register(fd, 1, 2, SZ, ufd2, MMA_ERR_INVAL, "F_SEAL_SHRINK");
+    int nfd = memfd_create("mma-test", MFD_CLOEXEC);
+    ck_assert_int_ge(nfd, 0);
+    ck_assert_int_eq(ftruncate(nfd, SZ), 0);
+    raw_register(fd, 0, -1, SZ, nfd, MMA_ERR_INVAL, "F_SEAL_SHRINK");
+    /* Nothing of them is mapped in mmad: only the sealed flag page. */
+    ck_assert_int_eq(count_maps(d.pid, "/memfd:mma-test"), 1);
+    /* What mmad guards against: an unsealed memfd shrinks at will. */
+    ck_assert_int_eq(ftruncate(ufd, 0), 0);
+    munmap(um, SZ);
+    munmap(um2, SZ);
+    close(ufd);
+    close(ufd2);
+    close(nfd);
+
+    /* Sealed regions are taken, and a copy through them lands. */
+    int hfd, dfd;
+    uint8_t *hm = memfd_map(SZ, &hfd), *dm = memfd_map(SZ, &dfd);
+    ck_assert_int_ne(ftruncate(hfd, 0), 0); /* sealed: it cannot shrink */
+    fill_random(hm, SZ, 99);
+    memset(dm, 0, SZ);
+    uint32_t hid = raw_register(fd, 0, -1, SZ, hfd, MMA_OK, NULL);
+    uint32_t did = raw_register(fd, 1, 2, SZ, dfd, MMA_OK, NULL);
+    ck_assert_int_eq(count_maps(d.pid, "/memfd:mma-test"), 3);
+    atomic_store(&fl[0].reached, 1);
+    raw_send_copy(fd, 0, 1, did, 0, hid, 0, SZ);
+    flag_wait_t w = {&fl[0], 1};
+    ck_assert_msg(wait_until(flag_done, &w, 10.0), "copy never completed");
+    ck_assert_int_eq(atomic_load(&fl[0].status), MMA_OK);
+    ck_assert_mem_eq(dm, hm, SZ);
+
+    /* Other clients are served (libmma seals its memfds). */
+    quick_roundtrip(d.sock, 1, MIB + 3);
+    munmap(hm, SZ);
+    munmap(dm, SZ);
+    munmap(fv, NSLOTS * sizeof(mma_flag_slot_t));
+    close(hfd);
+    close(dfd);
+    close(fd);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
 /* ---- the submission ring (flagpage.h) ---- */
 
 static void raw_kick(int fd)
@@ -2227,12 +2318,12 @@ int main(void)
     struct {
         const char *name;
         int timeout;
-        const TTest *tests[8];
+        const TTest *tests[12]; /* NULL after the last */
     } cases[] = {
         {"clients", 90, {concurrent_clients_random_copies, one_client_many_threads}},
         {"protocol", 60, {daemon_side_validation, client_side_range_check, version_handshake,
                           unknown_and_garbage_requests, submission_ring, submission_ring_full_and_off,
-                          kick_wakes_mmad}},
+                          kick_wakes_mmad, unsealed_memfds_refused}},
         {"lifecycle", 60, {client_dies_mid_copy, sigterm_with_copies_in_flight, one_daemon_per_socket,
                            stale_socket_file_replaced, command_line, cpu_by_thread_at_exit}},
         {"mmactl", 60, {mmactl_reports, mma_ab_arguments, mma_demo_arguments, mma_bench_arguments}},
