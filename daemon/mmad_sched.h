@@ -169,6 +169,10 @@ mmad_job_t *mmad_sched_chunk_done(mmad_sched_t *s, mmad_chunk_t *c);
  * finish with their status. The engine calls it after every fill. */
 mmad_job_t *mmad_sched_take_failed(mmad_sched_t *s);
 
+/* Shutdown: every job with nothing in flight, unlinked, as a list (linked
+ * by ->next), their statuses untouched. */
+mmad_job_t *mmad_sched_take_idle(mmad_sched_t *s);
+
 /* A client went away: its jobs stop being carved; the ones with nothing in
  * flight are returned as a list (linked by ->next) for the caller to finish. */
 mmad_job_t *mmad_sched_cancel_conn(mmad_sched_t *s, mmad_conn_t *conn);

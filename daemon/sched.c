@@ -1124,6 +1124,22 @@ mmad_job_t *mmad_sched_take_failed(mmad_sched_t *s)
     return done;
 }
 
+mmad_job_t *mmad_sched_take_idle(mmad_sched_t *s)
+{
+    mmad_job_t *done = NULL;
+    mmad_job_t *j = s->jobs;
+    while (j) {
+        mmad_job_t *next = j->next;
+        if (j->inflight == 0) {
+            unlink_job(s, j);
+            j->next = done;
+            done = j;
+        }
+        j = next;
+    }
+    return done;
+}
+
 mmad_job_t *mmad_sched_cancel_conn(mmad_sched_t *s, mmad_conn_t *conn)
 {
     mmad_job_t *done = NULL;

@@ -200,13 +200,12 @@ static int reaped(void *arg)
     return waitpid(r->pid, &r->status, WNOHANG) == r->pid;
 }
 
-int mmad_stop(mmad_proc_t *d)
+int mmad_wait_exit(mmad_proc_t *d, double timeout_s)
 {
     if (d->pid <= 0)
         return -1;
-    kill(d->pid, SIGTERM);
     reap_t r = {.pid = d->pid};
-    int ok = wait_until(reaped, &r, 20.0);
+    int ok = wait_until(reaped, &r, timeout_s);
     if (!ok) {
         kill(d->pid, SIGKILL);
         waitpid(d->pid, NULL, 0);
@@ -215,9 +214,17 @@ int mmad_stop(mmad_proc_t *d)
     return ok ? r.status : -1;
 }
 
-void mmad_stop_clean(mmad_proc_t *d)
+int mmad_stop(mmad_proc_t *d)
 {
-    int st = mmad_stop(d);
+    if (d->pid <= 0)
+        return -1;
+    kill(d->pid, SIGTERM);
+    return mmad_wait_exit(d, 20.0);
+}
+
+/* A daemon's end as mmad_stop_clean wants it, from its wait status. */
+static void check_clean_exit(mmad_proc_t *d, int st)
+{
     struct stat sb;
     int sock_left = stat(d->sock, &sb) == 0;
     unlink(d->sock);
@@ -226,6 +233,16 @@ void mmad_stop_clean(mmad_proc_t *d)
     ck_assert_msg(WIFEXITED(st), "mmad was killed by signal %d", WIFSIGNALED(st) ? WTERMSIG(st) : 0);
     ck_assert_msg(WEXITSTATUS(st) == 0, "mmad exited with status %d", WEXITSTATUS(st));
     ck_assert_msg(!sock_left, "mmad left its socket file behind");
+}
+
+void mmad_stop_clean(mmad_proc_t *d)
+{
+    check_clean_exit(d, mmad_stop(d));
+}
+
+void mmad_exit_clean(mmad_proc_t *d)
+{
+    check_clean_exit(d, mmad_wait_exit(d, 20.0));
 }
 
 /* ---- tools ---- */

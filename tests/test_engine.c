@@ -141,6 +141,65 @@ START_TEST(tail_hook_hears_each_copys_end)
 }
 END_TEST
 
+/* Shutdown: a copy whose stream has not reached it is dropped with its
+ * `done` unwritten (a stream waiting on done >= seq must not go on with
+ * data never copied; libmma finishes it natively once mmad is gone), while
+ * a reached one finishes first (mmad_engine_drain), and so does anything
+ * mmad_engine_stop finds with no drain before it. */
+START_TEST(shutdown_leaves_unreached_copies_undone)
+{
+    mmad_config_t cfg;
+    mmad_config_defaults(&cfg);
+    cfg.sim_scale = 0.05;
+    mmad_backend_t *be = NULL;
+    ck_assert_int_eq(mmad_backend_sim_create(&cfg, &be), MMA_OK);
+    mmad_engine_t *e = NULL;
+    ck_assert_int_eq(mmad_engine_start(be, &cfg, &e), MMA_OK);
+    const uint64_t n = 4u << 20;
+    uint8_t *host = malloc(n), *dev = calloc(1, 2 * n);
+    ck_assert_ptr_nonnull(host);
+    ck_assert_ptr_nonnull(dev);
+    for (uint64_t i = 0; i < n; i++)
+        host[i] = (uint8_t)(i * 77 + 1);
+    mmad_conn_t *c = conn_new(), *c2 = conn_new();
+    mmad_job_t *waiting = job_new(c, host, dev, n, 5);
+    atomic_store(&c->flags[0].reached, 4); /* its stream is not there yet */
+    mmad_engine_submit(e, waiting);
+    mmad_engine_submit(e, job_new(c2, host, dev + n, n, 1)); /* reached */
+    ck_assert_int_eq(mmad_engine_drain(e, 2000000000ull, 10000000000ull), 1);
+    ck_assert_uint_eq(mma_flag_read(&c2->flags[0].done), 1);
+    ck_assert_int_eq((int)atomic_load(&c2->flags[0].status), MMA_OK);
+    ck_assert_int_eq(memcmp(dev + n, host, n), 0);
+    ck_assert_uint_eq(mma_flag_read(&c->flags[0].done), 0);
+    ck_assert_int_eq((int)atomic_load(&c->flags[0].status), 0);
+    ck_assert_int_eq(atomic_load(&c->inflight), 0);
+    ck_assert_int_eq(atomic_load(&c->refs), 1); /* the dropped job let go of it */
+    /* After the drain a late job is dropped too, never run. */
+    mmad_engine_submit(e, job_new(c, host, dev, n, 6));
+    mmad_engine_stop(e);
+    ck_assert_uint_eq(mma_flag_read(&c->flags[0].done), 0);
+    ck_assert_int_eq(atomic_load(&c->inflight), 0);
+    for (uint64_t i = 0; i < n; i++)
+        ck_assert_msg(dev[i] == 0, "byte %llu of a dropped copy landed", (unsigned long long)i);
+
+    /* A stop with no drain before it drops the unreached the same way. */
+    ck_assert_int_eq(mmad_engine_start(be, &cfg, &e), MMA_OK);
+    waiting = job_new(c, host, dev, n, 7);
+    atomic_store(&c->flags[0].reached, 6);
+    mmad_engine_submit(e, waiting);
+    mmad_engine_stop(e);
+    ck_assert_uint_eq(mma_flag_read(&c->flags[0].done), 0);
+    ck_assert_int_eq(atomic_load(&c->inflight), 0);
+    ck_assert_int_eq(atomic_load(&c->refs), 1);
+
+    be->ops->destroy(be);
+    mmad_conn_unref(c);
+    mmad_conn_unref(c2);
+    free(host);
+    free(dev);
+}
+END_TEST
+
 /* A wake() that takes its time, noting when it is inside. */
 typedef struct {
     pthread_mutex_t lock;
@@ -284,6 +343,7 @@ int main(void)
     tcase_set_timeout(fail, 30);
     tcase_add_test(fail, refused_first_chunk_completes_the_copy);
     tcase_add_test(fail, sim_wake_off_waits_for_a_wake_in_progress);
+    tcase_add_test(fail, shutdown_leaves_unreached_copies_undone);
     suite_add_tcase(s, fail);
     SRunner *r = srunner_create(s);
     srunner_run_all(r, CK_NORMAL);
