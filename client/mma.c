@@ -3,6 +3,7 @@
  * requests whose completion arrives through the shared flag page. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -201,8 +202,10 @@ int mma_connect(const char *socket_path, mma_client_t **out)
     const char *no_ring = getenv("MMA_NO_RING");
     int offer_ring = !(no_ring && *no_ring && strcmp(no_ring, "0") != 0);
     c->flags_len = flen + (offer_ring ? sizeof(mma_sq_t) : 0);
-    memfd = memfd_create("mma-flags", MFD_CLOEXEC);
-    if (memfd < 0 || ftruncate(memfd, (off_t)c->flags_len) != 0) {
+    /* Sealed against shrinking, or mmad refuses it (it would die of SIGBUS
+     * if a client cut the page short under its mapping). */
+    memfd = memfd_create("mma-flags", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (memfd < 0 || ftruncate(memfd, (off_t)c->flags_len) != 0 || fcntl(memfd, F_ADD_SEALS, F_SEAL_SHRINK) != 0) {
         rc = MMA_ERR_SYSTEM;
         goto fail;
     }
@@ -344,13 +347,17 @@ static int register_memfd(mma_client_t *c, int device, int gpu, size_t size, voi
 {
     long page = sysconf(_SC_PAGESIZE);
     size_t len = (size + (size_t)page - 1) & ~((size_t)page - 1);
-    int fd = memfd_create(device ? "mma-simdev" : "mma-host", MFD_CLOEXEC);
+    int fd = memfd_create(device ? "mma-simdev" : "mma-host", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (fd < 0)
         return MMA_ERR_SYSTEM;
     int rc = MMA_OK;
     void *p = MAP_FAILED;
     if (ftruncate(fd, (off_t)len) != 0) {
         rc = errno == ENOSPC || errno == ENOMEM ? MMA_ERR_NOMEM : MMA_ERR_SYSTEM;
+        goto out;
+    }
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) != 0) { /* mmad maps only sealed memfds */
+        rc = MMA_ERR_SYSTEM;
         goto out;
     }
     p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);

@@ -28,6 +28,11 @@ typedef struct mmad_backend_ops {
     /* Up to max finished chunks; c->status says how each went. */
     int (*poll)(mmad_backend_t *be, mmad_chunk_t **out, int max);
     void (*destroy)(mmad_backend_t *be);
+    /* Optional, for a backend that calls wake() from threads of its own:
+     * set wake to NULL such that once this returns none of them is inside
+     * the old wake() or will call it (the engine frees its argument next).
+     * Without it the engine just clears wake. */
+    void (*wake_off)(mmad_backend_t *be);
 } mmad_backend_ops_t;
 
 struct mmad_backend {
@@ -67,6 +72,8 @@ struct mmad_backend {
     int foreign_known;
     _Atomic uint32_t foreign_mbps[MMAD_MAX_GPUS][2];
     _Atomic uint64_t foreign_seq;
+    /* A chunk finished (event_driven backends); set by the engine, cleared
+     * through ops->wake_off where there is one */
     void (*wake)(void *arg);
     void *wake_arg;
 };

@@ -74,6 +74,8 @@ typedef struct sim_be {
     char **staging[MMAD_MAX_GPUS];
     unsigned char *staging_used[MMAD_MAX_GPUS];
     mmad_chunk_t *done_head, *done_tail;
+    int waking;             /* workers inside base.wake() now */
+    pthread_cond_t woke;    /* signalled when waking drops to 0 (sim_wake_off) */
 } sim_be_t;
 
 typedef struct preset {
@@ -258,15 +260,34 @@ static void *worker(void *arg)
             enqueue_locked(next, c);
         } else {
             finish_locked(s, c);
-            if (s->base.wake) {
+            /* Called outside the lock (it takes the engine's), with what
+             * the lock showed: the engine clears wake through sim_wake_off,
+             * which waits for calls in progress, then frees wake_arg. */
+            void (*wake)(void *) = s->base.wake;
+            void *wake_arg = s->base.wake_arg;
+            if (wake) {
+                s->waking++;
                 pthread_mutex_unlock(&s->lock);
-                s->base.wake(s->base.wake_arg);
+                wake(wake_arg);
                 pthread_mutex_lock(&s->lock);
+                if (--s->waking == 0)
+                    pthread_cond_broadcast(&s->woke);
             }
         }
     }
     pthread_mutex_unlock(&s->lock);
     return NULL;
+}
+
+static void sim_wake_off(mmad_backend_t *be)
+{
+    sim_be_t *s = (sim_be_t *)be;
+    pthread_mutex_lock(&s->lock);
+    s->base.wake = NULL;
+    s->base.wake_arg = NULL;
+    while (s->waking > 0)
+        pthread_cond_wait(&s->woke, &s->lock);
+    pthread_mutex_unlock(&s->lock);
 }
 
 static int sim_region_open(mmad_backend_t *be, mmad_region_t *r, const uint8_t *ipc, size_t ipc_len,
@@ -363,6 +384,7 @@ static void sim_destroy(mmad_backend_t *be)
         free(s->staging[g]);
         free(s->staging_used[g]);
     }
+    pthread_cond_destroy(&s->woke);
     pthread_mutex_destroy(&s->lock);
     free(s);
 }
@@ -393,6 +415,7 @@ static const mmad_backend_ops_t sim_ops = {
     .submit = sim_submit,
     .poll = sim_poll,
     .destroy = sim_destroy,
+    .wake_off = sim_wake_off,
 };
 
 int mmad_backend_sim_create(const mmad_config_t *cfg, mmad_backend_t **out)
@@ -432,6 +455,7 @@ int mmad_backend_sim_create(const mmad_config_t *cfg, mmad_backend_t **out)
         return MMA_ERR_INVAL;
     }
     pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->woke, NULL);
     double scale = cfg->sim_scale; /* GB/s * scale = bytes per ns */
     int per_socket = (be->gpu_count + p->sockets - 1) / p->sockets;
     for (int d = 0; d < 2; d++) {

@@ -1,6 +1,7 @@
 /* Every mmad option in one declarative table: name, type, default, bounds,
  * help. `mmad --help` prints it; the README's option list is made from it. */
 #include <errno.h>
+#include <math.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,7 +35,8 @@ static const opt_t options[] = {
     {"sim-gpus", OPT_INT, O(sim_gpus), 0, "0", 0, MMAD_MAX_GPUS, "simulated GPU count (0: the preset's)"},
     {"sim-scale", OPT_DOUBLE, O(sim_scale), 0, "0.01", 1e-4, 1.0,
      "simulated link rates are the real ones times this (0.01: 55.5 GB/s -> 555 MB/s)"},
-    {"chunk-size", OPT_SIZE, O(chunk_size), 0, "8M", 4096, 1u << 30, "largest micro-transfer"},
+    {"chunk-size", OPT_SIZE, O(chunk_size), 0, "8M", 4096, 1u << 30,
+     "largest micro-transfer (and staging buffer size); a multiple of 4096"},
     {"min-chunk", OPT_SIZE, O(min_chunk), 0, "512K", 4096, 1u << 30,
      "smallest piece a large copy is split into"},
     {"staging-slots", OPT_INT, O(staging_slots), 0, "4", 1, 64,
@@ -242,7 +244,9 @@ static int set_opt(mmad_config_t *cfg, const opt_t *o, const char *val)
     case OPT_DOUBLE: {
         char *end;
         double v = strtod(val, &end);
-        if (end == val || *end || v < o->min || v > o->max) {
+        /* strtod takes "nan" and "inf"; NaN passes every < and > test, and
+         * a NaN rate or time stalls every copy (--sim-scale=nan hung mmad). */
+        if (end == val || *end || !isfinite(v) || v < o->min || v > o->max) {
             fprintf(stderr, "mmad: --%s: '%s' must be a number in [%g, %g]\n", o->name, val, o->min, o->max);
             return -1;
         }
@@ -319,23 +323,37 @@ int mmad_config_parse(mmad_config_t *cfg, int argc, char **argv)
     }
     /* Options that take one of a few words. */
     const struct {
-        const char *name, *val, *a, *b, *c;
+        const char *name, *val, *w[4]; /* the accepted words, NULL after the last */
     } words[] = {
-        {"backend", cfg->backend, "auto", "cuda", "sim"},
-        {"completion", cfg->completion, "auto", "flags", "events"},
-        {"copy-api", cfg->copy_api, "runtime", "driver", NULL},
-        {"hop-side", cfg->hop_side, "via", "target", NULL},
+        {"backend", cfg->backend, {"auto", "cuda", "sim"}},
+        {"completion", cfg->completion, {"auto", "flags", "events"}},
+        {"copy-api", cfg->copy_api, {"runtime", "driver"}},
+        {"hop-side", cfg->hop_side, {"via", "target"}},
+        /* a misspelt level would otherwise log at info, silently */
+        {"log", cfg->log_level, {"error", "warn", "info", "debug"}},
     };
     for (size_t k = 0; k < sizeof words / sizeof words[0]; k++) {
         const char *v = words[k].val;
-        if (strcmp(v, words[k].a) && strcmp(v, words[k].b) && (!words[k].c || strcmp(v, words[k].c))) {
-            if (words[k].c)
-                fprintf(stderr, "mmad: --%s must be %s, %s or %s, not '%s'\n", words[k].name, words[k].a, words[k].b,
-                        words[k].c, v);
-            else
-                fprintf(stderr, "mmad: --%s must be %s or %s, not '%s'\n", words[k].name, words[k].a, words[k].b, v);
+        int n = 0, ok = 0;
+        for (; n < 4 && words[k].w[n]; n++)
+            ok |= !strcmp(v, words[k].w[n]);
+        if (!ok) {
+            char list[96] = "";
+            size_t len = 0;
+            for (int i = 0; i < n; i++)
+                len += (size_t)snprintf(list + len, sizeof list - len, "%s%s", i == 0 ? "" : i == n - 1 ? " or " : ", ",
+                                        words[k].w[i]);
+            fprintf(stderr, "mmad: --%s must be %s, not '%s'\n", words[k].name, list, v);
             return -1;
         }
+    }
+    /* Chunks, staging buffers and a relay's pieces are cut in whole pages;
+     * a chunk size between pages let a page-rounded piece outgrow its
+     * staging buffer. */
+    if (cfg->chunk_size % 4096) {
+        fprintf(stderr, "mmad: --chunk-size must be a multiple of 4096 (whole pages), not %llu\n",
+                (unsigned long long)cfg->chunk_size);
+        return -1;
     }
     if (cfg->min_chunk > cfg->chunk_size)
         cfg->min_chunk = cfg->chunk_size;

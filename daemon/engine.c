@@ -28,7 +28,14 @@ struct mmad_engine {
      * written by the socket thread alone, read while idle without the lock */
     _Atomic uint64_t awake_until;
     int stop;
+    /* Shutdown (mmad_engine_drain), under lock: the socket thread asked for
+     * a drain and waits on drained_cond for `drained`; no chunk is issued
+     * after drain_until (mma_now_ns). */
+    int draining, drained;
+    uint64_t drain_until;
+    pthread_cond_t drained_cond;
     int waiting_reached; /* jobs whose slot has not shown `reached` */
+    int dropped;         /* jobs released at shutdown without `done` (engine thread) */
     void (*tail_hook)(void *arg, int tail); /* under lock */
     void *tail_arg;
     _Atomic int hooked;
@@ -140,14 +147,36 @@ void mmad_job_free(mmad_job_t *job)
     free(job);
 }
 
-/* Complete every job of a list (linked by ->next) with its own status. */
-static void complete_list(mmad_job_t *j)
+/* Release a job at shutdown without writing its flag slot: its copy did
+ * not run, or not wholly. `done` unwritten, a stream waiting on it keeps
+ * waiting, and libmma's watchdog, seeing mmad gone, finishes the copy
+ * natively once its stream has reached it (a copy run only in part is run
+ * again whole: the same bytes). Writing done with an error instead would
+ * let the stream go on with data never copied. */
+static void job_drop(mmad_job_t *j)
 {
+    atomic_fetch_sub_explicit(&j->conn->inflight, 1, memory_order_relaxed);
+    mmad_job_free(j);
+}
+
+/* Finish each job of a list (linked by ->next) with its own status; at
+ * shutdown (stopping) one cancelled is dropped instead (job_drop): its
+ * client is gone or mmad is going, and any other status is the copy's own
+ * end. Returns how many were dropped. */
+static int finish_list(mmad_job_t *j, int stopping)
+{
+    int dropped = 0;
     while (j) {
         mmad_job_t *next = j->next;
-        mmad_job_complete(j, j->status);
+        if (stopping && j->status == MMA_ERR_CANCELLED) {
+            job_drop(j);
+            dropped++;
+        } else {
+            mmad_job_complete(j, j->status);
+        }
         j = next;
     }
+    return dropped;
 }
 
 static int slot_reached(const mmad_job_t *j)
@@ -161,13 +190,21 @@ static int take_intake(mmad_engine_t *e)
     pthread_mutex_lock(&e->lock);
     intake_t *it = e->in_head;
     e->in_head = e->in_tail = NULL;
+    /* Shutting down: a job is dropped, not completed, once the drain is
+     * over (or there is none); one taken while it lasts still runs if its
+     * slot shows `reached`. */
+    int stopping = e->stop || e->draining;
+    int late = e->stop || e->drained;
     pthread_mutex_unlock(&e->lock);
     int n = 0;
     while (it) {
         intake_t *next = it->next;
         if (it->kind == 0) {
             mmad_job_t *j = it->ptr;
-            if (atomic_load(&j->conn->closed) || e->stop) {
+            if (late) {
+                job_drop(j);
+                e->dropped++;
+            } else if (atomic_load(&j->conn->closed)) {
                 mmad_job_complete(j, MMA_ERR_CANCELLED);
             } else {
                 if (e->be->ops->prepare)
@@ -186,7 +223,7 @@ static int take_intake(mmad_engine_t *e)
                     j->runnable = 1; /* nothing more will be carved from it */
                     e->waiting_reached--;
                 }
-            complete_list(mmad_sched_cancel_conn(&e->sched, c));
+            e->dropped += finish_list(mmad_sched_cancel_conn(&e->sched, c), stopping);
             mmad_conn_unref(c);
         }
         free(it);
@@ -209,7 +246,7 @@ static int check_reached(mmad_engine_t *e)
     return n;
 }
 
-static int reap(mmad_engine_t *e)
+static int reap(mmad_engine_t *e, int stopping)
 {
     mmad_chunk_t *done[64];
     int total = 0, n;
@@ -225,32 +262,37 @@ static int reap(mmad_engine_t *e)
             break;
         for (int i = 0; i < n; i++) {
             mmad_job_t *j = mmad_sched_chunk_done(&e->sched, done[i]);
-            if (j)
-                mmad_job_complete(j, j->status);
+            if (j) {
+                j->next = NULL;
+                e->dropped += finish_list(j, stopping);
+            }
         }
         total += n;
     }
     return total;
 }
 
-static void cancel_all(mmad_engine_t *e)
+/* How many jobs that may run at shutdown have bytes left to issue: they
+ * showed `reached` and have not failed. */
+static int runnable_left(const mmad_engine_t *e)
 {
-    for (mmad_job_t *j = e->sched.jobs; j; j = j->next) {
-        if (j->status == MMA_OK)
-            j->status = MMA_ERR_CANCELLED;
-        if (!j->runnable) {
-            j->runnable = 1;
-            e->waiting_reached--;
-        }
-    }
-    /* Jobs with nothing in flight finish now. */
-    mmad_job_t *j = e->sched.jobs;
+    int n = 0;
+    for (const mmad_job_t *j = e->sched.jobs; j; j = j->next)
+        n += j->runnable && j->status == MMA_OK && j->issued < j->total;
+    return n;
+}
+
+/* Shutdown, with no chunk in flight: every job left (not reached, or cut
+ * off by the drain's deadline) is dropped without its flag slot written. */
+static void drop_all(mmad_engine_t *e)
+{
+    mmad_job_t *j = mmad_sched_take_idle(&e->sched);
     while (j) {
         mmad_job_t *next = j->next;
-        if (j->inflight == 0) {
-            complete_list(mmad_sched_cancel_conn(&e->sched, j->conn));
-            next = e->sched.jobs; /* the list changed: start over */
-        }
+        if (!j->runnable)
+            e->waiting_reached--;
+        job_drop(j);
+        e->dropped++;
         j = next;
     }
 }
@@ -316,17 +358,43 @@ static void *engine_main(void *arg)
     for (;;) {
         int progress = take_intake(e);
         pthread_mutex_lock(&e->lock);
-        int stopping = e->stop;
+        int stop = e->stop, shutdown = e->stop || e->draining, draining = e->draining && !e->drained;
+        uint64_t until = e->drain_until;
         pthread_mutex_unlock(&e->lock);
-        if (stopping)
-            cancel_all(e);
-        progress += check_reached(e);
-        progress += mmad_sched_fill(&e->sched);
-        progress += reap(e);
+        /* Shutting down (a drain, or a stop without one): no job becomes
+         * runnable any more, and chunks go out only while a drain lasts. */
+        int closing = stop || draining;
+        int issuing = !closing || (!stop && mma_now_ns() < until);
+        if (!closing)
+            progress += check_reached(e);
+        if (issuing)
+            progress += mmad_sched_fill(&e->sched);
+        mmad_job_t *failed = mmad_sched_take_failed(&e->sched);
+        if (failed) {
+            finish_list(failed, shutdown);
+            progress++;
+        }
+        progress += reap(e, shutdown);
         int tail = tail_scan(e);
         tail_update(e, tail);
-        if (stopping && !e->sched.jobs && e->sched.chunks_inflight == 0)
-            break;
+        if (closing && e->sched.chunks_inflight == 0 && (!issuing || !runnable_left(e))) {
+            /* Nothing on the GPUs, and nothing more will go: what is left
+             * was not reached, or the drain's time ran out. */
+            int cut = issuing ? 0 : runnable_left(e);
+            drop_all(e);
+            if (draining) {
+                if (e->dropped > 0)
+                    MMA_INFO("shutdown: %d copies not run (or not wholly: %d cut off by the drain's time) are left "
+                             "to their clients, whose libmma finishes them natively once their stream reaches them",
+                             e->dropped, cut);
+                pthread_mutex_lock(&e->lock);
+                e->drained = 1;
+                pthread_cond_broadcast(&e->drained_cond);
+                pthread_mutex_unlock(&e->lock);
+            }
+            if (stop)
+                break;
+        }
         if (progress) {
             backoff = 0;
             spins = 0;
@@ -405,6 +473,7 @@ int mmad_engine_start(mmad_backend_t *be, const mmad_config_t *cfg, mmad_engine_
     }
     pthread_mutex_init(&e->lock, NULL);
     mma_cond_init_monotonic(&e->cond);
+    mma_cond_init_monotonic(&e->drained_cond);
     be->wake = engine_wake;
     be->wake_arg = e;
     int err = pthread_create(&e->thread, NULL, engine_main, e);
@@ -429,9 +498,34 @@ void mmad_engine_stop(mmad_engine_t *e)
     pthread_mutex_unlock(&e->lock);
     pthread_join(e->thread, NULL);
     take_intake(e); /* anything handed over after the thread left */
-    e->be->wake = NULL;
+    /* A backend thread may still be inside wake(e) for a chunk the engine
+     * has already reaped: wait it out before e goes. */
+    if (e->be->ops->wake_off)
+        e->be->ops->wake_off(e->be);
+    else
+        e->be->wake = NULL;
     mmad_sched_destroy(&e->sched);
     pthread_mutex_destroy(&e->lock);
     pthread_cond_destroy(&e->cond);
+    pthread_cond_destroy(&e->drained_cond);
+    if (e->dropped > 0)
+        MMA_DEBUG("shutdown: %d copies left to their clients in all", e->dropped);
     free(e);
+}
+
+int mmad_engine_drain(mmad_engine_t *e, uint64_t issue_ns, uint64_t wait_ns)
+{
+    uint64_t now = mma_now_ns();
+    pthread_mutex_lock(&e->lock);
+    e->drain_until = now + issue_ns;
+    e->draining = 1;
+    e->kicked = 1;
+    pthread_cond_signal(&e->cond);
+    struct timespec ts = mma_deadline_ns(wait_ns);
+    while (!e->drained)
+        if (pthread_cond_timedwait(&e->drained_cond, &e->lock, &ts) == ETIMEDOUT)
+            break;
+    int drained = e->drained;
+    pthread_mutex_unlock(&e->lock);
+    return drained;
 }

@@ -12,7 +12,19 @@
 typedef struct mmad_engine mmad_engine_t;
 
 int mmad_engine_start(mmad_backend_t *be, const mmad_config_t *cfg, mmad_engine_t **out);
-/* Cancel what is queued, wait for chunks on the GPUs, join the thread. */
+/* Shutdown, first step, from the socket thread once it takes no more
+ * copies: the copies under way finish, and so do those queued whose slot
+ * showed `reached` before the drain began or when the engine took them
+ * (host-ordered ones are reached at submit), their chunks issued for at
+ * most issue_ns; then every copy left (not reached, or cut off) is
+ * dropped without its `done` written, so that a stream waiting on it does
+ * not go on with data never copied: libmma's watchdog finishes it natively
+ * once mmad is gone (close the clients after this). Returns 1 when that is
+ * done with no chunk in flight, 0 when wait_ns passed first. */
+int mmad_engine_drain(mmad_engine_t *e, uint64_t issue_ns, uint64_t wait_ns);
+/* Stop issuing, wait for the chunks on the GPUs, drop what is left as
+ * mmad_engine_drain does (a copy not run keeps `done` unwritten), join the
+ * thread, free the engine. */
 void mmad_engine_stop(mmad_engine_t *e);
 /* Hand over a job (the engine owns it from here). */
 void mmad_engine_submit(mmad_engine_t *e, mmad_job_t *job);
@@ -32,8 +44,8 @@ void mmad_engine_set_tail_hook(mmad_engine_t *e, void (*hook)(void *arg, int tai
 /* Statistics, for mmactl (read under s->stats_lock). */
 mmad_sched_t *mmad_engine_sched(mmad_engine_t *e);
 
-/* Finish a job without running it (validation passed but the client left,
- * or shutdown): writes its flag slot and releases it. Exposed for tests. */
+/* Finish a job without running it (validation passed but the client
+ * left): writes its flag slot and releases it. Exposed for tests. */
 void mmad_job_complete(mmad_job_t *job, int status);
 
 #endif

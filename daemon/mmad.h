@@ -127,7 +127,14 @@ void mmad_region_unref(mmad_region_t *r);
 void mmad_conn_ref(mmad_conn_t *c);
 void mmad_conn_unref(mmad_conn_t *c);
 
-/* Map a memfd of at least `size` bytes; the fd is consumed (closed). */
+/* Every memfd mmad maps must be sealed against shrinking: a client that cut
+ * one short under mmad's mapping would have mmad die of SIGBUS at its next
+ * touch of the lost pages (the socket is open to every local user). */
+#define MMAD_MEMFD_UNSEALED "memfd must be sealed against shrinking (F_SEAL_SHRINK)"
+/* 1 when fd carries F_SEAL_SHRINK (fcntl F_GET_SEALS). */
+int mmad_memfd_sealed(int fd);
+/* Map a memfd of at least `size` bytes, sealed against shrinking
+ * (MMA_ERR_INVAL otherwise); the fd is consumed (closed). */
 int mmad_region_new_mapped(struct mmad_backend *be, mmad_region_kind_t kind, int gpu, int fd,
                            uint64_t size, mmad_region_t **out);
 /* A device region opened by the backend from a cudaIpc handle. */

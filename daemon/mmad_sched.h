@@ -135,6 +135,7 @@ typedef struct mmad_sched {
     int chunks_inflight;
     uint64_t bytes_inflight;
     mmad_chunk_t *free_chunks;
+    int failed_pending;      /* a job failed with no chunk in flight (mmad_sched_take_failed) */
     pthread_mutex_t stats_lock;
     mmad_path_stat_t paths[MMAD_MAX_GPUS][MMAD_MAX_GPUS][2];
     uint64_t jobs_done;
@@ -161,6 +162,16 @@ int mmad_sched_fill(mmad_sched_t *s);
 /* Account a finished chunk. Returns the job when this was its last chunk
  * (the job is unlinked; the caller completes and frees it), else NULL. */
 mmad_job_t *mmad_sched_chunk_done(mmad_sched_t *s, mmad_chunk_t *c);
+
+/* Jobs that failed with no chunk in flight (the backend refused their
+ * direct chunk, e.g. their first): no chunk's end will finish them, so they
+ * are unlinked and returned as a list (linked by ->next) for the caller to
+ * finish with their status. The engine calls it after every fill. */
+mmad_job_t *mmad_sched_take_failed(mmad_sched_t *s);
+
+/* Shutdown: every job with nothing in flight, unlinked, as a list (linked
+ * by ->next), their statuses untouched. */
+mmad_job_t *mmad_sched_take_idle(mmad_sched_t *s);
 
 /* A client went away: its jobs stop being carved; the ones with nothing in
  * flight are returned as a list (linked by ->next) for the caller to finish. */

@@ -2,7 +2,9 @@
  * A region is referenced by its client's registry and by every job that
  * copies to or from it; the last reference unmaps/unpins it, so a client that
  * dies mid-copy has its memory released only after the copy's chunks land. */
+#define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -30,12 +32,26 @@ void mmad_region_unref(mmad_region_t *r)
     free(r);
 }
 
+int mmad_memfd_sealed(int fd)
+{
+    int seals = fcntl(fd, F_GET_SEALS);
+    return seals >= 0 && (seals & F_SEAL_SHRINK);
+}
+
 int mmad_region_new_mapped(mmad_backend_t *be, mmad_region_kind_t kind, int gpu, int fd, uint64_t size,
                            mmad_region_t **out)
 {
     int rc = MMA_OK;
     struct stat st;
     if (size == 0 || size > (uint64_t)SIZE_MAX / 2) {
+        rc = MMA_ERR_INVAL;
+        goto close_fd;
+    }
+    /* Sealed first, then sized: once sealed it can only grow. An unsealed
+     * memfd could be cut short under the mapping later, and mmad's next
+     * touch of a page past the end (a chunk's copy) would die of SIGBUS. */
+    if (!mmad_memfd_sealed(fd)) {
+        MMA_WARN("region fd refused: " MMAD_MEMFD_UNSEALED);
         rc = MMA_ERR_INVAL;
         goto close_fd;
     }

@@ -103,7 +103,10 @@ int mmad_sched_init(mmad_sched_t *s, mmad_backend_t *be, const mmad_config_t *cf
     s->relay_first = cfg->relay_first;
     s->edge_one_hop = cfg->edge_one_hop;
     s->plan_learn_min = s->plan_learn == 2 ? PLAN_FIT_MIN : PLAN_LEARN_MIN;
-    s->relay_edge = cfg->relay_edge < s->chunk_size ? (cfg->relay_edge + 4095) & ~(uint64_t)4095 : 0;
+    /* The edge is whole pages, and a piece never more than a chunk (a
+     * staging buffer): an edge that rounds up past one is no edge. */
+    uint64_t edge = (cfg->relay_edge + 4095) & ~(uint64_t)4095;
+    s->relay_edge = cfg->relay_edge < s->chunk_size && edge <= s->chunk_size ? edge : 0;
     for (int t = 0; t < MMAD_MAX_GPUS; t++)
         for (int v = 0; v < MMAD_MAX_GPUS; v++)
             for (int d = 0; d < 2; d++) {
@@ -838,6 +841,10 @@ static int issue_one(mmad_sched_t *s, mmad_job_t *j, int via, int npaths, uint64
             return 0;
         }
         j->status = rc;
+        /* Nothing more is carved from it, and a job with no chunk in flight
+         * has none to finish it: mmad_sched_take_failed hands it over. */
+        if (j->inflight == 0)
+            s->failed_pending = 1;
         return 0;
     }
     j->cur_off += len;
@@ -1093,6 +1100,44 @@ mmad_job_t *mmad_sched_chunk_done(mmad_sched_t *s, mmad_chunk_t *c)
     if (j->status == MMA_OK)
         s->bytes_done += j->total;
     return j;
+}
+
+mmad_job_t *mmad_sched_take_failed(mmad_sched_t *s)
+{
+    if (!s->failed_pending)
+        return NULL;
+    s->failed_pending = 0;
+    /* Unlinked here rather than where the submit failed: mmad_sched_fill
+     * walks the job list around that call. */
+    mmad_job_t *done = NULL;
+    mmad_job_t *j = s->jobs;
+    while (j) {
+        mmad_job_t *next = j->next;
+        if (j->status != MMA_OK && j->inflight == 0) {
+            unlink_job(s, j);
+            s->jobs_done++;
+            j->next = done;
+            done = j;
+        }
+        j = next;
+    }
+    return done;
+}
+
+mmad_job_t *mmad_sched_take_idle(mmad_sched_t *s)
+{
+    mmad_job_t *done = NULL;
+    mmad_job_t *j = s->jobs;
+    while (j) {
+        mmad_job_t *next = j->next;
+        if (j->inflight == 0) {
+            unlink_job(s, j);
+            j->next = done;
+            done = j;
+        }
+        j = next;
+    }
+    return done;
 }
 
 mmad_job_t *mmad_sched_cancel_conn(mmad_sched_t *s, mmad_conn_t *conn)

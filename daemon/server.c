@@ -156,6 +156,13 @@ static void handle_hello(srv_client_t *cl, const Mma__Request *req, int *fds, in
     if (slots > 0) {
         size_t len = (size_t)slots * sizeof(mma_flag_slot_t) + (ring ? sizeof(mma_sq_t) : 0);
         struct stat st;
+        /* Sealed before sized (mmad_region_new_mapped says why). */
+        if (!mmad_memfd_sealed(fds[0])) {
+            MMA_WARN("client %u (pid %d): flag page refused: " MMAD_MEMFD_UNSEALED, cl->conn->id,
+                     (int)cl->conn->pid);
+            reply_error(cl, req, MMA_ERR_INVAL, "flag page: " MMAD_MEMFD_UNSEALED);
+            return;
+        }
         if (fstat(fds[0], &st) != 0 || (size_t)st.st_size < len) {
             reply_error(cl, req, MMA_ERR_INVAL, "flag page memfd is smaller than its slots");
             return;
@@ -217,6 +224,18 @@ static void reply_region(srv_client_t *cl, const Mma__Request *req, mmad_region_
     send_resp(cl, &resp);
 }
 
+/* A region's memfd (host memory, or a simulated GPU's) must be sealed
+ * against shrinking: refused here in words (mmad_region_new_mapped refuses
+ * it again). 1 when refused; the fd is left to the caller. */
+static int refuse_unsealed(srv_client_t *cl, const Mma__Request *req, int fd)
+{
+    if (mmad_memfd_sealed(fd))
+        return 0;
+    MMA_WARN("client %u (pid %d): registration refused: " MMAD_MEMFD_UNSEALED, cl->conn->id, (int)cl->conn->pid);
+    reply_error(cl, req, MMA_ERR_INVAL, MMAD_MEMFD_UNSEALED);
+    return 1;
+}
+
 static void handle_register(srv_client_t *cl, const Mma__Request *req, int *fds, int *nfds)
 {
     mmad_server_t *s = cl->srv;
@@ -228,6 +247,8 @@ static void handle_register(srv_client_t *cl, const Mma__Request *req, int *fds,
             reply_error(cl, req, MMA_ERR_INVAL, "REGISTER_HOST needs its size and one memfd");
             return;
         }
+        if (refuse_unsealed(cl, req, fds[0]))
+            return;
         rc = mmad_region_new_mapped(s->be, MMAD_REGION_HOST, -1, fds[0], req->register_host->size, &r);
         *nfds = 0; /* consumed */
     } else {
@@ -246,6 +267,8 @@ static void handle_register(srv_client_t *cl, const Mma__Request *req, int *fds,
                 reply_error(cl, req, MMA_ERR_UNSUPPORTED, "device memory as a memfd is for the simulated box");
                 return;
             }
+            if (refuse_unsealed(cl, req, fds[0]))
+                return;
             rc = mmad_region_new_mapped(s->be, MMAD_REGION_DEVICE, (int)d->gpu, fds[0], d->size, &r);
             *nfds = 0;
         } else if (d->has_ipc_handle) {
@@ -319,8 +342,8 @@ static int sq_take(srv_client_t *cl)
 {
     mmad_conn_t *conn = cl->conn;
     mma_sq_t *q = conn->sq;
-    if (!q || !cl->hello_done || uv_is_closing((uv_handle_t *)&cl->poll))
-        return 0;
+    if (!q || !cl->hello_done || cl->srv->stopping || uv_is_closing((uv_handle_t *)&cl->poll))
+        return 0; /* shutting down: what is posted now is libmma's to finish */
     uint64_t head = atomic_load_explicit(&q->head, memory_order_relaxed); /* only this thread writes it */
     int n = 0;
     for (; n < SQ_PER_TURN; n++) {
@@ -734,20 +757,45 @@ static void on_kick(uv_async_t *h)
     (void)h; /* waking this thread was the point */
 }
 
+/* Shutdown (SIGTERM, SIGINT): no new connections, requests or ring
+ * entries; the engine finishes the copies under way and the queued ones
+ * that are ready (mmad_engine_drain: at most DRAIN_ISSUE_NS of issuing),
+ * and leaves the rest with `done` unwritten; only then are the clients'
+ * sockets closed. A client's libmma sees mmad gone at that close and
+ * finishes natively each copy still pending once its stream reaches it,
+ * so nothing mmad still writes can land after a native copy of the same
+ * bytes, and no stream goes on past a copy that never ran. This thread
+ * waits for the drain (it serves nothing meanwhile), at most
+ * DRAIN_WAIT_NS: past that, chunks on a GPU that never end. */
+#define DRAIN_ISSUE_NS 2000000000ull
+#define DRAIN_WAIT_NS 10000000000ull
+
 static void stop_serving(mmad_server_t *s)
 {
     if (s->stopping)
         return;
-    s->stopping = 1;
+    s->stopping = 1; /* sq_take reads no ring from here on */
     /* No more kicks: once this returns the engine no longer calls
      * engine_tail, so the handle can close. */
     mmad_engine_set_tail_hook(s->engine, NULL, NULL);
     uv_close((uv_handle_t *)&s->kick, NULL);
     notify("STOPPING=1");
-    MMA_INFO("shutting down: closing %d clients", s->nclients);
     uv_close((uv_handle_t *)&s->listen_poll, NULL);
     uv_close((uv_handle_t *)&s->sigint, NULL);
     uv_close((uv_handle_t *)&s->sigterm, NULL);
+    /* Read nothing more from the clients, but keep their sockets open: a
+     * closed one would have libmma copy natively what mmad still moves. */
+    for (srv_client_t *c = s->clients; c; c = c->next)
+        if (!uv_is_closing((uv_handle_t *)&c->poll))
+            uv_poll_stop(&c->poll);
+    MMA_INFO("shutting down: finishing the copies under way and those ready to run (%d clients)", s->nclients);
+    uint64_t t0 = mma_now_ns();
+    if (mmad_engine_drain(s->engine, DRAIN_ISSUE_NS, DRAIN_WAIT_NS))
+        MMA_INFO("shutting down: copies drained in %.1f ms; closing %d clients", (double)(mma_now_ns() - t0) / 1e6,
+                 s->nclients);
+    else
+        MMA_WARN("shutting down: chunks still on the GPUs after %.0f s; closing %d clients anyway",
+                 (double)DRAIN_WAIT_NS / 1e9, s->nclients);
     for (srv_client_t *c = s->clients; c; c = c->next)
         client_close(c);
 }

@@ -200,13 +200,12 @@ static int reaped(void *arg)
     return waitpid(r->pid, &r->status, WNOHANG) == r->pid;
 }
 
-int mmad_stop(mmad_proc_t *d)
+int mmad_wait_exit(mmad_proc_t *d, double timeout_s)
 {
     if (d->pid <= 0)
         return -1;
-    kill(d->pid, SIGTERM);
     reap_t r = {.pid = d->pid};
-    int ok = wait_until(reaped, &r, 20.0);
+    int ok = wait_until(reaped, &r, timeout_s);
     if (!ok) {
         kill(d->pid, SIGKILL);
         waitpid(d->pid, NULL, 0);
@@ -215,9 +214,17 @@ int mmad_stop(mmad_proc_t *d)
     return ok ? r.status : -1;
 }
 
-void mmad_stop_clean(mmad_proc_t *d)
+int mmad_stop(mmad_proc_t *d)
 {
-    int st = mmad_stop(d);
+    if (d->pid <= 0)
+        return -1;
+    kill(d->pid, SIGTERM);
+    return mmad_wait_exit(d, 20.0);
+}
+
+/* A daemon's end as mmad_stop_clean wants it, from its wait status. */
+static void check_clean_exit(mmad_proc_t *d, int st)
+{
     struct stat sb;
     int sock_left = stat(d->sock, &sb) == 0;
     unlink(d->sock);
@@ -226,6 +233,16 @@ void mmad_stop_clean(mmad_proc_t *d)
     ck_assert_msg(WIFEXITED(st), "mmad was killed by signal %d", WIFSIGNALED(st) ? WTERMSIG(st) : 0);
     ck_assert_msg(WEXITSTATUS(st) == 0, "mmad exited with status %d", WEXITSTATUS(st));
     ck_assert_msg(!sock_left, "mmad left its socket file behind");
+}
+
+void mmad_stop_clean(mmad_proc_t *d)
+{
+    check_clean_exit(d, mmad_stop(d));
+}
+
+void mmad_exit_clean(mmad_proc_t *d)
+{
+    check_clean_exit(d, mmad_wait_exit(d, 20.0));
 }
 
 /* ---- tools ---- */
@@ -334,14 +351,26 @@ Mma__Response *raw_call(int fd, Mma__Request *req, const int *fds, int nfds, int
     return raw_recv(fd, 10.0, eof);
 }
 
-void *memfd_map(size_t size, int *fd)
+static void *memfd_map_sealed(size_t size, int *fd, int sealed)
 {
-    *fd = memfd_create("mma-test", MFD_CLOEXEC);
+    *fd = memfd_create("mma-test", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     ck_assert_int_ge(*fd, 0);
     ck_assert_int_eq(ftruncate(*fd, (off_t)size), 0);
+    if (sealed) /* as libmma does: mmad maps only memfds that cannot shrink */
+        ck_assert_int_eq(fcntl(*fd, F_ADD_SEALS, F_SEAL_SHRINK), 0);
     void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, *fd, 0);
     ck_assert_ptr_ne(p, MAP_FAILED);
     return p;
+}
+
+void *memfd_map(size_t size, int *fd)
+{
+    return memfd_map_sealed(size, fd, 1);
+}
+
+void *memfd_map_unsealed(size_t size, int *fd)
+{
+    return memfd_map_sealed(size, fd, 0);
 }
 
 /* Hello with a flag page of nslots (0: none) and, with sq_entries, a

@@ -38,6 +38,11 @@ void mmad_start_log(mmad_proc_t *d, const char *const *extra, const char *log);
 int mmad_stop(mmad_proc_t *d);
 /* mmad_stop + assert a clean exit (status 0) and the socket file removed. */
 void mmad_stop_clean(mmad_proc_t *d);
+/* Wait (bounded) for a daemon that was already sent SIGTERM, as mmad_stop
+ * does, without signalling it again (a second SIGTERM while it shuts down
+ * ends it at once); mmad_exit_clean asserts as mmad_stop_clean does. */
+int mmad_wait_exit(mmad_proc_t *d, double timeout_s);
+void mmad_exit_clean(mmad_proc_t *d);
 
 /* Run argv[0] with args, capture stdout and stderr (NUL terminated, caller
  * frees). Returns the exit code, or 128+signal. */
@@ -71,8 +76,11 @@ Mma__Response *raw_hello(int fd, uint32_t api_version, uint32_t nslots, void **f
 Mma__Response *raw_hello_ring(int fd, uint32_t nslots, uint32_t sq_entries, void **flags);
 size_t raw_ring_page_len(uint32_t nslots);
 
-/* A memfd of `size` bytes mapped here; *fd keeps the descriptor. */
+/* A memfd of `size` bytes mapped here, sealed against shrinking as mmad
+ * requires; *fd keeps the descriptor. */
 void *memfd_map(size_t size, int *fd);
+/* The same without the seal (mmad must refuse it). */
+void *memfd_map_unsealed(size_t size, int *fd);
 
 /* Count lines of /proc/<pid>/maps containing `needle`. */
 int count_maps(pid_t pid, const char *needle);

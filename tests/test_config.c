@@ -38,6 +38,29 @@ static int parse_quiet(int argc, char **argv)
 }
 #define PARSE_BAD(...) parse_quiet(ARGC(__VA_ARGS__), ARGV(__VA_ARGS__))
 
+/* Parse one argument that must be refused; returns what the parser wrote
+ * on stderr (static buffer). */
+static const char *refusal_of(const char *arg)
+{
+    static char buf[512];
+    fflush(stderr);
+    int saved = dup(STDERR_FILENO);
+    FILE *tmp = tmpfile();
+    ck_assert_ptr_nonnull(tmp);
+    dup2(fileno(tmp), STDERR_FILENO);
+    char *argv[] = {"mmad", (char *)arg, NULL};
+    int rc = mmad_config_parse(&cfg, 2, argv);
+    fflush(stderr);
+    dup2(saved, STDERR_FILENO);
+    close(saved);
+    rewind(tmp);
+    size_t n = fread(buf, 1, sizeof buf - 1, tmp);
+    buf[n] = 0;
+    fclose(tmp);
+    ck_assert_msg(rc < 0, "%s was accepted", arg);
+    return buf;
+}
+
 START_TEST(defaults)
 {
     ck_assert_str_eq(cfg.socket_path, "");
@@ -226,6 +249,76 @@ START_TEST(out_of_range_refused)
 }
 END_TEST
 
+/* NaN passes every < and > bound, and strtod reads "nan" and "inf": a
+ * --sim-scale=nan mmad started, then every copy stalled and SIGTERM never
+ * finished. Every double option refuses them. */
+START_TEST(non_finite_doubles_refused)
+{
+    const char *opts[] = {"sim-scale", "yield-frac", "busy-gbps", "yield-probe-ms", "link-gbps", "issue-cost-us",
+                          "relay-overhead-us", "engine-spin-us", "wake-spin-us", "idle-spin-us", "loop-spin-us",
+                          "sim-chunk-cost-us", "sim-relay-latency-us", "sim-busy-share"};
+    const char *vals[] = {"nan", "NaN", "-nan", "inf", "-inf", "infinity"};
+    for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++)
+        for (size_t k = 0; k < sizeof vals / sizeof vals[0]; k++) {
+            char arg[64];
+            snprintf(arg, sizeof arg, "--%s=%s", opts[i], vals[k]);
+            mmad_config_defaults(&cfg);
+            const char *err = refusal_of(arg);
+            ck_assert_msg(strstr(err, "must be a number"), "%s: %s", arg, err);
+        }
+    ck_assert_double_eq_tol(cfg.sim_scale, 0.01, 1e-12); /* not half-applied */
+}
+END_TEST
+
+/* --log takes one of four words, like the other word options; anything
+ * else (a typo) used to run at info without a word. */
+START_TEST(log_level_words)
+{
+    const char *ok[] = {"error", "warn", "info", "debug"};
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        char arg[32];
+        snprintf(arg, sizeof arg, "--log=%s", ok[i]);
+        char *argv[] = {"mmad", arg, NULL};
+        ck_assert_int_eq(mmad_config_parse(&cfg, 2, argv), 0);
+        ck_assert_str_eq(cfg.log_level, ok[i]);
+    }
+    const char *bad[] = {"--log=warning", "--log=INFO", "--log=", "--log=trace", "--log=verbose"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        mmad_config_defaults(&cfg);
+        const char *err = refusal_of(bad[i]);
+        ck_assert_msg(strstr(err, "--log must be error, warn, info or debug"), "%s: %s", bad[i], err);
+    }
+    /* The three-word and two-word options say theirs the same way. */
+    mmad_config_defaults(&cfg);
+    ck_assert_ptr_nonnull(strstr(refusal_of("--backend=gpu"), "--backend must be auto, cuda or sim, not 'gpu'"));
+    mmad_config_defaults(&cfg);
+    ck_assert_ptr_nonnull(strstr(refusal_of("--hop-side=peer"), "--hop-side must be via or target, not 'peer'"));
+}
+END_TEST
+
+/* A chunk is a staging buffer and pieces are cut in whole pages: a chunk
+ * size between pages let a relay's edge piece (--relay-edge, rounded up to
+ * pages) outgrow its staging buffer. */
+START_TEST(chunk_size_whole_pages)
+{
+    const char *bad[] = {"--chunk-size=6000", "--chunk-size=4097", "--chunk-size=1000000", "--chunk-size=1.1M"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        mmad_config_defaults(&cfg);
+        const char *err = refusal_of(bad[i]);
+        ck_assert_msg(strstr(err, "--chunk-size must be a multiple of 4096"), "%s: %s", bad[i], err);
+    }
+    const char *good[] = {"--chunk-size=4096", "--chunk-size=8192", "--chunk-size=1.5M", "--chunk-size=8M"};
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        mmad_config_defaults(&cfg);
+        char *argv[] = {"mmad", (char *)good[i], NULL};
+        ck_assert_msg(mmad_config_parse(&cfg, 2, argv) == 0, "%s was refused", good[i]);
+    }
+    /* The reviewer's case: refused before any copy could run. */
+    mmad_config_defaults(&cfg);
+    ck_assert_int_lt(PARSE_BAD("--chunk-size=6000", "--relay-edge=5000", "--path-depth=8"), 0);
+}
+END_TEST
+
 START_TEST(unknown_and_malformed_arguments)
 {
     ck_assert_int_lt(PARSE_BAD("--frobnicate"), 0);
@@ -299,6 +392,9 @@ int main(void)
     tcase_add_test(tc, min_chunk_never_above_chunk_size);
     tcase_add_test(tc, bad_numbers_refused);
     tcase_add_test(tc, out_of_range_refused);
+    tcase_add_test(tc, non_finite_doubles_refused);
+    tcase_add_test(tc, log_level_words);
+    tcase_add_test(tc, chunk_size_whole_pages);
     tcase_add_test(tc, unknown_and_malformed_arguments);
     tcase_add_test(tc, backend_choice);
     tcase_add_test(tc, help_and_version_return_1);

@@ -369,14 +369,25 @@ static void fake_region_close(mmad_backend_t *be, mmad_region_t *r)
     fake_close_calls++;
 }
 
+/* A memfd of `size` bytes, sealed against shrinking as libmma makes them
+ * (or not, for the refusal). */
+static int memfd_of(uint64_t size, int sealed)
+{
+    int fd = memfd_create("req-test", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    ck_assert_int_ge(fd, 0);
+    if (size)
+        ck_assert_int_eq(ftruncate(fd, (off_t)size), 0);
+    if (sealed)
+        ck_assert_int_eq(fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK), 0);
+    return fd;
+}
+
 START_TEST(mapped_regions_through_memfd)
 {
     static const mmad_backend_ops_t ops = {.name = "fake", .region_open = fake_region_open,
                                            .region_close = fake_region_close};
     mmad_backend_t be = {.ops = &ops, .gpu_count = NGPU, .simulated = 1};
-    int fd = memfd_create("req-test", MFD_CLOEXEC);
-    ck_assert_int_ge(fd, 0);
-    ck_assert_int_eq(ftruncate(fd, 8192), 0);
+    int fd = memfd_of(8192, 1);
     ck_assert_int_eq(pwrite(fd, "abc", 3, 4096), 3);
     mmad_region_t *r = NULL;
     ck_assert_int_eq(mmad_region_new_mapped(&be, MMAD_REGION_DEVICE, 2, fd, 8000, &r), MMA_OK);
@@ -400,15 +411,34 @@ START_TEST(mapped_regions_through_memfd)
 
     /* A memfd smaller than the claimed size, size 0, a GPU the backend
      * refuses: all refused, and the fd is consumed either way. */
-    fd = memfd_create("req-test", MFD_CLOEXEC);
-    ck_assert_int_eq(ftruncate(fd, 4096), 0);
+    fd = memfd_of(4096, 1);
     ck_assert_int_eq(mmad_region_new_mapped(&be, MMAD_REGION_HOST, -1, fd, 4097, &r), MMA_ERR_INVAL);
     ck_assert_int_eq(fcntl(fd, F_GETFD), -1);
-    fd = memfd_create("req-test", MFD_CLOEXEC);
+    fd = memfd_of(0, 1);
     ck_assert_int_eq(mmad_region_new_mapped(&be, MMAD_REGION_HOST, -1, fd, 0, &r), MMA_ERR_INVAL);
+    fd = memfd_of(4096, 1);
+    ck_assert_int_eq(mmad_region_new_mapped(&be, MMAD_REGION_DEVICE, NGPU, fd, 4096, &r), MMA_ERR_NO_GPU);
+    /* A memfd that is not sealed against shrinking could be cut short
+     * under the mapping later (SIGBUS in mmad at its next touch): refused
+     * whatever its size, host or device, and consumed; so is one created
+     * without MFD_ALLOW_SEALING (sealed against sealing, not shrinking). */
+    int opens = fake_open_calls;
+    fd = memfd_of(8192, 0);
+    ck_assert_int_eq(mmad_memfd_sealed(fd), 0);
+    ck_assert_int_eq(mmad_region_new_mapped(&be, MMAD_REGION_HOST, -1, fd, 4096, &r), MMA_ERR_INVAL);
+    ck_assert_int_eq(fcntl(fd, F_GETFD), -1);
+    fd = memfd_of(8192, 0);
+    ck_assert_int_eq(mmad_region_new_mapped(&be, MMAD_REGION_DEVICE, 1, fd, 8192, &r), MMA_ERR_INVAL);
     fd = memfd_create("req-test", MFD_CLOEXEC);
     ck_assert_int_eq(ftruncate(fd, 4096), 0);
-    ck_assert_int_eq(mmad_region_new_mapped(&be, MMAD_REGION_DEVICE, NGPU, fd, 4096, &r), MMA_ERR_NO_GPU);
+    ck_assert_int_eq(mmad_memfd_sealed(fd), 0);
+    ck_assert_int_eq(mmad_region_new_mapped(&be, MMAD_REGION_HOST, -1, fd, 4096, &r), MMA_ERR_INVAL);
+    ck_assert_int_eq(fake_open_calls, opens); /* none reached the backend */
+    /* Sealed: it cannot shrink, so its size stands. */
+    fd = memfd_of(8192, 1);
+    ck_assert_int_eq(mmad_memfd_sealed(fd), 1);
+    ck_assert_int_ne(ftruncate(fd, 4096), 0);
+    close(fd);
     /* A pipe is not a memfd. */
     int p[2];
     ck_assert_int_eq(pipe(p), 0);

@@ -35,6 +35,7 @@ typedef struct fake_be {
     } log[8192];
     int nlog;
     int fail_submit_via; /* submit() refuses relays through this GPU */
+    int fail_submit_direct; /* submit() refuses direct chunks */
     /* timed runs: bytes/ns of each path (0: untimed), when each path is free
      * again, and when each chunk in flight lands (in step with inflight[]) */
     double rate[NGPU][NGPU][2];
@@ -59,6 +60,8 @@ static int fake_submit(mmad_backend_t *be, mmad_chunk_t *c)
 {
     fake_be_t *f = (fake_be_t *)be;
     if (c->via == f->fail_submit_via && c->via != c->target)
+        return MMA_ERR_BACKEND;
+    if (f->fail_submit_direct && c->via == c->target)
         return MMA_ERR_BACKEND;
     ck_assert_int_lt(f->ninflight, MAXC);
     ck_assert_int_lt(f->nlog, 8192);
@@ -870,6 +873,65 @@ START_TEST(failed_direct_chunk_fails_the_job)
 }
 END_TEST
 
+/* The backend refuses a job's first chunk, on the direct path: the job
+ * fails, and with no chunk in flight no chunk's end would ever finish it
+ * (its client waited forever, and the engine polled for it). It comes back
+ * from mmad_sched_take_failed, unlinked, with the backend's error; other
+ * jobs go on. */
+START_TEST(submit_refused_on_direct_with_nothing_in_flight)
+{
+    mmad_job_t *a = job_simple(&conn_x, 0, 0, 1u << 20, 0);
+    a->max_paths = 1; /* the direct path only: its first chunk is refused */
+    ck_assert_ptr_null(mmad_sched_take_failed(&s)); /* nothing failed yet */
+    fb.fail_submit_direct = 1;
+    mmad_sched_add(&s, a);
+    ck_assert_int_eq(mmad_sched_fill(&s), 0);
+    ck_assert_int_eq(a->status, MMA_ERR_BACKEND);
+    ck_assert_int_eq(a->inflight, 0);
+    mmad_job_t *got = mmad_sched_take_failed(&s);
+    ck_assert_ptr_eq(got, a);
+    ck_assert_ptr_null(got->next);
+    ck_assert_ptr_null(s.jobs);
+    ck_assert_uint_eq(s.jobs_done, 1);
+    ck_assert_uint_eq(s.bytes_done, 0);
+    ck_assert_ptr_null(mmad_sched_take_failed(&s)); /* handed over once */
+    job_free(a);
+
+    /* A refusal while the job has chunks in flight leaves it to them: the
+     * last one to land finishes it, as a failed chunk would. */
+    fb.fail_submit_direct = 0;
+    mmad_job_t *b = job_simple(&conn_x, 0, 0, 1u << 20, 0);
+    b->max_paths = 1;
+    mmad_job_t *c = job_simple(&conn_y, 1, 0, 256u << 10, 2u << 20);
+    mmad_sched_add(&s, b);
+    mmad_sched_add(&s, c);
+    ck_assert_int_gt(mmad_sched_fill(&s), 0);
+    ck_assert_int_eq(b->inflight, 2);
+    fb.fail_submit_direct = 1;
+    ck_assert_ptr_null(complete(find_inflight(b, 0), MMA_OK));
+    mmad_sched_fill(&s); /* b's next chunk is refused */
+    ck_assert_int_eq(b->status, MMA_ERR_BACKEND);
+    ck_assert_ptr_null(mmad_sched_take_failed(&s)); /* b still has a chunk in flight */
+    fb.fail_submit_direct = 0;
+    mmad_job_t *f = NULL;
+    int finished_b = 0, finished_c = 0;
+    while (fb.ninflight > 0) {
+        f = complete(0, MMA_OK);
+        finished_b += f == b;
+        finished_c += f == c;
+        mmad_sched_fill(&s);
+        ck_assert_ptr_null(mmad_sched_take_failed(&s));
+    }
+    ck_assert_int_eq(finished_b, 1);
+    ck_assert_int_eq(finished_c, 1);
+    ck_assert_int_eq(b->status, MMA_ERR_BACKEND);
+    ck_assert_int_eq(c->status, MMA_OK);
+    ck_assert_uint_eq(c->landed, c->total);
+    job_free(b);
+    job_free(c);
+}
+END_TEST
+
 START_TEST(cancel_conn)
 {
     mmad_job_t *x1 = job_simple(&conn_x, 0, 0, 1u << 20, 0);
@@ -1272,6 +1334,54 @@ START_TEST(relay_edge_piece_last_h2d_first_d2h)
                 ck_assert_msg(edge == 128u << 10, "dir %d via %d: edge piece %llu", dir, v, (unsigned long long)edge);
         }
         job_free(a);
+    }
+}
+END_TEST
+
+/* --relay-edge is rounded up to whole pages, which must not take it past
+ * a chunk (a staging buffer): with --chunk-size=6000 (refused by the option
+ * parser now, but not by the scheduler's own arithmetic) and
+ * --relay-edge=5000 the edge became 8192 and a 160000-byte H2D copy wrote
+ * an 8 KiB piece into a 6000-byte staging buffer (ASan, backend_sim.c).
+ * With a page-multiple chunk an edge below it rounds to at most a chunk. */
+START_TEST(relay_edge_never_exceeds_a_chunk)
+{
+    const struct {
+        uint64_t chunk, edge, want;
+    } cases[] = {{6000, 5000, 0}, {8192, 5000, 8192}, {12288, 5000, 8192}, {8192, 8192, 0}, {6000, 4096, 4096}};
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        for (int dir = 0; dir < 2; dir++) {
+            mmad_sched_destroy(&s);
+            start(cases[k].chunk, 4096, 8, 8, 0);
+            mmad_sched_destroy(&s);
+            mmad_config_t cfg;
+            mmad_config_defaults(&cfg);
+            cfg.chunk_size = cases[k].chunk;
+            cfg.min_chunk = 4096;
+            cfg.path_depth = 8;
+            cfg.staging_slots = 8;
+            cfg.relay_edge = cases[k].edge;
+            cfg.yield_frac = 0;
+            /* as the simulated box plans by default: no issue cost or relay
+             * latency, so every path gets a share */
+            cfg.issue_cost_us = 0;
+            cfg.relay_overhead_us = 0;
+            ck_assert_int_eq(mmad_sched_init(&s, &fb.base, &cfg), MMA_OK);
+            ck_assert_msg(s.relay_edge == cases[k].want, "chunk %llu edge %llu: relay_edge %llu",
+                          (unsigned long long)cases[k].chunk, (unsigned long long)cases[k].edge,
+                          (unsigned long long)s.relay_edge);
+            const uint64_t total = 160000;
+            mmad_job_t *a = job_new(&conn_x, 0, dir, 0, &total, 1, 0, 0);
+            mmad_sched_add(&s, a);
+            mmad_sched_fill(&s);
+            drain();
+            ck_assert_uint_eq(a->landed, total);
+            for (int i = 0; i < fb.nlog; i++)
+                ck_assert_msg(fb.log[i].len <= cases[k].chunk, "chunk %llu edge %llu dir %d: a %llu-byte piece via %d",
+                              (unsigned long long)cases[k].chunk, (unsigned long long)cases[k].edge, dir,
+                              (unsigned long long)fb.log[i].len, fb.log[i].via);
+            job_free(a);
+        }
     }
 }
 END_TEST
@@ -1956,6 +2066,7 @@ int main(void)
     tcase_add_test(tc, failed_relay_is_set_aside_and_retried);
     tcase_add_test(tc, submit_refused_on_relay);
     tcase_add_test(tc, failed_direct_chunk_fails_the_job);
+    tcase_add_test(tc, submit_refused_on_direct_with_nothing_in_flight);
     tcase_add_test(tc, cancel_conn);
     tcase_add_test(tc, not_runnable_waits);
     suite_add_tcase(su, tc);
@@ -1975,6 +2086,7 @@ int main(void)
     tcase_add_test(plan, plan_even_recovers_after_a_slow_spell);
     tcase_add_test(plan, plan_even_skips_a_late_start);
     tcase_add_test(plan, relay_edge_piece_last_h2d_first_d2h);
+    tcase_add_test(plan, relay_edge_never_exceeds_a_chunk);
     tcase_add_test(plan, one_hop_relays_plan_no_edge_and_more_share);
     tcase_add_test(plan, plan_split_3_plans_one_hop_copies_of_many_chunks);
     tcase_add_test(plan, edge_one_hop_first_and_last_pieces);
