@@ -346,6 +346,38 @@ START_TEST(message_over_limit_refused_by_sender)
 }
 END_TEST
 
+START_TEST(message_over_sndbuf_is_limit)
+{
+    /* Below MMA_WIRE_MAX_MSG but above what the socket's send buffer takes
+     * (8 KiB, the least Linux allows): the kernel says EMSGSIZE, which is
+     * this message's limit, not a lost connection. */
+    int small = 4096;
+    ck_assert_int_eq(setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &small, sizeof small), 0);
+    int got = 0;
+    socklen_t gl = sizeof got;
+    ck_assert_int_eq(getsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &got, &gl), 0);
+    size_t n = (size_t)got + 1024;
+    ck_assert_uint_lt(n, MMA_WIRE_MAX_MSG);
+    char *name = malloc(n + 1);
+    memset(name, 'x', n);
+    name[n] = 0;
+    Mma__Hello h = MMA__HELLO__INIT;
+    h.name = name;
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__HELLO;
+    req.hello = &h;
+    ck_assert_int_eq(mma_wire_send(sv[0], &req.base, NULL, 0), MMA_ERR_LIMIT);
+    free(name);
+    /* The socket still carries what fits. */
+    Mma__Request ok = MMA__REQUEST__INIT;
+    ok.type = MMA__REQ_TYPE__STATUS;
+    ok.has_id = 1;
+    ok.id = 5;
+    Mma__Request *r = roundtrip(&ok);
+    mma__request__free_unpacked(r, NULL);
+}
+END_TEST
+
 START_TEST(eof_is_disconnected)
 {
     close(sv[0]);
@@ -757,6 +789,7 @@ int main(void)
     tcase_add_test(tc, extra_fds_closed_by_receiver);
     tcase_add_test(tc, oversized_datagram_is_proto_error);
     tcase_add_test(tc, message_over_limit_refused_by_sender);
+    tcase_add_test(tc, message_over_sndbuf_is_limit);
     tcase_add_test(tc, eof_is_disconnected);
     tcase_add_test(tc, nonblocking_empty_is_pending);
     tcase_add_test(tc, default_socket_follows_env);
