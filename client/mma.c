@@ -33,6 +33,8 @@
 #define EXPECT_LEARN_MIN (8u << 20)
 #define SUBMIT_SHARED (1ull << 63)
 #define SEQ_MASK ((1ull << SEQ_BITS) - 1)
+/* Bytes kept below the kernel's bound on one datagram (socket_max_msg). */
+#define MSG_MARGIN 256
 
 typedef struct region {
     uintptr_t base;
@@ -49,6 +51,7 @@ struct mma_client {
     pthread_mutex_t lock;
     int fd;
     int dead;
+    size_t max_msg; /* the largest message this socket carries (socket_max_msg) */
     uint64_t next_id;
     mma_info_t info;
     mma_flag_slot_t *flags;
@@ -158,6 +161,27 @@ static int rpc_status(mma_client_t *c, Mma__Request *req, const int *fds, int nf
     return MMA_OK;
 }
 
+/* The largest message the socket carries. A Unix datagram socket refuses
+ * one larger than its send buffer less 32 bytes (EMSGSIZE), and the default
+ * buffer (net.core.wmem_default, ~208 KiB) holds a Copy of only ~13,000
+ * segments; so ask for room for MMA_WIRE_MAX_MSG, which the kernel caps at
+ * net.core.wmem_max (then doubles), and go by what it granted. Best effort:
+ * whatever the buffer ends up as, the copies checked against it are never
+ * refused by sendmsg for their size. */
+static size_t socket_max_msg(int fd)
+{
+    int want = (int)MMA_WIRE_MAX_MSG, got = 0;
+    socklen_t gl = sizeof got;
+    if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &got, &gl) == 0 &&
+        (size_t)got < MMA_WIRE_MAX_MSG + 32 + MSG_MARGIN)
+        (void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &want, sizeof want);
+    gl = sizeof got;
+    if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &got, &gl) != 0 || got <= 32 + MSG_MARGIN)
+        return MMA_WIRE_MAX_MSG; /* cannot tell: mma_wire_send reports a refusal as MMA_ERR_LIMIT */
+    size_t room = (size_t)got - 32 - MSG_MARGIN;
+    return room < MMA_WIRE_MAX_MSG ? room : MMA_WIRE_MAX_MSG;
+}
+
 static int connect_socket(const char *path)
 {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
@@ -194,6 +218,7 @@ int mma_connect(const char *socket_path, mma_client_t **out)
         rc = MMA_ERR_CONNECT;
         goto fail;
     }
+    c->max_msg = socket_max_msg(c->fd);
     c->nslots = MMA_FLAG_SLOTS_DEFAULT;
     /* The slots, then a submission ring that mmad may read (flagpage.h);
      * MMA_NO_RING=1 sends every copy as a message. */
@@ -510,6 +535,7 @@ static int daemon_alive(mma_client_t *c)
 }
 
 static int copy_native(mma_client_t *c, const mma_segment_t *segs, size_t nsegs, int gpu, mma_stream_t stream);
+static int wake_mmad(mma_client_t *c);
 
 /* mmad is gone: finish natively every copy whose stream has reached it (a
  * host-ordered copy has reached it at submit), then write `done`, so the
@@ -648,6 +674,8 @@ static int wait_copy(mma_client_t *c, mma_copy_t t)
         int alive = daemon_alive(c);
         if (!alive)
             rescue(c);
+        else if (c->sq && atomic_load_explicit(&c->sq->head, memory_order_acquire) != c->sq_tail)
+            (void)wake_mmad(c); /* copies wait in the ring (a KICK failed): make mmad read it */
         pthread_mutex_unlock(&c->lock);
         if (!alive && !c->cuda && mma_query(c, t) == MMA_PENDING)
             return MMA_ERR_DISCONNECTED;
@@ -736,23 +764,31 @@ static int mmad_asleep(const mma_client_t *c)
 }
 
 /* Wake mmad (a KICK, which makes it poll and wakes its engine), lock held:
- * with a ring only where it sleeps and has read our earlier KICKs. */
+ * with a ring only where it sleeps and has read our earlier KICKs. A KICK
+ * counts once sent: one that failed never reaches mmad, and counting it
+ * would make every later post wait for it to be read, i.e. send none. */
 static int wake_mmad(mma_client_t *c)
 {
-    if (c->sq) {
-        if (!mmad_asleep(c) || atomic_load_explicit(&c->sq->kicks_read, memory_order_seq_cst) != c->sq_kicks)
-            return MMA_OK;
-        c->sq_kicks++;
-    }
+    if (c->sq && (!mmad_asleep(c) ||
+                  atomic_load_explicit(&c->sq->kicks_read, memory_order_seq_cst) != c->sq_kicks))
+        return MMA_OK;
     Mma__Request req = MMA__REQUEST__INIT;
     req.type = MMA__REQ_TYPE__KICK;
-    return mma_wire_send(c->fd, &req.base, NULL, 0);
+    int rc = mma_wire_send(c->fd, &req.base, NULL, 0);
+    if (rc == MMA_OK && c->sq)
+        c->sq_kicks++;
+    else if (rc == MMA_ERR_DISCONNECTED)
+        c->dead = 1;
+    return rc;
 }
 
 /* Post a one-segment copy to the submission ring (flagpage.h), under the
  * client's lock. Returns 1 once posted (with a KICK sent where mmad was not
  * polling and had read every earlier one), 0 where it cannot go there (no ring, or no room: send it as a
- * message), or the KICK's failure (mmad is gone). */
+ * message), or MMA_ERR_DISCONNECTED: posted, but mmad is gone. A KICK that
+ * failed otherwise leaves the copy posted, to be read at mmad's next poll
+ * (any later message, or the KICK wait_copy sends for a copy that sits in
+ * the ring). */
 static int sq_post(mma_client_t *c, const Mma__Segment *sg, uint32_t slot, uint64_t seq, int latency,
                    uint32_t max_paths)
 {
@@ -776,7 +812,11 @@ static int sq_post(mma_client_t *c, const Mma__Segment *sg, uint32_t slot, uint6
     c->sq_tail = t + 1;
     atomic_store_explicit(&q->tail, t + 1, memory_order_seq_cst);
     int rc = wake_mmad(c); /* no KICK where mmad reads the ring unasked or has one of ours to read */
-    return rc == MMA_OK ? 1 : rc;
+    if (rc == MMA_ERR_DISCONNECTED)
+        return rc;
+    if (rc != MMA_OK)
+        MMA_WARN("KICK: %s; the copy waits in the ring for mmad's next poll", mma_strerror(rc));
+    return 1;
 }
 
 /* Whether a small copy goes native because mmad's resident relay kernels
@@ -805,6 +845,55 @@ int mma_prewarm(mma_client_t *c)
     int rc = daemon_alive(c) ? wake_mmad(c) : MMA_ERR_DISCONNECTED;
     pthread_mutex_unlock(&c->lock);
     return rc == MMA_OK ? MMA_OK : MMA_ERR_DISCONNECTED;
+}
+
+/* The COPY request for these segments. */
+static void copy_request(Mma__Request *req, Mma__Copy *cp, Mma__Segment **pp, size_t nsegs, uint32_t slot,
+                         uint64_t seq, unsigned flags, uint32_t max_paths)
+{
+    mma__copy__init(cp);
+    cp->slot = slot;
+    cp->seq = seq;
+    cp->n_segments = nsegs;
+    cp->segments = pp;
+    cp->has_priority = 1;
+    cp->priority = (flags & MMA_COPY_LATENCY) ? 1 : 0;
+    cp->has_max_paths = max_paths > 0;
+    cp->max_paths = max_paths;
+    cp->has_sent_ns = 1;
+    mma__request__init(req);
+    req->type = MMA__REQ_TYPE__COPY;
+    req->copy = cp;
+    req->has_id = 1;
+}
+
+/* Whether a copy of these segments fits in one message of this socket
+ * (c->max_msg): its request packed with the largest slot, seq, id and send
+ * time it could carry, so the one sent is never larger. Checked before a
+ * slot is taken or the caller's stream waits on one: a copy that cannot be
+ * sent is refused whole, and the connection stays up. One segment always
+ * fits (under 100 bytes), so the ring's copies pay nothing for this. */
+static int copy_fits(const mma_client_t *c, Mma__Segment **pp, size_t nsegs, unsigned flags, uint32_t max_paths)
+{
+    if (nsegs > MMA_MAX_SEGMENTS) {
+        MMA_WARN("a copy of %zu segments: mmad takes at most %u per copy", nsegs, (unsigned)MMA_MAX_SEGMENTS);
+        return MMA_ERR_LIMIT;
+    }
+    if (nsegs == 1)
+        return MMA_OK;
+    Mma__Request req;
+    Mma__Copy cp;
+    copy_request(&req, &cp, pp, nsegs, UINT32_MAX, SEQ_MASK, flags | MMA_COPY_LATENCY,
+                 max_paths ? max_paths : UINT32_MAX);
+    req.id = UINT64_MAX;
+    cp.sent_ns = UINT64_MAX;
+    size_t len = mma__request__get_packed_size(&req);
+    if (len <= c->max_msg)
+        return MMA_OK;
+    MMA_WARN("a copy of %zu segments needs a %zu-byte message; this connection carries at most %zu "
+             "(its socket's send buffer, see net.core.wmem_max): split it",
+             nsegs, len, c->max_msg);
+    return MMA_ERR_LIMIT;
 }
 
 int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs, mma_stream_t stream,
@@ -878,6 +967,9 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
         ps[i].length = segs[i].len;
         pp[i] = &ps[i];
     }
+    uint32_t max_paths = opts && opts->max_paths > 0 ? (uint32_t)opts->max_paths : 0;
+    if ((rc = copy_fits(c, pp, nsegs, flags, max_paths)) != MMA_OK)
+        goto out;
     if (c->dead) {
         rc = MMA_ERR_DISCONNECTED;
         goto out;
@@ -914,31 +1006,22 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
     c->last_seq = seq;
     if (c->cuda)
         remember(c, slot, segs, nsegs, gpu);
-    uint32_t max_paths = opts && opts->max_paths > 0 ? (uint32_t)opts->max_paths : 0;
     rc = nsegs == 1 ? sq_post(c, &ps[0], slot, seq, (flags & MMA_COPY_LATENCY) != 0, max_paths) : 0;
     if (rc == 1) {
         rc = MMA_OK;
     } else if (rc == 0) {
-        Mma__Copy cp = MMA__COPY__INIT;
-        cp.slot = slot;
-        cp.seq = seq;
-        cp.n_segments = nsegs;
-        cp.segments = pp;
-        cp.has_priority = 1;
-        cp.priority = (flags & MMA_COPY_LATENCY) ? 1 : 0;
-        cp.has_max_paths = max_paths > 0;
-        cp.max_paths = max_paths;
-        Mma__Request req = MMA__REQUEST__INIT;
-        req.type = MMA__REQ_TYPE__COPY;
-        req.copy = &cp;
-        req.has_id = 1;
+        Mma__Request req;
+        Mma__Copy cp;
+        copy_request(&req, &cp, pp, nsegs, slot, seq, flags, max_paths);
         req.id = ++c->next_id;
-        cp.has_sent_ns = 1;
         cp.sent_ns = mma_now_ns();
         rc = mma_wire_send(c->fd, &req.base, NULL, 0);
     }
     if (rc != MMA_OK) {
-        c->dead = 1;
+        /* Only a lost connection ends the client: any other refusal (a
+         * message too large, a transient socket error) is this copy's. */
+        if (rc == MMA_ERR_DISCONNECTED)
+            c->dead = 1;
         /* Nothing reached mmad: complete the slot ourselves so a stream that
          * already waits on it moves on, and report the failure. */
         if (c->cuda) {
@@ -949,8 +1032,7 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
                 *out = 0;
             goto out;
         }
-        mma_flag_complete(fl, seq, MMA_ERR_DISCONNECTED);
-        rc = MMA_ERR_DISCONNECTED;
+        mma_flag_complete(fl, seq, rc);
         goto out;
     }
     if (out)

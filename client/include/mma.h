@@ -147,8 +147,16 @@ typedef struct mma_copy_opts {
 int mma_memcpy_async(mma_client_t *client, void *dst, const void *src, size_t n,
                      mma_stream_t stream, mma_copy_t *out);
 
+/* mmad takes at most this many segments per copy. */
+#define MMA_MAX_SEGMENTS 65536u
+
 /* Many (dst, src, len) segments as one copy, e.g. KV-cache blocks. All
- * segments go the same direction and touch one GPU. opts may be NULL. */
+ * segments go the same direction and touch one GPU. opts may be NULL.
+ * A copy through mmad goes as one socket message: one of more than
+ * MMA_MAX_SEGMENTS segments, or whose message exceeds what this client's
+ * socket carries (up to 1 MiB, less where net.core.wmem_max is small; see
+ * README), returns MMA_ERR_LIMIT before anything is queued, and the client
+ * goes on working: split such a copy. */
 int mma_memcpy_sg_async(mma_client_t *client, const mma_segment_t *segs, size_t nsegs,
                         mma_stream_t stream, const mma_copy_opts_t *opts, mma_copy_t *out);
 
