@@ -1022,9 +1022,21 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
          * message too large, a transient socket error) is this copy's. */
         if (rc == MMA_ERR_DISCONNECTED)
             c->dead = 1;
-        /* Nothing reached mmad: complete the slot ourselves so a stream that
-         * already waits on it moves on, and report the failure. */
-        if (c->cuda) {
+        if (stream && rc == MMA_ERR_DISCONNECTED && c->pending[slot].segs && c->watchdog_started) {
+            /* mmad is gone, and the caller's stream already waits on this
+             * slot, behind work that may write the copy's source or read
+             * its destination: copying now could overtake that work. So it
+             * is a copy in flight when mmad died: the watchdog's rescue()
+             * (remember() above) runs it natively once the stream has
+             * reached it, and writes `done`. */
+            if (out)
+                *out = ((mma_copy_t)slot << SEQ_BITS) | seq;
+            rc = MMA_OK;
+            goto out;
+        }
+        if (c->cuda && !stream) {
+            /* Host-ordered: it could start at submit, so natively now is
+             * the right time; as with any copy once mmad is gone. */
             int nrc = copy_native(c, segs, nsegs, gpu, NULL);
             mma_flag_complete(fl, seq, nrc);
             rc = nrc;
@@ -1032,6 +1044,10 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
                 *out = 0;
             goto out;
         }
+        /* Nothing will run this copy: complete its slot with the failure,
+         * so that a stream that waits on it moves on, and report it (the
+         * copy did not happen). On the simulated box (no CUDA: every copy
+         * host-ordered, none can run natively) this is every failure. */
         mma_flag_complete(fl, seq, rc);
         goto out;
     }

@@ -1341,6 +1341,35 @@ START_TEST(sigterm_with_copies_in_flight)
 }
 END_TEST
 
+/* mmad is gone and the client has not noticed yet: the send fails. On the
+ * simulated box nothing can run a copy natively (on GPUs libmma would, at
+ * the right point of its stream: gpu_test daemon_gone_at_send), so the
+ * copy reports the loss, with no handle, and so does every copy after it;
+ * freeing and disconnecting still work. */
+START_TEST(copy_after_daemon_gone)
+{
+    mmad_proc_t d;
+    mmad_start(&d, fast_box);
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(d.sock, &c), MMA_OK);
+    uint8_t *h, *dv;
+    ck_assert_int_eq(mma_host_alloc(c, 65536, (void **)&h), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, 1, 65536, (void **)&dv), MMA_OK);
+    fill_random(h, 65536, 5);
+    copy_verified(c, dv, h, 4096, NULL);
+    mmad_stop_clean(&d);
+    mma_segment_t segs[2] = {{dv, h, 100}, {dv + 200, h + 100, 100}};
+    mma_copy_t t = 777;
+    ck_assert_int_eq(mma_memcpy_sg_async(c, segs, 2, NULL, NULL, &t), MMA_ERR_DISCONNECTED);
+    ck_assert_int_eq(mma_memcpy_async(c, dv, h, 100, NULL, &t), MMA_ERR_DISCONNECTED);
+    ck_assert_uint_eq(t, 777);
+    ck_assert_int_eq(mma_prewarm(c), MMA_ERR_DISCONNECTED);
+    ck_assert_int_eq(mma_free(c, dv), MMA_OK);
+    ck_assert_int_eq(mma_free(c, h), MMA_OK);
+    mma_disconnect(c);
+}
+END_TEST
+
 /* At exit mmad logs each thread's CPU time: the engine thread by its name. */
 START_TEST(cpu_by_thread_at_exit)
 {
@@ -2318,7 +2347,8 @@ int main(void)
                           unknown_and_garbage_requests, submission_ring, submission_ring_full_and_off,
                           kick_wakes_mmad}},
         {"lifecycle", 60, {client_dies_mid_copy, sigterm_with_copies_in_flight, one_daemon_per_socket,
-                           stale_socket_file_replaced, command_line, cpu_by_thread_at_exit}},
+                           stale_socket_file_replaced, command_line, cpu_by_thread_at_exit,
+                           copy_after_daemon_gone}},
         {"mmactl", 60, {mmactl_reports, mma_ab_arguments, mma_demo_arguments, mma_bench_arguments}},
         {"faults", 60, {failing_relay_is_set_aside}},
         {"api_errors", 60, {api_errors, segment_limit}},
