@@ -365,6 +365,42 @@ static int find_region(mma_client_t *c, const void *p, size_t n, region_t **out)
     return MMA_ERR_NOT_REGISTERED;
 }
 
+/* UNREGISTER region `id` with mmad. Lock held. */
+static int unregister_id(mma_client_t *c, uint32_t id)
+{
+    Mma__Unregister u = MMA__UNREGISTER__INIT;
+    u.region_id = id;
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__UNREGISTER;
+    req.unregister = &u;
+    return rpc_status(c, &req, NULL, 0, NULL);
+}
+
+/* mmad took region `id`, but a later step here failed, so the caller gets
+ * an error and no region: give it back, or mmad would keep it (a memfd
+ * mapping, an opened cudaIpc handle) until this client disconnects. Lock
+ * held. */
+static void take_back(mma_client_t *c, uint32_t id)
+{
+    int rc = unregister_id(c, id);
+    if (rc != MMA_OK && rc != MMA_ERR_DISCONNECTED)
+        MMA_WARN("region %u: registration undone here, but mmad keeps it until disconnect: %s", id,
+                 mma_strerror(rc));
+}
+
+/* The region id of a registration mmad accepted: MMA_ERR_PROTO where its
+ * answer names none (id 0 would stand for nothing mmad knows). Frees resp. */
+static int region_id(Mma__Response *resp, uint32_t *id)
+{
+    int rc = resp->register_ ? MMA_OK : MMA_ERR_PROTO;
+    if (rc == MMA_OK)
+        *id = resp->register_->region_id;
+    else
+        MMA_ERROR("mmad accepted a registration without naming the region");
+    mma__response__free_unpacked(resp, NULL);
+    return rc;
+}
+
 static int register_memfd(mma_client_t *c, int device, int gpu, size_t size, void **out)
 {
     long page = sysconf(_SC_PAGESIZE);
@@ -401,22 +437,26 @@ static int register_memfd(mma_client_t *c, int device, int gpu, size_t size, voi
     if (rc != MMA_OK)
         goto out;
     region_t r = {.base = (uintptr_t)p, .size = size, .device = device, .gpu = gpu, .owned = 1, .mapped = 1};
-    r.id = resp->register_ ? resp->register_->region_id : 0;
-    mma__response__free_unpacked(resp, NULL);
+    if ((rc = region_id(resp, &r.id)) != MMA_OK)
+        goto out;
     if (!device && c->cuda) {
         /* Pinned here too, so this process's own native copies (the bypass)
          * run at full speed. */
         rc = mma_cuda_host_register(p, len, 0);
-        if (rc != MMA_OK)
+        if (rc != MMA_OK) {
+            take_back(c, r.id);
             goto out;
+        }
         r.pinned = 1;
     }
     rc = add_region(c, &r);
     if (rc == MMA_OK) {
         *out = p;
         p = MAP_FAILED;
-    } else if (r.pinned) {
-        mma_cuda_host_unregister(p);
+    } else {
+        if (r.pinned)
+            mma_cuda_host_unregister(p);
+        take_back(c, r.id);
     }
 out:
     if (p != MAP_FAILED)
@@ -458,9 +498,11 @@ static int register_device_locked(mma_client_t *c, int gpu, void *ptr, size_t si
     if (rc != MMA_OK)
         return rc;
     region_t r = {.base = (uintptr_t)ptr, .size = size, .device = 1, .gpu = gpu, .owned = owned};
-    r.id = resp->register_ ? resp->register_->region_id : 0;
-    mma__response__free_unpacked(resp, NULL);
-    return add_region(c, &r);
+    if ((rc = region_id(resp, &r.id)) != MMA_OK)
+        return rc;
+    if ((rc = add_region(c, &r)) != MMA_OK)
+        take_back(c, r.id); /* before mma_device_alloc frees the memory mmad has opened */
+    return rc;
 }
 
 int mma_device_alloc(mma_client_t *c, int gpu, size_t size, void **out)
@@ -1113,12 +1155,7 @@ int mma_free(mma_client_t *c, void *ptr)
     c->regions[i] = c->regions[--c->nregions];
     int rc = MMA_OK;
     if (!c->dead) {
-        Mma__Unregister u = MMA__UNREGISTER__INIT;
-        u.region_id = r.id;
-        Mma__Request req = MMA__REQUEST__INIT;
-        req.type = MMA__REQ_TYPE__UNREGISTER;
-        req.unregister = &u;
-        rc = rpc_status(c, &req, NULL, 0, NULL);
+        rc = unregister_id(c, r.id);
         if (rc == MMA_ERR_DISCONNECTED)
             rc = MMA_OK; /* the daemon released it when it went */
     }

@@ -25,6 +25,7 @@
 #define _GNU_SOURCE
 #include <check.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <signal.h>
@@ -991,6 +992,118 @@ START_TEST(submission_ring_full_and_off)
     mmad_start(&d, off);
     ring_burst(&d, 40, EACH, 0, want);
     mmad_stop_clean(&d);
+}
+END_TEST
+
+/* ---- a fake mmad: one connection served by a thread, to see what libmma
+ * sends and how it takes answers mmad would not give ---- */
+
+typedef struct fake_mmad {
+    char sock[108];
+    int lfd;
+    pthread_t thread;
+    int omit_region_id; /* answer REGISTER_* with MMA_OK but no RegisterReply */
+    /* what it saw (read once the thread has ended) */
+    int flags_seals, host_seals; /* F_GET_SEALS of the flag page and the last host memfd (-1: none came) */
+    int registers, unregisters;
+} fake_mmad_t;
+
+static void *fake_mmad_main(void *arg)
+{
+    fake_mmad_t *f = arg;
+    int fd = accept(f->lfd, NULL, NULL);
+    uint8_t *buf = malloc(MMA_WIRE_MAX_MSG);
+    for (;;) {
+        size_t len;
+        int fds[MMA_WIRE_MAX_FDS], nfds = 0;
+        if (fd < 0 || !buf || mma_wire_recv(fd, buf, MMA_WIRE_MAX_MSG, &len, fds, &nfds) != MMA_OK)
+            break;
+        int seals = nfds == 1 ? fcntl(fds[0], F_GET_SEALS) : -1;
+        for (int i = 0; i < nfds; i++)
+            close(fds[i]);
+        Mma__Request *req = mma__request__unpack(NULL, len, buf);
+        if (!req)
+            break;
+        Mma__Response resp = MMA__RESPONSE__INIT;
+        resp.type = req->type;
+        resp.has_id = req->has_id;
+        resp.id = req->id;
+        resp.status = MMA_OK;
+        Mma__HelloReply hr = MMA__HELLO_REPLY__INIT;
+        Mma__RegisterReply rr = MMA__REGISTER_REPLY__INIT;
+        int answer = 1;
+        switch (req->type) {
+        case MMA__REQ_TYPE__HELLO: /* a simulated box of one GPU, no ring */
+            f->flags_seals = seals;
+            hr.daemon_version = 1;
+            hr.api_version = MMA_API_VERSION;
+            hr.backend = "fake";
+            hr.has_gpu_count = hr.has_simulated = 1;
+            hr.gpu_count = 1;
+            hr.simulated = 1;
+            resp.hello = &hr;
+            break;
+        case MMA__REQ_TYPE__REGISTER_HOST:
+        case MMA__REQ_TYPE__REGISTER_DEVICE:
+            if (req->type == MMA__REQ_TYPE__REGISTER_HOST)
+                f->host_seals = seals;
+            rr.region_id = (uint32_t)++f->registers;
+            resp.register_ = f->omit_region_id ? NULL : &rr;
+            break;
+        case MMA__REQ_TYPE__UNREGISTER:
+            f->unregisters++;
+            break;
+        default:
+            answer = req->type != MMA__REQ_TYPE__COPY && req->type != MMA__REQ_TYPE__KICK;
+            break;
+        }
+        mma__request__free_unpacked(req, NULL);
+        if (answer && mma_wire_send(fd, &resp.base, NULL, 0) != MMA_OK)
+            break;
+    }
+    free(buf);
+    if (fd >= 0)
+        close(fd);
+    return NULL;
+}
+
+static void fake_mmad_start(fake_mmad_t *f)
+{
+    f->flags_seals = f->host_seals = -1;
+    snprintf(f->sock, sizeof f->sock, "%s/fake.sock", scratch_mkdtemp("fake"));
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    snprintf(a.sun_path, sizeof a.sun_path, "%s", f->sock);
+    f->lfd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    ck_assert_int_ge(f->lfd, 0);
+    ck_assert_int_eq(bind(f->lfd, (struct sockaddr *)&a, sizeof a), 0);
+    ck_assert_int_eq(listen(f->lfd, 1), 0);
+    ck_assert_int_eq(pthread_create(&f->thread, NULL, fake_mmad_main, f), 0);
+}
+
+/* After the client disconnected: the thread sees EOF and ends. */
+static void fake_mmad_join(fake_mmad_t *f)
+{
+    ck_assert_int_eq(pthread_join(f->thread, NULL), 0);
+    close(f->lfd);
+    unlink(f->sock);
+}
+
+START_TEST(register_reply_without_region)
+{
+    /* mmad says yes but names no region: that is a protocol error, not
+     * region 0 (which names nothing mmad knows: every copy would fail). */
+    fake_mmad_t f = {.omit_region_id = 1};
+    fake_mmad_start(&f);
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(f.sock, &c), MMA_OK);
+    void *p = (void *)0x1;
+    ck_assert_int_eq(mma_host_alloc(c, 4096, &p), MMA_ERR_PROTO);
+    ck_assert_int_eq(mma_device_alloc(c, 0, 4096, &p), MMA_ERR_PROTO);
+    ck_assert_ptr_eq(p, (void *)0x1);
+    mma_disconnect(c);
+    fake_mmad_join(&f);
+    ck_assert_int_eq(f.registers, 2);
+    ck_assert_int_eq(f.unregisters, 0); /* nothing named, nothing to give back */
 }
 END_TEST
 
@@ -2340,12 +2453,12 @@ int main(void)
     struct {
         const char *name;
         int timeout;
-        const TTest *tests[8];
+        const TTest *tests[12]; /* NULL-terminated */
     } cases[] = {
         {"clients", 90, {concurrent_clients_random_copies, one_client_many_threads}},
         {"protocol", 60, {daemon_side_validation, client_side_range_check, version_handshake,
                           unknown_and_garbage_requests, submission_ring, submission_ring_full_and_off,
-                          kick_wakes_mmad}},
+                          kick_wakes_mmad, register_reply_without_region}},
         {"lifecycle", 60, {client_dies_mid_copy, sigterm_with_copies_in_flight, one_daemon_per_socket,
                            stale_socket_file_replaced, command_line, cpu_by_thread_at_exit,
                            copy_after_daemon_gone}},
