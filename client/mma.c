@@ -29,6 +29,9 @@
  * what this client's copies showed (mma_expect_update); a slower copy costs
  * at most SPIN_AFTER_NS of spinning. */
 #define EXPECTED_GBPS 120.0
+/* mma_disconnect waits this long at most for stream-ordered copies that
+ * still use the flag page. */
+#define DISCONNECT_WAIT_NS 5000000000ull
 /* Copies from this size on teach the expected rate. */
 #define EXPECT_LEARN_MIN (8u << 20)
 #define SUBMIT_SHARED (1ull << 63)
@@ -86,6 +89,7 @@ struct mma_client {
         mma_segment_t *segs;
         size_t n;
         int gpu;
+        int stream; /* stream-ordered: a stream writes `reached` and waits on `done` */
     } *pending;
     pthread_t watchdog;
     pthread_cond_t wd_cond;
@@ -624,13 +628,14 @@ static void *watchdog_main(void *arg)
 }
 
 /* Remember what a copy was, for rescue(). Lock held. */
-static void remember(mma_client_t *c, uint32_t slot, const mma_segment_t *segs, size_t n, int gpu)
+static void remember(mma_client_t *c, uint32_t slot, const mma_segment_t *segs, size_t n, int gpu, int stream)
 {
     struct pending *p = &c->pending[slot];
     free(p->segs);
     p->segs = malloc(n * sizeof *segs);
     p->n = n;
     p->gpu = gpu;
+    p->stream = stream;
     if (p->segs)
         memcpy(p->segs, segs, n * sizeof *segs);
     else
@@ -1047,7 +1052,7 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
     c->last_slot = slot;
     c->last_seq = seq;
     if (c->cuda)
-        remember(c, slot, segs, nsegs, gpu);
+        remember(c, slot, segs, nsegs, gpu, stream != NULL);
     rc = nsegs == 1 ? sq_post(c, &ps[0], slot, seq, (flags & MMA_COPY_LATENCY) != 0, max_paths) : 0;
     if (rc == 1) {
         rc = MMA_OK;
@@ -1124,6 +1129,33 @@ static void drain(mma_client_t *c)
             mma_sleep_ns(20000);
 }
 
+/* Whether a copy not done yet (rescue() leaves those whose stream has not
+ * reached them) reads or writes region r. Lock held. */
+static int pending_uses(mma_client_t *c, const region_t *r)
+{
+    for (uint32_t i = 0; c->pending && i < c->nslots; i++) {
+        const struct pending *p = &c->pending[i];
+        if (!p->segs || !slot_busy(c, i))
+            continue;
+        for (size_t k = 0; k < p->n; k++) {
+            uintptr_t d = (uintptr_t)p->segs[k].dst, s = (uintptr_t)p->segs[k].src, n = p->segs[k].len;
+            if ((d < r->base + r->size && r->base < d + n) || (s < r->base + r->size && r->base < s + n))
+                return 1;
+        }
+    }
+    return 0;
+}
+
+/* Stream-ordered copies not done yet: their streams still write `reached`
+ * into the flag page and wait there for `done`. Lock held. */
+static int stream_copies_pending(mma_client_t *c)
+{
+    int n = 0;
+    for (uint32_t i = 0; c->pending && i < c->nslots; i++)
+        n += c->pending[i].stream && slot_busy(c, i);
+    return n;
+}
+
 static void release_region(mma_client_t *c, region_t *r)
 {
     long page = sysconf(_SC_PAGESIZE);
@@ -1151,6 +1183,15 @@ int mma_free(mma_client_t *c, void *ptr)
         return MMA_ERR_NOT_REGISTERED;
     }
     drain(c);
+    /* With mmad gone drain() waits for nothing: finish what can be finished
+     * now. A stream-ordered copy its stream has not reached yet runs later
+     * (natively, the watchdog's rescue()), into or out of its memory, which
+     * must not be freed under it. */
+    if (!daemon_alive(c) && rescue(c) > 0 && pending_uses(c, &c->regions[i])) {
+        pthread_mutex_unlock(&c->lock);
+        MMA_WARN("mma_free(%p): a stream-ordered copy that its stream has not reached yet uses this memory", ptr);
+        return MMA_ERR_BUSY;
+    }
     region_t r = c->regions[i];
     c->regions[i] = c->regions[--c->nregions];
     int rc = MMA_OK;
@@ -1176,8 +1217,29 @@ void mma_disconnect(mma_client_t *c)
         pthread_join(c->watchdog, NULL);
     pthread_mutex_lock(&c->lock);
     drain(c);
-    if (c->dead)
-        rescue(c);
+    /* A stream-ordered copy not done yet has its stream still write the
+     * flag page and wait on it, through the page's CUDA registration:
+     * unregistering and unmapping the page under it would fault the stream.
+     * Wait for such copies a while; with mmad gone, finish each natively
+     * once its stream gets there (rescue()). Those left past that keep the
+     * page: a little memory, rather than a stream that writes into memory
+     * that is gone. */
+    uint64_t deadline = mma_now_ns() + DISCONNECT_WAIT_NS;
+    int left;
+    for (;;) {
+        if (!daemon_alive(c))
+            rescue(c);
+        left = stream_copies_pending(c);
+        if (!left || mma_now_ns() >= deadline)
+            break;
+        mma_sleep_ns(1000000);
+    }
+    if (left)
+        MMA_WARN("mma_disconnect: %d stream-ordered copies not done after %llu s: leaving the flag page their "
+                 "streams use mapped%s",
+                 left, DISCONNECT_WAIT_NS / 1000000000ull,
+                 c->dead ? " (mmad is gone and their streams have not reached them: nothing will finish them now)"
+                         : "");
     close(c->fd);
     for (size_t i = 0; i < c->nregions; i++)
         release_region(c, &c->regions[i]);
@@ -1185,9 +1247,11 @@ void mma_disconnect(mma_client_t *c)
     for (int g = 0; g < 64; g++)
         if (c->native_stream[g])
             mma_cuda_stream_destroy(c->native_stream[g]);
-    if (c->flags_pinned)
-        mma_cuda_host_unregister(c->flags);
-    munmap(c->flags, c->flags_len);
+    if (!left) {
+        if (c->flags_pinned)
+            mma_cuda_host_unregister(c->flags);
+        munmap(c->flags, c->flags_len);
+    }
     free(c->slot_seq);
     free(c->slot_due);
     free(c->slot_start);

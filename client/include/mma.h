@@ -95,7 +95,11 @@ typedef struct mma_info {
 int mma_connect(const char *socket_path, mma_client_t **out);
 
 /* Close the connection. The daemon releases everything the client
- * registered. Copies still in flight are waited for first. NULL is a no-op. */
+ * registered. Copies still in flight are waited for first. NULL is a no-op.
+ * A stream-ordered copy whose stream has not got to it yet is waited for
+ * up to 5 s more (with mmad gone, libmma runs it natively once the stream
+ * gets there); past that the flag page such streams write and wait on is
+ * left mapped, with a warning, rather than unmapped under them. */
 void mma_disconnect(mma_client_t *client);
 
 int mma_get_info(mma_client_t *client, mma_info_t *out);
@@ -122,7 +126,10 @@ int mma_device_alloc(mma_client_t *client, int gpu, size_t size, void **out);
 int mma_device_register(mma_client_t *client, int gpu, void *ptr, size_t size);
 
 /* Unregister `ptr` (the start of a registered range) and free it if mma
- * allocated it. Waits for this client's copies in flight first. */
+ * allocated it. Waits for this client's copies in flight first.
+ * MMA_ERR_BUSY (nothing freed): mmad is gone, and a stream-ordered copy
+ * into or out of this memory waits for its stream to get to it (libmma
+ * then runs it natively); synchronize that stream and free again. */
 int mma_free(mma_client_t *client, void *ptr);
 
 typedef struct mma_segment {
