@@ -3,6 +3,7 @@
  * requests whose completion arrives through the shared flag page. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -186,6 +187,32 @@ static size_t socket_max_msg(int fd)
     return room < MMA_WIRE_MAX_MSG ? room : MMA_WIRE_MAX_MSG;
 }
 
+/* A memfd of len bytes that cannot shrink: mmad maps it, and pages cut off
+ * under a mapping kill whoever touches them with SIGBUS, so mmad refuses a
+ * memfd that could be shrunk (F_SEAL_SHRINK missing). Growing stays
+ * allowed, and so does writing. Returns the fd, or -1 with *err set:
+ * MMA_ERR_NOMEM where the memory is not there, else MMA_ERR_SYSTEM. */
+static int sealed_memfd(const char *name, size_t len, int *err)
+{
+    int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0) {
+        *err = MMA_ERR_SYSTEM;
+        return -1;
+    }
+    if (ftruncate(fd, (off_t)len) != 0) {
+        *err = errno == ENOSPC || errno == ENOMEM ? MMA_ERR_NOMEM : MMA_ERR_SYSTEM;
+        close(fd);
+        return -1;
+    }
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) != 0) {
+        MMA_ERROR("memfd %s: cannot seal it against shrinking: %s", name, strerror(errno));
+        *err = MMA_ERR_SYSTEM;
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
 static int connect_socket(const char *path)
 {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
@@ -230,11 +257,9 @@ int mma_connect(const char *socket_path, mma_client_t **out)
     const char *no_ring = getenv("MMA_NO_RING");
     int offer_ring = !(no_ring && *no_ring && strcmp(no_ring, "0") != 0);
     c->flags_len = flen + (offer_ring ? sizeof(mma_sq_t) : 0);
-    memfd = memfd_create("mma-flags", MFD_CLOEXEC);
-    if (memfd < 0 || ftruncate(memfd, (off_t)c->flags_len) != 0) {
-        rc = MMA_ERR_SYSTEM;
+    memfd = sealed_memfd("mma-flags", c->flags_len, &rc);
+    if (memfd < 0)
         goto fail;
-    }
     c->flags = mmap(NULL, c->flags_len, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
     if (c->flags == MAP_FAILED) {
         c->flags = NULL;
@@ -409,16 +434,11 @@ static int register_memfd(mma_client_t *c, int device, int gpu, size_t size, voi
 {
     long page = sysconf(_SC_PAGESIZE);
     size_t len = (size + (size_t)page - 1) & ~((size_t)page - 1);
-    int fd = memfd_create(device ? "mma-simdev" : "mma-host", MFD_CLOEXEC);
-    if (fd < 0)
-        return MMA_ERR_SYSTEM;
     int rc = MMA_OK;
-    void *p = MAP_FAILED;
-    if (ftruncate(fd, (off_t)len) != 0) {
-        rc = errno == ENOSPC || errno == ENOMEM ? MMA_ERR_NOMEM : MMA_ERR_SYSTEM;
-        goto out;
-    }
-    p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    int fd = sealed_memfd(device ? "mma-simdev" : "mma-host", len, &rc);
+    if (fd < 0)
+        return rc;
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED) {
         rc = MMA_ERR_NOMEM;
         goto out;

@@ -1004,7 +1004,8 @@ typedef struct fake_mmad {
     pthread_t thread;
     int omit_region_id; /* answer REGISTER_* with MMA_OK but no RegisterReply */
     /* what it saw (read once the thread has ended) */
-    int flags_seals, host_seals; /* F_GET_SEALS of the flag page and the last host memfd (-1: none came) */
+    int flags_seals, host_seals, dev_seals; /* F_GET_SEALS of the flag page and the last host and device
+                                             * memfds (-1: none came) */
     int registers, unregisters;
 } fake_mmad_t;
 
@@ -1045,8 +1046,7 @@ static void *fake_mmad_main(void *arg)
             break;
         case MMA__REQ_TYPE__REGISTER_HOST:
         case MMA__REQ_TYPE__REGISTER_DEVICE:
-            if (req->type == MMA__REQ_TYPE__REGISTER_HOST)
-                f->host_seals = seals;
+            *(req->type == MMA__REQ_TYPE__REGISTER_HOST ? &f->host_seals : &f->dev_seals) = seals;
             rr.region_id = (uint32_t)++f->registers;
             resp.register_ = f->omit_region_id ? NULL : &rr;
             break;
@@ -1069,7 +1069,7 @@ static void *fake_mmad_main(void *arg)
 
 static void fake_mmad_start(fake_mmad_t *f)
 {
-    f->flags_seals = f->host_seals = -1;
+    f->flags_seals = f->host_seals = f->dev_seals = -1;
     snprintf(f->sock, sizeof f->sock, "%s/fake.sock", scratch_mkdtemp("fake"));
     struct sockaddr_un a = {.sun_family = AF_UNIX};
     snprintf(a.sun_path, sizeof a.sun_path, "%s", f->sock);
@@ -1104,6 +1104,29 @@ START_TEST(register_reply_without_region)
     fake_mmad_join(&f);
     ck_assert_int_eq(f.registers, 2);
     ck_assert_int_eq(f.unregisters, 0); /* nothing named, nothing to give back */
+}
+END_TEST
+
+START_TEST(memfds_sealed)
+{
+    /* Every memfd libmma hands mmad is sealed against shrinking: mmad maps
+     * them, and a memfd cut short under a mapping would kill it (SIGBUS). */
+    fake_mmad_t f = {0};
+    fake_mmad_start(&f);
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(f.sock, &c), MMA_OK);
+    void *h, *dv;
+    ck_assert_int_eq(mma_host_alloc(c, 5000, &h), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, 0, 5000, &dv), MMA_OK);
+    ck_assert_int_eq(mma_free(c, h), MMA_OK);
+    ck_assert_int_eq(mma_free(c, dv), MMA_OK);
+    mma_disconnect(c);
+    fake_mmad_join(&f);
+    ck_assert_msg(f.flags_seals >= 0 && (f.flags_seals & F_SEAL_SHRINK), "flag page seals %d", f.flags_seals);
+    ck_assert_msg(f.host_seals >= 0 && (f.host_seals & F_SEAL_SHRINK), "host memfd seals %d", f.host_seals);
+    ck_assert_msg(f.dev_seals >= 0 && (f.dev_seals & F_SEAL_SHRINK), "device memfd seals %d", f.dev_seals);
+    ck_assert_int_eq(f.registers, 2);
+    ck_assert_int_eq(f.unregisters, 2);
 }
 END_TEST
 
@@ -2458,7 +2481,7 @@ int main(void)
         {"clients", 90, {concurrent_clients_random_copies, one_client_many_threads}},
         {"protocol", 60, {daemon_side_validation, client_side_range_check, version_handshake,
                           unknown_and_garbage_requests, submission_ring, submission_ring_full_and_off,
-                          kick_wakes_mmad, register_reply_without_region}},
+                          kick_wakes_mmad, register_reply_without_region, memfds_sealed}},
         {"lifecycle", 60, {client_dies_mid_copy, sigterm_with_copies_in_flight, one_daemon_per_socket,
                            stale_socket_file_replaced, command_line, cpu_by_thread_at_exit,
                            copy_after_daemon_gone}},
