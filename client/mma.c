@@ -903,6 +903,9 @@ static int kernels_ended(mma_client_t *c)
     return 1;
 }
 
+/* Without a ring libmma cannot see whether mmad sleeps, so every call
+ * sends a KICK: skipping it would make this a no-op there, while the KICK
+ * does wake mmad's threads for --wake-spin-us (mma.h says so). */
 int mma_prewarm(mma_client_t *c)
 {
     if (!c)

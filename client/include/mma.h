@@ -108,8 +108,11 @@ int mma_get_info(mma_client_t *client, mma_info_t *out);
  * waking them costs the first copy 100-300 us on a virtual machine), so
  * that the next copies find it awake; e.g. when a request arrives, before
  * its KV-cache fetch. Cheap where mmad is awake already (no message then).
- * A copy below mma_info_t.cold_bypass that finds mmad asleep goes native
- * and wakes it the same way. */
+ * Whether it is, libmma sees in the submission ring; without one
+ * (MMA_NO_RING=1, mmad --submit-ring=0) it cannot tell, and every call
+ * sends a KICK (one small message), which keeps mmad awake for its
+ * --wake-spin-us. A copy below mma_info_t.cold_bypass that finds mmad
+ * asleep goes native and wakes it the same way. */
 int mma_prewarm(mma_client_t *client);
 
 /* Host memory the daemon can reach: memfd-backed, shared with mmad, page
