@@ -5,6 +5,7 @@
 #include <check.h>
 #include <dirent.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +13,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "flagpage.h"
 #include "mma.h"
 #include "util.h"
 #include "wire.h"
@@ -777,6 +779,49 @@ START_TEST(expect_rate_per_size_class)
 }
 END_TEST
 
+/* ---- the flag page's futex ---- */
+
+typedef struct {
+    mma_flag_slot_t *slot;
+    int done;
+    uint64_t woke_ns;
+} sleeper_t;
+
+static void *sleeper_main(void *arg)
+{
+    sleeper_t *w = arg;
+    w->done = mma_flag_sleep(w->slot, 1, 5000000000ull);
+    w->woke_ns = mma_now_ns();
+    return NULL;
+}
+
+START_TEST(flag_wakes_every_sleeper)
+{
+    /* Two threads sleep on one slot; one gives up (a short timeout) while
+     * the other still sleeps. Completing the slot must wake the one left at
+     * once, not at its own timeout (5 s): `waiters` counts sleepers. */
+    static mma_flag_slot_t slot;
+    memset(&slot, 0, sizeof slot);
+    sleeper_t w = {.slot = &slot};
+    pthread_t th;
+    ck_assert_int_eq(pthread_create(&th, NULL, sleeper_main, &w), 0);
+    while (atomic_load(&slot.waiters) == 0)
+        mma_sleep_ns(1000000);
+    mma_sleep_ns(50000000); /* let it get into FUTEX_WAIT */
+    ck_assert_int_eq(mma_flag_sleep(&slot, 1, 1000000), 0); /* this one times out and leaves */
+    uint32_t counted = atomic_load(&slot.waiters);
+    uint64_t t0 = mma_now_ns();
+    mma_flag_complete(&slot, 1, MMA_OK);
+    ck_assert_int_eq(pthread_join(th, NULL), 0);
+    ck_assert_int_eq(w.done, 1);
+    ck_assert_msg(w.woke_ns - t0 < 2000000000ull, "the sleeper left woke %.2f s after the slot completed",
+                  (double)(w.woke_ns - t0) / 1e9);
+    ck_assert_uint_eq(counted, 1); /* still sleeping: counted */
+    uint32_t after = atomic_load(&slot.waiters);
+    ck_assert_uint_eq(after, 0);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("wire");
@@ -805,6 +850,10 @@ int main(void)
     tcase_add_test(ex, expect_rate_bounds);
     tcase_add_test(ex, expect_rate_per_size_class);
     suite_add_tcase(s, ex);
+    TCase *fp = tcase_create("flagpage");
+    tcase_set_timeout(fp, 20);
+    tcase_add_test(fp, flag_wakes_every_sleeper);
+    suite_add_tcase(s, fp);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
