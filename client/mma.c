@@ -720,7 +720,7 @@ static int wait_copy(mma_client_t *c, mma_copy_t t)
             mma_flag_sleep(&c->flags[slot], seq, due - now - SPIN_BEFORE_NS);
         } else if (now < due + SPIN_AFTER_NS) {
             phase = 1;
-            __builtin_ia32_pause();
+            mma_cpu_relax();
         } else {
             break;
         }
