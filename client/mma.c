@@ -30,10 +30,15 @@
  * what this client's copies showed (mma_expect_update); a slower copy costs
  * at most SPIN_AFTER_NS of spinning. */
 #define EXPECTED_GBPS 120.0
+/* mma_disconnect waits this long at most for stream-ordered copies that
+ * still use the flag page. */
+#define DISCONNECT_WAIT_NS 5000000000ull
 /* Copies from this size on teach the expected rate. */
 #define EXPECT_LEARN_MIN (8u << 20)
 #define SUBMIT_SHARED (1ull << 63)
 #define SEQ_MASK ((1ull << SEQ_BITS) - 1)
+/* Bytes kept below the kernel's bound on one datagram (socket_max_msg). */
+#define MSG_MARGIN 256
 
 typedef struct region {
     uintptr_t base;
@@ -50,6 +55,7 @@ struct mma_client {
     pthread_mutex_t lock;
     int fd;
     int dead;
+    size_t max_msg; /* the largest message this socket carries (socket_max_msg) */
     uint64_t next_id;
     mma_info_t info;
     mma_flag_slot_t *flags;
@@ -84,6 +90,7 @@ struct mma_client {
         mma_segment_t *segs;
         size_t n;
         int gpu;
+        int stream; /* stream-ordered: a stream writes `reached` and waits on `done` */
     } *pending;
     pthread_t watchdog;
     pthread_cond_t wd_cond;
@@ -159,6 +166,53 @@ static int rpc_status(mma_client_t *c, Mma__Request *req, const int *fds, int nf
     return MMA_OK;
 }
 
+/* The largest message the socket carries. A Unix datagram socket refuses
+ * one larger than its send buffer less 32 bytes (EMSGSIZE), and the default
+ * buffer (net.core.wmem_default, ~208 KiB) holds a Copy of only ~13,000
+ * segments; so ask for room for MMA_WIRE_MAX_MSG, which the kernel caps at
+ * net.core.wmem_max (then doubles), and go by what it granted. Best effort:
+ * whatever the buffer ends up as, the copies checked against it are never
+ * refused by sendmsg for their size. */
+static size_t socket_max_msg(int fd)
+{
+    int want = (int)MMA_WIRE_MAX_MSG, got = 0;
+    socklen_t gl = sizeof got;
+    if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &got, &gl) == 0 &&
+        (size_t)got < MMA_WIRE_MAX_MSG + 32 + MSG_MARGIN)
+        (void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &want, sizeof want);
+    gl = sizeof got;
+    if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &got, &gl) != 0 || got <= 32 + MSG_MARGIN)
+        return MMA_WIRE_MAX_MSG; /* cannot tell: mma_wire_send reports a refusal as MMA_ERR_LIMIT */
+    size_t room = (size_t)got - 32 - MSG_MARGIN;
+    return room < MMA_WIRE_MAX_MSG ? room : MMA_WIRE_MAX_MSG;
+}
+
+/* A memfd of len bytes that cannot shrink: mmad maps it, and pages cut off
+ * under a mapping kill whoever touches them with SIGBUS, so mmad refuses a
+ * memfd that could be shrunk (F_SEAL_SHRINK missing). Growing stays
+ * allowed, and so does writing. Returns the fd, or -1 with *err set:
+ * MMA_ERR_NOMEM where the memory is not there, else MMA_ERR_SYSTEM. */
+static int sealed_memfd(const char *name, size_t len, int *err)
+{
+    int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0) {
+        *err = MMA_ERR_SYSTEM;
+        return -1;
+    }
+    if (ftruncate(fd, (off_t)len) != 0) {
+        *err = errno == ENOSPC || errno == ENOMEM ? MMA_ERR_NOMEM : MMA_ERR_SYSTEM;
+        close(fd);
+        return -1;
+    }
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) != 0) {
+        MMA_ERROR("memfd %s: cannot seal it against shrinking: %s", name, strerror(errno));
+        *err = MMA_ERR_SYSTEM;
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
 static int connect_socket(const char *path)
 {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
@@ -195,6 +249,7 @@ int mma_connect(const char *socket_path, mma_client_t **out)
         rc = MMA_ERR_CONNECT;
         goto fail;
     }
+    c->max_msg = socket_max_msg(c->fd);
     c->nslots = MMA_FLAG_SLOTS_DEFAULT;
     /* The slots, then a submission ring that mmad may read (flagpage.h);
      * MMA_NO_RING=1 sends every copy as a message. */
@@ -202,13 +257,9 @@ int mma_connect(const char *socket_path, mma_client_t **out)
     const char *no_ring = getenv("MMA_NO_RING");
     int offer_ring = !(no_ring && *no_ring && strcmp(no_ring, "0") != 0);
     c->flags_len = flen + (offer_ring ? sizeof(mma_sq_t) : 0);
-    /* Sealed against shrinking, or mmad refuses it (it would die of SIGBUS
-     * if a client cut the page short under its mapping). */
-    memfd = memfd_create("mma-flags", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    if (memfd < 0 || ftruncate(memfd, (off_t)c->flags_len) != 0 || fcntl(memfd, F_ADD_SEALS, F_SEAL_SHRINK) != 0) {
-        rc = MMA_ERR_SYSTEM;
+    memfd = sealed_memfd("mma-flags", c->flags_len, &rc);
+    if (memfd < 0)
         goto fail;
-    }
     c->flags = mmap(NULL, c->flags_len, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
     if (c->flags == MAP_FAILED) {
         c->flags = NULL;
@@ -343,24 +394,51 @@ static int find_region(mma_client_t *c, const void *p, size_t n, region_t **out)
     return MMA_ERR_NOT_REGISTERED;
 }
 
+/* UNREGISTER region `id` with mmad. Lock held. */
+static int unregister_id(mma_client_t *c, uint32_t id)
+{
+    Mma__Unregister u = MMA__UNREGISTER__INIT;
+    u.region_id = id;
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__UNREGISTER;
+    req.unregister = &u;
+    return rpc_status(c, &req, NULL, 0, NULL);
+}
+
+/* mmad took region `id`, but a later step here failed, so the caller gets
+ * an error and no region: give it back, or mmad would keep it (a memfd
+ * mapping, an opened cudaIpc handle) until this client disconnects. Lock
+ * held. */
+static void take_back(mma_client_t *c, uint32_t id)
+{
+    int rc = unregister_id(c, id);
+    if (rc != MMA_OK && rc != MMA_ERR_DISCONNECTED)
+        MMA_WARN("region %u: registration undone here, but mmad keeps it until disconnect: %s", id,
+                 mma_strerror(rc));
+}
+
+/* The region id of a registration mmad accepted: MMA_ERR_PROTO where its
+ * answer names none (id 0 would stand for nothing mmad knows). Frees resp. */
+static int region_id(Mma__Response *resp, uint32_t *id)
+{
+    int rc = resp->register_ ? MMA_OK : MMA_ERR_PROTO;
+    if (rc == MMA_OK)
+        *id = resp->register_->region_id;
+    else
+        MMA_ERROR("mmad accepted a registration without naming the region");
+    mma__response__free_unpacked(resp, NULL);
+    return rc;
+}
+
 static int register_memfd(mma_client_t *c, int device, int gpu, size_t size, void **out)
 {
     long page = sysconf(_SC_PAGESIZE);
     size_t len = (size + (size_t)page - 1) & ~((size_t)page - 1);
-    int fd = memfd_create(device ? "mma-simdev" : "mma-host", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    if (fd < 0)
-        return MMA_ERR_SYSTEM;
     int rc = MMA_OK;
-    void *p = MAP_FAILED;
-    if (ftruncate(fd, (off_t)len) != 0) {
-        rc = errno == ENOSPC || errno == ENOMEM ? MMA_ERR_NOMEM : MMA_ERR_SYSTEM;
-        goto out;
-    }
-    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) != 0) { /* mmad maps only sealed memfds */
-        rc = MMA_ERR_SYSTEM;
-        goto out;
-    }
-    p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    int fd = sealed_memfd(device ? "mma-simdev" : "mma-host", len, &rc);
+    if (fd < 0)
+        return rc;
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED) {
         rc = MMA_ERR_NOMEM;
         goto out;
@@ -383,22 +461,26 @@ static int register_memfd(mma_client_t *c, int device, int gpu, size_t size, voi
     if (rc != MMA_OK)
         goto out;
     region_t r = {.base = (uintptr_t)p, .size = size, .device = device, .gpu = gpu, .owned = 1, .mapped = 1};
-    r.id = resp->register_ ? resp->register_->region_id : 0;
-    mma__response__free_unpacked(resp, NULL);
+    if ((rc = region_id(resp, &r.id)) != MMA_OK)
+        goto out;
     if (!device && c->cuda) {
         /* Pinned here too, so this process's own native copies (the bypass)
          * run at full speed. */
         rc = mma_cuda_host_register(p, len, 0);
-        if (rc != MMA_OK)
+        if (rc != MMA_OK) {
+            take_back(c, r.id);
             goto out;
+        }
         r.pinned = 1;
     }
     rc = add_region(c, &r);
     if (rc == MMA_OK) {
         *out = p;
         p = MAP_FAILED;
-    } else if (r.pinned) {
-        mma_cuda_host_unregister(p);
+    } else {
+        if (r.pinned)
+            mma_cuda_host_unregister(p);
+        take_back(c, r.id);
     }
 out:
     if (p != MAP_FAILED)
@@ -440,9 +522,11 @@ static int register_device_locked(mma_client_t *c, int gpu, void *ptr, size_t si
     if (rc != MMA_OK)
         return rc;
     region_t r = {.base = (uintptr_t)ptr, .size = size, .device = 1, .gpu = gpu, .owned = owned};
-    r.id = resp->register_ ? resp->register_->region_id : 0;
-    mma__response__free_unpacked(resp, NULL);
-    return add_region(c, &r);
+    if ((rc = region_id(resp, &r.id)) != MMA_OK)
+        return rc;
+    if ((rc = add_region(c, &r)) != MMA_OK)
+        take_back(c, r.id); /* before mma_device_alloc frees the memory mmad has opened */
+    return rc;
 }
 
 int mma_device_alloc(mma_client_t *c, int gpu, size_t size, void **out)
@@ -517,6 +601,7 @@ static int daemon_alive(mma_client_t *c)
 }
 
 static int copy_native(mma_client_t *c, const mma_segment_t *segs, size_t nsegs, int gpu, mma_stream_t stream);
+static int wake_mmad(mma_client_t *c);
 
 /* mmad is gone: finish natively every copy whose stream has reached it (a
  * host-ordered copy has reached it at submit), then write `done`, so the
@@ -563,13 +648,14 @@ static void *watchdog_main(void *arg)
 }
 
 /* Remember what a copy was, for rescue(). Lock held. */
-static void remember(mma_client_t *c, uint32_t slot, const mma_segment_t *segs, size_t n, int gpu)
+static void remember(mma_client_t *c, uint32_t slot, const mma_segment_t *segs, size_t n, int gpu, int stream)
 {
     struct pending *p = &c->pending[slot];
     free(p->segs);
     p->segs = malloc(n * sizeof *segs);
     p->n = n;
     p->gpu = gpu;
+    p->stream = stream;
     if (p->segs)
         memcpy(p->segs, segs, n * sizeof *segs);
     else
@@ -634,7 +720,7 @@ static int wait_copy(mma_client_t *c, mma_copy_t t)
             mma_flag_sleep(&c->flags[slot], seq, due - now - SPIN_BEFORE_NS);
         } else if (now < due + SPIN_AFTER_NS) {
             phase = 1;
-            __builtin_ia32_pause();
+            mma_cpu_relax();
         } else {
             break;
         }
@@ -655,6 +741,8 @@ static int wait_copy(mma_client_t *c, mma_copy_t t)
         int alive = daemon_alive(c);
         if (!alive)
             rescue(c);
+        else if (c->sq && atomic_load_explicit(&c->sq->head, memory_order_acquire) != c->sq_tail)
+            (void)wake_mmad(c); /* copies wait in the ring (a KICK failed): make mmad read it */
         pthread_mutex_unlock(&c->lock);
         if (!alive && !c->cuda && mma_query(c, t) == MMA_PENDING)
             return MMA_ERR_DISCONNECTED;
@@ -743,23 +831,31 @@ static int mmad_asleep(const mma_client_t *c)
 }
 
 /* Wake mmad (a KICK, which makes it poll and wakes its engine), lock held:
- * with a ring only where it sleeps and has read our earlier KICKs. */
+ * with a ring only where it sleeps and has read our earlier KICKs. A KICK
+ * counts once sent: one that failed never reaches mmad, and counting it
+ * would make every later post wait for it to be read, i.e. send none. */
 static int wake_mmad(mma_client_t *c)
 {
-    if (c->sq) {
-        if (!mmad_asleep(c) || atomic_load_explicit(&c->sq->kicks_read, memory_order_seq_cst) != c->sq_kicks)
-            return MMA_OK;
-        c->sq_kicks++;
-    }
+    if (c->sq && (!mmad_asleep(c) ||
+                  atomic_load_explicit(&c->sq->kicks_read, memory_order_seq_cst) != c->sq_kicks))
+        return MMA_OK;
     Mma__Request req = MMA__REQUEST__INIT;
     req.type = MMA__REQ_TYPE__KICK;
-    return mma_wire_send(c->fd, &req.base, NULL, 0);
+    int rc = mma_wire_send(c->fd, &req.base, NULL, 0);
+    if (rc == MMA_OK && c->sq)
+        c->sq_kicks++;
+    else if (rc == MMA_ERR_DISCONNECTED)
+        c->dead = 1;
+    return rc;
 }
 
 /* Post a one-segment copy to the submission ring (flagpage.h), under the
  * client's lock. Returns 1 once posted (with a KICK sent where mmad was not
  * polling and had read every earlier one), 0 where it cannot go there (no ring, or no room: send it as a
- * message), or the KICK's failure (mmad is gone). */
+ * message), or MMA_ERR_DISCONNECTED: posted, but mmad is gone. A KICK that
+ * failed otherwise leaves the copy posted, to be read at mmad's next poll
+ * (any later message, or the KICK wait_copy sends for a copy that sits in
+ * the ring). */
 static int sq_post(mma_client_t *c, const Mma__Segment *sg, uint32_t slot, uint64_t seq, int latency,
                    uint32_t max_paths)
 {
@@ -783,7 +879,11 @@ static int sq_post(mma_client_t *c, const Mma__Segment *sg, uint32_t slot, uint6
     c->sq_tail = t + 1;
     atomic_store_explicit(&q->tail, t + 1, memory_order_seq_cst);
     int rc = wake_mmad(c); /* no KICK where mmad reads the ring unasked or has one of ours to read */
-    return rc == MMA_OK ? 1 : rc;
+    if (rc == MMA_ERR_DISCONNECTED)
+        return rc;
+    if (rc != MMA_OK)
+        MMA_WARN("KICK: %s; the copy waits in the ring for mmad's next poll", mma_strerror(rc));
+    return 1;
 }
 
 /* Whether a small copy goes native because mmad's resident relay kernels
@@ -803,6 +903,9 @@ static int kernels_ended(mma_client_t *c)
     return 1;
 }
 
+/* Without a ring libmma cannot see whether mmad sleeps, so every call
+ * sends a KICK: skipping it would make this a no-op there, while the KICK
+ * does wake mmad's threads for --wake-spin-us (mma.h says so). */
 int mma_prewarm(mma_client_t *c)
 {
     if (!c)
@@ -812,6 +915,55 @@ int mma_prewarm(mma_client_t *c)
     int rc = daemon_alive(c) ? wake_mmad(c) : MMA_ERR_DISCONNECTED;
     pthread_mutex_unlock(&c->lock);
     return rc == MMA_OK ? MMA_OK : MMA_ERR_DISCONNECTED;
+}
+
+/* The COPY request for these segments. */
+static void copy_request(Mma__Request *req, Mma__Copy *cp, Mma__Segment **pp, size_t nsegs, uint32_t slot,
+                         uint64_t seq, unsigned flags, uint32_t max_paths)
+{
+    mma__copy__init(cp);
+    cp->slot = slot;
+    cp->seq = seq;
+    cp->n_segments = nsegs;
+    cp->segments = pp;
+    cp->has_priority = 1;
+    cp->priority = (flags & MMA_COPY_LATENCY) ? 1 : 0;
+    cp->has_max_paths = max_paths > 0;
+    cp->max_paths = max_paths;
+    cp->has_sent_ns = 1;
+    mma__request__init(req);
+    req->type = MMA__REQ_TYPE__COPY;
+    req->copy = cp;
+    req->has_id = 1;
+}
+
+/* Whether a copy of these segments fits in one message of this socket
+ * (c->max_msg): its request packed with the largest slot, seq, id and send
+ * time it could carry, so the one sent is never larger. Checked before a
+ * slot is taken or the caller's stream waits on one: a copy that cannot be
+ * sent is refused whole, and the connection stays up. One segment always
+ * fits (under 100 bytes), so the ring's copies pay nothing for this. */
+static int copy_fits(const mma_client_t *c, Mma__Segment **pp, size_t nsegs, unsigned flags, uint32_t max_paths)
+{
+    if (nsegs > MMA_MAX_SEGMENTS) {
+        MMA_WARN("a copy of %zu segments: mmad takes at most %u per copy", nsegs, (unsigned)MMA_MAX_SEGMENTS);
+        return MMA_ERR_LIMIT;
+    }
+    if (nsegs == 1)
+        return MMA_OK;
+    Mma__Request req;
+    Mma__Copy cp;
+    copy_request(&req, &cp, pp, nsegs, UINT32_MAX, SEQ_MASK, flags | MMA_COPY_LATENCY,
+                 max_paths ? max_paths : UINT32_MAX);
+    req.id = UINT64_MAX;
+    cp.sent_ns = UINT64_MAX;
+    size_t len = mma__request__get_packed_size(&req);
+    if (len <= c->max_msg)
+        return MMA_OK;
+    MMA_WARN("a copy of %zu segments needs a %zu-byte message; this connection carries at most %zu "
+             "(its socket's send buffer, see net.core.wmem_max): split it",
+             nsegs, len, c->max_msg);
+    return MMA_ERR_LIMIT;
 }
 
 int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs, mma_stream_t stream,
@@ -885,6 +1037,9 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
         ps[i].length = segs[i].len;
         pp[i] = &ps[i];
     }
+    uint32_t max_paths = opts && opts->max_paths > 0 ? (uint32_t)opts->max_paths : 0;
+    if ((rc = copy_fits(c, pp, nsegs, flags, max_paths)) != MMA_OK)
+        goto out;
     if (c->dead) {
         rc = MMA_ERR_DISCONNECTED;
         goto out;
@@ -920,35 +1075,38 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
     c->last_slot = slot;
     c->last_seq = seq;
     if (c->cuda)
-        remember(c, slot, segs, nsegs, gpu);
-    uint32_t max_paths = opts && opts->max_paths > 0 ? (uint32_t)opts->max_paths : 0;
+        remember(c, slot, segs, nsegs, gpu, stream != NULL);
     rc = nsegs == 1 ? sq_post(c, &ps[0], slot, seq, (flags & MMA_COPY_LATENCY) != 0, max_paths) : 0;
     if (rc == 1) {
         rc = MMA_OK;
     } else if (rc == 0) {
-        Mma__Copy cp = MMA__COPY__INIT;
-        cp.slot = slot;
-        cp.seq = seq;
-        cp.n_segments = nsegs;
-        cp.segments = pp;
-        cp.has_priority = 1;
-        cp.priority = (flags & MMA_COPY_LATENCY) ? 1 : 0;
-        cp.has_max_paths = max_paths > 0;
-        cp.max_paths = max_paths;
-        Mma__Request req = MMA__REQUEST__INIT;
-        req.type = MMA__REQ_TYPE__COPY;
-        req.copy = &cp;
-        req.has_id = 1;
+        Mma__Request req;
+        Mma__Copy cp;
+        copy_request(&req, &cp, pp, nsegs, slot, seq, flags, max_paths);
         req.id = ++c->next_id;
-        cp.has_sent_ns = 1;
         cp.sent_ns = mma_now_ns();
         rc = mma_wire_send(c->fd, &req.base, NULL, 0);
     }
     if (rc != MMA_OK) {
-        c->dead = 1;
-        /* Nothing reached mmad: complete the slot ourselves so a stream that
-         * already waits on it moves on, and report the failure. */
-        if (c->cuda) {
+        /* Only a lost connection ends the client: any other refusal (a
+         * message too large, a transient socket error) is this copy's. */
+        if (rc == MMA_ERR_DISCONNECTED)
+            c->dead = 1;
+        if (stream && rc == MMA_ERR_DISCONNECTED && c->pending[slot].segs && c->watchdog_started) {
+            /* mmad is gone, and the caller's stream already waits on this
+             * slot, behind work that may write the copy's source or read
+             * its destination: copying now could overtake that work. So it
+             * is a copy in flight when mmad died: the watchdog's rescue()
+             * (remember() above) runs it natively once the stream has
+             * reached it, and writes `done`. */
+            if (out)
+                *out = ((mma_copy_t)slot << SEQ_BITS) | seq;
+            rc = MMA_OK;
+            goto out;
+        }
+        if (c->cuda && !stream) {
+            /* Host-ordered: it could start at submit, so natively now is
+             * the right time; as with any copy once mmad is gone. */
             int nrc = copy_native(c, segs, nsegs, gpu, NULL);
             mma_flag_complete(fl, seq, nrc);
             rc = nrc;
@@ -956,8 +1114,11 @@ int mma_memcpy_sg_async(mma_client_t *c, const mma_segment_t *segs, size_t nsegs
                 *out = 0;
             goto out;
         }
-        mma_flag_complete(fl, seq, MMA_ERR_DISCONNECTED);
-        rc = MMA_ERR_DISCONNECTED;
+        /* Nothing will run this copy: complete its slot with the failure,
+         * so that a stream that waits on it moves on, and report it (the
+         * copy did not happen). On the simulated box (no CUDA: every copy
+         * host-ordered, none can run natively) this is every failure. */
+        mma_flag_complete(fl, seq, rc);
         goto out;
     }
     if (out)
@@ -991,6 +1152,33 @@ static void drain(mma_client_t *c)
             mma_sleep_ns(20000);
 }
 
+/* Whether a copy not done yet (rescue() leaves those whose stream has not
+ * reached them) reads or writes region r. Lock held. */
+static int pending_uses(mma_client_t *c, const region_t *r)
+{
+    for (uint32_t i = 0; c->pending && i < c->nslots; i++) {
+        const struct pending *p = &c->pending[i];
+        if (!p->segs || !slot_busy(c, i))
+            continue;
+        for (size_t k = 0; k < p->n; k++) {
+            uintptr_t d = (uintptr_t)p->segs[k].dst, s = (uintptr_t)p->segs[k].src, n = p->segs[k].len;
+            if ((d < r->base + r->size && r->base < d + n) || (s < r->base + r->size && r->base < s + n))
+                return 1;
+        }
+    }
+    return 0;
+}
+
+/* Stream-ordered copies not done yet: their streams still write `reached`
+ * into the flag page and wait there for `done`. Lock held. */
+static int stream_copies_pending(mma_client_t *c)
+{
+    int n = 0;
+    for (uint32_t i = 0; c->pending && i < c->nslots; i++)
+        n += c->pending[i].stream && slot_busy(c, i);
+    return n;
+}
+
 static void release_region(mma_client_t *c, region_t *r)
 {
     long page = sysconf(_SC_PAGESIZE);
@@ -1018,16 +1206,20 @@ int mma_free(mma_client_t *c, void *ptr)
         return MMA_ERR_NOT_REGISTERED;
     }
     drain(c);
+    /* With mmad gone drain() waits for nothing: finish what can be finished
+     * now. A stream-ordered copy its stream has not reached yet runs later
+     * (natively, the watchdog's rescue()), into or out of its memory, which
+     * must not be freed under it. */
+    if (!daemon_alive(c) && rescue(c) > 0 && pending_uses(c, &c->regions[i])) {
+        pthread_mutex_unlock(&c->lock);
+        MMA_WARN("mma_free(%p): a stream-ordered copy that its stream has not reached yet uses this memory", ptr);
+        return MMA_ERR_BUSY;
+    }
     region_t r = c->regions[i];
     c->regions[i] = c->regions[--c->nregions];
     int rc = MMA_OK;
     if (!c->dead) {
-        Mma__Unregister u = MMA__UNREGISTER__INIT;
-        u.region_id = r.id;
-        Mma__Request req = MMA__REQUEST__INIT;
-        req.type = MMA__REQ_TYPE__UNREGISTER;
-        req.unregister = &u;
-        rc = rpc_status(c, &req, NULL, 0, NULL);
+        rc = unregister_id(c, r.id);
         if (rc == MMA_ERR_DISCONNECTED)
             rc = MMA_OK; /* the daemon released it when it went */
     }
@@ -1048,8 +1240,29 @@ void mma_disconnect(mma_client_t *c)
         pthread_join(c->watchdog, NULL);
     pthread_mutex_lock(&c->lock);
     drain(c);
-    if (c->dead)
-        rescue(c);
+    /* A stream-ordered copy not done yet has its stream still write the
+     * flag page and wait on it, through the page's CUDA registration:
+     * unregistering and unmapping the page under it would fault the stream.
+     * Wait for such copies a while; with mmad gone, finish each natively
+     * once its stream gets there (rescue()). Those left past that keep the
+     * page: a little memory, rather than a stream that writes into memory
+     * that is gone. */
+    uint64_t deadline = mma_now_ns() + DISCONNECT_WAIT_NS;
+    int left;
+    for (;;) {
+        if (!daemon_alive(c))
+            rescue(c);
+        left = stream_copies_pending(c);
+        if (!left || mma_now_ns() >= deadline)
+            break;
+        mma_sleep_ns(1000000);
+    }
+    if (left)
+        MMA_WARN("mma_disconnect: %d stream-ordered copies not done after %llu s: leaving the flag page their "
+                 "streams use mapped%s",
+                 left, DISCONNECT_WAIT_NS / 1000000000ull,
+                 c->dead ? " (mmad is gone and their streams have not reached them: nothing will finish them now)"
+                         : "");
     close(c->fd);
     for (size_t i = 0; i < c->nregions; i++)
         release_region(c, &c->regions[i]);
@@ -1057,9 +1270,11 @@ void mma_disconnect(mma_client_t *c)
     for (int g = 0; g < 64; g++)
         if (c->native_stream[g])
             mma_cuda_stream_destroy(c->native_stream[g]);
-    if (c->flags_pinned)
-        mma_cuda_host_unregister(c->flags);
-    munmap(c->flags, c->flags_len);
+    if (!left) {
+        if (c->flags_pinned)
+            mma_cuda_host_unregister(c->flags);
+        munmap(c->flags, c->flags_len);
+    }
     free(c->slot_seq);
     free(c->slot_due);
     free(c->slot_start);

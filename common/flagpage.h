@@ -18,7 +18,7 @@ typedef struct mma_flag_slot {
     _Atomic uint64_t reached;
     _Atomic uint64_t done;
     _Atomic int64_t status;
-    _Atomic uint32_t waiters; /* a host thread sleeps on `done` (futex) */
+    _Atomic uint32_t waiters; /* host threads sleeping on `done` (futex): mmad wakes them where nonzero */
     uint32_t pad0;
     uint64_t pad[4]; /* one slot per cache line: no false sharing */
 } mma_flag_slot_t;
@@ -101,10 +101,14 @@ static inline void mma_flag_complete(mma_flag_slot_t *s, uint64_t seq, int statu
         syscall(SYS_futex, mma_flag_futex(s), FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
-/* Sleep until `done` >= seq or timeout_ns passes. Returns 1 when done. */
+/* Sleep until `done` >= seq or timeout_ns passes. Returns 1 when done.
+ * Several threads may sleep on one slot (one copy waited for from two
+ * threads, or a waiter that timed out beside one that did not), so
+ * `waiters` counts them: a flag cleared by the first to leave would let
+ * mma_flag_complete skip the wake-up the others still sleep in. */
 static inline int mma_flag_sleep(mma_flag_slot_t *s, uint64_t seq, uint64_t timeout_ns)
 {
-    atomic_store_explicit(&s->waiters, 1, memory_order_seq_cst);
+    atomic_fetch_add_explicit(&s->waiters, 1, memory_order_seq_cst);
     uint64_t d = atomic_load_explicit(&s->done, memory_order_seq_cst);
     if (d < seq) {
         struct timespec ts = {.tv_sec = (time_t)(timeout_ns / 1000000000ull),
@@ -112,7 +116,7 @@ static inline int mma_flag_sleep(mma_flag_slot_t *s, uint64_t seq, uint64_t time
         syscall(SYS_futex, mma_flag_futex(s), FUTEX_WAIT, (uint32_t)d, &ts, NULL, 0);
         d = atomic_load_explicit(&s->done, memory_order_acquire);
     }
-    atomic_store_explicit(&s->waiters, 0, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&s->waiters, 1, memory_order_relaxed);
     return d >= seq;
 }
 

@@ -40,6 +40,21 @@ static inline void mma_sleep_ns(uint64_t ns)
     nanosleep(&ts, NULL);
 }
 
+/* One turn of a spin-wait: tell the core we are spinning (frees the
+ * pipeline for a sibling hyperthread, saves power). __builtin_ia32_pause
+ * exists on x86 only; an aarch64 build uses `yield`, anything else just
+ * spins. */
+static inline void mma_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield" ::: "memory");
+#else
+    __asm__ volatile("" ::: "memory");
+#endif
+}
+
 /* A condition variable whose timed waits count on CLOCK_MONOTONIC (the
  * clock of mma_now_ns), and the deadline of such a wait `ns` from now. */
 static inline void mma_cond_init_monotonic(pthread_cond_t *c)

@@ -48,6 +48,11 @@ int mma_wire_send(int sock, const ProtobufCMessage *msg, const int *fds, int nfd
     if (n < 0) {
         if (saved == EPIPE || saved == ECONNRESET || saved == ENOTCONN)
             return MMA_ERR_DISCONNECTED;
+        /* A datagram larger than the socket's send buffer allows (a Unix
+         * socket refuses more than sk_sndbuf - 32 bytes): a limit of this
+         * message, not a broken connection. */
+        if (saved == EMSGSIZE)
+            return MMA_ERR_LIMIT;
         MMA_DEBUG("sendmsg: %s", strerror(saved));
         return MMA_ERR_IO;
     }

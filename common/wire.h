@@ -13,7 +13,10 @@
 #define MMA_WIRE_MAX_MSG (1u << 20) /* a datagram larger than this is refused */
 #define MMA_WIRE_MAX_FDS 4
 
-/* Send one message; fds (nfds of them) ride along. Returns an mma status. */
+/* Send one message; fds (nfds of them) ride along. Returns an mma status:
+ * MMA_ERR_LIMIT for a message larger than MMA_WIRE_MAX_MSG or than the
+ * socket's send buffer takes (the connection is fine), MMA_ERR_DISCONNECTED
+ * when the peer is gone. */
 int mma_wire_send(int sock, const ProtobufCMessage *msg, const int *fds, int nfds);
 
 /* Receive one datagram into buf (cap bytes). *len gets its size; received

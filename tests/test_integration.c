@@ -27,6 +27,7 @@
 #define _GNU_SOURCE
 #include <check.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <signal.h>
@@ -1087,6 +1088,141 @@ START_TEST(submission_ring_full_and_off)
 }
 END_TEST
 
+/* ---- a fake mmad: one connection served by a thread, to see what libmma
+ * sends and how it takes answers mmad would not give ---- */
+
+typedef struct fake_mmad {
+    char sock[108];
+    int lfd;
+    pthread_t thread;
+    int omit_region_id; /* answer REGISTER_* with MMA_OK but no RegisterReply */
+    /* what it saw (read once the thread has ended) */
+    int flags_seals, host_seals, dev_seals; /* F_GET_SEALS of the flag page and the last host and device
+                                             * memfds (-1: none came) */
+    int registers, unregisters;
+} fake_mmad_t;
+
+static void *fake_mmad_main(void *arg)
+{
+    fake_mmad_t *f = arg;
+    int fd = accept(f->lfd, NULL, NULL);
+    uint8_t *buf = malloc(MMA_WIRE_MAX_MSG);
+    for (;;) {
+        size_t len;
+        int fds[MMA_WIRE_MAX_FDS], nfds = 0;
+        if (fd < 0 || !buf || mma_wire_recv(fd, buf, MMA_WIRE_MAX_MSG, &len, fds, &nfds) != MMA_OK)
+            break;
+        int seals = nfds == 1 ? fcntl(fds[0], F_GET_SEALS) : -1;
+        for (int i = 0; i < nfds; i++)
+            close(fds[i]);
+        Mma__Request *req = mma__request__unpack(NULL, len, buf);
+        if (!req)
+            break;
+        Mma__Response resp = MMA__RESPONSE__INIT;
+        resp.type = req->type;
+        resp.has_id = req->has_id;
+        resp.id = req->id;
+        resp.status = MMA_OK;
+        Mma__HelloReply hr = MMA__HELLO_REPLY__INIT;
+        Mma__RegisterReply rr = MMA__REGISTER_REPLY__INIT;
+        int answer = 1;
+        switch (req->type) {
+        case MMA__REQ_TYPE__HELLO: /* a simulated box of one GPU, no ring */
+            f->flags_seals = seals;
+            hr.daemon_version = 1;
+            hr.api_version = MMA_API_VERSION;
+            hr.backend = "fake";
+            hr.has_gpu_count = hr.has_simulated = 1;
+            hr.gpu_count = 1;
+            hr.simulated = 1;
+            resp.hello = &hr;
+            break;
+        case MMA__REQ_TYPE__REGISTER_HOST:
+        case MMA__REQ_TYPE__REGISTER_DEVICE:
+            *(req->type == MMA__REQ_TYPE__REGISTER_HOST ? &f->host_seals : &f->dev_seals) = seals;
+            rr.region_id = (uint32_t)++f->registers;
+            resp.register_ = f->omit_region_id ? NULL : &rr;
+            break;
+        case MMA__REQ_TYPE__UNREGISTER:
+            f->unregisters++;
+            break;
+        default:
+            answer = req->type != MMA__REQ_TYPE__COPY && req->type != MMA__REQ_TYPE__KICK;
+            break;
+        }
+        mma__request__free_unpacked(req, NULL);
+        if (answer && mma_wire_send(fd, &resp.base, NULL, 0) != MMA_OK)
+            break;
+    }
+    free(buf);
+    if (fd >= 0)
+        close(fd);
+    return NULL;
+}
+
+static void fake_mmad_start(fake_mmad_t *f)
+{
+    f->flags_seals = f->host_seals = f->dev_seals = -1;
+    snprintf(f->sock, sizeof f->sock, "%s/fake.sock", scratch_mkdtemp("fake"));
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    snprintf(a.sun_path, sizeof a.sun_path, "%s", f->sock);
+    f->lfd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    ck_assert_int_ge(f->lfd, 0);
+    ck_assert_int_eq(bind(f->lfd, (struct sockaddr *)&a, sizeof a), 0);
+    ck_assert_int_eq(listen(f->lfd, 1), 0);
+    ck_assert_int_eq(pthread_create(&f->thread, NULL, fake_mmad_main, f), 0);
+}
+
+/* After the client disconnected: the thread sees EOF and ends. */
+static void fake_mmad_join(fake_mmad_t *f)
+{
+    ck_assert_int_eq(pthread_join(f->thread, NULL), 0);
+    close(f->lfd);
+    unlink(f->sock);
+}
+
+START_TEST(register_reply_without_region)
+{
+    /* mmad says yes but names no region: that is a protocol error, not
+     * region 0 (which names nothing mmad knows: every copy would fail). */
+    fake_mmad_t f = {.omit_region_id = 1};
+    fake_mmad_start(&f);
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(f.sock, &c), MMA_OK);
+    void *p = (void *)0x1;
+    ck_assert_int_eq(mma_host_alloc(c, 4096, &p), MMA_ERR_PROTO);
+    ck_assert_int_eq(mma_device_alloc(c, 0, 4096, &p), MMA_ERR_PROTO);
+    ck_assert_ptr_eq(p, (void *)0x1);
+    mma_disconnect(c);
+    fake_mmad_join(&f);
+    ck_assert_int_eq(f.registers, 2);
+    ck_assert_int_eq(f.unregisters, 0); /* nothing named, nothing to give back */
+}
+END_TEST
+
+START_TEST(memfds_sealed)
+{
+    /* Every memfd libmma hands mmad is sealed against shrinking: mmad maps
+     * them, and a memfd cut short under a mapping would kill it (SIGBUS). */
+    fake_mmad_t f = {0};
+    fake_mmad_start(&f);
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(f.sock, &c), MMA_OK);
+    void *h, *dv;
+    ck_assert_int_eq(mma_host_alloc(c, 5000, &h), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, 0, 5000, &dv), MMA_OK);
+    ck_assert_int_eq(mma_free(c, h), MMA_OK);
+    ck_assert_int_eq(mma_free(c, dv), MMA_OK);
+    mma_disconnect(c);
+    fake_mmad_join(&f);
+    ck_assert_msg(f.flags_seals >= 0 && (f.flags_seals & F_SEAL_SHRINK), "flag page seals %d", f.flags_seals);
+    ck_assert_msg(f.host_seals >= 0 && (f.host_seals & F_SEAL_SHRINK), "host memfd seals %d", f.host_seals);
+    ck_assert_msg(f.dev_seals >= 0 && (f.dev_seals & F_SEAL_SHRINK), "device memfd seals %d", f.dev_seals);
+    ck_assert_int_eq(f.registers, 2);
+    ck_assert_int_eq(f.unregisters, 2);
+}
+END_TEST
+
 START_TEST(client_side_range_check)
 {
     mmad_proc_t d;
@@ -1571,6 +1707,35 @@ START_TEST(sigterm_drain_is_bounded)
     close(hfd);
     close(dfd);
     close(fd);
+}
+END_TEST
+
+/* mmad is gone and the client has not noticed yet: the send fails. On the
+ * simulated box nothing can run a copy natively (on GPUs libmma would, at
+ * the right point of its stream: gpu_test daemon_gone_at_send), so the
+ * copy reports the loss, with no handle, and so does every copy after it;
+ * freeing and disconnecting still work. */
+START_TEST(copy_after_daemon_gone)
+{
+    mmad_proc_t d;
+    mmad_start(&d, fast_box);
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(d.sock, &c), MMA_OK);
+    uint8_t *h, *dv;
+    ck_assert_int_eq(mma_host_alloc(c, 65536, (void **)&h), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, 1, 65536, (void **)&dv), MMA_OK);
+    fill_random(h, 65536, 5);
+    copy_verified(c, dv, h, 4096, NULL);
+    mmad_stop_clean(&d);
+    mma_segment_t segs[2] = {{dv, h, 100}, {dv + 200, h + 100, 100}};
+    mma_copy_t t = 777;
+    ck_assert_int_eq(mma_memcpy_sg_async(c, segs, 2, NULL, NULL, &t), MMA_ERR_DISCONNECTED);
+    ck_assert_int_eq(mma_memcpy_async(c, dv, h, 100, NULL, &t), MMA_ERR_DISCONNECTED);
+    ck_assert_uint_eq(t, 777);
+    ck_assert_int_eq(mma_prewarm(c), MMA_ERR_DISCONNECTED);
+    ck_assert_int_eq(mma_free(c, dv), MMA_OK);
+    ck_assert_int_eq(mma_free(c, h), MMA_OK);
+    mma_disconnect(c);
 }
 END_TEST
 
@@ -2072,6 +2237,90 @@ START_TEST(api_errors)
 }
 END_TEST
 
+/* Segment i of a copy of many small pieces: 16 bytes at i * SEG_STRIDE (plus
+ * a little, so the pieces start unaligned). Offsets past 2 MiB take 4
+ * bytes in the message, so a copy of MMA_MAX_SEGMENTS of them needs more
+ * than 1 MiB, more than any client socket carries. */
+#define SEG_STRIDE 512
+#define SEG_REGION ((size_t)(MMA_MAX_SEGMENTS + 2) * SEG_STRIDE)
+static void many_segments(mma_segment_t *segs, size_t n, uint8_t *dst, const uint8_t *src)
+{
+    for (size_t i = 0; i < n; i++)
+        segs[i] = (mma_segment_t){dst + i * SEG_STRIDE + i % 7, src + i * SEG_STRIDE + i % 5, 16};
+}
+
+/* The first n segments of segs as one copy into dv (from h): MMA_ERR_LIMIT
+ * as libmma refuses it, else the copy, waited for, and every byte of dv
+ * checked against ref (its copy, with the segments applied). */
+static int sg_copy_checked(mma_client_t *c, const mma_segment_t *segs, size_t n, uint8_t *dv, uint8_t *h,
+                           uint8_t *ref, uint64_t seed)
+{
+    fill_random(h, SEG_REGION, seed);
+    memcpy(ref, dv, SEG_REGION);
+    for (size_t i = 0; i < n; i++)
+        memcpy(ref + ((uint8_t *)segs[i].dst - dv), segs[i].src, segs[i].len);
+    mma_copy_t t = 777;
+    int rc = mma_memcpy_sg_async(c, segs, n, NULL, NULL, &t);
+    if (rc != MMA_OK) {
+        ck_assert_msg(rc == MMA_ERR_LIMIT, "%zu segments: %s", n, mma_status_name(rc));
+        ck_assert_uint_eq(t, 777);
+        return rc;
+    }
+    ck_assert_int_eq(mma_wait(c, t), MMA_OK);
+    long off = first_diff(dv, ref, SEG_REGION);
+    ck_assert_msg(off < 0, "%zu segments: device bytes differ at %ld", n, off);
+    return MMA_OK;
+}
+
+START_TEST(segment_limit)
+{
+    /* Every refusal logs a warning; a hundred of them say nothing here. */
+    setenv("MMA_LOG", "error", 1);
+    mmad_proc_t d;
+    mmad_start(&d, fast_box);
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(d.sock, &c), MMA_OK);
+    uint8_t *h, *dv, *ref = malloc(SEG_REGION);
+    mma_segment_t *segs = malloc((MMA_MAX_SEGMENTS + 1) * sizeof *segs);
+    ck_assert(ref && segs);
+    ck_assert_int_eq(mma_host_alloc(c, SEG_REGION, (void **)&h), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, 2, SEG_REGION, (void **)&dv), MMA_OK);
+    fill_random(dv, SEG_REGION, 40);
+    many_segments(segs, MMA_MAX_SEGMENTS + 1, dv, h);
+    /* More segments than mmad takes, and a message larger than the socket
+     * carries: refused before anything is queued ... */
+    ck_assert_int_eq(sg_copy_checked(c, segs, MMA_MAX_SEGMENTS + 1, dv, h, ref, 41), MMA_ERR_LIMIT);
+    ck_assert_int_eq(sg_copy_checked(c, segs, MMA_MAX_SEGMENTS, dv, h, ref, 42), MMA_ERR_LIMIT);
+    /* ... and the client goes on working. */
+    copy_verified(c, dv, h, 3 * MIB + 7, NULL);
+    /* The largest copy this connection takes arrives byte for byte, and one
+     * segment more is refused. A refusal costs nothing, while a copy that
+     * fits is real and takes the simulated box ~1.5 s at ~58,000 segments:
+     * so come down from above in steps of 2048, then 64, then 1, each step
+     * to the first count that fits. */
+    size_t n = MMA_MAX_SEGMENTS;
+    uint64_t seed = 50;
+    for (size_t step = 2048;; step = step == 2048 ? 64 : 1) {
+        while (sg_copy_checked(c, segs, n, dv, h, ref, seed++) == MMA_ERR_LIMIT) {
+            ck_assert_uint_gt(n, 10000); /* a stock kernel's socket holds ~23,000 of these */
+            n -= step;
+        }
+        if (step == 1)
+            break;
+        n += step - 1; /* the largest count not tried yet */
+    }
+    fprintf(stderr, "segment_limit: this connection takes copies of up to %zu such segments\n", n);
+    ck_assert_int_eq(sg_copy_checked(c, segs, n + 1, dv, h, ref, seed++), MMA_ERR_LIMIT);
+    copy_verified(c, h, dv, SEG_REGION, NULL);
+    ck_assert_int_eq(mma_free(c, dv), MMA_OK);
+    ck_assert_int_eq(mma_free(c, h), MMA_OK);
+    mma_disconnect(c);
+    free(segs);
+    free(ref);
+    mmad_stop_clean(&d);
+}
+END_TEST
+
 /* ======================================================================
  * i. yielding: relays over busy links step aside
  * ==================================================================== */
@@ -2465,13 +2714,15 @@ int main(void)
         {"clients", 90, {concurrent_clients_random_copies, one_client_many_threads}},
         {"protocol", 60, {daemon_side_validation, client_side_range_check, version_handshake,
                           unknown_and_garbage_requests, submission_ring, submission_ring_full_and_off,
-                          kick_wakes_mmad, unsealed_memfds_refused}},
+                          kick_wakes_mmad, unsealed_memfds_refused, register_reply_without_region,
+                          memfds_sealed}},
         {"lifecycle", 60, {client_dies_mid_copy, sigterm_with_copies_in_flight,
                            sigterm_finishes_ready_copies_leaves_the_rest, sigterm_drain_is_bounded,
-                           one_daemon_per_socket, stale_socket_file_replaced, command_line, cpu_by_thread_at_exit}},
+                           one_daemon_per_socket, stale_socket_file_replaced, command_line, cpu_by_thread_at_exit,
+                           copy_after_daemon_gone}},
         {"mmactl", 60, {mmactl_reports, mma_ab_arguments, mma_demo_arguments, mma_bench_arguments}},
         {"faults", 60, {failing_relay_is_set_aside}},
-        {"api_errors", 60, {api_errors}},
+        {"api_errors", 60, {api_errors, segment_limit}},
         {"yield", 120, {busy_relays_yield, idle_box_relays_do_not_yield, busy_links_stop_relays}},
         {"plan", 90, {planned_copies_every_size, trace_rows_per_chunk}},
     };

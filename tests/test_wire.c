@@ -5,6 +5,7 @@
 #include <check.h>
 #include <dirent.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +13,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "flagpage.h"
 #include "mma.h"
 #include "util.h"
 #include "wire.h"
@@ -343,6 +345,38 @@ START_TEST(message_over_limit_refused_by_sender)
     req.hello = &h;
     ck_assert_int_eq(mma_wire_send(sv[0], &req.base, NULL, 0), MMA_ERR_LIMIT);
     free(name);
+}
+END_TEST
+
+START_TEST(message_over_sndbuf_is_limit)
+{
+    /* Below MMA_WIRE_MAX_MSG but above what the socket's send buffer takes
+     * (8 KiB, the least Linux allows): the kernel says EMSGSIZE, which is
+     * this message's limit, not a lost connection. */
+    int small = 4096;
+    ck_assert_int_eq(setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &small, sizeof small), 0);
+    int got = 0;
+    socklen_t gl = sizeof got;
+    ck_assert_int_eq(getsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &got, &gl), 0);
+    size_t n = (size_t)got + 1024;
+    ck_assert_uint_lt(n, MMA_WIRE_MAX_MSG);
+    char *name = malloc(n + 1);
+    memset(name, 'x', n);
+    name[n] = 0;
+    Mma__Hello h = MMA__HELLO__INIT;
+    h.name = name;
+    Mma__Request req = MMA__REQUEST__INIT;
+    req.type = MMA__REQ_TYPE__HELLO;
+    req.hello = &h;
+    ck_assert_int_eq(mma_wire_send(sv[0], &req.base, NULL, 0), MMA_ERR_LIMIT);
+    free(name);
+    /* The socket still carries what fits. */
+    Mma__Request ok = MMA__REQUEST__INIT;
+    ok.type = MMA__REQ_TYPE__STATUS;
+    ok.has_id = 1;
+    ok.id = 5;
+    Mma__Request *r = roundtrip(&ok);
+    mma__request__free_unpacked(r, NULL);
 }
 END_TEST
 
@@ -745,6 +779,49 @@ START_TEST(expect_rate_per_size_class)
 }
 END_TEST
 
+/* ---- the flag page's futex ---- */
+
+typedef struct {
+    mma_flag_slot_t *slot;
+    int done;
+    uint64_t woke_ns;
+} sleeper_t;
+
+static void *sleeper_main(void *arg)
+{
+    sleeper_t *w = arg;
+    w->done = mma_flag_sleep(w->slot, 1, 5000000000ull);
+    w->woke_ns = mma_now_ns();
+    return NULL;
+}
+
+START_TEST(flag_wakes_every_sleeper)
+{
+    /* Two threads sleep on one slot; one gives up (a short timeout) while
+     * the other still sleeps. Completing the slot must wake the one left at
+     * once, not at its own timeout (5 s): `waiters` counts sleepers. */
+    static mma_flag_slot_t slot;
+    memset(&slot, 0, sizeof slot);
+    sleeper_t w = {.slot = &slot};
+    pthread_t th;
+    ck_assert_int_eq(pthread_create(&th, NULL, sleeper_main, &w), 0);
+    while (atomic_load(&slot.waiters) == 0)
+        mma_sleep_ns(1000000);
+    mma_sleep_ns(50000000); /* let it get into FUTEX_WAIT */
+    ck_assert_int_eq(mma_flag_sleep(&slot, 1, 1000000), 0); /* this one times out and leaves */
+    uint32_t counted = atomic_load(&slot.waiters);
+    uint64_t t0 = mma_now_ns();
+    mma_flag_complete(&slot, 1, MMA_OK);
+    ck_assert_int_eq(pthread_join(th, NULL), 0);
+    ck_assert_int_eq(w.done, 1);
+    ck_assert_msg(w.woke_ns - t0 < 2000000000ull, "the sleeper left woke %.2f s after the slot completed",
+                  (double)(w.woke_ns - t0) / 1e9);
+    ck_assert_uint_eq(counted, 1); /* still sleeping: counted */
+    uint32_t after = atomic_load(&slot.waiters);
+    ck_assert_uint_eq(after, 0);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("wire");
@@ -757,6 +834,7 @@ int main(void)
     tcase_add_test(tc, extra_fds_closed_by_receiver);
     tcase_add_test(tc, oversized_datagram_is_proto_error);
     tcase_add_test(tc, message_over_limit_refused_by_sender);
+    tcase_add_test(tc, message_over_sndbuf_is_limit);
     tcase_add_test(tc, eof_is_disconnected);
     tcase_add_test(tc, nonblocking_empty_is_pending);
     tcase_add_test(tc, default_socket_follows_env);
@@ -772,6 +850,10 @@ int main(void)
     tcase_add_test(ex, expect_rate_bounds);
     tcase_add_test(ex, expect_rate_per_size_class);
     suite_add_tcase(s, ex);
+    TCase *fp = tcase_create("flagpage");
+    tcase_set_timeout(fp, 20);
+    tcase_add_test(fp, flag_wakes_every_sleeper);
+    suite_add_tcase(s, fp);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);

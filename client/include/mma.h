@@ -95,7 +95,11 @@ typedef struct mma_info {
 int mma_connect(const char *socket_path, mma_client_t **out);
 
 /* Close the connection. The daemon releases everything the client
- * registered. Copies still in flight are waited for first. NULL is a no-op. */
+ * registered. Copies still in flight are waited for first. NULL is a no-op.
+ * A stream-ordered copy whose stream has not got to it yet is waited for
+ * up to 5 s more (with mmad gone, libmma runs it natively once the stream
+ * gets there); past that the flag page such streams write and wait on is
+ * left mapped, with a warning, rather than unmapped under them. */
 void mma_disconnect(mma_client_t *client);
 
 int mma_get_info(mma_client_t *client, mma_info_t *out);
@@ -104,8 +108,11 @@ int mma_get_info(mma_client_t *client, mma_info_t *out);
  * waking them costs the first copy 100-300 us on a virtual machine), so
  * that the next copies find it awake; e.g. when a request arrives, before
  * its KV-cache fetch. Cheap where mmad is awake already (no message then).
- * A copy below mma_info_t.cold_bypass that finds mmad asleep goes native
- * and wakes it the same way. */
+ * Whether it is, libmma sees in the submission ring; without one
+ * (MMA_NO_RING=1, mmad --submit-ring=0) it cannot tell, and every call
+ * sends a KICK (one small message), which keeps mmad awake for its
+ * --wake-spin-us. A copy below mma_info_t.cold_bypass that finds mmad
+ * asleep goes native and wakes it the same way. */
 int mma_prewarm(mma_client_t *client);
 
 /* Host memory the daemon can reach: memfd-backed, shared with mmad, page
@@ -122,7 +129,10 @@ int mma_device_alloc(mma_client_t *client, int gpu, size_t size, void **out);
 int mma_device_register(mma_client_t *client, int gpu, void *ptr, size_t size);
 
 /* Unregister `ptr` (the start of a registered range) and free it if mma
- * allocated it. Waits for this client's copies in flight first. */
+ * allocated it. Waits for this client's copies in flight first.
+ * MMA_ERR_BUSY (nothing freed): mmad is gone, and a stream-ordered copy
+ * into or out of this memory waits for its stream to get to it (libmma
+ * then runs it natively); synchronize that stream and free again. */
 int mma_free(mma_client_t *client, void *ptr);
 
 typedef struct mma_segment {
@@ -147,8 +157,16 @@ typedef struct mma_copy_opts {
 int mma_memcpy_async(mma_client_t *client, void *dst, const void *src, size_t n,
                      mma_stream_t stream, mma_copy_t *out);
 
+/* mmad takes at most this many segments per copy. */
+#define MMA_MAX_SEGMENTS 65536u
+
 /* Many (dst, src, len) segments as one copy, e.g. KV-cache blocks. All
- * segments go the same direction and touch one GPU. opts may be NULL. */
+ * segments go the same direction and touch one GPU. opts may be NULL.
+ * A copy through mmad goes as one socket message: one of more than
+ * MMA_MAX_SEGMENTS segments, or whose message exceeds what this client's
+ * socket carries (up to 1 MiB, less where net.core.wmem_max is small; see
+ * README), returns MMA_ERR_LIMIT before anything is queued, and the client
+ * goes on working: split such a copy. */
 int mma_memcpy_sg_async(mma_client_t *client, const mma_segment_t *segs, size_t nsegs,
                         mma_stream_t stream, const mma_copy_opts_t *opts, mma_copy_t *out);
 

@@ -825,6 +825,95 @@ START_TEST(daemon_dies)
 }
 END_TEST
 
+/* mmad is gone before a stream-ordered copy is sent, and libmma has not
+ * noticed yet: the send fails. The copy must still come after the work
+ * queued ahead of it on the stream (here the native copy that writes its
+ * source): libmma finishes it natively once the stream gets there, not at
+ * once on a stream of its own. Two segments, so that it goes as a message
+ * (not the submission ring) and the send itself fails. */
+START_TEST(daemon_gone_at_send)
+{
+    char sock2[108];
+    snprintf(sock2, sizeof sock2, "/tmp/mma-gpu-test-%d-gone.sock", (int)getpid());
+    pid_t d2 = another_mmad(sock2, NULL, NULL);
+    mma_client_t *c;
+    MM(mma_connect(sock2, &c));
+    int g = ngpu > 1 ? 1 : 0;
+    size_t n = 64u << 20; /* above --cold-bypass and the bypass threshold: a copy for mmad */
+    uint8_t *h, *back, *d;
+    MM(mma_host_alloc(c, n, (void **)&h));
+    MM(mma_host_alloc(c, n, (void **)&back));
+    MM(mma_device_alloc(c, g, n, (void **)&d));
+    fill_rand(h, n);
+    memset(back, 0, n);
+    CU(cudaSetDevice(g));
+    CU(cudaMemset(d, 0, n));
+    cudaStream_t s;
+    CU(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    kill(d2, SIGKILL);
+    waitpid(d2, NULL, 0);
+    ck_assert_int_eq(gt_spin(400000000LL, s), 0); /* ~0.2 s of work ahead of the copies */
+    CU(cudaMemcpyAsync(d, h, n, cudaMemcpyHostToDevice, s));
+    mma_segment_t segs[2] = {{back, d, n / 2}, {back + n / 2, d + n / 2, n / 2}};
+    mma_copy_t t = 1;
+    MM(mma_memcpy_sg_async(c, segs, 2, (mma_stream_t)s, NULL, &t));
+    ck_assert_msg(t != 0, "the copy ran natively at once, before the work ahead of it");
+    /* Its memory must not be freed while the copy waits for its stream
+     * (h is the native copy's, the caller's business). */
+    ck_assert_int_eq(mma_free(c, back), MMA_ERR_BUSY);
+    ck_assert_int_eq(mma_free(c, d), MMA_ERR_BUSY);
+    CU(cudaStreamSynchronize(s));
+    ck_assert_msg(memcmp(h, back, n) == 0, "the copy ran before the work queued ahead of it on its stream");
+    MM(mma_wait(c, t));
+    MM(mma_free(c, back));
+    MM(mma_free(c, d));
+    CU(cudaStreamDestroy(s));
+    mma_disconnect(c);
+    unlink(sock2);
+}
+END_TEST
+
+/* mma_disconnect while mmad is gone and a stream has not yet reached a
+ * stream-ordered copy (~1 s of work ahead of it): it waits for the stream
+ * to get there and finishes the copy natively, rather than unmapping the
+ * flag page the stream is about to write and wait on. */
+START_TEST(disconnect_waits_for_stream)
+{
+    char sock2[108];
+    snprintf(sock2, sizeof sock2, "/tmp/mma-gpu-test-%d-disc.sock", (int)getpid());
+    pid_t d2 = another_mmad(sock2, NULL, NULL);
+    mma_client_t *c;
+    MM(mma_connect(sock2, &c));
+    int g = ngpu > 1 ? 1 : 0;
+    size_t n = 64u << 20;
+    uint8_t *h, *mine, *ref = malloc(n), *back = malloc(n);
+    ck_assert(ref && back);
+    MM(mma_host_alloc(c, n, (void **)&h));
+    fill_rand(h, n);
+    memcpy(ref, h, n);
+    CU(cudaSetDevice(g));
+    CU(cudaMalloc((void **)&mine, n)); /* the caller's: it outlives the client */
+    CU(cudaMemset(mine, 0, n));
+    MM(mma_device_register(c, g, mine, n));
+    cudaStream_t s;
+    CU(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    kill(d2, SIGKILL);
+    waitpid(d2, NULL, 0);
+    ck_assert_int_eq(gt_spin(2000000000LL, s), 0); /* ~1 s of work ahead of the copy */
+    mma_segment_t segs[2] = {{mine, h, n / 2}, {mine + n / 2, h + n / 2, n / 2}};
+    MM(mma_memcpy_sg_async(c, segs, 2, (mma_stream_t)s, NULL, NULL));
+    mma_disconnect(c);
+    CU(cudaStreamSynchronize(s));
+    CU(cudaMemcpy(back, mine, n, cudaMemcpyDeviceToHost));
+    ck_assert_msg(memcmp(ref, back, n) == 0, "the copy pending at disconnect did not land");
+    CU(cudaStreamDestroy(s));
+    CU(cudaFree(mine));
+    free(ref);
+    free(back);
+    unlink(sock2);
+}
+END_TEST
+
 /* mmad --trace --trace-gpu=1: every chunk's copies also timed on the GPU
  * (g_first_*, and a staged relay's hop in g_second_*), on the host's clock:
  * inside the chunk's issue..done window (give or take the GPUs' clock
@@ -974,6 +1063,8 @@ int main(void)
     tcase_add_test(tc, relays_after_engine_closes_regions);
     tcase_add_test(tc, one_hop_keeps_off_busy_gpu);
     tcase_add_test(tc, daemon_dies);
+    tcase_add_test(tc, daemon_gone_at_send);
+    tcase_add_test(tc, disconnect_waits_for_stream);
     tcase_add_test(tc, trace_gpu_times);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
