@@ -61,6 +61,22 @@ int mma_cuda_init(void)
     return init_rc;
 }
 
+int mma_cuda_device_count(void)
+{
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+}
+
+int mma_cuda_pci_bus_id(int gpu, char *buf, int len)
+{
+    cudaError_t e = cudaDeviceGetPCIBusId(buf, len, gpu);
+    if (e != cudaSuccess) {
+        MMA_ERROR("cudaDeviceGetPCIBusId(gpu %d): %s", gpu, cudaGetErrorString(e));
+        return MMA_ERR_CUDA;
+    }
+    return MMA_OK;
+}
+
 int mma_cuda_memops_supported(int gpu)
 {
     if (!p_write64 || !p_wait64 || !p_get_attr)

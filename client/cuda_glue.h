@@ -11,6 +11,10 @@
 
 /* Load driver entry points; 0 when CUDA is usable. Idempotent. */
 int mma_cuda_init(void);
+/* How many CUDA devices this process sees (0 on error), and device gpu's
+ * PCI bus id ("0000:18:00.0") into buf. */
+int mma_cuda_device_count(void);
+int mma_cuda_pci_bus_id(int gpu, char *buf, int len);
 /* 1 when stream memory operations (write/wait 64-bit) work on `gpu`. */
 int mma_cuda_memops_supported(int gpu);
 

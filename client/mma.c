@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -39,6 +40,9 @@
 #define SEQ_MASK ((1ull << SEQ_BITS) - 1)
 /* Bytes kept below the kernel's bound on one datagram (socket_max_msg). */
 #define MSG_MARGIN 256
+
+/* Device numbers libmma handles (this process's, and mmad's). */
+#define MMA_CLIENT_MAX_GPUS 64
 
 typedef struct region {
     uintptr_t base;
@@ -83,7 +87,11 @@ struct mma_client {
     region_t *regions;
     size_t nregions, cap;
     int cuda; /* the daemon runs real GPUs and CUDA works here */
-    mma_stream_t native_stream[64]; /* host-ordered native copies, per GPU */
+    /* This process's CUDA device number -> mmad's (-1: mmad does not serve
+     * it). The API speaks the caller's numbers, which CUDA_VISIBLE_DEVICES
+     * may reorder or thin out; mmad's come from its own view of the box. */
+    int to_mmad[MMA_CLIENT_MAX_GPUS];
+    mma_stream_t native_stream[MMA_CLIENT_MAX_GPUS]; /* host-ordered native copies, per GPU */
     /* The watchdog (real GPUs): what each copy in flight was, so that if mmad
      * goes away libmma can finish it natively and no stream waits forever. */
     struct pending {
@@ -229,6 +237,40 @@ static int connect_socket(const char *path)
     return fd;
 }
 
+/* Map this process's CUDA device numbers to mmad's by PCI bus id (mmad
+ * names its GPUs' ids in the HELLO reply). Without ids (the simulated box,
+ * or an mmad that does not send them) the numbers are taken as the same. */
+static int map_devices(mma_client_t *c, const Mma__HelloReply *hr)
+{
+    for (int l = 0; l < MMA_CLIENT_MAX_GPUS; l++)
+        c->to_mmad[l] = l < c->info.gpu_count ? l : -1;
+    if (!c->cuda || hr->n_gpu_pci_bus_id == 0)
+        return MMA_OK;
+    int n = mma_cuda_device_count();
+    for (int l = 0; l < MMA_CLIENT_MAX_GPUS; l++)
+        c->to_mmad[l] = -1;
+    for (int l = 0; l < n && l < MMA_CLIENT_MAX_GPUS; l++) {
+        char bus[32];
+        int rc = mma_cuda_pci_bus_id(l, bus, (int)sizeof bus);
+        if (rc != MMA_OK)
+            return rc;
+        for (size_t g = 0; g < hr->n_gpu_pci_bus_id && g < MMA_CLIENT_MAX_GPUS; g++)
+            if (hr->gpu_pci_bus_id[g] && strcasecmp(bus, hr->gpu_pci_bus_id[g]) == 0)
+                c->to_mmad[l] = (int)g;
+        if (c->to_mmad[l] < 0)
+            MMA_INFO("this process's gpu %d (%s) is not one mmad serves", l, bus);
+        else if (c->to_mmad[l] != l)
+            MMA_INFO("this process's gpu %d (%s) is mmad's gpu %d", l, bus, c->to_mmad[l]);
+    }
+    return MMA_OK;
+}
+
+/* mmad's number for the caller's device gpu; -1 when mmad does not serve it. */
+static int mmad_gpu(const mma_client_t *c, int gpu)
+{
+    return gpu >= 0 && gpu < MMA_CLIENT_MAX_GPUS ? c->to_mmad[gpu] : -1;
+}
+
 int mma_connect(const char *socket_path, mma_client_t **out)
 {
     if (!out)
@@ -313,14 +355,20 @@ int mma_connect(const char *socket_path, mma_client_t **out)
     c->info.sim_scale = hr->has_sim_scale ? hr->sim_scale : 1.0;
     if (offer_ring && hr->has_sq && hr->sq)
         c->sq = (mma_sq_t *)(void *)(c->flags + c->nslots);
-    mma__response__free_unpacked(resp, NULL);
     if (!c->info.simulated) {
         if (mma_cuda_init() != MMA_OK) {
             MMA_ERROR("mmad runs real GPUs but CUDA is not usable in this process");
+            mma__response__free_unpacked(resp, NULL);
             rc = MMA_ERR_CUDA;
             goto fail;
         }
         c->cuda = 1;
+    }
+    rc = map_devices(c, hr);
+    mma__response__free_unpacked(resp, NULL);
+    if (rc != MMA_OK)
+        goto fail;
+    if (c->cuda) {
         c->pending = calloc(c->nslots, sizeof *c->pending);
         if (!c->pending) {
             rc = MMA_ERR_NOMEM;
@@ -448,7 +496,7 @@ static int register_memfd(mma_client_t *c, int device, int gpu, size_t size, voi
     Mma__RegisterDevice rd = MMA__REGISTER_DEVICE__INIT;
     if (device) {
         req.type = MMA__REQ_TYPE__REGISTER_DEVICE;
-        rd.gpu = (uint32_t)gpu;
+        rd.gpu = (uint32_t)mmad_gpu(c, gpu);
         rd.size = size;
         req.register_device = &rd;
     } else {
@@ -507,7 +555,7 @@ static int register_device_locked(mma_client_t *c, int gpu, void *ptr, size_t si
     if (rc != MMA_OK)
         return rc;
     Mma__RegisterDevice rd = MMA__REGISTER_DEVICE__INIT;
-    rd.gpu = (uint32_t)gpu;
+    rd.gpu = (uint32_t)mmad_gpu(c, gpu);
     rd.size = size;
     rd.has_ipc_handle = 1;
     rd.ipc_handle.data = handle;
@@ -529,12 +577,20 @@ static int register_device_locked(mma_client_t *c, int gpu, void *ptr, size_t si
     return rc;
 }
 
+/* The caller named a device mmad does not serve. */
+static int no_gpu(const mma_client_t *c, int gpu)
+{
+    if (c->cuda && gpu >= 0)
+        MMA_WARN("gpu %d (this process's CUDA numbering) is not one of mmad's %d GPUs", gpu, c->info.gpu_count);
+    return MMA_ERR_NO_GPU;
+}
+
 int mma_device_alloc(mma_client_t *c, int gpu, size_t size, void **out)
 {
     if (!c || !out || size == 0)
         return MMA_ERR_INVAL;
-    if (gpu < 0 || gpu >= c->info.gpu_count)
-        return MMA_ERR_NO_GPU;
+    if (mmad_gpu(c, gpu) < 0)
+        return no_gpu(c, gpu);
     pthread_mutex_lock(&c->lock);
     int rc;
     if (c->info.simulated) {
@@ -560,8 +616,8 @@ int mma_device_register(mma_client_t *c, int gpu, void *ptr, size_t size)
         return MMA_ERR_INVAL;
     if (c->info.simulated)
         return MMA_ERR_UNSUPPORTED; /* simulated device memory comes from mma_device_alloc */
-    if (gpu < 0 || gpu >= c->info.gpu_count)
-        return MMA_ERR_NO_GPU;
+    if (mmad_gpu(c, gpu) < 0)
+        return no_gpu(c, gpu);
     pthread_mutex_lock(&c->lock);
     int rc = register_device_locked(c, gpu, ptr, size, 0);
     pthread_mutex_unlock(&c->lock);

@@ -205,6 +205,13 @@ static void handle_hello(srv_client_t *cl, const Mma__Request *req, int *fds, in
     hr.has_cold_small = hr.has_relays_warm_us = 1;
     hr.cold_small = s->be->simulated ? 0 : s->cfg->cold_small;
     hr.relays_warm_us = s->be->relay_kernel_resident ? (uint32_t)s->cfg->relay_linger_us : 0;
+    char *bus[MMAD_MAX_GPUS];
+    if (!s->be->simulated) {
+        for (int g = 0; g < s->be->gpu_count; g++)
+            bus[g] = s->be->gpus[g].pci_bus_id;
+        hr.n_gpu_pci_bus_id = (size_t)s->be->gpu_count;
+        hr.gpu_pci_bus_id = bus;
+    }
     Mma__Response resp;
     resp_init(&resp, req, MMA_OK);
     resp.hello = &hr;

@@ -77,7 +77,7 @@ typedef struct mma_info {
     uint32_t api_version;      /* the daemon's MMA_API_VERSION */
     uint64_t features;         /* MMA_FEATURE_* bits */
     char backend[16];          /* "cuda" or "sim" */
-    int gpu_count;
+    int gpu_count;             /* GPUs mmad serves (a caller names them by its own CUDA device numbers) */
     int simulated;             /* 1 on the simulated box */
     size_t bypass_threshold;   /* copies below this many bytes go native */
     double sim_scale;          /* simulated box: its rates are the real ones x this; 1.0 on GPUs */
@@ -119,7 +119,9 @@ int mma_prewarm(mma_client_t *client);
  * aligned, pinned by the daemon. Free with mma_free(). */
 int mma_host_alloc(mma_client_t *client, size_t size, void **out);
 
-/* Device memory on `gpu`. On real GPUs this is cudaMalloc + registration; on
+/* Device memory on `gpu`, the caller's CUDA device number (libmma maps it
+ * to mmad's by PCI bus id, so CUDA_VISIBLE_DEVICES may reorder or hide
+ * GPUs; MMA_ERR_NO_GPU for one mmad does not serve). On real GPUs this is cudaMalloc + registration; on
  * the simulated box it is shared memory this process can read and write
  * directly (that is what lets tests verify bytes without a GPU). */
 int mma_device_alloc(mma_client_t *client, int gpu, size_t size, void **out);

@@ -255,6 +255,61 @@ START_TEST(many_clients)
 }
 END_TEST
 
+/* A process that sees the GPUs through CUDA_VISIBLE_DEVICES (reordered, or
+ * a subset) names them by its own numbers: libmma maps them to mmad's by
+ * PCI bus id. In a child, gpu 0 is mmad's last GPU alone and gpu 1 does not
+ * exist for it; here, every GPU in reverse order. Each device buffer must
+ * sit on the device the caller named, and round trips (with relays) land. */
+static void visible_round_trips(mma_client_t *c, int nvis)
+{
+    size_t cap = (16u << 20) + 8192;
+    uint8_t *h, *back;
+    MM(mma_host_alloc(c, cap, (void **)&h));
+    MM(mma_host_alloc(c, cap, (void **)&back));
+    for (int l = 0; l < nvis; l++) {
+        uint8_t *d;
+        MM(mma_device_alloc(c, l, cap, (void **)&d));
+        struct cudaPointerAttributes a;
+        CU(cudaPointerGetAttributes(&a, d));
+        ck_assert_msg(a.device == l, "mma_device_alloc(gpu %d) gave memory on device %d", l, a.device);
+        round_trip(c, h, back, d, 16u << 20, 0, 0);
+        round_trip(c, h, back, d, 1000001, 64, 4096);
+        MM(mma_free(c, d));
+    }
+    MM(mma_free(c, back));
+    MM(mma_free(c, h));
+}
+
+START_TEST(visible_devices)
+{
+    char vis[128] = "";
+    snprintf(vis, sizeof vis, "%d", ngpu - 1);
+    pid_t kid = fork();
+    if (kid == 0) {
+        setenv("CUDA_VISIBLE_DEVICES", vis, 1);
+        mma_client_t *c;
+        MM(mma_connect(sock_path, &c));
+        visible_round_trips(c, 1);
+        void *d = NULL;
+        ck_assert_int_eq(mma_device_alloc(c, 1, 4096, &d), MMA_ERR_NO_GPU);
+        mma_disconnect(c);
+        _exit(0);
+    }
+    int st;
+    ck_assert(waitpid(kid, &st, 0) == kid);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the child that sees gpu %s alone failed (status %d)", vis, st);
+    vis[0] = 0;
+    for (int g = ngpu - 1; g >= 0; g--)
+        snprintf(vis + strlen(vis), sizeof vis - strlen(vis), "%s%d", g == ngpu - 1 ? "" : ",", g);
+    setenv("CUDA_VISIBLE_DEVICES", vis, 1);
+    mma_client_t *c;
+    MM(mma_connect(sock_path, &c));
+    visible_round_trips(c, ngpu);
+    mma_disconnect(c);
+    expect_no_failed_path("visible_devices");
+}
+END_TEST
+
 /* Below the bypass threshold libmma copies natively on the stream. */
 /* The lines of `mmactl <what>` (mmactl next to mmad) about the private
  * mmad that contain `key`, concatenated into out. */
@@ -1057,6 +1112,7 @@ int main(void)
     tcase_add_test(tc, stream_order);
     tcase_add_test(tc, one_gib);
     tcase_add_test(tc, many_clients);
+    tcase_add_test(tc, visible_devices);
     tcase_add_test(tc, bypass_small);
     tcase_add_test(tc, one_hop_relays);
     tcase_add_test(tc, one_hop_resident_kernels);
