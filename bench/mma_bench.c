@@ -492,8 +492,12 @@ int main(int argc, char **argv)
     time_t now = time(NULL);
     char date[32];
     strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", gmtime(&now));
-    printf("mma-bench %s | %d x %s | target gpu%d | mmad %s, bypass below %zu B\n", date, x.ngpu, x.card, gpu,
-           info.backend, info.bypass_threshold);
+    char bypass[64];
+    if (info.bypass_threshold == MMA_BYPASS_ALL)
+        snprintf(bypass, sizeof bypass, "every copy bypasses (no relay paths)");
+    else
+        snprintf(bypass, sizeof bypass, "bypass below %zu B", info.bypass_threshold);
+    printf("mma-bench %s | %d x %s | target gpu%d | mmad %s, %s\n", date, x.ngpu, x.card, gpu, info.backend, bypass);
     pid_t dpid = bench_daemon_pid(sock);
 
     int do_dir[2] = {strcmp(dirs, "d2h") != 0, strcmp(dirs, "h2d") != 0};

@@ -348,7 +348,7 @@ int mma_connect(const char *socket_path, mma_client_t **out)
     snprintf(c->info.backend, sizeof c->info.backend, "%s", hr->backend ? hr->backend : "?");
     c->info.gpu_count = hr->gpu_count <= 64 ? (int)hr->gpu_count : 64; /* mmad serves at most 16 */
     c->info.simulated = hr->simulated;
-    c->info.bypass_threshold = (size_t)hr->bypass_threshold;
+    c->info.bypass_threshold = hr->bypass_threshold >= SIZE_MAX ? MMA_BYPASS_ALL : (size_t)hr->bypass_threshold;
     c->info.cold_bypass = hr->has_cold_bypass ? (size_t)hr->cold_bypass : 0;
     c->info.cold_small = hr->has_cold_small ? (size_t)hr->cold_small : 0;
     c->info.relays_warm_us = hr->has_relays_warm_us ? hr->relays_warm_us : 0;

@@ -98,8 +98,11 @@ static void print_status(const Mma__StatusReply *s, int json)
     if (s->simulated)
         printf("sim_scale:%g\n", s->sim_scale);
     printf("topology:%s\n", s->topology ? s->topology : "");
-    printf("\n# Config\nchunk_size:%llu\nstaging_slots:%u\nbypass_threshold:%llu\n",
-           (unsigned long long)s->chunk_size, s->staging_slots, (unsigned long long)s->bypass_threshold);
+    printf("\n# Config\nchunk_size:%llu\nstaging_slots:%u\n", (unsigned long long)s->chunk_size, s->staging_slots);
+    if (s->bypass_threshold == UINT64_MAX)
+        printf("bypass_threshold:all (no GPU can relay for another: libmma runs every copy natively)\n");
+    else
+        printf("bypass_threshold:%llu\n", (unsigned long long)s->bypass_threshold);
     printf("\n# Stats\nclients:%u\ncopies_done:%llu\nbytes_done:%llu\ncpu_seconds:%.3f\n", s->clients,
            (unsigned long long)s->jobs_done, (unsigned long long)s->bytes_done, cpu_s);
     printf("\n# Engine\nchunks_submitted:%llu\nsubmit_us_per_chunk:%.2f\npolls:%llu\npoll_us_per_call:%.2f\n"

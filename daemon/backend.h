@@ -95,6 +95,32 @@ static inline double mmad_foreign_mbps(double counter_mbps, double own_payload_m
     return f > 0 ? f : 0;
 }
 
+/* bypass_threshold where no copy can gain from mmad: libmma runs every copy
+ * natively (server.c sends it as UINT64_MAX, mma.h's MMA_BYPASS_ALL). */
+#define MMAD_BYPASS_ALL INT64_MAX
+
+/* Whether any GPU may relay for another (relay_ok after peer access and
+ * topology). Without one every copy has only its GPU's own link: mmad adds
+ * its hops and gains nothing. */
+static inline int mmad_backend_any_relay(const mmad_backend_t *be)
+{
+    for (int t = 0; t < be->gpu_count; t++)
+        for (int v = 0; v < be->gpu_count; v++)
+            if (v != t && be->relay_ok[t][v])
+                return 1;
+    return 0;
+}
+
+/* The bypass threshold a backend with a native path serves: --bypass-threshold
+ * when given (>= 0), else MMAD_BYPASS_ALL where no GPU can relay for another,
+ * else the backend's measured default. */
+static inline int64_t mmad_bypass_for(const mmad_backend_t *be, int64_t configured, int64_t measured)
+{
+    if (configured >= 0)
+        return configured;
+    return mmad_backend_any_relay(be) ? measured : MMAD_BYPASS_ALL;
+}
+
 /* Constructors. Each logs its own failure and returns an mma status. */
 int mmad_backend_sim_create(const mmad_config_t *cfg, mmad_backend_t **out);
 int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out);

@@ -125,6 +125,13 @@ static void client_close(srv_client_t *cl)
 
 /* ---- handlers: one per request type ---- */
 
+/* The bypass threshold on the wire: MMAD_BYPASS_ALL as UINT64_MAX, which
+ * libmma reads as MMA_BYPASS_ALL. */
+static uint64_t wire_bypass(int64_t b)
+{
+    return b == MMAD_BYPASS_ALL ? UINT64_MAX : (uint64_t)b;
+}
+
 static void handle_hello(srv_client_t *cl, const Mma__Request *req, int *fds, int nfds)
 {
     mmad_server_t *s = cl->srv;
@@ -195,7 +202,7 @@ static void handle_hello(srv_client_t *cl, const Mma__Request *req, int *fds, in
     hr.has_simulated = 1;
     hr.simulated = s->be->simulated;
     hr.has_bypass_threshold = 1;
-    hr.bypass_threshold = (uint64_t)s->be->bypass_threshold;
+    hr.bypass_threshold = wire_bypass(s->be->bypass_threshold);
     hr.has_sim_scale = 1;
     hr.sim_scale = s->be->simulated ? s->be->sim_scale : 1.0;
     hr.has_sq = 1;
@@ -479,7 +486,7 @@ static void handle_status(srv_client_t *cl, const Mma__Request *req)
     st.has_chunk_size = st.has_staging_slots = st.has_bypass_threshold = 1;
     st.chunk_size = sc->chunk_size;
     st.staging_slots = (uint32_t)sc->staging_slots;
-    st.bypass_threshold = (uint64_t)s->be->bypass_threshold;
+    st.bypass_threshold = wire_bypass(s->be->bypass_threshold);
     st.has_sim_scale = s->be->simulated;
     st.sim_scale = s->be->sim_scale;
     struct rusage ru;

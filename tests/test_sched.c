@@ -1018,6 +1018,29 @@ START_TEST(foreign_traffic_from_counter)
 }
 END_TEST
 
+/* Where no GPU may relay for another (one GPU; no peer access; every pair
+ * sharing one uplink) mmad can add only its own hops, so libmma is told to
+ * run every copy natively, unless --bypass-threshold says otherwise. One
+ * pair that may relay, in either direction, keeps the measured default. */
+START_TEST(bypass_all_without_relays)
+{
+    static mmad_backend_t be; /* large: not on the stack */
+    memset(&be, 0, sizeof be);
+    be.gpu_count = 1;
+    ck_assert_int_eq(mmad_bypass_for(&be, -1, 2 << 20), MMAD_BYPASS_ALL);
+    ck_assert_int_eq(mmad_bypass_for(&be, 0, 2 << 20), 0);
+    ck_assert_int_eq(mmad_bypass_for(&be, 4096, 2 << 20), 4096);
+    be.gpu_count = 4;
+    ck_assert_int_eq(mmad_bypass_for(&be, -1, 2 << 20), MMAD_BYPASS_ALL);
+    be.relay_ok[3][2] = 1;
+    ck_assert_int_eq(mmad_bypass_for(&be, -1, 2 << 20), 2 << 20);
+    ck_assert_int_eq(mmad_bypass_for(&be, 1 << 20, 2 << 20), 1 << 20);
+    be.relay_ok[3][2] = 0;
+    be.relay_ok[1][1] = 1; /* a GPU is no relay for itself */
+    ck_assert_int_eq(mmad_bypass_for(&be, -1, 6 << 20), MMAD_BYPASS_ALL);
+}
+END_TEST
+
 START_TEST(plan_split_function)
 {
     /* Every size from 4 KiB to 32 MiB (and odd ones), 1 to 4 paths: the
@@ -2052,6 +2075,7 @@ int main(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 20);
     tcase_add_test(tc, chunk_len_rule);
+    tcase_add_test(tc, bypass_all_without_relays);
     tcase_add_test(tc, paths_for_order);
     tcase_add_test(tc, fill_respects_depth_and_staging);
     tcase_add_test(tc, paths_queued_while_every_busy_path_has_a_next_chunk);

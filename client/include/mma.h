@@ -79,12 +79,17 @@ typedef struct mma_info {
     char backend[16];          /* "cuda" or "sim" */
     int gpu_count;             /* GPUs mmad serves (a caller names them by its own CUDA device numbers) */
     int simulated;             /* 1 on the simulated box */
-    size_t bypass_threshold;   /* copies below this many bytes go native */
+    size_t bypass_threshold;   /* copies below this many bytes go native; MMA_BYPASS_ALL: every copy */
     double sim_scale;          /* simulated box: its rates are the real ones x this; 1.0 on GPUs */
     size_t cold_bypass;        /* copies below this go native while mmad sleeps (mmad --cold-bypass; 0: never) */
     size_t cold_small;         /* and below this once mmad's relay kernels have ended (--cold-small) ... */
     uint32_t relays_warm_us;   /* ... this long after the client's last copy through mmad (0: never) */
 } mma_info_t;
+
+/* mma_info_t.bypass_threshold where mmad has no relay path (one GPU, or none
+ * can reach another's memory): mmad could add only its own hops, so libmma
+ * runs every copy natively unless mmad was given --bypass-threshold. */
+#define MMA_BYPASS_ALL SIZE_MAX
 
 #define MMA_FEATURE_SCATTER_GATHER (1u << 0)
 #define MMA_FEATURE_STREAM_ORDER   (1u << 1)
