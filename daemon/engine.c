@@ -356,11 +356,16 @@ static void *engine_main(void *arg)
     prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
     prctl(PR_SET_NAME, "mmad-engine", 0, 0, 0); /* top -H, and mmad's CPU line at exit */
     for (;;) {
-        int progress = take_intake(e);
+        /* The shutdown state first, the intake after it: every job pushed
+         * before a drain or stop began is then taken in this pass, so the
+         * pass cannot declare the drain over with one still in the intake
+         * (it did: a copy sent just before SIGTERM was neither run nor
+         * dropped). */
         pthread_mutex_lock(&e->lock);
         int stop = e->stop, shutdown = e->stop || e->draining, draining = e->draining && !e->drained;
         uint64_t until = e->drain_until;
         pthread_mutex_unlock(&e->lock);
+        int progress = take_intake(e);
         /* Shutting down (a drain, or a stop without one): no job becomes
          * runnable any more, and chunks go out only while a drain lasts. */
         int closing = stop || draining;
