@@ -1124,30 +1124,16 @@ mmad_job_t *mmad_sched_take_failed(mmad_sched_t *s)
     return done;
 }
 
-mmad_job_t *mmad_sched_take_idle(mmad_sched_t *s)
+/* Unlink the jobs with nothing in flight, of conn's only when conn is given
+ * (those marked cancelled first, in flight or not), as a list. */
+static mmad_job_t *take_jobs(mmad_sched_t *s, const mmad_conn_t *conn)
 {
     mmad_job_t *done = NULL;
     mmad_job_t *j = s->jobs;
     while (j) {
         mmad_job_t *next = j->next;
-        if (j->inflight == 0) {
-            unlink_job(s, j);
-            j->next = done;
-            done = j;
-        }
-        j = next;
-    }
-    return done;
-}
-
-mmad_job_t *mmad_sched_cancel_conn(mmad_sched_t *s, mmad_conn_t *conn)
-{
-    mmad_job_t *done = NULL;
-    mmad_job_t *j = s->jobs;
-    while (j) {
-        mmad_job_t *next = j->next;
-        if (j->conn == conn) {
-            if (j->status == MMA_OK)
+        if (!conn || j->conn == conn) {
+            if (conn && j->status == MMA_OK)
                 j->status = MMA_ERR_CANCELLED;
             if (j->inflight == 0) {
                 unlink_job(s, j);
@@ -1158,6 +1144,16 @@ mmad_job_t *mmad_sched_cancel_conn(mmad_sched_t *s, mmad_conn_t *conn)
         j = next;
     }
     return done;
+}
+
+mmad_job_t *mmad_sched_take_idle(mmad_sched_t *s)
+{
+    return take_jobs(s, NULL);
+}
+
+mmad_job_t *mmad_sched_cancel_conn(mmad_sched_t *s, mmad_conn_t *conn)
+{
+    return take_jobs(s, conn);
 }
 
 void mmad_sched_disable_path(mmad_sched_t *s, int target, int via, int dir, const char *why)

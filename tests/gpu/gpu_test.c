@@ -841,6 +841,18 @@ static pid_t another_mmad(const char *sock, const char *opt1, const char *opt2)
     return pid;
 }
 
+/* A client of a second mmad of the test's own on /tmp/mma-gpu-test-PID-TAG.sock
+ * (sock2, 108 bytes), for a test that kills it (*pid). Copies from 4 MiB go
+ * to it even on one GPU, where mmad would have libmma run every copy. */
+static mma_client_t *client_of_own_mmad(const char *tag, char *sock2, pid_t *pid)
+{
+    snprintf(sock2, 108, "/tmp/mma-gpu-test-%d-%s.sock", (int)getpid(), tag);
+    *pid = another_mmad(sock2, "--bypass-threshold=4M", NULL);
+    mma_client_t *c;
+    MM(mma_connect(sock2, &c));
+    return c;
+}
+
 /* mmad is killed while a stream waits on two stream-ordered copies that it
  * has not started (the stream is still busy before them): libmma must
  * finish them natively once the stream reaches them, so the stream moves on
@@ -848,10 +860,8 @@ static pid_t another_mmad(const char *sock, const char *opt1, const char *opt2)
 START_TEST(daemon_dies)
 {
     char sock2[108];
-    snprintf(sock2, sizeof sock2, "/tmp/mma-gpu-test-%d-dies.sock", (int)getpid());
-    pid_t d2 = another_mmad(sock2, "--bypass-threshold=4M", NULL); /* copies for mmad, one GPU too */
-    mma_client_t *c;
-    MM(mma_connect(sock2, &c));
+    pid_t d2;
+    mma_client_t *c = client_of_own_mmad("dies", sock2, &d2);
     int g = ngpu > 1 ? 1 : 0;
     size_t n = 256u << 20;
     uint8_t *h, *back, *d;
@@ -896,10 +906,8 @@ END_TEST
 START_TEST(daemon_gone_at_send)
 {
     char sock2[108];
-    snprintf(sock2, sizeof sock2, "/tmp/mma-gpu-test-%d-gone.sock", (int)getpid());
-    pid_t d2 = another_mmad(sock2, "--bypass-threshold=4M", NULL); /* copies for mmad, one GPU too */
-    mma_client_t *c;
-    MM(mma_connect(sock2, &c));
+    pid_t d2;
+    mma_client_t *c = client_of_own_mmad("gone", sock2, &d2);
     int g = ngpu > 1 ? 1 : 0;
     size_t n = 64u << 20; /* above --cold-bypass and the bypass threshold: a copy for mmad */
     uint8_t *h, *back, *d;
@@ -942,10 +950,8 @@ END_TEST
 START_TEST(disconnect_waits_for_stream)
 {
     char sock2[108];
-    snprintf(sock2, sizeof sock2, "/tmp/mma-gpu-test-%d-disc.sock", (int)getpid());
-    pid_t d2 = another_mmad(sock2, "--bypass-threshold=4M", NULL); /* copies for mmad, one GPU too */
-    mma_client_t *c;
-    MM(mma_connect(sock2, &c));
+    pid_t d2;
+    mma_client_t *c = client_of_own_mmad("disc", sock2, &d2);
     int g = ngpu > 1 ? 1 : 0;
     size_t n = 64u << 20;
     uint8_t *h, *mine, *ref = malloc(n), *back = malloc(n);
