@@ -26,14 +26,24 @@ void mma_log_init(const char *prog, int default_level)
     log_prog = prog;
     log_default = default_level;
     log_level = -1;
+    (void)mma_log_enabled(MMA_LOG_ERROR); /* read $MMA_LOG now, and say if it is no level */
+}
+
+void mma_log_set(const char *prog, int level)
+{
+    log_prog = prog;
+    log_level = level;
 }
 
 int mma_log_enabled(int level)
 {
     if (log_level < 0) {
         const char *env = getenv("MMA_LOG");
-        int l = env ? parse_level(env) : -1;
+        int l = env && *env ? parse_level(env) : -1;
         log_level = l >= 0 ? l : log_default;
+        if (env && *env && l < 0) /* a misspelt level would otherwise be ignored, silently */
+            fprintf(stderr, "%s: MMA_LOG=%s is not a level (error, warn, info, debug); logging at %s\n",
+                    log_prog, env, (const char *[]){"error", "warn", "info", "debug"}[log_level]);
     }
     return level <= log_level;
 }

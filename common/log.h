@@ -5,8 +5,11 @@
 
 enum { MMA_LOG_ERROR = 0, MMA_LOG_WARN = 1, MMA_LOG_INFO = 2, MMA_LOG_DEBUG = 3 };
 
-/* Level from $MMA_LOG (error|warn|info|debug), default given by the program. */
+/* Level from $MMA_LOG (error|warn|info|debug), default given by the program;
+ * a $MMA_LOG that is no level is said so on stderr, here. */
 void mma_log_init(const char *prog, int default_level);
+/* A fixed level; $MMA_LOG is not read (mmad: its --log alone). */
+void mma_log_set(const char *prog, int level);
 int mma_log_enabled(int level);
 void mma_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

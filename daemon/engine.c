@@ -522,7 +522,8 @@ int mmad_engine_drain(mmad_engine_t *e, uint64_t issue_ns, uint64_t wait_ns)
 {
     uint64_t now = mma_now_ns();
     pthread_mutex_lock(&e->lock);
-    e->drain_until = now + issue_ns;
+    if (!e->draining) /* a second call waits on, with the first's issuing time */
+        e->drain_until = now + issue_ns;
     e->draining = 1;
     e->kicked = 1;
     pthread_cond_signal(&e->cond);

@@ -20,7 +20,8 @@ int mmad_engine_start(mmad_backend_t *be, const mmad_config_t *cfg, mmad_engine_
  * dropped without its `done` written, so that a stream waiting on it does
  * not go on with data never copied: libmma's watchdog finishes it natively
  * once mmad is gone (close the clients after this). Returns 1 when that is
- * done with no chunk in flight, 0 when wait_ns passed first. */
+ * done with no chunk in flight, 0 when wait_ns passed first (call it again
+ * to wait on: the issuing deadline stays the first call's). */
 int mmad_engine_drain(mmad_engine_t *e, uint64_t issue_ns, uint64_t wait_ns);
 /* Stop issuing, wait for the chunks on the GPUs, drop what is left as
  * mmad_engine_drain does (a copy not run keeps `done` unwritten), join the

@@ -64,7 +64,7 @@ int main(int argc, char **argv)
         return prc > 0 ? 0 : 2;
     if (!cfg.socket_path[0])
         snprintf(cfg.socket_path, sizeof cfg.socket_path, "%s", mma_default_socket());
-    mma_log_init("mmad", level_of(cfg.log_level));
+    mma_log_set("mmad", level_of(cfg.log_level)); /* --log, not $MMA_LOG (libmma's and the tools') */
     signal(SIGPIPE, SIG_IGN);
 
     mmad_backend_t *be = NULL;

@@ -130,8 +130,12 @@ void mmad_conn_unref(mmad_conn_t *c);
 /* Every memfd mmad maps must be sealed against shrinking: a client that cut
  * one short under mmad's mapping would have mmad die of SIGBUS at its next
  * touch of the lost pages (the socket is open to every local user). */
-#define MMAD_MEMFD_UNSEALED "memfd must be sealed against shrinking (F_SEAL_SHRINK)"
-/* 1 when fd carries F_SEAL_SHRINK (fcntl F_GET_SEALS). */
+#define MMAD_MEMFD_UNSEALED "memfd must be sealed against shrinking (F_SEAL_SHRINK), and not hugetlb"
+/* 1 when fd carries F_SEAL_SHRINK (fcntl F_GET_SEALS) and is shmem (tmpfs).
+ * A hugetlb memfd is refused however sealed: the seal does not stop a hole
+ * punched in it (fallocate), and with no free huge page left to fill the
+ * hole mmad's next touch of it dies of SIGBUS; a hole in a shmem memfd just
+ * reads as zeros again. */
 int mmad_memfd_sealed(int fd);
 /* Map a memfd of at least `size` bytes, sealed against shrinking
  * (MMA_ERR_INVAL otherwise); the fd is consumed (closed). */

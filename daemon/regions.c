@@ -4,10 +4,12 @@
  * dies mid-copy has its memory released only after the copy's chunks land. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <linux/magic.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -35,7 +37,8 @@ void mmad_region_unref(mmad_region_t *r)
 int mmad_memfd_sealed(int fd)
 {
     int seals = fcntl(fd, F_GET_SEALS);
-    return seals >= 0 && (seals & F_SEAL_SHRINK);
+    struct statfs fs;
+    return seals >= 0 && (seals & F_SEAL_SHRINK) && fstatfs(fd, &fs) == 0 && fs.f_type == TMPFS_MAGIC;
 }
 
 int mmad_region_new_mapped(mmad_backend_t *be, mmad_region_kind_t kind, int gpu, int fd, uint64_t size,

@@ -804,12 +804,16 @@ static void stop_serving(mmad_server_t *s)
             uv_poll_stop(&c->poll);
     MMA_INFO("shutting down: finishing the copies under way and those ready to run (%d clients)", s->nclients);
     uint64_t t0 = mma_now_ns();
-    if (mmad_engine_drain(s->engine, DRAIN_ISSUE_NS, DRAIN_WAIT_NS))
-        MMA_INFO("shutting down: copies drained in %.1f ms; closing %d clients", (double)(mma_now_ns() - t0) / 1e6,
-                 s->nclients);
-    else
-        MMA_WARN("shutting down: chunks still on the GPUs after %.0f s; closing %d clients anyway",
-                 (double)DRAIN_WAIT_NS / 1e9, s->nclients);
+    /* The clients' sockets stay open until no chunk is on the GPUs: a
+     * client that saw its socket close would finish natively copies whose
+     * chunks mmad still lands, and a late chunk could overwrite what came
+     * after. mmad could not exit before they end anyway. */
+    while (!mmad_engine_drain(s->engine, DRAIN_ISSUE_NS, DRAIN_WAIT_NS))
+        MMA_WARN("shutting down: chunks still on the GPUs after %.0f s; waiting for them (a second signal ends mmad "
+                 "at once)",
+                 (double)(mma_now_ns() - t0) / 1e9);
+    MMA_INFO("shutting down: copies drained in %.1f ms; closing %d clients", (double)(mma_now_ns() - t0) / 1e6,
+             s->nclients);
     for (srv_client_t *c = s->clients; c; c = c->next)
         client_close(c);
 }

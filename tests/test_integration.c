@@ -779,6 +779,16 @@ START_TEST(unsealed_memfds_refused)
     ck_assert_int_ge(nfd, 0);
     ck_assert_int_eq(ftruncate(nfd, SZ), 0);
     raw_register(fd, 0, -1, SZ, nfd, MMA_ERR_INVAL, "F_SEAL_SHRINK");
+    /* A hugetlb memfd, sealed: a hole punched in it later (the seal allows
+     * that) with no free huge page to fill it would be SIGBUS in mmad. */
+    int hgfd = memfd_create("mma-test", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB);
+    if (hgfd >= 0 && ftruncate(hgfd, 2 << 20) == 0 && fcntl(hgfd, F_ADD_SEALS, F_SEAL_SHRINK) == 0)
+        raw_register(fd, 0, -1, SZ, hgfd, MMA_ERR_INVAL, "not hugetlb");
+    else
+        printf("unsealed_memfds_refused: no sealed hugetlb memfd on this kernel (%s); that case not tried\n",
+               strerror(errno));
+    if (hgfd >= 0)
+        close(hgfd);
     /* Nothing of them is mapped in mmad: only the sealed flag page. */
     ck_assert_int_eq(count_maps(d.pid, "/memfd:mma-test"), 1);
     /* What mmad guards against: an unsealed memfd shrinks at will. */
@@ -1839,6 +1849,42 @@ END_TEST
  * f. mmactl
  * ==================================================================== */
 
+/* mmad logs at its --log level whatever $MMA_LOG says ($MMA_LOG is
+ * libmma's and the tools'), and a $MMA_LOG that is no level is said so
+ * rather than ignored (by libmma in mma-demo, at connect). */
+START_TEST(log_levels)
+{
+    const char *dir = scratch_mkdtemp("log-levels");
+    char logpath[160];
+    snprintf(logpath, sizeof logpath, "%s/mmad.log", dir);
+    setenv("MMA_LOG", "debug", 1);
+    const char *quiet[] = {"--log=warn", NULL};
+    mmad_proc_t d;
+    mmad_start_log(&d, quiet, logpath);
+    unsetenv("MMA_LOG");
+    setenv("MMA_LOG", "warning", 1); /* no such level: "warn" */
+    const char *argv[] = {MMA_DEMO_PATH, "--socket", d.sock, "--mib", "1", "--reps", "1", NULL};
+    char *out = NULL, *err = NULL;
+    int rc = tool_run(argv, &out, &err);
+    unsetenv("MMA_LOG");
+    ck_assert_msg(rc == 0, "exit %d, stderr: %s", rc, err);
+    ck_assert_msg(strstr(err, "libmma: MMA_LOG=warning is not a level (error, warn, info, debug)"), "stderr: %s", err);
+    ck_assert_ptr_nonnull(strstr(out, "every byte matches"));
+    free(out);
+    free(err);
+    mmad_stop_clean(&d);
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = fopen(logpath, "r");
+    ck_assert_ptr_nonnull(f);
+    ssize_t got = getdelim(&text, &len, 0, f);
+    fclose(f);
+    ck_assert_msg(got <= 0 || (!strstr(text, " info: ") && !strstr(text, " debug: ")),
+                  "mmad --log=warn with MMA_LOG=debug logged:\n%s", text);
+    free(text);
+}
+END_TEST
+
 START_TEST(mmactl_reports)
 {
     mmad_proc_t d;
@@ -2720,7 +2766,7 @@ int main(void)
                            sigterm_finishes_ready_copies_leaves_the_rest, sigterm_drain_is_bounded,
                            one_daemon_per_socket, stale_socket_file_replaced, command_line, cpu_by_thread_at_exit,
                            copy_after_daemon_gone}},
-        {"mmactl", 60, {mmactl_reports, mma_ab_arguments, mma_demo_arguments, mma_bench_arguments}},
+        {"mmactl", 60, {mmactl_reports, mma_ab_arguments, mma_demo_arguments, mma_bench_arguments, log_levels}},
         {"faults", 60, {failing_relay_is_set_aside}},
         {"api_errors", 60, {api_errors, segment_limit}},
         {"yield", 120, {busy_relays_yield, idle_box_relays_do_not_yield, busy_links_stop_relays}},
