@@ -1212,7 +1212,11 @@ static int cuda_poll(mmad_backend_t *be, mmad_chunk_t **out, int max)
         queried++;
         cudaError_t err;
         int finished = chunk_finished(s, c, &err);
-        if (!finished && stale_pass && now - c->t_issue > STALE_NS) {
+        /* not while its lane has yet to issue it (the lane may be held in
+         * the driver): a stream error would end the chunk and free its
+         * slot, word and the chunk itself under the lane */
+        if (!finished && stale_pass && now - c->t_issue > STALE_NS &&
+            __atomic_load_n(&c->stage, __ATOMIC_ACQUIRE) != LANE_QUEUED) {
             err = chunk_stream_error(s, c);
             finished = err != cudaSuccess;
         }
