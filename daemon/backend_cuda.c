@@ -2085,9 +2085,20 @@ static int gpu_setup(cuda_be_t *s, int gi)
     if (s->kernel_below &&
         CU_WARN(cudaDeviceGetAttribute(&host_ptr, cudaDevAttrCanUseHostPointerForRegisteredMem, gi)) == MMA_OK)
         s->kernel_ok[gi] = host_ptr != 0;
-    atomic_store(&be->relay_kernel_now[gi], s->kernel_ok[gi]);
     if (s->kernel_below && !s->kernel_ok[gi])
         MMA_WARN("cuda: gpu%d cannot use registered host pointers; relays through it stage", gi);
+    /* nor where the build has no code for gi (it is built for sm_90, whose
+     * PTX serves newer GPUs, unless CMAKE_CUDA_ARCHITECTURES says
+     * otherwise) */
+    cudaError_t kerr = s->kernel_ok[gi] ? mmad_relay_kernel_loadable() : cudaSuccess;
+    if (kerr != cudaSuccess) {
+        (void)cudaGetLastError();
+        MMA_WARN("cuda: gpu%d (%s, compute capability %d.%d) cannot run mmad's relay kernels: %s (%s); relays "
+                 "through it stage",
+                 gi, prop.name, prop.major, prop.minor, cudaGetErrorString(kerr), cudaGetErrorName(kerr));
+        s->kernel_ok[gi] = 0;
+    }
+    atomic_store(&be->relay_kernel_now[gi], s->kernel_ok[gi]);
     /* Non-blocking: the copies must not synchronize with the legacy default
      * stream, which nothing here uses but a library in the process might. */
     for (int d = 0; d < 2; d++) {
@@ -2160,10 +2171,21 @@ static int resident_blocks(cuda_be_t *s)
             continue;
         int blocks = 0;
         int rc = use_dev(s, gi);
-        if (rc == MMA_OK)
-            rc = CU(mmad_relay_resident_fit(&blocks));
         if (rc != MMA_OK)
             return rc;
+        /* gpu_setup found code for gi's relay kernels, so this should not
+         * fail; should it, one-hop relays stage rather than mmad not start
+         * (kernel_ok stays: the link monitor's thread reads it) */
+        cudaError_t err = mmad_relay_resident_fit(&blocks);
+        if (err != cudaSuccess) {
+            (void)cudaGetLastError();
+            MMA_WARN("cuda: gpu%d: cannot tell how many relay kernel blocks it holds: %s (%s); relays stage "
+                     "(as --relay-kernel=0)",
+                     gi, cudaGetErrorString(err), cudaGetErrorName(err));
+            atomic_store(&s->kernel_off, 1);
+            s->use_resident = 0;
+            return MMA_OK;
+        }
         if (blocks / 2 < fit)
             fit = blocks / 2;
     }
