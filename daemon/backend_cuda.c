@@ -2393,11 +2393,11 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
      * that peer access alone would allow. */
     describe(be);
     mmad_topo_fill(be);
-    be->bypass_threshold = mmad_bypass_for(be, cfg->bypass_threshold, be->bypass_threshold);
+    be->bypass_threshold = mmad_bypass_for(be, cfg->bypass_threshold, be->bypass_threshold, cfg->max_paths);
     if (be->bypass_threshold == MMAD_BYPASS_ALL)
         MMA_INFO("cuda: %s, so every copy has only its own GPU's link: libmma runs every copy natively "
                  "(--bypass-threshold sends copies through mmad anyway)",
-                 n == 1 ? "one GPU" : "no GPU can relay for another");
+                 n == 1 ? "one GPU" : cfg->max_paths == 1 ? "--max-paths=1" : "no GPU can relay for another");
 
     /* Used only to bounds-check IPC regions; without it they go unchecked. */
     void *fn = drv_entry("cuMemGetAddressRange");
