@@ -112,13 +112,14 @@ static inline int mmad_backend_any_relay(const mmad_backend_t *be)
 }
 
 /* The bypass threshold a backend with a native path serves: --bypass-threshold
- * when given (>= 0), else MMAD_BYPASS_ALL where no GPU can relay for another,
- * else the backend's measured default. */
-static inline int64_t mmad_bypass_for(const mmad_backend_t *be, int64_t configured, int64_t measured)
+ * when given (>= 0), else MMAD_BYPASS_ALL where no copy can relay (no GPU
+ * can relay for another, or --max-paths=1), else the backend's measured
+ * default. Relays set aside later, at run time, do not change it. */
+static inline int64_t mmad_bypass_for(const mmad_backend_t *be, int64_t configured, int64_t measured, int max_paths)
 {
     if (configured >= 0)
         return configured;
-    return mmad_backend_any_relay(be) ? measured : MMAD_BYPASS_ALL;
+    return max_paths != 1 && mmad_backend_any_relay(be) ? measured : MMAD_BYPASS_ALL;
 }
 
 /* Constructors. Each logs its own failure and returns an mma status. */

@@ -1212,7 +1212,11 @@ static int cuda_poll(mmad_backend_t *be, mmad_chunk_t **out, int max)
         queried++;
         cudaError_t err;
         int finished = chunk_finished(s, c, &err);
-        if (!finished && stale_pass && now - c->t_issue > STALE_NS) {
+        /* not while its lane has yet to issue it (the lane may be held in
+         * the driver): a stream error would end the chunk and free its
+         * slot, word and the chunk itself under the lane */
+        if (!finished && stale_pass && now - c->t_issue > STALE_NS &&
+            __atomic_load_n(&c->stage, __ATOMIC_ACQUIRE) != LANE_QUEUED) {
             err = chunk_stream_error(s, c);
             finished = err != cudaSuccess;
         }
@@ -1520,6 +1524,7 @@ typedef struct monitor {
      * not known, when getpid() stands in */
     _Atomic unsigned int own_pid;
     uint64_t own_look_ns;                  /* monitor_own_pid's last look */
+    uint64_t own_look_every;               /* and how long until its next: grows while it cannot tell */
     int own_logged;
     unsigned long long proc_since[MMAD_MAX_GPUS]; /* newest sample seen per GPU */
     nvml_proc_sample_t *proc_buf[MMAD_MAX_GPUS];   /* per GPU: each is read by a thread of its own */
@@ -1595,32 +1600,36 @@ static void monitor_wake(struct monitor *m)
  * KERNEL_QUIET_NS, staged again. /proc cannot tell (NSpid starts at the
  * namespace of the /proc mounted, a container's own). But mmad holds a
  * context on every GPU it drives from start to exit, so NVML lists its pid
- * among every GPU's compute processes: getpid() where listed; else, once
- * one pid alone is listed on every GPU, that one. While another process
- * also holds a context on every GPU the two cannot be told apart and
- * getpid() stands in (README, --relay-kernel-busy-sm). The round thread,
- * every COMPUTE_LOOK_NS until known. */
+ * among every GPU's compute processes: getpid() where listed on every GPU
+ * (on some alone it is another process's host pid that happens to equal
+ * mmad's in its namespace); else, once one pid alone is listed on every
+ * GPU, that one. While another process also holds a context on every GPU
+ * the two cannot be told apart and getpid() stands in (README,
+ * --relay-kernel-busy-sm). The round thread, every COMPUTE_LOOK_NS until
+ * known, the wait doubling (up to OWN_LOOK_MAX_NS) after each look that
+ * could not tell. */
+#define OWN_LOOK_MAX_NS 16000000000ull
 static void monitor_own_pid(monitor_t *m)
 {
     cuda_be_t *s = m->s;
     uint64_t t = mma_now_ns();
     if (!m->procs || !m->proc_util || !s->kernel_below || !s->kernel_busy_sm ||
-        atomic_load_explicit(&m->own_pid, memory_order_relaxed) || t - m->own_look_ns < COMPUTE_LOOK_NS)
+        atomic_load_explicit(&m->own_pid, memory_order_relaxed) ||
+        t - m->own_look_ns < (m->own_look_every ? m->own_look_every : COMPUTE_LOOK_NS))
         return;
     m->own_look_ns = t;
     unsigned int me = (unsigned int)getpid();
     nvml_proc_info_t info[OWN_PID_CAP];
     unsigned int every[OWN_PID_CAP]; /* pids listed on every GPU so far */
-    int nevery = -1;
+    int nevery = -1, me_every = 1;
     for (int g = 0; g < s->base.gpu_count; g++) {
         unsigned int n = OWN_PID_CAP;
         if (m->procs(m->dev[g], &n, info) != NVML_OK || n > OWN_PID_CAP)
             return; /* NVML cannot say now (or too many): the next look */
+        int me_here = 0;
         for (unsigned int i = 0; i < n; i++)
-            if (info[i].pid == me) {
-                atomic_store_explicit(&m->own_pid, me, memory_order_relaxed);
-                return;
-            }
+            me_here |= info[i].pid == me;
+        me_every &= me_here;
         int kept = 0;
         for (int k = 0; nevery >= 0 && k < nevery; k++)
             for (unsigned int i = 0; i < n; i++)
@@ -1637,17 +1646,24 @@ static void monitor_own_pid(monitor_t *m)
         }
         nevery = kept;
     }
-    if (nevery == 1) {
+    if (me_every) {
+        atomic_store_explicit(&m->own_pid, me, memory_order_relaxed);
+    } else if (nevery == 1) {
         atomic_store_explicit(&m->own_pid, every[0], memory_order_relaxed);
         MMA_INFO("cuda: NVML names this process pid %u (pid %u in its own PID namespace): its own relay kernels are "
                  "told from other processes' by that",
                  every[0], me);
     } else if (!m->own_logged) {
         m->own_logged = 1;
-        MMA_WARN("cuda: NVML lists no pid %u (this process in its PID namespace) and %d processes with contexts on "
-                 "every GPU, so it cannot tell which one is mmad: mmad's own relay kernels may read as another "
-                 "process's (--relay-kernel-busy-sm) until that changes",
+        MMA_WARN("cuda: NVML does not list pid %u (this process in its PID namespace) on every GPU, and lists %d "
+                 "processes with contexts on every GPU, so it cannot tell which one is mmad: mmad's own relay kernels "
+                 "may read as another process's (--relay-kernel-busy-sm) until that changes (it looks again at growing "
+                 "intervals, at most 16 s apart)",
                  me, nevery < 0 ? 0 : nevery);
+    }
+    if (!atomic_load_explicit(&m->own_pid, memory_order_relaxed)) {
+        uint64_t every_ns = m->own_look_every ? 2 * m->own_look_every : 2 * COMPUTE_LOOK_NS;
+        m->own_look_every = every_ns < OWN_LOOK_MAX_NS ? every_ns : OWN_LOOK_MAX_NS;
     }
 }
 
@@ -2081,9 +2097,20 @@ static int gpu_setup(cuda_be_t *s, int gi)
     if (s->kernel_below &&
         CU_WARN(cudaDeviceGetAttribute(&host_ptr, cudaDevAttrCanUseHostPointerForRegisteredMem, gi)) == MMA_OK)
         s->kernel_ok[gi] = host_ptr != 0;
-    atomic_store(&be->relay_kernel_now[gi], s->kernel_ok[gi]);
     if (s->kernel_below && !s->kernel_ok[gi])
         MMA_WARN("cuda: gpu%d cannot use registered host pointers; relays through it stage", gi);
+    /* nor where the build has no code for gi (it is built for sm_90, whose
+     * PTX serves newer GPUs, unless CMAKE_CUDA_ARCHITECTURES says
+     * otherwise) */
+    cudaError_t kerr = s->kernel_ok[gi] ? mmad_relay_kernel_loadable() : cudaSuccess;
+    if (kerr != cudaSuccess) {
+        (void)cudaGetLastError();
+        MMA_WARN("cuda: gpu%d (%s, compute capability %d.%d) cannot run mmad's relay kernels: %s (%s); relays "
+                 "through it stage",
+                 gi, prop.name, prop.major, prop.minor, cudaGetErrorString(kerr), cudaGetErrorName(kerr));
+        s->kernel_ok[gi] = 0;
+    }
+    atomic_store(&be->relay_kernel_now[gi], s->kernel_ok[gi]);
     /* Non-blocking: the copies must not synchronize with the legacy default
      * stream, which nothing here uses but a library in the process might. */
     for (int d = 0; d < 2; d++) {
@@ -2156,10 +2183,21 @@ static int resident_blocks(cuda_be_t *s)
             continue;
         int blocks = 0;
         int rc = use_dev(s, gi);
-        if (rc == MMA_OK)
-            rc = CU(mmad_relay_resident_fit(&blocks));
         if (rc != MMA_OK)
             return rc;
+        /* gpu_setup found code for gi's relay kernels, so this should not
+         * fail; should it, one-hop relays stage rather than mmad not start
+         * (kernel_ok stays: the link monitor's thread reads it) */
+        cudaError_t err = mmad_relay_resident_fit(&blocks);
+        if (err != cudaSuccess) {
+            (void)cudaGetLastError();
+            MMA_WARN("cuda: gpu%d: cannot tell how many relay kernel blocks it holds: %s (%s); relays stage "
+                     "(as --relay-kernel=0)",
+                     gi, cudaGetErrorString(err), cudaGetErrorName(err));
+            atomic_store(&s->kernel_off, 1);
+            s->use_resident = 0;
+            return MMA_OK;
+        }
         if (blocks / 2 < fit)
             fit = blocks / 2;
     }
@@ -2367,11 +2405,11 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
      * that peer access alone would allow. */
     describe(be);
     mmad_topo_fill(be);
-    be->bypass_threshold = mmad_bypass_for(be, cfg->bypass_threshold, be->bypass_threshold);
+    be->bypass_threshold = mmad_bypass_for(be, cfg->bypass_threshold, be->bypass_threshold, cfg->max_paths);
     if (be->bypass_threshold == MMAD_BYPASS_ALL)
         MMA_INFO("cuda: %s, so every copy has only its own GPU's link: libmma runs every copy natively "
                  "(--bypass-threshold sends copies through mmad anyway)",
-                 n == 1 ? "one GPU" : "no GPU can relay for another");
+                 n == 1 ? "one GPU" : cfg->max_paths == 1 ? "--max-paths=1" : "no GPU can relay for another");
 
     /* Used only to bounds-check IPC regions; without it they go unchecked. */
     void *fn = drv_entry("cuMemGetAddressRange");

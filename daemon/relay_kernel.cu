@@ -192,3 +192,12 @@ extern "C" cudaError_t mmad_relay_resident_fit(int *blocks)
         *blocks = per_sm * sms;
     return err;
 }
+
+extern "C" cudaError_t mmad_relay_kernel_loadable(void)
+{
+    struct cudaFuncAttributes a;
+    cudaError_t err = cudaFuncGetAttributes(&a, mmad_relay_copy);
+    if (err == cudaSuccess)
+        err = cudaFuncGetAttributes(&a, mmad_relay_resident);
+    return err;
+}

@@ -76,6 +76,11 @@ cudaError_t mmad_relay_resident_launch(const mmad_relay_desc_t *ring, unsigned l
  * another. */
 cudaError_t mmad_relay_resident_fit(int *blocks);
 
+/* Whether the current device has code for both relay kernels: cudaSuccess,
+ * or the error asking for their attributes gave (a GPU the build has no
+ * image for: cudaErrorNoKernelImageForDevice or the like). */
+cudaError_t mmad_relay_kernel_loadable(void);
+
 #ifdef __cplusplus
 }
 #endif

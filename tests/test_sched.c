@@ -1027,17 +1027,24 @@ START_TEST(bypass_all_without_relays)
     static mmad_backend_t be; /* large: not on the stack */
     memset(&be, 0, sizeof be);
     be.gpu_count = 1;
-    ck_assert_int_eq(mmad_bypass_for(&be, -1, 2 << 20), MMAD_BYPASS_ALL);
-    ck_assert_int_eq(mmad_bypass_for(&be, 0, 2 << 20), 0);
-    ck_assert_int_eq(mmad_bypass_for(&be, 4096, 2 << 20), 4096);
+    ck_assert_int_eq(mmad_bypass_for(&be, -1, 2 << 20, 0), MMAD_BYPASS_ALL);
+    ck_assert_int_eq(mmad_bypass_for(&be, 0, 2 << 20, 0), 0);
+    ck_assert_int_eq(mmad_bypass_for(&be, 4096, 2 << 20, 0), 4096);
     be.gpu_count = 4;
-    ck_assert_int_eq(mmad_bypass_for(&be, -1, 2 << 20), MMAD_BYPASS_ALL);
+    ck_assert_int_eq(mmad_bypass_for(&be, -1, 2 << 20, 0), MMAD_BYPASS_ALL);
     be.relay_ok[3][2] = 1;
-    ck_assert_int_eq(mmad_bypass_for(&be, -1, 2 << 20), 2 << 20);
-    ck_assert_int_eq(mmad_bypass_for(&be, 1 << 20, 2 << 20), 1 << 20);
+    ck_assert_int_eq(mmad_bypass_for(&be, -1, 2 << 20, 0), 2 << 20);
+    ck_assert_int_eq(mmad_bypass_for(&be, 1 << 20, 2 << 20, 0), 1 << 20);
     be.relay_ok[3][2] = 0;
     be.relay_ok[1][1] = 1; /* a GPU is no relay for itself */
-    ck_assert_int_eq(mmad_bypass_for(&be, -1, 6 << 20), MMAD_BYPASS_ALL);
+    ck_assert_int_eq(mmad_bypass_for(&be, -1, 6 << 20, 0), MMAD_BYPASS_ALL);
+    /* --max-paths=1: no copy relays, though GPUs could */
+    be.relay_ok[3][2] = 1;
+    ck_assert_int_eq(mmad_bypass_for(&be, -1, 2 << 20, 1), MMAD_BYPASS_ALL);
+    ck_assert_int_eq(mmad_bypass_for(&be, 4096, 2 << 20, 1), 4096);
+    ck_assert_int_eq(mmad_bypass_for(&be, 0, 2 << 20, 1), 0);
+    ck_assert_int_eq(mmad_bypass_for(&be, -1, 2 << 20, 2), 2 << 20);
+    ck_assert_int_eq(mmad_bypass_for(&be, -1, 2 << 20, 0), 2 << 20);
 }
 END_TEST
 

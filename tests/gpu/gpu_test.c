@@ -343,6 +343,59 @@ static void expect_no_failed_path(const char *name)
     ck_assert_msg(buf[0] == 0, "%s: mmad set paths aside:\n%s", name, buf);
 }
 
+/* Whether a line of `mmactl paths` is a path mmad had at start: on, yielding,
+ * or set aside since because a copy or a submit on it failed ("failed" in
+ * its note), not one it ruled out at start (no peer access, a shared
+ * uplink). */
+static int path_line_usable(const char *line)
+{
+    const char *end = strchr(line, '\n');
+    size_t len = end ? (size_t)(end - line) : strlen(line);
+    const char *off = strstr(line, "state=off"), *failed = strstr(line, "failed");
+    return !(off && off < line + len) || (failed && failed < line + len);
+}
+
+/* Whether the private mmad has a relay path (mmactl paths, either
+ * direction) for gpu t through gpu v, or, with t < 0, any relay path. */
+static int relay_path(int t, int v)
+{
+    static char buf[65536];
+    char key[48] = ".via_gpu";
+    if (t >= 0)
+        snprintf(key, sizeof key, ".via_gpu%d:", v);
+    mmactl_grep("paths", key, buf, sizeof buf);
+    for (const char *line = buf; *line;) {
+        char want[24];
+        snprintf(want, sizeof want, "gpu%d.", t);
+        if ((t < 0 || strncmp(line, want, strlen(want)) == 0) && path_line_usable(line))
+            return 1;
+        const char *nl = strchr(line, '\n');
+        if (!nl)
+            break;
+        line = nl + 1;
+    }
+    return 0;
+}
+
+/* The value MMAD_EXTRA gives option `opt` ("--max-paths", as --opt=V or
+ * --opt V; the last one, as mmad takes it), or NULL. */
+static const char *extra_opt(const char *opt)
+{
+    const char *extra = getenv("MMAD_EXTRA"), *val = NULL;
+    size_t n = strlen(opt);
+    for (const char *p = extra; p && (p = strstr(p, opt)) != NULL; p += n)
+        if ((p == extra || p[-1] == ' ') && (p[n] == '=' || p[n] == ' '))
+            val = p + n + 1;
+    return val;
+}
+
+/* Whether MMAD_EXTRA has mmad relay no copy (--max-paths=1). */
+static int extra_one_path(void)
+{
+    const char *mp = extra_opt("--max-paths");
+    return mp && atoi(mp) == 1;
+}
+
 /* Whether MMAD_EXTRA turned the private mmad's relay kernels off. */
 static int relay_kernels_off(void)
 {
@@ -591,20 +644,29 @@ static int mmad_socket_fd(void)
 
 #define DROP_ROUNDS 16
 #define DROP_COPIES 6
+#define DROP_PENDING 3 /* of which stream-ordered behind a spin: still pending at the shutdown */
+#define DROP_SPIN 400000000LL /* ~0.2 s of gt_spin ahead of them */
 #define DROP_SZ (16u << 20) /* one hop (below --relay-kernel) */
 #define DROP_TRAFFIC 3
 
 /* One round of a client that goes away mid-copy: DROP_COPIES one-hop H2D
- * copies, each into an allocation of its own on gpu0, then, once the first
- * has landed, its socket shut under libmma (as if the client had died, but
- * with its memory still there). mmad unregisters its regions at once; the
- * copies still queued or in flight hold the last references, so the engine
- * thread closes the regions, IPC mappings on every via GPU included, when
- * it cancels or completes them. Each copy that reports MMA_OK (landed by
- * mmad, or finished natively by libmma's rescue) has every byte checked;
- * a cancelled one (MMA_ERR_CANCELLED) landed only in part, if at all, and
- * is not checked. The memory goes only after mmad had time to drop its
- * mappings. Returns 0 or what failed. */
+ * copies, each into an allocation of its own on gpu0, and its socket shut
+ * under libmma (as if the client had died, but with its memory still
+ * there) once the first host-ordered one has landed. The first
+ * DROP_PENDING are stream-ordered behind ~0.2 s of gt_spin on a gpu1
+ * stream (not gpu0's: NVML would count the spin as another process keeping
+ * gpu0 busy, and relays through gpu0 would stage), posted before the
+ * host-ordered ones, so mmad has them (it reads a client's copies in order)
+ * but cannot start them before the shutdown. mmad unregisters the client's
+ * regions at once and only then hands the connection to the engine thread
+ * (server.c), so the copies' jobs hold the last references of their
+ * allocations' regions: the engine thread closes those regions, IPC
+ * mappings on every via GPU included, when it cancels the jobs. Only the
+ * engine thread reports a copy MMA_ERR_CANCELLED, so each pending copy must
+ * come back so; the host-ordered ones after the first may land or be
+ * cancelled. Each copy that reports MMA_OK has every byte checked. The
+ * memory goes only after mmad had time to drop its mappings. Returns 0 or
+ * what failed. */
 static int drop_mid_copy(void)
 {
     mma_client_t *c;
@@ -621,25 +683,35 @@ static int drop_mid_copy(void)
         if (mma_device_alloc(c, 0, n, (void **)&d[i]) != MMA_OK)
             return 22;
     fill_rand(h, n * DROP_COPIES);
+    cudaStream_t s;
+    if (cudaSetDevice(1) != cudaSuccess || cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess ||
+        gt_spin(DROP_SPIN, s) != 0)
+        return 30;
     mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
     mma_copy_t t[DROP_COPIES];
     for (int i = 0; i < DROP_COPIES; i++) {
         mma_segment_t sg = {d[i], h + (size_t)i * n, n};
-        if (mma_memcpy_sg_async(c, &sg, 1, NULL, &o, &t[i]) != MMA_OK)
+        if (mma_memcpy_sg_async(c, &sg, 1, i < DROP_PENDING ? (mma_stream_t)s : NULL, &o, &t[i]) != MMA_OK)
             return 23;
     }
     int landed[DROP_COPIES];
-    if (mma_wait(c, t[0]) != MMA_OK)
+    if (mma_wait(c, t[DROP_PENDING]) != MMA_OK)
         return 24;
-    landed[0] = 1;
+    landed[DROP_PENDING] = 1;
     if (shutdown(fd, SHUT_RDWR) != 0)
         return 25;
-    for (int i = 1; i < DROP_COPIES; i++) {
+    for (int i = 0; i < DROP_COPIES; i++) {
+        if (i == DROP_PENDING)
+            continue;
         int st = mma_wait(c, t[i]);
+        if (i < DROP_PENDING && st != MMA_ERR_CANCELLED)
+            return 31; /* not pending in mmad at the shutdown, or not cancelled by its engine thread */
         if (st != MMA_OK && st != MMA_ERR_CANCELLED)
             return 26;
         landed[i] = st == MMA_OK;
     }
+    if (cudaStreamSynchronize(s) != cudaSuccess || cudaStreamDestroy(s) != cudaSuccess)
+        return 32;
     usleep(300000); /* mmad's last chunks land in ~1 ms, then it closes the mappings */
     uint8_t *back = malloc(n);
     if (!back)
@@ -702,11 +774,25 @@ static int traffic_to_gpu1(const volatile int *stop)
  * mid-copy (drop_mid_copy, regions on gpu0) while DROP_TRAFFIC clients keep
  * one-hop copies to gpu1 going through gpu0; every byte checked, no path
  * set aside, and afterwards copies to gpu0 and to gpu1 still relay in one
- * hop. */
+ * hop.
+ * What it shows: every round, the engine thread cancelled copies that were
+ * pending when their client went (they come back MMA_ERR_CANCELLED, which
+ * only that thread reports), and so dropped the last references of their
+ * regions (mmad unregisters a client's regions before the engine learns of
+ * the close), while relays through gpu0 went on. What it does not: mmad
+ * counts no region closes, so that the closes ran on the engine thread
+ * rests on that order in server.c, not on a count; nor does it show that a
+ * relay kernel was launched right after a close (the timing decides). */
 START_TEST(relays_after_engine_closes_regions)
 {
     if (ngpu < 2) {
         printf("relays_after_engine_closes_regions: one GPU, no relays to test\n");
+        return;
+    }
+    if (!relay_path(1, 0) || extra_one_path()) {
+        printf("relays_after_engine_closes_regions: mmad has no relay path for gpu1 through gpu0 (%s); "
+               "nothing to test\n",
+               extra_one_path() ? "--max-paths=1" : "mmactl paths");
         return;
     }
     long long before = one_hop_chunks();
@@ -747,7 +833,11 @@ START_TEST(relays_after_engine_closes_regions)
     munmap((void *)stop, 4096);
     expect_one_hop_since("relays_after_engine_closes_regions", before);
     expect_no_failed_path("relays_after_engine_closes_regions");
-    /* later copies, each way of the pair, still relay in one hop */
+    /* later copies, each way of the pair, still relay in one hop (once NVML
+     * no longer shows the dropper's spins keeping gpu1 busy) */
+    if (!relay_kernels_off())
+        ck_assert_msg(one_hop_becomes(0, 1, 5.0) && one_hop_becomes(1, 1, 5.0),
+                      "one-hop relays through gpu0 and gpu1 are not allowed again after the clients went");
     mma_client_t *c;
     MM(mma_connect(sock_path, &c));
     size_t cap = DROP_SZ + 8192;
@@ -777,14 +867,30 @@ START_TEST(bypass_small)
     MM(mma_connect(sock_path, &c));
     mma_info_t info;
     MM(mma_get_info(c, &info));
-    ck_assert(info.bypass_threshold > 0);
-    /* One GPU: no relay path, so mmad tells libmma to run every copy
-     * natively; with more (peers on these boxes) it takes the large ones. */
-    if (ngpu == 1)
-        ck_assert_msg(info.bypass_threshold == MMA_BYPASS_ALL, "one GPU, and bypass below %zu B",
+    /* Where no copy can relay (no relay path: one GPU, no peer access,
+     * every pair behind one uplink; or --max-paths=1) mmad tells libmma to
+     * run every copy natively; where one can, it takes the large ones. A
+     * --bypass-threshold in MMAD_EXTRA (from 0) stands instead of either. */
+    const char *given = extra_opt("--bypass-threshold");
+    int relays = relay_path(-1, -1) && !extra_one_path();
+    if (given && given[0] != '-') {
+        printf("bypass_small: --bypass-threshold=%.*s from MMAD_EXTRA: bypass below %zu B\n",
+               (int)strcspn(given, " "), given, info.bypass_threshold);
+        ck_assert_msg(info.bypass_threshold != MMA_BYPASS_ALL, "--bypass-threshold given, yet mmad says bypass all");
+        if (info.bypass_threshold == 0) {
+            printf("bypass_small: nothing goes native at --bypass-threshold=0; nothing to test\n");
+            mma_disconnect(c);
+            return;
+        }
+    } else if (relays) {
+        ck_assert_msg(info.bypass_threshold > 0 && info.bypass_threshold < ((size_t)64 << 20),
+                      "mmad has relay paths, and bypass below %zu B", info.bypass_threshold);
+    } else {
+        printf("bypass_small: %s: mmad should have libmma run every copy natively\n",
+               ngpu == 1 ? "one GPU" : extra_one_path() ? "--max-paths=1" : "no relay path");
+        ck_assert_msg(info.bypass_threshold == MMA_BYPASS_ALL, "no copy can relay, and bypass below %zu B",
                       info.bypass_threshold);
-    else
-        ck_assert_msg(info.bypass_threshold < ((size_t)64 << 20), "bypass below %zu B", info.bypass_threshold);
+    }
     size_t n = info.bypass_threshold == MMA_BYPASS_ALL ? (size_t)64 << 20 : info.bypass_threshold / 2 + 1;
     uint8_t *h, *back, *d;
     MM(mma_host_alloc(c, n, (void **)&h));
