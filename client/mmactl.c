@@ -100,7 +100,7 @@ static void print_status(const Mma__StatusReply *s, int json)
     printf("topology:%s\n", s->topology ? s->topology : "");
     printf("\n# Config\nchunk_size:%llu\nstaging_slots:%u\n", (unsigned long long)s->chunk_size, s->staging_slots);
     if (s->bypass_threshold == UINT64_MAX)
-        printf("bypass_threshold:all (no GPU can relay for another: libmma runs every copy natively)\n");
+        printf("bypass_threshold:all (no copy can relay: libmma runs every copy natively)\n");
     else
         printf("bypass_threshold:%llu\n", (unsigned long long)s->bypass_threshold);
     printf("\n# Stats\nclients:%u\ncopies_done:%llu\nbytes_done:%llu\ncpu_seconds:%.3f\n", s->clients,
