@@ -961,7 +961,9 @@ static int kernels_ended(mma_client_t *c)
 
 /* Without a ring libmma cannot see whether mmad sleeps, so every call
  * sends a KICK: skipping it would make this a no-op there, while the KICK
- * does wake mmad's threads for --wake-spin-us (mma.h says so). */
+ * does wake mmad's threads for --wake-spin-us (mma.h says so). A KICK that
+ * fails otherwise than on a lost connection (MMA_ERR_IO) leaves the
+ * client up: that error, not DISCONNECTED. */
 int mma_prewarm(mma_client_t *c)
 {
     if (!c)
@@ -970,7 +972,7 @@ int mma_prewarm(mma_client_t *c)
     /* one poll(2): a user who prewarms should learn that mmad is gone */
     int rc = daemon_alive(c) ? wake_mmad(c) : MMA_ERR_DISCONNECTED;
     pthread_mutex_unlock(&c->lock);
-    return rc == MMA_OK ? MMA_OK : MMA_ERR_DISCONNECTED;
+    return rc;
 }
 
 /* The COPY request for these segments. */

@@ -117,7 +117,9 @@ int mma_get_info(mma_client_t *client, mma_info_t *out);
  * (MMA_NO_RING=1, mmad --submit-ring=0) it cannot tell, and every call
  * sends a KICK (one small message), which keeps mmad awake for its
  * --wake-spin-us. A copy below mma_info_t.cold_bypass that finds mmad
- * asleep goes native and wakes it the same way. */
+ * asleep goes native and wakes it the same way. MMA_ERR_DISCONNECTED once
+ * mmad is gone; MMA_ERR_IO where sending the KICK failed otherwise (a
+ * socket error that is not a lost connection): the client stays up. */
 int mma_prewarm(mma_client_t *client);
 
 /* Host memory the daemon can reach: memfd-backed, shared with mmad, page
