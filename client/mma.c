@@ -1264,26 +1264,32 @@ int mma_free(mma_client_t *c, void *ptr)
         return MMA_ERR_NOT_REGISTERED;
     }
     drain(c);
+    /* mmad lets the memory go first: where it does not (it refuses, or the
+     * request cannot be sent), it may still copy into or out of it, so
+     * nothing is freed and the region stays, to be freed again. mmad gone
+     * has released it; one that answers NOT_REGISTERED holds nothing. */
+    if (daemon_alive(c)) {
+        int rc = unregister_id(c, c->regions[i].id);
+        if (rc != MMA_OK && rc != MMA_ERR_DISCONNECTED && rc != MMA_ERR_NOT_REGISTERED) {
+            pthread_mutex_unlock(&c->lock);
+            MMA_WARN("mma_free(%p): mmad did not unregister it: %s; nothing freed", ptr, mma_strerror(rc));
+            return rc;
+        }
+    }
     /* With mmad gone drain() waits for nothing: finish what can be finished
      * now. A stream-ordered copy its stream has not reached yet runs later
      * (natively, the watchdog's rescue()), into or out of its memory, which
      * must not be freed under it. */
-    if (!daemon_alive(c) && rescue(c) > 0 && pending_uses(c, &c->regions[i])) {
+    if (c->dead && rescue(c) > 0 && pending_uses(c, &c->regions[i])) {
         pthread_mutex_unlock(&c->lock);
         MMA_WARN("mma_free(%p): a stream-ordered copy that its stream has not reached yet uses this memory", ptr);
         return MMA_ERR_BUSY;
     }
     region_t r = c->regions[i];
     c->regions[i] = c->regions[--c->nregions];
-    int rc = MMA_OK;
-    if (!c->dead) {
-        rc = unregister_id(c, r.id);
-        if (rc == MMA_ERR_DISCONNECTED)
-            rc = MMA_OK; /* the daemon released it when it went */
-    }
     release_region(c, &r);
     pthread_mutex_unlock(&c->lock);
-    return rc;
+    return MMA_OK;
 }
 
 void mma_disconnect(mma_client_t *c)

@@ -1097,6 +1097,7 @@ typedef struct fake_mmad {
     pthread_t thread;
     int omit_region_id; /* answer REGISTER_* with MMA_OK but no RegisterReply */
     int stall;          /* while set (__atomic), read nothing: the client's socket fills */
+    int refuse_unregister; /* answer the next UNREGISTER with this status (__atomic; 0: accept it) */
     /* what it saw (read once the thread has ended) */
     int flags_seals, host_seals, dev_seals; /* F_GET_SEALS of the flag page and the last host and device
                                              * memfds (-1: none came) */
@@ -1148,6 +1149,8 @@ static void *fake_mmad_main(void *arg)
             break;
         case MMA__REQ_TYPE__UNREGISTER:
             f->unregisters++;
+            resp.status = __atomic_exchange_n(&f->refuse_unregister, 0, __ATOMIC_ACQ_REL);
+            resp.error = resp.status != MMA_OK ? "the fake mmad refuses" : NULL;
             break;
         default:
             answer = req->type != MMA__REQ_TYPE__COPY && req->type != MMA__REQ_TYPE__KICK;
@@ -1253,6 +1256,49 @@ START_TEST(prewarm_send_error)
     fake_mmad_join(&f);
     ck_assert_int_eq(f.registers, 1);
     ck_assert_int_eq(f.unregisters, 1);
+}
+END_TEST
+
+START_TEST(free_not_unregistered)
+{
+    /* mma_free frees nothing that mmad did not let go: where its UNREGISTER
+     * fails (mmad refuses it, or the request cannot be sent and the
+     * connection is still up) the memory stays mapped and registered, and
+     * mma_free again frees it. An mmad that says it never had the region
+     * holds nothing: that memory is freed. */
+    fake_mmad_t f = {0};
+    fake_mmad_start(&f);
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(f.sock, &c), MMA_OK);
+    uint8_t *h, *dv, *h2;
+    ck_assert_int_eq(mma_host_alloc(c, 8192, (void **)&h), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, 0, 8192, (void **)&dv), MMA_OK);
+    ck_assert_int_eq(mma_host_alloc(c, 4096, (void **)&h2), MMA_OK);
+    memset(h, 0x5A, 8192);
+    memset(dv, 0xA5, 8192);
+
+    __atomic_store_n(&f.refuse_unregister, MMA_ERR_BACKEND, __ATOMIC_RELEASE);
+    ck_assert_int_eq(mma_free(c, h), MMA_ERR_BACKEND);
+    for (size_t i = 0; i < 8192; i += 512)
+        ck_assert_uint_eq(h[i], 0x5A); /* still mapped */
+    ck_assert_int_eq(mma_free(c, h), MMA_OK);
+
+    int fd = client_socket_fd(f.sock);
+    ck_assert_int_ge(fd, 0);
+    int fl = stall_until_full(&f, c, fd);
+    ck_assert_int_eq(mma_free(c, dv), MMA_ERR_IO);
+    unstall(&f, fd, fl);
+    for (size_t i = 0; i < 8192; i += 512)
+        ck_assert_uint_eq(dv[i], 0xA5);
+    ck_assert_int_eq(mma_free(c, dv), MMA_OK);
+
+    __atomic_store_n(&f.refuse_unregister, MMA_ERR_NOT_REGISTERED, __ATOMIC_RELEASE);
+    ck_assert_int_eq(mma_free(c, h2), MMA_OK);
+    ck_assert_int_eq(mma_free(c, h2), MMA_ERR_NOT_REGISTERED); /* libmma's own answer: gone here too */
+    mma_disconnect(c);
+    fake_mmad_join(&f);
+    ck_assert_int_eq(f.registers, 3);
+    ck_assert_int_eq(f.unregisters, 4); /* h twice, dv once it could be sent, h2 once */
 }
 END_TEST
 
@@ -2797,7 +2843,7 @@ int main(void)
                            copy_after_daemon_gone}},
         {"mmactl", 60, {mmactl_reports, mma_ab_arguments, mma_demo_arguments, mma_bench_arguments}},
         {"faults", 60, {failing_relay_is_set_aside}},
-        {"api_errors", 60, {api_errors, segment_limit, prewarm_send_error}},
+        {"api_errors", 60, {api_errors, segment_limit, prewarm_send_error, free_not_unregistered}},
         {"yield", 120, {busy_relays_yield, idle_box_relays_do_not_yield, busy_links_stop_relays}},
         {"plan", 90, {planned_copies_every_size, trace_rows_per_chunk}},
     };

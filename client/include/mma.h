@@ -138,7 +138,10 @@ int mma_device_alloc(mma_client_t *client, int gpu, size_t size, void **out);
 int mma_device_register(mma_client_t *client, int gpu, void *ptr, size_t size);
 
 /* Unregister `ptr` (the start of a registered range) and free it if mma
- * allocated it. Waits for this client's copies in flight first.
+ * allocated it. Waits for this client's copies in flight first. mmad
+ * unregisters it first: where it refuses, or the request cannot be sent
+ * (MMA_ERR_IO) while the connection stays up, that error is returned,
+ * nothing is freed and the memory stays registered; free it again.
  * MMA_ERR_BUSY (nothing freed): mmad is gone, and a stream-ordered copy
  * into or out of this memory waits for its stream to get to it (libmma
  * then runs it natively); synchronize that stream and free again. */
