@@ -1237,6 +1237,12 @@ static int stream_copies_pending(mma_client_t *c)
     return n;
 }
 
+/* Whether releasing r calls cudaHostUnregister or cudaFree. */
+static int release_calls_cuda(const region_t *r)
+{
+    return r->pinned || (!r->mapped && r->owned && r->device);
+}
+
 static void release_region(mma_client_t *c, region_t *r)
 {
     long page = sysconf(_SC_PAGESIZE);
@@ -1279,16 +1285,31 @@ int mma_free(mma_client_t *c, void *ptr)
     /* With mmad gone drain() waits for nothing: finish what can be finished
      * now. A stream-ordered copy its stream has not reached yet runs later
      * (natively, the watchdog's rescue()), into or out of its memory, which
-     * must not be freed under it. */
-    if (c->dead && rescue(c) > 0 && pending_uses(c, &c->regions[i])) {
-        pthread_mutex_unlock(&c->lock);
-        MMA_WARN("mma_free(%p): a stream-ordered copy that its stream has not reached yet uses this memory", ptr);
-        return MMA_ERR_BUSY;
+     * must not be freed under it. Nor may memory whose release calls CUDA
+     * be freed while any such copy waits: cudaFree and cudaHostUnregister
+     * wait for every stream on the device, that copy's too, which waits in
+     * cuStreamWaitValue64 for the `done` only rescue() will write. */
+    if (c->dead) {
+        rescue(c);
+        int uses = pending_uses(c, &c->regions[i]);
+        int left = stream_copies_pending(c);
+        if (uses || (left && release_calls_cuda(&c->regions[i]))) {
+            pthread_mutex_unlock(&c->lock);
+            MMA_WARN("mma_free(%p): mmad is gone and %d stream-ordered copies that their streams have not reached "
+                     "yet are pending (%s); synchronize those streams first, then free again",
+                     ptr, left,
+                     uses ? "one of them reads or writes this memory"
+                          : "releasing this memory would wait for those streams, which wait for libmma");
+            return MMA_ERR_BUSY;
+        }
     }
+    /* Released without the lock: a release that waits for a stream (mmad
+     * alive, or gone after the check) must leave the watchdog free to write
+     * the `done` that stream may wait for. */
     region_t r = c->regions[i];
     c->regions[i] = c->regions[--c->nregions];
-    release_region(c, &r);
     pthread_mutex_unlock(&c->lock);
+    release_region(c, &r);
     return MMA_OK;
 }
 
@@ -1310,7 +1331,11 @@ void mma_disconnect(mma_client_t *c)
      * Wait for such copies a while; with mmad gone, finish each natively
      * once its stream gets there (rescue()). Those left past that keep the
      * page: a little memory, rather than a stream that writes into memory
-     * that is gone. */
+     * that is gone. With mmad gone too, nothing will write their `done`
+     * now (the watchdog has ended), so their streams wait for ever, and
+     * cudaFree and cudaHostUnregister, which wait for every stream on the
+     * device, would never return: this client's memory is left allocated,
+     * registered and mapped as well. */
     uint64_t deadline = mma_now_ns() + DISCONNECT_WAIT_NS;
     int left;
     for (;;) {
@@ -1321,14 +1346,16 @@ void mma_disconnect(mma_client_t *c)
             break;
         mma_sleep_ns(1000000);
     }
+    int leak = left && c->dead;
     if (left)
         MMA_WARN("mma_disconnect: %d stream-ordered copies not done after %llu s: leaving the flag page their "
                  "streams use mapped%s",
                  left, DISCONNECT_WAIT_NS / 1000000000ull,
-                 c->dead ? " (mmad is gone and their streams have not reached them: nothing will finish them now)"
-                         : "");
+                 leak ? ", and this client's memory allocated (mmad is gone and their streams have not reached "
+                        "them: nothing will finish them now, and releasing memory would wait for those streams)"
+                      : "");
     close(c->fd);
-    for (size_t i = 0; i < c->nregions; i++)
+    for (size_t i = 0; i < c->nregions && !leak; i++)
         release_region(c, &c->regions[i]);
     free(c->regions);
     for (int g = 0; g < 64; g++)

@@ -104,7 +104,12 @@ int mma_connect(const char *socket_path, mma_client_t **out);
  * A stream-ordered copy whose stream has not got to it yet is waited for
  * up to 5 s more (with mmad gone, libmma runs it natively once the stream
  * gets there); past that the flag page such streams write and wait on is
- * left mapped, with a warning, rather than unmapped under them. */
+ * left mapped, with a warning, rather than unmapped under them. If mmad is
+ * gone as well, nothing finishes those copies now and their streams wait
+ * for ever: then the memory of mma_host_alloc and mma_device_alloc is left
+ * allocated, registered and mapped too (cudaFree and cudaHostUnregister
+ * would wait for those streams), with a warning. Synchronize streams with
+ * stream-ordered copies before disconnecting. */
 void mma_disconnect(mma_client_t *client);
 
 int mma_get_info(mma_client_t *client, mma_info_t *out);
@@ -143,8 +148,11 @@ int mma_device_register(mma_client_t *client, int gpu, void *ptr, size_t size);
  * (MMA_ERR_IO) while the connection stays up, that error is returned,
  * nothing is freed and the memory stays registered; free it again.
  * MMA_ERR_BUSY (nothing freed): mmad is gone, and a stream-ordered copy
- * into or out of this memory waits for its stream to get to it (libmma
- * then runs it natively); synchronize that stream and free again. */
+ * waits for its stream to get to it (libmma then runs it natively), and
+ * either that copy reads or writes this memory, or the memory is libmma's
+ * (mma_host_alloc, mma_device_alloc) and freeing it (cudaHostUnregister,
+ * cudaFree) would wait for that stream, which waits for libmma;
+ * synchronize such streams and free again. */
 int mma_free(mma_client_t *client, void *ptr);
 
 typedef struct mma_segment {

@@ -902,7 +902,11 @@ END_TEST
  * queued ahead of it on the stream (here the native copy that writes its
  * source): libmma finishes it natively once the stream gets there, not at
  * once on a stream of its own. Two segments, so that it goes as a message
- * (not the submission ring) and the send itself fails. */
+ * (not the submission ring) and the send itself fails. Until the stream
+ * gets there mma_free refuses (MMA_ERR_BUSY) the copy's memory and any
+ * memory libmma allocated, whose cudaFree or cudaHostUnregister would wait
+ * for that stream while it waits for libmma; the caller's own memory,
+ * only registered, it lets go at once. */
 START_TEST(daemon_gone_at_send)
 {
     char sock2[108];
@@ -910,13 +914,17 @@ START_TEST(daemon_gone_at_send)
     mma_client_t *c = client_of_own_mmad("gone", sock2, &d2);
     int g = ngpu > 1 ? 1 : 0;
     size_t n = 64u << 20; /* above --cold-bypass and the bypass threshold: a copy for mmad */
-    uint8_t *h, *back, *d;
+    uint8_t *h, *back, *d, *other, *spare, *mine;
     MM(mma_host_alloc(c, n, (void **)&h));
     MM(mma_host_alloc(c, n, (void **)&back));
     MM(mma_device_alloc(c, g, n, (void **)&d));
+    MM(mma_device_alloc(c, g, 4096, (void **)&other));
+    MM(mma_host_alloc(c, 4096, (void **)&spare));
     fill_rand(h, n);
     memset(back, 0, n);
     CU(cudaSetDevice(g));
+    CU(cudaMalloc((void **)&mine, 4096));
+    MM(mma_device_register(c, g, mine, 4096));
     CU(cudaMemset(d, 0, n));
     cudaStream_t s;
     CU(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
@@ -932,11 +940,17 @@ START_TEST(daemon_gone_at_send)
      * (h is the native copy's, the caller's business). */
     ck_assert_int_eq(mma_free(c, back), MMA_ERR_BUSY);
     ck_assert_int_eq(mma_free(c, d), MMA_ERR_BUSY);
+    ck_assert_int_eq(mma_free(c, other), MMA_ERR_BUSY);
+    ck_assert_int_eq(mma_free(c, spare), MMA_ERR_BUSY);
+    MM(mma_free(c, mine));
     CU(cudaStreamSynchronize(s));
     ck_assert_msg(memcmp(h, back, n) == 0, "the copy ran before the work queued ahead of it on its stream");
     MM(mma_wait(c, t));
     MM(mma_free(c, back));
     MM(mma_free(c, d));
+    MM(mma_free(c, other));
+    MM(mma_free(c, spare));
+    CU(cudaFree(mine));
     CU(cudaStreamDestroy(s));
     mma_disconnect(c);
     unlink(sock2);
@@ -979,6 +993,101 @@ START_TEST(disconnect_waits_for_stream)
     free(ref);
     free(back);
     unlink(sock2);
+}
+END_TEST
+
+/* A stream gate: a host function that holds its stream until *arg is set. */
+static void CUDART_CB gate_wait(void *arg)
+{
+    while (!__atomic_load_n((const int *)arg, __ATOMIC_ACQUIRE))
+        usleep(1000);
+}
+
+/* Whether something accepts connections on the Unix socket at path. */
+static int socket_answers(const char *path)
+{
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    snprintf(a.sun_path, sizeof a.sun_path, "%s", path);
+    int fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
+    int ok = fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
+    if (fd >= 0)
+        close(fd);
+    return ok;
+}
+
+/* disconnect_leaves_memory's client (a process of its own: its stream
+ * stays stuck, and the process ends with it): mmad d2 is killed, a
+ * stream-ordered copy waits behind a gate that never opens, and
+ * mma_disconnect must come back after its 5 s wait with the memory the
+ * client allocated still allocated and registered. Returns 0 or what
+ * failed. */
+static int disconnect_with_stuck_stream(const char *sock2, pid_t d2, int g)
+{
+    static int gate; /* never opened */
+    mma_client_t *c;
+    if (mma_connect(sock2, &c) != MMA_OK)
+        return 50;
+    size_t n = 64u << 20;
+    uint8_t *h, *d;
+    if (mma_host_alloc(c, n, (void **)&h) != MMA_OK || mma_device_alloc(c, g, n, (void **)&d) != MMA_OK)
+        return 51;
+    cudaStream_t s;
+    if (cudaSetDevice(g) != cudaSuccess || cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess ||
+        cudaLaunchHostFunc(s, gate_wait, &gate) != cudaSuccess)
+        return 52;
+    kill(d2, SIGKILL);
+    for (int i = 0; i < 500 && socket_answers(sock2); i++)
+        usleep(10000);
+    mma_segment_t segs[2] = {{d, h, n / 2}, {d + n / 2, h + n / 2, n / 2}};
+    if (mma_memcpy_sg_async(c, segs, 2, (mma_stream_t)s, NULL, NULL) != MMA_OK)
+        return 53;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    mma_disconnect(c);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double waited = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
+    printf("disconnect_leaves_memory: mma_disconnect came back after %.1f s\n", waited);
+    fflush(stdout); /* the process ends in _exit */
+    if (waited > 10.0)
+        return 54;
+    struct cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, d) != cudaSuccess || a.type != cudaMemoryTypeDevice)
+        return 55; /* freed under the stream */
+    if (cudaPointerGetAttributes(&a, h) != cudaSuccess || a.type != cudaMemoryTypeHost)
+        return 56; /* unregistered under the stream */
+    return 0;
+}
+
+/* mma_disconnect with mmad gone and a stream that does not reach its
+ * stream-ordered copy within the 5 s it waits: nothing will finish that
+ * copy now, and cudaFree or cudaHostUnregister would wait for the stream
+ * for ever, so libmma leaves the client's memory allocated (and the flag
+ * page mapped) instead of hanging. */
+START_TEST(disconnect_leaves_memory)
+{
+    char sock2[108];
+    snprintf(sock2, sizeof sock2, "/tmp/mma-gpu-test-%d-stuck.sock", (int)getpid());
+    pid_t d2 = another_mmad(sock2, "--bypass-threshold=4M", NULL);
+    pid_t kid = fork();
+    if (kid == 0)
+        _exit(disconnect_with_stuck_stream(sock2, d2, ngpu > 1 ? 1 : 0));
+    ck_assert_int_gt(kid, 0);
+    int st = 0, done = 0;
+    for (int i = 0; i < 600 && !done; i++) {
+        done = waitpid(kid, &st, WNOHANG) == kid;
+        if (!done)
+            usleep(100000);
+    }
+    if (!done) {
+        kill(kid, SIGKILL);
+        waitpid(kid, &st, 0);
+    }
+    kill(d2, SIGKILL);
+    waitpid(d2, NULL, 0);
+    unlink(sock2);
+    ck_assert_msg(done, "mma_disconnect hung (60 s) with mmad gone and a stream stuck before its copy");
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the client with a stuck stream failed with %d",
+                  WIFEXITED(st) ? WEXITSTATUS(st) : -1);
 }
 END_TEST
 
@@ -1134,6 +1243,7 @@ int main(void)
     tcase_add_test(tc, daemon_dies);
     tcase_add_test(tc, daemon_gone_at_send);
     tcase_add_test(tc, disconnect_waits_for_stream);
+    tcase_add_test(tc, disconnect_leaves_memory);
     tcase_add_test(tc, trace_gpu_times);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
