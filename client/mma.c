@@ -631,11 +631,24 @@ static int slot_busy(mma_client_t *c, uint32_t i)
     return c->slot_seq[i] && mma_flag_read(&c->flags[i].done) < c->slot_seq[i];
 }
 
+/* Whether slot i may carry a new copy: its last copy is done and, if that
+ * was stream-ordered, its stream has written `reached` too. A stream-ordered
+ * copy completed before its stream got there (its send failed, or mmad
+ * refused it) still has that write queued: run after a newer copy took the
+ * slot, it would set `reached` back to the old seq, and mmad would never
+ * find the newer copy runnable. */
+static int slot_free(mma_client_t *c, uint32_t i)
+{
+    if (slot_busy(c, i))
+        return 0;
+    return !(c->pending && c->pending[i].stream && mma_flag_read(&c->flags[i].reached) < c->slot_seq[i]);
+}
+
 static int take_slot(mma_client_t *c, uint32_t *slot)
 {
     for (uint32_t k = 0; k < c->nslots; k++) {
         uint32_t i = (c->cursor + k) % c->nslots;
-        if (!slot_busy(c, i)) {
+        if (slot_free(c, i)) {
             c->cursor = (i + 1) % c->nslots;
             *slot = i;
             return MMA_OK;

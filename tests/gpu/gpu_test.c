@@ -8,6 +8,7 @@
 #define _GNU_SOURCE
 #include <check.h>
 #include <cuda_runtime_api.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -20,6 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "flagpage.h"
 #include "mma.h"
 #include "../trace_row.h"
 
@@ -570,10 +572,10 @@ START_TEST(one_hop_resident_kernels)
 }
 END_TEST
 
-/* The socket of this process's one connection to the private mmad, found
+/* The socket of this process's one connection to the mmad at path, found
  * by the address it is connected to (libmma keeps it to itself); -1 unless
  * exactly one is open. */
-static int mmad_socket_fd(void)
+static int socket_fd_to(const char *path)
 {
     int found = -1, n = 0;
     for (int fd = 0; fd < 1024; fd++) {
@@ -581,12 +583,18 @@ static int mmad_socket_fd(void)
         socklen_t len = sizeof a;
         memset(&a, 0, sizeof a);
         if (getpeername(fd, (struct sockaddr *)&a, &len) == 0 && a.sun_family == AF_UNIX &&
-            strncmp(a.sun_path, sock_path, sizeof a.sun_path) == 0) {
+            strncmp(a.sun_path, path, sizeof a.sun_path) == 0) {
             found = fd;
             n++;
         }
     }
     return n == 1 ? found : -1;
+}
+
+/* The same for the private mmad. */
+static int mmad_socket_fd(void)
+{
+    return socket_fd_to(sock_path);
 }
 
 #define DROP_ROUNDS 16
@@ -1091,6 +1099,95 @@ START_TEST(disconnect_leaves_memory)
 }
 END_TEST
 
+/* A stream-ordered copy A whose send fails while the connection stays up
+ * (MMA_ERR_IO: mmad stopped, its socket full and made non-blocking) has its
+ * slot completed with the error at once, but its stream, held behind a
+ * gate, has still to write the slot's `reached`. libmma must not give that
+ * slot to a new copy before the stream has: the late write would set
+ * `reached` back under the new copy, and mmad would never run it. So: A
+ * fails; host-ordered copies through mmad take every other slot once
+ * round, so that the next copy B would get A's slot; mmad is stopped while
+ * B's stream writes B's `reached`, A's gate opens and A's stream writes
+ * its own; mmad goes on, and B must complete, its bytes landed. */
+START_TEST(failed_stream_copy_keeps_its_slot)
+{
+    char sock2[108];
+    pid_t d2;
+    setenv("MMA_NO_RING", "1", 1); /* every copy and every mma_prewarm a message */
+    mma_client_t *c = client_of_own_mmad("slot", sock2, &d2);
+    unsetenv("MMA_NO_RING");
+    int g = ngpu > 1 ? 1 : 0;
+    size_t n = 4u << 20; /* at the bypass threshold: a copy for mmad */
+    uint8_t *h, *d, *back = malloc(n);
+    ck_assert(back);
+    MM(mma_host_alloc(c, n, (void **)&h));
+    MM(mma_device_alloc(c, g, n, (void **)&d));
+    fill_rand(h, n);
+    CU(cudaSetDevice(g));
+    CU(cudaMemset(d, 0, n));
+    cudaStream_t sa, sb;
+    CU(cudaStreamCreateWithFlags(&sa, cudaStreamNonBlocking));
+    CU(cudaStreamCreateWithFlags(&sb, cudaStreamNonBlocking));
+    static int gate;
+    CU(cudaLaunchHostFunc(sa, gate_wait, &gate));
+    mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
+
+    /* A: its send fails on a full socket */
+    int fd = socket_fd_to(sock2);
+    ck_assert_int_ge(fd, 0);
+    int fl = fcntl(fd, F_GETFL);
+    ck_assert_int_ge(fl, 0);
+    kill(d2, SIGSTOP);
+    ck_assert_int_eq(fcntl(fd, F_SETFL, fl | O_NONBLOCK), 0);
+    int rc = MMA_OK;
+    for (int i = 0; i < 1000000 && rc == MMA_OK; i++)
+        rc = mma_prewarm(c);
+    ck_assert_msg(rc == MMA_ERR_IO, "mma_prewarm on a full socket: %s", mma_status_name(rc));
+    mma_segment_t sg = {d, h, n};
+    ck_assert_int_eq(mma_memcpy_sg_async(c, &sg, 1, (mma_stream_t)sa, &o, NULL), MMA_ERR_IO);
+    ck_assert_int_eq(fcntl(fd, F_SETFL, fl), 0);
+    kill(d2, SIGCONT);
+
+    /* every other slot once round: the cursor is back at A's */
+    mma_segment_t small = {d, h, 4096};
+    for (unsigned i = 0; i < MMA_FLAG_SLOTS_DEFAULT - 1; i++) {
+        mma_copy_t t;
+        MM(mma_memcpy_sg_async(c, &small, 1, NULL, &o, &t));
+        MM(mma_wait(c, t));
+    }
+
+    /* B while mmad is stopped; then A's stream writes its `reached` */
+    kill(d2, SIGSTOP);
+    mma_copy_t tb;
+    MM(mma_memcpy_sg_async(c, &sg, 1, (mma_stream_t)sb, &o, &tb));
+    usleep(200000); /* B's stream, idle, writes B's `reached` */
+    __atomic_store_n(&gate, 1, __ATOMIC_RELEASE);
+    CU(cudaStreamSynchronize(sa));
+    kill(d2, SIGCONT);
+    int ok = 0;
+    for (int i = 0; i < 1000 && !ok; i++) {
+        ok = cudaStreamQuery(sb) == cudaSuccess;
+        if (!ok)
+            usleep(10000);
+    }
+    if (!ok)
+        kill(d2, SIGKILL);
+    ck_assert_msg(ok, "copy B never ran: the failed copy's stream set `reached` back under it (same slot)");
+    MM(mma_wait(c, tb));
+    CU(cudaMemcpy(back, d, n, cudaMemcpyDeviceToHost));
+    ck_assert_msg(memcmp(back, h, n) == 0, "copy B's bytes did not land");
+    CU(cudaStreamDestroy(sa));
+    CU(cudaStreamDestroy(sb));
+    MM(mma_free(c, d));
+    MM(mma_free(c, h));
+    mma_disconnect(c);
+    free(back);
+    kill(d2, SIGKILL);
+    waitpid(d2, NULL, 0);
+    unlink(sock2);
+}
+END_TEST
+
 /* mmad --trace --trace-gpu=1: every chunk's copies also timed on the GPU
  * (g_first_*, and a staged relay's hop in g_second_*), on the host's clock:
  * inside the chunk's issue..done window (give or take the GPUs' clock
@@ -1244,6 +1341,7 @@ int main(void)
     tcase_add_test(tc, daemon_gone_at_send);
     tcase_add_test(tc, disconnect_waits_for_stream);
     tcase_add_test(tc, disconnect_leaves_memory);
+    tcase_add_test(tc, failed_stream_copy_keeps_its_slot);
     tcase_add_test(tc, trace_gpu_times);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
