@@ -239,21 +239,27 @@ static int connect_socket(const char *path)
 
 /* Map this process's CUDA device numbers to mmad's by PCI bus id (mmad
  * names its GPUs' ids in the HELLO reply). Without ids (the simulated box,
- * or an mmad that does not send them) the numbers are taken as the same. */
-static int map_devices(mma_client_t *c, const Mma__HelloReply *hr)
+ * or an mmad that does not send them) the numbers are taken as the same.
+ * A device whose id CUDA cannot tell stays unmapped (MMA_ERR_NO_GPU when
+ * used); the others still work. */
+static void map_devices(mma_client_t *c, const Mma__HelloReply *hr)
 {
     for (int l = 0; l < MMA_CLIENT_MAX_GPUS; l++)
         c->to_mmad[l] = l < c->info.gpu_count ? l : -1;
     if (!c->cuda || hr->n_gpu_pci_bus_id == 0)
-        return MMA_OK;
+        return;
     int n = mma_cuda_device_count();
     for (int l = 0; l < MMA_CLIENT_MAX_GPUS; l++)
         c->to_mmad[l] = -1;
     for (int l = 0; l < n && l < MMA_CLIENT_MAX_GPUS; l++) {
         char bus[32];
         int rc = mma_cuda_pci_bus_id(l, bus, (int)sizeof bus);
-        if (rc != MMA_OK)
-            return rc;
+        if (rc != MMA_OK) {
+            MMA_WARN("this process's gpu %d: no PCI bus id (%s), so it cannot be matched to mmad's GPUs: "
+                     "left out (MMA_ERR_NO_GPU)",
+                     l, mma_strerror(rc));
+            continue;
+        }
         for (size_t g = 0; g < hr->n_gpu_pci_bus_id && g < MMA_CLIENT_MAX_GPUS; g++)
             if (hr->gpu_pci_bus_id[g] && strcasecmp(bus, hr->gpu_pci_bus_id[g]) == 0)
                 c->to_mmad[l] = (int)g;
@@ -262,7 +268,6 @@ static int map_devices(mma_client_t *c, const Mma__HelloReply *hr)
         else if (c->to_mmad[l] != l)
             MMA_INFO("this process's gpu %d (%s) is mmad's gpu %d", l, bus, c->to_mmad[l]);
     }
-    return MMA_OK;
 }
 
 /* mmad's number for the caller's device gpu; -1 when mmad does not serve it. */
@@ -364,10 +369,8 @@ int mma_connect(const char *socket_path, mma_client_t **out)
         }
         c->cuda = 1;
     }
-    rc = map_devices(c, hr);
+    map_devices(c, hr);
     mma__response__free_unpacked(resp, NULL);
-    if (rc != MMA_OK)
-        goto fail;
     if (c->cuda) {
         c->pending = calloc(c->nslots, sizeof *c->pending);
         if (!c->pending) {

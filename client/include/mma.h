@@ -133,9 +133,11 @@ int mma_host_alloc(mma_client_t *client, size_t size, void **out);
 
 /* Device memory on `gpu`, the caller's CUDA device number (libmma maps it
  * to mmad's by PCI bus id, so CUDA_VISIBLE_DEVICES may reorder or hide
- * GPUs; MMA_ERR_NO_GPU for one mmad does not serve). On real GPUs this is cudaMalloc + registration; on
- * the simulated box it is shared memory this process can read and write
- * directly (that is what lets tests verify bytes without a GPU). */
+ * GPUs; MMA_ERR_NO_GPU for one mmad does not serve, or whose PCI bus id
+ * CUDA could not tell at mma_connect). On real GPUs this is cudaMalloc +
+ * registration; on the simulated box it is shared memory this process can
+ * read and write directly (that is what lets tests verify bytes without a
+ * GPU). */
 int mma_device_alloc(mma_client_t *client, int gpu, size_t size, void **out);
 
 /* Register GPU memory the caller allocated itself (cudaMalloc). Real GPUs
