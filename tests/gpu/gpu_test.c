@@ -933,9 +933,9 @@ START_TEST(daemon_gone_at_send)
     CU(cudaSetDevice(g));
     CU(cudaMalloc((void **)&mine, 4096));
     MM(mma_device_register(c, g, mine, 4096));
-    CU(cudaMemset(d, 0, n));
     cudaStream_t s;
     CU(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    CU(cudaMemsetAsync(d, 0, n, s)); /* on s: ordered before the copy that writes d */
     kill(d2, SIGKILL);
     waitpid(d2, NULL, 0);
     ck_assert_int_eq(gt_spin(400000000LL, s), 0); /* ~0.2 s of work ahead of the copies */
@@ -1125,6 +1125,7 @@ START_TEST(failed_stream_copy_keeps_its_slot)
     fill_rand(h, n);
     CU(cudaSetDevice(g));
     CU(cudaMemset(d, 0, n));
+    CU(cudaDeviceSynchronize()); /* zeroed before mmad writes d */
     cudaStream_t sa, sb;
     CU(cudaStreamCreateWithFlags(&sa, cudaStreamNonBlocking));
     CU(cudaStreamCreateWithFlags(&sb, cudaStreamNonBlocking));
