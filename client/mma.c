@@ -239,21 +239,27 @@ static int connect_socket(const char *path)
 
 /* Map this process's CUDA device numbers to mmad's by PCI bus id (mmad
  * names its GPUs' ids in the HELLO reply). Without ids (the simulated box,
- * or an mmad that does not send them) the numbers are taken as the same. */
-static int map_devices(mma_client_t *c, const Mma__HelloReply *hr)
+ * or an mmad that does not send them) the numbers are taken as the same.
+ * A device whose id CUDA cannot tell stays unmapped (MMA_ERR_NO_GPU when
+ * used); the others still work. */
+static void map_devices(mma_client_t *c, const Mma__HelloReply *hr)
 {
     for (int l = 0; l < MMA_CLIENT_MAX_GPUS; l++)
         c->to_mmad[l] = l < c->info.gpu_count ? l : -1;
     if (!c->cuda || hr->n_gpu_pci_bus_id == 0)
-        return MMA_OK;
+        return;
     int n = mma_cuda_device_count();
     for (int l = 0; l < MMA_CLIENT_MAX_GPUS; l++)
         c->to_mmad[l] = -1;
     for (int l = 0; l < n && l < MMA_CLIENT_MAX_GPUS; l++) {
         char bus[32];
         int rc = mma_cuda_pci_bus_id(l, bus, (int)sizeof bus);
-        if (rc != MMA_OK)
-            return rc;
+        if (rc != MMA_OK) {
+            MMA_WARN("this process's gpu %d: no PCI bus id (%s), so it cannot be matched to mmad's GPUs: "
+                     "left out (MMA_ERR_NO_GPU)",
+                     l, mma_strerror(rc));
+            continue;
+        }
         for (size_t g = 0; g < hr->n_gpu_pci_bus_id && g < MMA_CLIENT_MAX_GPUS; g++)
             if (hr->gpu_pci_bus_id[g] && strcasecmp(bus, hr->gpu_pci_bus_id[g]) == 0)
                 c->to_mmad[l] = (int)g;
@@ -262,7 +268,6 @@ static int map_devices(mma_client_t *c, const Mma__HelloReply *hr)
         else if (c->to_mmad[l] != l)
             MMA_INFO("this process's gpu %d (%s) is mmad's gpu %d", l, bus, c->to_mmad[l]);
     }
-    return MMA_OK;
 }
 
 /* mmad's number for the caller's device gpu; -1 when mmad does not serve it. */
@@ -364,10 +369,8 @@ int mma_connect(const char *socket_path, mma_client_t **out)
         }
         c->cuda = 1;
     }
-    rc = map_devices(c, hr);
+    map_devices(c, hr);
     mma__response__free_unpacked(resp, NULL);
-    if (rc != MMA_OK)
-        goto fail;
     if (c->cuda) {
         c->pending = calloc(c->nslots, sizeof *c->pending);
         if (!c->pending) {
@@ -631,11 +634,24 @@ static int slot_busy(mma_client_t *c, uint32_t i)
     return c->slot_seq[i] && mma_flag_read(&c->flags[i].done) < c->slot_seq[i];
 }
 
+/* Whether slot i may carry a new copy: its last copy is done and, if that
+ * was stream-ordered, its stream has written `reached` too. A stream-ordered
+ * copy completed before its stream got there (its send failed, or mmad
+ * refused it) still has that write queued: run after a newer copy took the
+ * slot, it would set `reached` back to the old seq, and mmad would never
+ * find the newer copy runnable. */
+static int slot_free(mma_client_t *c, uint32_t i)
+{
+    if (slot_busy(c, i))
+        return 0;
+    return !(c->pending && c->pending[i].stream && mma_flag_read(&c->flags[i].reached) < c->slot_seq[i]);
+}
+
 static int take_slot(mma_client_t *c, uint32_t *slot)
 {
     for (uint32_t k = 0; k < c->nslots; k++) {
         uint32_t i = (c->cursor + k) % c->nslots;
-        if (!slot_busy(c, i)) {
+        if (slot_free(c, i)) {
             c->cursor = (i + 1) % c->nslots;
             *slot = i;
             return MMA_OK;
@@ -961,7 +977,9 @@ static int kernels_ended(mma_client_t *c)
 
 /* Without a ring libmma cannot see whether mmad sleeps, so every call
  * sends a KICK: skipping it would make this a no-op there, while the KICK
- * does wake mmad's threads for --wake-spin-us (mma.h says so). */
+ * does wake mmad's threads for --wake-spin-us (mma.h says so). A KICK that
+ * fails otherwise than on a lost connection (MMA_ERR_IO) leaves the
+ * client up: that error, not DISCONNECTED. */
 int mma_prewarm(mma_client_t *c)
 {
     if (!c)
@@ -970,7 +988,7 @@ int mma_prewarm(mma_client_t *c)
     /* one poll(2): a user who prewarms should learn that mmad is gone */
     int rc = daemon_alive(c) ? wake_mmad(c) : MMA_ERR_DISCONNECTED;
     pthread_mutex_unlock(&c->lock);
-    return rc == MMA_OK ? MMA_OK : MMA_ERR_DISCONNECTED;
+    return rc;
 }
 
 /* The COPY request for these segments. */
@@ -1235,6 +1253,12 @@ static int stream_copies_pending(mma_client_t *c)
     return n;
 }
 
+/* Whether releasing r calls cudaHostUnregister or cudaFree. */
+static int release_calls_cuda(const region_t *r)
+{
+    return r->pinned || (!r->mapped && r->owned && r->device);
+}
+
 static void release_region(mma_client_t *c, region_t *r)
 {
     long page = sysconf(_SC_PAGESIZE);
@@ -1262,26 +1286,47 @@ int mma_free(mma_client_t *c, void *ptr)
         return MMA_ERR_NOT_REGISTERED;
     }
     drain(c);
+    /* mmad lets the memory go first: where it does not (it refuses, or the
+     * request cannot be sent), it may still copy into or out of it, so
+     * nothing is freed and the region stays, to be freed again. mmad gone
+     * has released it; one that answers NOT_REGISTERED holds nothing. */
+    if (daemon_alive(c)) {
+        int rc = unregister_id(c, c->regions[i].id);
+        if (rc != MMA_OK && rc != MMA_ERR_DISCONNECTED && rc != MMA_ERR_NOT_REGISTERED) {
+            pthread_mutex_unlock(&c->lock);
+            MMA_WARN("mma_free(%p): mmad did not unregister it: %s; nothing freed", ptr, mma_strerror(rc));
+            return rc;
+        }
+    }
     /* With mmad gone drain() waits for nothing: finish what can be finished
      * now. A stream-ordered copy its stream has not reached yet runs later
      * (natively, the watchdog's rescue()), into or out of its memory, which
-     * must not be freed under it. */
-    if (!daemon_alive(c) && rescue(c) > 0 && pending_uses(c, &c->regions[i])) {
-        pthread_mutex_unlock(&c->lock);
-        MMA_WARN("mma_free(%p): a stream-ordered copy that its stream has not reached yet uses this memory", ptr);
-        return MMA_ERR_BUSY;
+     * must not be freed under it. Nor may memory whose release calls CUDA
+     * be freed while any such copy waits: cudaFree and cudaHostUnregister
+     * wait for every stream on the device, that copy's too, which waits in
+     * cuStreamWaitValue64 for the `done` only rescue() will write. */
+    if (c->dead) {
+        rescue(c);
+        int uses = pending_uses(c, &c->regions[i]);
+        int left = stream_copies_pending(c);
+        if (uses || (left && release_calls_cuda(&c->regions[i]))) {
+            pthread_mutex_unlock(&c->lock);
+            MMA_WARN("mma_free(%p): mmad is gone and %d stream-ordered copies that their streams have not reached "
+                     "yet are pending (%s); synchronize those streams first, then free again",
+                     ptr, left,
+                     uses ? "one of them reads or writes this memory"
+                          : "releasing this memory would wait for those streams, which wait for libmma");
+            return MMA_ERR_BUSY;
+        }
     }
+    /* Released without the lock: a release that waits for a stream (mmad
+     * alive, or gone after the check) must leave the watchdog free to write
+     * the `done` that stream may wait for. */
     region_t r = c->regions[i];
     c->regions[i] = c->regions[--c->nregions];
-    int rc = MMA_OK;
-    if (!c->dead) {
-        rc = unregister_id(c, r.id);
-        if (rc == MMA_ERR_DISCONNECTED)
-            rc = MMA_OK; /* the daemon released it when it went */
-    }
-    release_region(c, &r);
     pthread_mutex_unlock(&c->lock);
-    return rc;
+    release_region(c, &r);
+    return MMA_OK;
 }
 
 void mma_disconnect(mma_client_t *c)
@@ -1302,7 +1347,11 @@ void mma_disconnect(mma_client_t *c)
      * Wait for such copies a while; with mmad gone, finish each natively
      * once its stream gets there (rescue()). Those left past that keep the
      * page: a little memory, rather than a stream that writes into memory
-     * that is gone. */
+     * that is gone. With mmad gone too, nothing will write their `done`
+     * now (the watchdog has ended), so their streams wait for ever, and
+     * cudaFree and cudaHostUnregister, which wait for every stream on the
+     * device, would never return: this client's memory is left allocated,
+     * registered and mapped as well. */
     uint64_t deadline = mma_now_ns() + DISCONNECT_WAIT_NS;
     int left;
     for (;;) {
@@ -1313,14 +1362,16 @@ void mma_disconnect(mma_client_t *c)
             break;
         mma_sleep_ns(1000000);
     }
+    int leak = left && c->dead;
     if (left)
         MMA_WARN("mma_disconnect: %d stream-ordered copies not done after %llu s: leaving the flag page their "
                  "streams use mapped%s",
                  left, DISCONNECT_WAIT_NS / 1000000000ull,
-                 c->dead ? " (mmad is gone and their streams have not reached them: nothing will finish them now)"
-                         : "");
+                 leak ? ", and this client's memory allocated (mmad is gone and their streams have not reached "
+                        "them: nothing will finish them now, and releasing memory would wait for those streams)"
+                      : "");
     close(c->fd);
-    for (size_t i = 0; i < c->nregions; i++)
+    for (size_t i = 0; i < c->nregions && !leak; i++)
         release_region(c, &c->regions[i]);
     free(c->regions);
     for (int g = 0; g < 64; g++)

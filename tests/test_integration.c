@@ -1106,6 +1106,8 @@ typedef struct fake_mmad {
     int lfd;
     pthread_t thread;
     int omit_region_id; /* answer REGISTER_* with MMA_OK but no RegisterReply */
+    int stall;          /* while set (__atomic), read nothing: the client's socket fills */
+    int refuse_unregister; /* answer the next UNREGISTER with this status (__atomic; 0: accept it) */
     /* what it saw (read once the thread has ended) */
     int flags_seals, host_seals, dev_seals; /* F_GET_SEALS of the flag page and the last host and device
                                              * memfds (-1: none came) */
@@ -1120,6 +1122,8 @@ static void *fake_mmad_main(void *arg)
     for (;;) {
         size_t len;
         int fds[MMA_WIRE_MAX_FDS], nfds = 0;
+        while (__atomic_load_n(&f->stall, __ATOMIC_ACQUIRE))
+            usleep(1000);
         if (fd < 0 || !buf || mma_wire_recv(fd, buf, MMA_WIRE_MAX_MSG, &len, fds, &nfds) != MMA_OK)
             break;
         int seals = nfds == 1 ? fcntl(fds[0], F_GET_SEALS) : -1;
@@ -1155,6 +1159,8 @@ static void *fake_mmad_main(void *arg)
             break;
         case MMA__REQ_TYPE__UNREGISTER:
             f->unregisters++;
+            resp.status = __atomic_exchange_n(&f->refuse_unregister, 0, __ATOMIC_ACQ_REL);
+            resp.error = resp.status != MMA_OK ? "the fake mmad refuses" : NULL;
             break;
         default:
             answer = req->type != MMA__REQ_TYPE__COPY && req->type != MMA__REQ_TYPE__KICK;
@@ -1190,6 +1196,121 @@ static void fake_mmad_join(fake_mmad_t *f)
     close(f->lfd);
     unlink(f->sock);
 }
+
+/* This process's one connection to the socket at `path` (libmma keeps its
+ * descriptor to itself), found by the address it is connected to; -1
+ * unless exactly one is open. */
+static int client_socket_fd(const char *path)
+{
+    int found = -1, n = 0;
+    for (int fd = 0; fd < 1024; fd++) {
+        struct sockaddr_un a;
+        socklen_t len = sizeof a;
+        memset(&a, 0, sizeof a);
+        if (getpeername(fd, (struct sockaddr *)&a, &len) == 0 && a.sun_family == AF_UNIX &&
+            strncmp(a.sun_path, path, sizeof a.sun_path) == 0) {
+            found = fd;
+            n++;
+        }
+    }
+    return n == 1 ? found : -1;
+}
+
+/* Make the client's socket non-blocking while the fake mmad reads nothing,
+ * and send KICKs (mma_prewarm: the fake offers no ring, so each call sends
+ * one) until the socket is full: a send that fails without the connection
+ * being lost. Returns the descriptor's flags, to restore with unstall(). */
+static int stall_until_full(fake_mmad_t *f, mma_client_t *c, int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    ck_assert_int_ge(fl, 0);
+    __atomic_store_n(&f->stall, 1, __ATOMIC_RELEASE);
+    ck_assert_int_eq(fcntl(fd, F_SETFL, fl | O_NONBLOCK), 0);
+    int rc = MMA_OK, n = 0;
+    while (rc == MMA_OK && n < 1000000) {
+        rc = mma_prewarm(c);
+        n++;
+    }
+    ck_assert_msg(rc == MMA_ERR_IO, "mma_prewarm on a full socket: %s after %d calls (want MMA_ERR_IO)",
+                  mma_status_name(rc), n);
+    ck_assert_int_gt(n, 1);
+    return fl;
+}
+
+static void unstall(fake_mmad_t *f, int fd, int fl)
+{
+    ck_assert_int_eq(fcntl(fd, F_SETFL, fl), 0);
+    __atomic_store_n(&f->stall, 0, __ATOMIC_RELEASE);
+}
+
+START_TEST(prewarm_send_error)
+{
+    /* A KICK whose send fails without the connection being lost (a full
+     * non-blocking socket: EAGAIN) is mma_prewarm's MMA_ERR_IO, not
+     * MMA_ERR_DISCONNECTED, and the client stays up: once mmad reads
+     * again, the same client prewarms and registers. */
+    fake_mmad_t f = {0};
+    fake_mmad_start(&f);
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(f.sock, &c), MMA_OK);
+    int fd = client_socket_fd(f.sock);
+    ck_assert_int_ge(fd, 0);
+    int fl = stall_until_full(&f, c, fd);
+    ck_assert_int_eq(mma_prewarm(c), MMA_ERR_IO);
+    unstall(&f, fd, fl);
+    ck_assert_int_eq(mma_prewarm(c), MMA_OK);
+    void *h;
+    ck_assert_int_eq(mma_host_alloc(c, 4096, &h), MMA_OK); /* a request and its answer */
+    ck_assert_int_eq(mma_free(c, h), MMA_OK);
+    mma_disconnect(c);
+    fake_mmad_join(&f);
+    ck_assert_int_eq(f.registers, 1);
+    ck_assert_int_eq(f.unregisters, 1);
+}
+END_TEST
+
+START_TEST(free_not_unregistered)
+{
+    /* mma_free frees nothing that mmad did not let go: where its UNREGISTER
+     * fails (mmad refuses it, or the request cannot be sent and the
+     * connection is still up) the memory stays mapped and registered, and
+     * mma_free again frees it. An mmad that says it never had the region
+     * holds nothing: that memory is freed. */
+    fake_mmad_t f = {0};
+    fake_mmad_start(&f);
+    mma_client_t *c = NULL;
+    ck_assert_int_eq(mma_connect(f.sock, &c), MMA_OK);
+    uint8_t *h, *dv, *h2;
+    ck_assert_int_eq(mma_host_alloc(c, 8192, (void **)&h), MMA_OK);
+    ck_assert_int_eq(mma_device_alloc(c, 0, 8192, (void **)&dv), MMA_OK);
+    ck_assert_int_eq(mma_host_alloc(c, 4096, (void **)&h2), MMA_OK);
+    memset(h, 0x5A, 8192);
+    memset(dv, 0xA5, 8192);
+
+    __atomic_store_n(&f.refuse_unregister, MMA_ERR_BACKEND, __ATOMIC_RELEASE);
+    ck_assert_int_eq(mma_free(c, h), MMA_ERR_BACKEND);
+    for (size_t i = 0; i < 8192; i += 512)
+        ck_assert_uint_eq(h[i], 0x5A); /* still mapped */
+    ck_assert_int_eq(mma_free(c, h), MMA_OK);
+
+    int fd = client_socket_fd(f.sock);
+    ck_assert_int_ge(fd, 0);
+    int fl = stall_until_full(&f, c, fd);
+    ck_assert_int_eq(mma_free(c, dv), MMA_ERR_IO);
+    unstall(&f, fd, fl);
+    for (size_t i = 0; i < 8192; i += 512)
+        ck_assert_uint_eq(dv[i], 0xA5);
+    ck_assert_int_eq(mma_free(c, dv), MMA_OK);
+
+    __atomic_store_n(&f.refuse_unregister, MMA_ERR_NOT_REGISTERED, __ATOMIC_RELEASE);
+    ck_assert_int_eq(mma_free(c, h2), MMA_OK);
+    ck_assert_int_eq(mma_free(c, h2), MMA_ERR_NOT_REGISTERED); /* libmma's own answer: gone here too */
+    mma_disconnect(c);
+    fake_mmad_join(&f);
+    ck_assert_int_eq(f.registers, 3);
+    ck_assert_int_eq(f.unregisters, 4); /* h twice, dv once it could be sent, h2 once */
+}
+END_TEST
 
 START_TEST(register_reply_without_region)
 {
@@ -2768,7 +2889,7 @@ int main(void)
                            copy_after_daemon_gone}},
         {"mmactl", 60, {mmactl_reports, mma_ab_arguments, mma_demo_arguments, mma_bench_arguments, log_levels}},
         {"faults", 60, {failing_relay_is_set_aside}},
-        {"api_errors", 60, {api_errors, segment_limit}},
+        {"api_errors", 60, {api_errors, segment_limit, prewarm_send_error, free_not_unregistered}},
         {"yield", 120, {busy_relays_yield, idle_box_relays_do_not_yield, busy_links_stop_relays}},
         {"plan", 90, {planned_copies_every_size, trace_rows_per_chunk}},
     };

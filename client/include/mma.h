@@ -104,7 +104,12 @@ int mma_connect(const char *socket_path, mma_client_t **out);
  * A stream-ordered copy whose stream has not got to it yet is waited for
  * up to 5 s more (with mmad gone, libmma runs it natively once the stream
  * gets there); past that the flag page such streams write and wait on is
- * left mapped, with a warning, rather than unmapped under them. */
+ * left mapped, with a warning, rather than unmapped under them. If mmad is
+ * gone as well, nothing finishes those copies now and their streams wait
+ * for ever: then the memory of mma_host_alloc and mma_device_alloc is left
+ * allocated, registered and mapped too (cudaFree and cudaHostUnregister
+ * would wait for those streams), with a warning. Synchronize streams with
+ * stream-ordered copies before disconnecting. */
 void mma_disconnect(mma_client_t *client);
 
 int mma_get_info(mma_client_t *client, mma_info_t *out);
@@ -117,7 +122,9 @@ int mma_get_info(mma_client_t *client, mma_info_t *out);
  * (MMA_NO_RING=1, mmad --submit-ring=0) it cannot tell, and every call
  * sends a KICK (one small message), which keeps mmad awake for its
  * --wake-spin-us. A copy below mma_info_t.cold_bypass that finds mmad
- * asleep goes native and wakes it the same way. */
+ * asleep goes native and wakes it the same way. MMA_ERR_DISCONNECTED once
+ * mmad is gone; MMA_ERR_IO where sending the KICK failed otherwise (a
+ * socket error that is not a lost connection): the client stays up. */
 int mma_prewarm(mma_client_t *client);
 
 /* Host memory the daemon can reach: memfd-backed, shared with mmad, page
@@ -126,9 +133,11 @@ int mma_host_alloc(mma_client_t *client, size_t size, void **out);
 
 /* Device memory on `gpu`, the caller's CUDA device number (libmma maps it
  * to mmad's by PCI bus id, so CUDA_VISIBLE_DEVICES may reorder or hide
- * GPUs; MMA_ERR_NO_GPU for one mmad does not serve). On real GPUs this is cudaMalloc + registration; on
- * the simulated box it is shared memory this process can read and write
- * directly (that is what lets tests verify bytes without a GPU). */
+ * GPUs; MMA_ERR_NO_GPU for one mmad does not serve, or whose PCI bus id
+ * CUDA could not tell at mma_connect). On real GPUs this is cudaMalloc +
+ * registration; on the simulated box it is shared memory this process can
+ * read and write directly (that is what lets tests verify bytes without a
+ * GPU). */
 int mma_device_alloc(mma_client_t *client, int gpu, size_t size, void **out);
 
 /* Register GPU memory the caller allocated itself (cudaMalloc). Real GPUs
@@ -136,10 +145,16 @@ int mma_device_alloc(mma_client_t *client, int gpu, size_t size, void **out);
 int mma_device_register(mma_client_t *client, int gpu, void *ptr, size_t size);
 
 /* Unregister `ptr` (the start of a registered range) and free it if mma
- * allocated it. Waits for this client's copies in flight first.
+ * allocated it. Waits for this client's copies in flight first. mmad
+ * unregisters it first: where it refuses, or the request cannot be sent
+ * (MMA_ERR_IO) while the connection stays up, that error is returned,
+ * nothing is freed and the memory stays registered; free it again.
  * MMA_ERR_BUSY (nothing freed): mmad is gone, and a stream-ordered copy
- * into or out of this memory waits for its stream to get to it (libmma
- * then runs it natively); synchronize that stream and free again. */
+ * waits for its stream to get to it (libmma then runs it natively), and
+ * either that copy reads or writes this memory, or the memory is libmma's
+ * (mma_host_alloc, mma_device_alloc) and freeing it (cudaHostUnregister,
+ * cudaFree) would wait for that stream, which waits for libmma;
+ * synchronize such streams and free again. */
 int mma_free(mma_client_t *client, void *ptr);
 
 typedef struct mma_segment {

@@ -8,6 +8,7 @@
 #define _GNU_SOURCE
 #include <check.h>
 #include <cuda_runtime_api.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -20,6 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "flagpage.h"
 #include "mma.h"
 #include "../trace_row.h"
 
@@ -623,10 +625,10 @@ START_TEST(one_hop_resident_kernels)
 }
 END_TEST
 
-/* The socket of this process's one connection to the private mmad, found
+/* The socket of this process's one connection to the mmad at path, found
  * by the address it is connected to (libmma keeps it to itself); -1 unless
  * exactly one is open. */
-static int mmad_socket_fd(void)
+static int socket_fd_to(const char *path)
 {
     int found = -1, n = 0;
     for (int fd = 0; fd < 1024; fd++) {
@@ -634,12 +636,18 @@ static int mmad_socket_fd(void)
         socklen_t len = sizeof a;
         memset(&a, 0, sizeof a);
         if (getpeername(fd, (struct sockaddr *)&a, &len) == 0 && a.sun_family == AF_UNIX &&
-            strncmp(a.sun_path, sock_path, sizeof a.sun_path) == 0) {
+            strncmp(a.sun_path, path, sizeof a.sun_path) == 0) {
             found = fd;
             n++;
         }
     }
     return n == 1 ? found : -1;
+}
+
+/* The same for the private mmad. */
+static int mmad_socket_fd(void)
+{
+    return socket_fd_to(sock_path);
 }
 
 #define DROP_ROUNDS 16
@@ -1008,7 +1016,11 @@ END_TEST
  * queued ahead of it on the stream (here the native copy that writes its
  * source): libmma finishes it natively once the stream gets there, not at
  * once on a stream of its own. Two segments, so that it goes as a message
- * (not the submission ring) and the send itself fails. */
+ * (not the submission ring) and the send itself fails. Until the stream
+ * gets there mma_free refuses (MMA_ERR_BUSY) the copy's memory and any
+ * memory libmma allocated, whose cudaFree or cudaHostUnregister would wait
+ * for that stream while it waits for libmma; the caller's own memory,
+ * only registered, it lets go at once. */
 START_TEST(daemon_gone_at_send)
 {
     char sock2[108];
@@ -1016,16 +1028,20 @@ START_TEST(daemon_gone_at_send)
     mma_client_t *c = client_of_own_mmad("gone", sock2, &d2);
     int g = ngpu > 1 ? 1 : 0;
     size_t n = 64u << 20; /* above --cold-bypass and the bypass threshold: a copy for mmad */
-    uint8_t *h, *back, *d;
+    uint8_t *h, *back, *d, *other, *spare, *mine;
     MM(mma_host_alloc(c, n, (void **)&h));
     MM(mma_host_alloc(c, n, (void **)&back));
     MM(mma_device_alloc(c, g, n, (void **)&d));
+    MM(mma_device_alloc(c, g, 4096, (void **)&other));
+    MM(mma_host_alloc(c, 4096, (void **)&spare));
     fill_rand(h, n);
     memset(back, 0, n);
     CU(cudaSetDevice(g));
-    CU(cudaMemset(d, 0, n));
+    CU(cudaMalloc((void **)&mine, 4096));
+    MM(mma_device_register(c, g, mine, 4096));
     cudaStream_t s;
     CU(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    CU(cudaMemsetAsync(d, 0, n, s)); /* on s: ordered before the copy that writes d */
     kill(d2, SIGKILL);
     waitpid(d2, NULL, 0);
     ck_assert_int_eq(gt_spin(400000000LL, s), 0); /* ~0.2 s of work ahead of the copies */
@@ -1038,11 +1054,17 @@ START_TEST(daemon_gone_at_send)
      * (h is the native copy's, the caller's business). */
     ck_assert_int_eq(mma_free(c, back), MMA_ERR_BUSY);
     ck_assert_int_eq(mma_free(c, d), MMA_ERR_BUSY);
+    ck_assert_int_eq(mma_free(c, other), MMA_ERR_BUSY);
+    ck_assert_int_eq(mma_free(c, spare), MMA_ERR_BUSY);
+    MM(mma_free(c, mine));
     CU(cudaStreamSynchronize(s));
     ck_assert_msg(memcmp(h, back, n) == 0, "the copy ran before the work queued ahead of it on its stream");
     MM(mma_wait(c, t));
     MM(mma_free(c, back));
     MM(mma_free(c, d));
+    MM(mma_free(c, other));
+    MM(mma_free(c, spare));
+    CU(cudaFree(mine));
     CU(cudaStreamDestroy(s));
     mma_disconnect(c);
     unlink(sock2);
@@ -1084,6 +1106,191 @@ START_TEST(disconnect_waits_for_stream)
     CU(cudaFree(mine));
     free(ref);
     free(back);
+    unlink(sock2);
+}
+END_TEST
+
+/* A stream gate: a host function that holds its stream until *arg is set. */
+static void CUDART_CB gate_wait(void *arg)
+{
+    while (!__atomic_load_n((const int *)arg, __ATOMIC_ACQUIRE))
+        usleep(1000);
+}
+
+/* Whether something accepts connections on the Unix socket at path. */
+static int socket_answers(const char *path)
+{
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    snprintf(a.sun_path, sizeof a.sun_path, "%s", path);
+    int fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
+    int ok = fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
+    if (fd >= 0)
+        close(fd);
+    return ok;
+}
+
+/* disconnect_leaves_memory's client (a process of its own: its stream
+ * stays stuck, and the process ends with it): mmad d2 is killed, a
+ * stream-ordered copy waits behind a gate that never opens, and
+ * mma_disconnect must come back after its 5 s wait with the memory the
+ * client allocated still allocated and registered. Returns 0 or what
+ * failed. */
+static int disconnect_with_stuck_stream(const char *sock2, pid_t d2, int g)
+{
+    static int gate; /* never opened */
+    mma_client_t *c;
+    if (mma_connect(sock2, &c) != MMA_OK)
+        return 50;
+    size_t n = 64u << 20;
+    uint8_t *h, *d;
+    if (mma_host_alloc(c, n, (void **)&h) != MMA_OK || mma_device_alloc(c, g, n, (void **)&d) != MMA_OK)
+        return 51;
+    cudaStream_t s;
+    if (cudaSetDevice(g) != cudaSuccess || cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess ||
+        cudaLaunchHostFunc(s, gate_wait, &gate) != cudaSuccess)
+        return 52;
+    kill(d2, SIGKILL);
+    for (int i = 0; i < 500 && socket_answers(sock2); i++)
+        usleep(10000);
+    mma_segment_t segs[2] = {{d, h, n / 2}, {d + n / 2, h + n / 2, n / 2}};
+    if (mma_memcpy_sg_async(c, segs, 2, (mma_stream_t)s, NULL, NULL) != MMA_OK)
+        return 53;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    mma_disconnect(c);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double waited = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
+    printf("disconnect_leaves_memory: mma_disconnect came back after %.1f s\n", waited);
+    fflush(stdout); /* the process ends in _exit */
+    if (waited > 10.0)
+        return 54;
+    struct cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, d) != cudaSuccess || a.type != cudaMemoryTypeDevice)
+        return 55; /* freed under the stream */
+    if (cudaPointerGetAttributes(&a, h) != cudaSuccess || a.type != cudaMemoryTypeHost)
+        return 56; /* unregistered under the stream */
+    return 0;
+}
+
+/* mma_disconnect with mmad gone and a stream that does not reach its
+ * stream-ordered copy within the 5 s it waits: nothing will finish that
+ * copy now, and cudaFree or cudaHostUnregister would wait for the stream
+ * for ever, so libmma leaves the client's memory allocated (and the flag
+ * page mapped) instead of hanging. */
+START_TEST(disconnect_leaves_memory)
+{
+    char sock2[108];
+    snprintf(sock2, sizeof sock2, "/tmp/mma-gpu-test-%d-stuck.sock", (int)getpid());
+    pid_t d2 = another_mmad(sock2, "--bypass-threshold=4M", NULL);
+    pid_t kid = fork();
+    if (kid == 0)
+        _exit(disconnect_with_stuck_stream(sock2, d2, ngpu > 1 ? 1 : 0));
+    ck_assert_int_gt(kid, 0);
+    int st = 0, done = 0;
+    for (int i = 0; i < 600 && !done; i++) {
+        done = waitpid(kid, &st, WNOHANG) == kid;
+        if (!done)
+            usleep(100000);
+    }
+    if (!done) {
+        kill(kid, SIGKILL);
+        waitpid(kid, &st, 0);
+    }
+    kill(d2, SIGKILL);
+    waitpid(d2, NULL, 0);
+    unlink(sock2);
+    ck_assert_msg(done, "mma_disconnect hung (60 s) with mmad gone and a stream stuck before its copy");
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the client with a stuck stream failed with %d",
+                  WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+}
+END_TEST
+
+/* A stream-ordered copy A whose send fails while the connection stays up
+ * (MMA_ERR_IO: mmad stopped, its socket full and made non-blocking) has its
+ * slot completed with the error at once, but its stream, held behind a
+ * gate, has still to write the slot's `reached`. libmma must not give that
+ * slot to a new copy before the stream has: the late write would set
+ * `reached` back under the new copy, and mmad would never run it. So: A
+ * fails; host-ordered copies through mmad take every other slot once
+ * round, so that the next copy B would get A's slot; mmad is stopped while
+ * B's stream writes B's `reached`, A's gate opens and A's stream writes
+ * its own; mmad goes on, and B must complete, its bytes landed. */
+START_TEST(failed_stream_copy_keeps_its_slot)
+{
+    char sock2[108];
+    pid_t d2;
+    setenv("MMA_NO_RING", "1", 1); /* every copy and every mma_prewarm a message */
+    mma_client_t *c = client_of_own_mmad("slot", sock2, &d2);
+    unsetenv("MMA_NO_RING");
+    int g = ngpu > 1 ? 1 : 0;
+    size_t n = 4u << 20; /* at the bypass threshold: a copy for mmad */
+    uint8_t *h, *d, *back = malloc(n);
+    ck_assert(back);
+    MM(mma_host_alloc(c, n, (void **)&h));
+    MM(mma_device_alloc(c, g, n, (void **)&d));
+    fill_rand(h, n);
+    CU(cudaSetDevice(g));
+    CU(cudaMemset(d, 0, n));
+    CU(cudaDeviceSynchronize()); /* zeroed before mmad writes d */
+    cudaStream_t sa, sb;
+    CU(cudaStreamCreateWithFlags(&sa, cudaStreamNonBlocking));
+    CU(cudaStreamCreateWithFlags(&sb, cudaStreamNonBlocking));
+    static int gate;
+    CU(cudaLaunchHostFunc(sa, gate_wait, &gate));
+    mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
+
+    /* A: its send fails on a full socket */
+    int fd = socket_fd_to(sock2);
+    ck_assert_int_ge(fd, 0);
+    int fl = fcntl(fd, F_GETFL);
+    ck_assert_int_ge(fl, 0);
+    kill(d2, SIGSTOP);
+    ck_assert_int_eq(fcntl(fd, F_SETFL, fl | O_NONBLOCK), 0);
+    int rc = MMA_OK;
+    for (int i = 0; i < 1000000 && rc == MMA_OK; i++)
+        rc = mma_prewarm(c);
+    ck_assert_msg(rc == MMA_ERR_IO, "mma_prewarm on a full socket: %s", mma_status_name(rc));
+    mma_segment_t sg = {d, h, n};
+    ck_assert_int_eq(mma_memcpy_sg_async(c, &sg, 1, (mma_stream_t)sa, &o, NULL), MMA_ERR_IO);
+    ck_assert_int_eq(fcntl(fd, F_SETFL, fl), 0);
+    kill(d2, SIGCONT);
+
+    /* every other slot once round: the cursor is back at A's */
+    mma_segment_t small = {d, h, 4096};
+    for (unsigned i = 0; i < MMA_FLAG_SLOTS_DEFAULT - 1; i++) {
+        mma_copy_t t;
+        MM(mma_memcpy_sg_async(c, &small, 1, NULL, &o, &t));
+        MM(mma_wait(c, t));
+    }
+
+    /* B while mmad is stopped; then A's stream writes its `reached` */
+    kill(d2, SIGSTOP);
+    mma_copy_t tb;
+    MM(mma_memcpy_sg_async(c, &sg, 1, (mma_stream_t)sb, &o, &tb));
+    usleep(200000); /* B's stream, idle, writes B's `reached` */
+    __atomic_store_n(&gate, 1, __ATOMIC_RELEASE);
+    CU(cudaStreamSynchronize(sa));
+    kill(d2, SIGCONT);
+    int ok = 0;
+    for (int i = 0; i < 1000 && !ok; i++) {
+        ok = cudaStreamQuery(sb) == cudaSuccess;
+        if (!ok)
+            usleep(10000);
+    }
+    if (!ok)
+        kill(d2, SIGKILL);
+    ck_assert_msg(ok, "copy B never ran: the failed copy's stream set `reached` back under it (same slot)");
+    MM(mma_wait(c, tb));
+    CU(cudaMemcpy(back, d, n, cudaMemcpyDeviceToHost));
+    ck_assert_msg(memcmp(back, h, n) == 0, "copy B's bytes did not land");
+    CU(cudaStreamDestroy(sa));
+    CU(cudaStreamDestroy(sb));
+    MM(mma_free(c, d));
+    MM(mma_free(c, h));
+    mma_disconnect(c);
+    free(back);
+    kill(d2, SIGKILL);
+    waitpid(d2, NULL, 0);
     unlink(sock2);
 }
 END_TEST
@@ -1240,6 +1447,8 @@ int main(void)
     tcase_add_test(tc, daemon_dies);
     tcase_add_test(tc, daemon_gone_at_send);
     tcase_add_test(tc, disconnect_waits_for_stream);
+    tcase_add_test(tc, disconnect_leaves_memory);
+    tcase_add_test(tc, failed_stream_copy_keeps_its_slot);
     tcase_add_test(tc, trace_gpu_times);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
