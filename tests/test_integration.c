@@ -44,6 +44,7 @@
 #include "flagpage.h"
 #include "harness.h"
 #include "mma.h"
+#include "socket_fd.h"
 #include "trace_row.h"
 #include "wire.h"
 
@@ -1195,25 +1196,6 @@ static void fake_mmad_join(fake_mmad_t *f)
     ck_assert_int_eq(pthread_join(f->thread, NULL), 0);
     close(f->lfd);
     unlink(f->sock);
-}
-
-/* This process's one connection to the socket at `path` (libmma keeps its
- * descriptor to itself), found by the address it is connected to; -1
- * unless exactly one is open. */
-static int client_socket_fd(const char *path)
-{
-    int found = -1, n = 0;
-    for (int fd = 0; fd < 1024; fd++) {
-        struct sockaddr_un a;
-        socklen_t len = sizeof a;
-        memset(&a, 0, sizeof a);
-        if (getpeername(fd, (struct sockaddr *)&a, &len) == 0 && a.sun_family == AF_UNIX &&
-            strncmp(a.sun_path, path, sizeof a.sun_path) == 0) {
-            found = fd;
-            n++;
-        }
-    }
-    return n == 1 ? found : -1;
 }
 
 /* Make the client's socket non-blocking while the fake mmad reads nothing,

@@ -23,6 +23,7 @@
 
 #include "flagpage.h"
 #include "mma.h"
+#include "../socket_fd.h"
 #include "../trace_row.h"
 
 int gt_fill(void *p, size_t n, uint32_t seed, cudaStream_t s);
@@ -625,29 +626,10 @@ START_TEST(one_hop_resident_kernels)
 }
 END_TEST
 
-/* The socket of this process's one connection to the mmad at path, found
- * by the address it is connected to (libmma keeps it to itself); -1 unless
- * exactly one is open. */
-static int socket_fd_to(const char *path)
-{
-    int found = -1, n = 0;
-    for (int fd = 0; fd < 1024; fd++) {
-        struct sockaddr_un a;
-        socklen_t len = sizeof a;
-        memset(&a, 0, sizeof a);
-        if (getpeername(fd, (struct sockaddr *)&a, &len) == 0 && a.sun_family == AF_UNIX &&
-            strncmp(a.sun_path, path, sizeof a.sun_path) == 0) {
-            found = fd;
-            n++;
-        }
-    }
-    return n == 1 ? found : -1;
-}
-
-/* The same for the private mmad. */
+/* This process's one connection to the private mmad. */
 static int mmad_socket_fd(void)
 {
-    return socket_fd_to(sock_path);
+    return client_socket_fd(sock_path);
 }
 
 #define DROP_ROUNDS 16
@@ -1240,7 +1222,7 @@ START_TEST(failed_stream_copy_keeps_its_slot)
     mma_copy_opts_t o = {.flags = MMA_COPY_NO_BYPASS};
 
     /* A: its send fails on a full socket */
-    int fd = socket_fd_to(sock2);
+    int fd = client_socket_fd(sock2);
     ck_assert_int_ge(fd, 0);
     int fl = fcntl(fd, F_GETFL);
     ck_assert_int_ge(fl, 0);
