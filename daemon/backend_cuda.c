@@ -1615,7 +1615,7 @@ static void monitor_own_pid(monitor_t *m)
     uint64_t t = mma_now_ns();
     if (!m->procs || !m->proc_util || !s->kernel_below || !s->kernel_busy_sm ||
         atomic_load_explicit(&m->own_pid, memory_order_relaxed) ||
-        t - m->own_look_ns < (m->own_look_every ? m->own_look_every : COMPUTE_LOOK_NS))
+        t - m->own_look_ns < m->own_look_every)
         return;
     m->own_look_ns = t;
     unsigned int me = (unsigned int)getpid();
@@ -1661,10 +1661,8 @@ static void monitor_own_pid(monitor_t *m)
                  "intervals, at most 16 s apart)",
                  me, nevery < 0 ? 0 : nevery);
     }
-    if (!atomic_load_explicit(&m->own_pid, memory_order_relaxed)) {
-        uint64_t every_ns = m->own_look_every ? 2 * m->own_look_every : 2 * COMPUTE_LOOK_NS;
-        m->own_look_every = every_ns < OWN_LOOK_MAX_NS ? every_ns : OWN_LOOK_MAX_NS;
-    }
+    if (!atomic_load_explicit(&m->own_pid, memory_order_relaxed))
+        m->own_look_every = 2 * m->own_look_every < OWN_LOOK_MAX_NS ? 2 * m->own_look_every : OWN_LOOK_MAX_NS;
 }
 
 /* Did another process run kernels on GPU g since the last look (NVML's
@@ -1889,6 +1887,7 @@ static void monitor_start(cuda_be_t *s, double busy_gbps)
     if (!m)
         return;
     m->s = s;
+    m->own_look_every = COMPUTE_LOOK_NS; /* monitor_own_pid: doubled after each look that cannot tell */
     pthread_mutex_init(&m->lock, NULL);
     mma_cond_init_monotonic(&m->cond); /* monitor_sleep's deadlines are CLOCK_MONOTONIC */
     pthread_cond_init(&m->go, NULL);
@@ -2342,9 +2341,6 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
     s->linger_ns = cfg->relay_linger_us > 0 ? (uint64_t)cfg->relay_linger_us * 1000 : 0;
     be->relay_kernel_below = s->kernel_below;
     be->relay_kernel_overhead_us = KERNEL_RELAY_OVERHEAD_US;
-    be->bypass_threshold = cfg->bypass_threshold >= 0 ? cfg->bypass_threshold
-                           : s->kernel_below        ? KERNEL_BYPASS_THRESHOLD
-                                                    : DEFAULT_BYPASS_THRESHOLD;
 
     s->use_flags = strcmp(cfg->completion, "events") != 0; /* gpu_setup clears it where unsupported */
     int rc = drv_load(s);
@@ -2405,7 +2401,9 @@ int mmad_backend_cuda_create(const mmad_config_t *cfg, mmad_backend_t **out)
      * that peer access alone would allow. */
     describe(be);
     mmad_topo_fill(be);
-    be->bypass_threshold = mmad_bypass_for(be, cfg->bypass_threshold, be->bypass_threshold, cfg->max_paths);
+    be->bypass_threshold = mmad_bypass_for(be, cfg->bypass_threshold,
+                                           s->kernel_below ? KERNEL_BYPASS_THRESHOLD : DEFAULT_BYPASS_THRESHOLD,
+                                           cfg->max_paths);
     if (be->bypass_threshold == MMAD_BYPASS_ALL)
         MMA_INFO("cuda: %s, so every copy has only its own GPU's link: libmma runs every copy natively "
                  "(--bypass-threshold sends copies through mmad anyway)",
