@@ -12,11 +12,12 @@ static const char *log_prog = "mma";
 static int log_level = -1;
 static int log_default = MMA_LOG_WARN;
 
+static const char *const level_names[] = {"error", "warn", "info", "debug"};
+
 static int parse_level(const char *s)
 {
-    static const char *names[] = {"error", "warn", "info", "debug"};
     for (int i = 0; i < 4; i++)
-        if (strcasecmp(s, names[i]) == 0)
+        if (strcasecmp(s, level_names[i]) == 0)
             return i;
     return -1;
 }
@@ -43,14 +44,13 @@ int mma_log_enabled(int level)
         log_level = l >= 0 ? l : log_default;
         if (env && *env && l < 0) /* a misspelt level would otherwise be ignored, silently */
             fprintf(stderr, "%s: MMA_LOG=%s is not a level (error, warn, info, debug); logging at %s\n",
-                    log_prog, env, (const char *[]){"error", "warn", "info", "debug"}[log_level]);
+                    log_prog, env, level_names[log_level]);
     }
     return level <= log_level;
 }
 
 void mma_log(int level, const char *fmt, ...)
 {
-    static const char *tags[] = {"error", "warn", "info", "debug"};
     if (!mma_log_enabled(level))
         return;
     char line[1024];
@@ -59,7 +59,7 @@ void mma_log(int level, const char *fmt, ...)
     struct tm tm;
     gmtime_r(&ts.tv_sec, &tm);
     int n = snprintf(line, sizeof line, "%02d:%02d:%02d.%03ld %s[%d] %s: ", tm.tm_hour, tm.tm_min,
-                     tm.tm_sec, ts.tv_nsec / 1000000, log_prog, (int)getpid(), tags[level]);
+                     tm.tm_sec, ts.tv_nsec / 1000000, log_prog, (int)getpid(), level_names[level]);
     va_list ap;
     va_start(ap, fmt);
     if (n > 0 && (size_t)n < sizeof line)
