@@ -351,7 +351,7 @@ int mma_connect(const char *socket_path, mma_client_t **out)
     c->info.api_version = hr->api_version;
     c->info.features = hr->features;
     snprintf(c->info.backend, sizeof c->info.backend, "%s", hr->backend ? hr->backend : "?");
-    c->info.gpu_count = hr->gpu_count <= 64 ? (int)hr->gpu_count : 64; /* mmad serves at most 16 */
+    c->info.gpu_count = hr->gpu_count <= MMA_CLIENT_MAX_GPUS ? (int)hr->gpu_count : MMA_CLIENT_MAX_GPUS; /* mmad serves at most 16 */
     c->info.simulated = hr->simulated;
     c->info.bypass_threshold = hr->bypass_threshold >= SIZE_MAX ? MMA_BYPASS_ALL : (size_t)hr->bypass_threshold;
     c->info.cold_bypass = hr->has_cold_bypass ? (size_t)hr->cold_bypass : 0;
@@ -1253,10 +1253,17 @@ static int stream_copies_pending(mma_client_t *c)
     return n;
 }
 
+/* Whether r is device memory libmma allocated with cudaMalloc (released
+ * with cudaFree); simulated device memory is a mapping. */
+static int cuda_allocated(const region_t *r)
+{
+    return !r->mapped && r->owned && r->device;
+}
+
 /* Whether releasing r calls cudaHostUnregister or cudaFree. */
 static int release_calls_cuda(const region_t *r)
 {
-    return r->pinned || (!r->mapped && r->owned && r->device);
+    return r->pinned || cuda_allocated(r);
 }
 
 static void release_region(mma_client_t *c, region_t *r)
@@ -1267,7 +1274,7 @@ static void release_region(mma_client_t *c, region_t *r)
         mma_cuda_host_unregister((void *)r->base);
     if (r->mapped)
         munmap((void *)r->base, len);
-    else if (r->owned && r->device)
+    else if (cuda_allocated(r))
         mma_cuda_free(r->gpu, (void *)r->base);
     (void)c;
 }
@@ -1374,7 +1381,7 @@ void mma_disconnect(mma_client_t *c)
     for (size_t i = 0; i < c->nregions && !leak; i++)
         release_region(c, &c->regions[i]);
     free(c->regions);
-    for (int g = 0; g < 64; g++)
+    for (int g = 0; g < MMA_CLIENT_MAX_GPUS; g++)
         if (c->native_stream[g])
             mma_cuda_stream_destroy(c->native_stream[g]);
     if (!left) {
