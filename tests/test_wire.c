@@ -332,10 +332,11 @@ START_TEST(oversized_datagram_is_proto_error)
 }
 END_TEST
 
-START_TEST(message_over_limit_refused_by_sender)
+/* mma_wire_send of a HELLO whose name is n bytes long on sv[0]. */
+static int send_hello_named(size_t n)
 {
-    size_t n = MMA_WIRE_MAX_MSG + 16;
     char *name = malloc(n + 1);
+    ck_assert_ptr_nonnull(name);
     memset(name, 'x', n);
     name[n] = 0;
     Mma__Hello h = MMA__HELLO__INIT;
@@ -343,8 +344,14 @@ START_TEST(message_over_limit_refused_by_sender)
     Mma__Request req = MMA__REQUEST__INIT;
     req.type = MMA__REQ_TYPE__HELLO;
     req.hello = &h;
-    ck_assert_int_eq(mma_wire_send(sv[0], &req.base, NULL, 0), MMA_ERR_LIMIT);
+    int rc = mma_wire_send(sv[0], &req.base, NULL, 0);
     free(name);
+    return rc;
+}
+
+START_TEST(message_over_limit_refused_by_sender)
+{
+    ck_assert_int_eq(send_hello_named(MMA_WIRE_MAX_MSG + 16), MMA_ERR_LIMIT);
 }
 END_TEST
 
@@ -360,16 +367,7 @@ START_TEST(message_over_sndbuf_is_limit)
     ck_assert_int_eq(getsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &got, &gl), 0);
     size_t n = (size_t)got + 1024;
     ck_assert_uint_lt(n, MMA_WIRE_MAX_MSG);
-    char *name = malloc(n + 1);
-    memset(name, 'x', n);
-    name[n] = 0;
-    Mma__Hello h = MMA__HELLO__INIT;
-    h.name = name;
-    Mma__Request req = MMA__REQUEST__INIT;
-    req.type = MMA__REQ_TYPE__HELLO;
-    req.hello = &h;
-    ck_assert_int_eq(mma_wire_send(sv[0], &req.base, NULL, 0), MMA_ERR_LIMIT);
-    free(name);
+    ck_assert_int_eq(send_hello_named(n), MMA_ERR_LIMIT);
     /* The socket still carries what fits. */
     Mma__Request ok = MMA__REQUEST__INIT;
     ok.type = MMA__REQ_TYPE__STATUS;
